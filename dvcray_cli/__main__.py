@@ -1,0 +1,3 @@
+from dvcray_cli.cli import main
+
+main()

@@ -1,0 +1,73 @@
+"""What every command shares: the consoles and the one error boundary."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from typing import Any, Callable, TypeVar
+
+import typer
+from rich.console import Console
+
+from dvcray_cli.errors import DvcrayError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Results (tables, --json) go to stdout; messages, progress and errors to stderr.
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+state = {"verbose": False}
+
+
+def plain_output() -> bool:
+    """No spinners or live tables: CI, or stderr is not a terminal."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes") or not err.is_terminal
+
+
+def fail(exc: DvcrayError) -> typer.Exit:
+    """Print a DvcrayError the way people read it and give the exit to raise."""
+    err.print(f"[bold red]Error:[/] {exc.message}", markup=True, highlight=False)
+    if exc.hint:
+        err.print(exc.hint, markup=False)
+    if state["verbose"]:
+        err.print("".join(traceback.format_exception(exc)), markup=False)
+    return typer.Exit(exc.exit_code)
+
+
+def boundary(func: F) -> F:
+    """Turn DvcrayError and Ctrl-C into a message and an exit code (DESIGN.md).
+
+    Anything else is a bug: under pytest it propagates so tests see it; for a
+    user it is one line and the hint to rerun with --verbose.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except DvcrayError as exc:
+            raise fail(exc) from None
+        except KeyboardInterrupt:
+            err.print("Interrupted.")
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except Exception as exc:
+            if state["verbose"] or "PYTEST_CURRENT_TEST" in os.environ:
+                raise
+            err.print(f"[bold red]Unexpected error:[/] {type(exc).__name__}: {exc}")
+            err.print("This is a bug in dvcray. Rerun with --verbose for the traceback.")
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def write_json(data: Any) -> None:
+    """Machine-readable output: one JSON document on stdout."""
+    import json
+
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()

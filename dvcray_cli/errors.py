@@ -1,0 +1,51 @@
+"""The errors dvcray raises for people to read.
+
+Core modules raise these; the CLI prints ``message`` and ``hint`` (no
+traceback) and exits with ``exit_code`` (DESIGN.md, "Exit codes").
+"""
+
+from __future__ import annotations
+
+
+class DvcrayError(Exception):
+    """An error whose message is written for the person at the terminal."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n{self.hint}"
+
+
+class ExperimentFailed(DvcrayError):
+    """A stage returned non-zero; its logs are kept."""
+
+    exit_code = 1
+
+
+class UsageError(DvcrayError):
+    """Bad option, bad ``-S``, unknown template, a repo not fit for the command."""
+
+    exit_code = 2
+
+
+class ClusterError(DvcrayError):
+    """Cluster unreachable, version mismatch, job lost, node died."""
+
+    exit_code = 3
+
+
+class StoreError(DvcrayError):
+    """Results could not be written to or read from the store."""
+
+    exit_code = 4
+
+
+class Interrupted(DvcrayError):
+    """Ctrl-C or SIGTERM."""
+
+    exit_code = 130

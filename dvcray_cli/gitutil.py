@@ -1,0 +1,60 @@
+"""Small wrappers around the git command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from dvcray_cli.errors import DvcrayError, UsageError
+
+IDENTITY_HINT = (
+    'Set one with: git config --global user.name "Your Name" && '
+    'git config --global user.email "you@example.com"'
+)
+
+
+def git(*args: str, cwd: Path | str, check: bool = True, env: dict | None = None,
+        input: bytes | None = None) -> str:
+    """Run git and return its stdout (stripped)."""
+    proc = subprocess.run(
+        ["git", *args], cwd=cwd, capture_output=True, input=input,
+        env={**os.environ, **env} if env else None,
+    )
+    if check and proc.returncode != 0:
+        raise DvcrayError(
+            f"git {' '.join(args)} failed: {proc.stderr.decode(errors='replace').strip()}"
+        )
+    return proc.stdout.decode(errors="replace").strip()
+
+
+def git_root(path: Path) -> Path | None:
+    """The top of the git work tree that holds ``path``, or None."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    proc = subprocess.run(
+        ["git", "rev-parse", "--show-toplevel"], cwd=probe, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        return None
+    return Path(proc.stdout.strip()).resolve()
+
+
+def identity(cwd: Path) -> tuple[str, str]:
+    """The user's git name and email, as a commit made in ``cwd`` would use.
+
+    Raises:
+        UsageError: none is configured (git's guess from the host name is not
+            used: a fresh clone on a cluster node could not make the same guess).
+    """
+    values = []
+    for key, envs in (("user.name", ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME")),
+                      ("user.email", ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"))):
+        value = next((os.environ[e] for e in envs if os.environ.get(e)), "")
+        if not value:
+            value = git("config", "--get", key, cwd=cwd, check=False)
+        if not value:
+            raise UsageError("No git identity: git needs a name and email to commit.", IDENTITY_HINT)
+        values.append(value)
+    return values[0], values[1]
