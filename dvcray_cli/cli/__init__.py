@@ -11,7 +11,6 @@ from typing import Annotated, Optional
 import typer
 
 from dvcray_cli import __version__
-from dvcray_cli.cli import scaffold as _scaffold
 from dvcray_cli.cli._common import state
 
 app = typer.Typer(
@@ -42,7 +41,12 @@ def _root(
     state["verbose"] = verbose
 
 
-_scaffold.register(app)
+# Each command module adds its commands to the app; the modules keep their heavy
+# imports inside the command bodies.
+from dvcray_cli.cli import scaffold  # noqa: E402
+
+for _module in (scaffold,):
+    _module.register(app)
 
 
 def main() -> None:
