@@ -42,11 +42,17 @@ def group(sets: list[str]) -> dict[str, list[str]]:
     return to_path_overrides(sets)
 
 
-def check(root: Path, sets: list[str], flag: str = "-S") -> dict[str, list[str]]:
+def check(root: Path, sets: list[str], flag: str = "-S", where: str | None = None) -> dict[str, list[str]]:
     """Validate overrides against the params files under ``root``.
 
     Applies them to throwaway copies, so every error DVC would hit shows up
     here, before anything is changed or submitted.
+
+    Args:
+        root: the folder that holds the params files.
+        sets: the overrides as typed (``KEY=VALUE``, ``FILE:KEY=VALUE``).
+        flag: the option's name, for messages.
+        where: how messages name ``root`` (default: its path).
 
     Returns:
         The overrides grouped by params file (relative to ``root``).
@@ -63,7 +69,7 @@ def check(root: Path, sets: list[str], flag: str = "-S") -> dict[str, list[str]]
     for path, overrides in grouped.items():
         file = root / path
         if not file.is_file():
-            raise UsageError(f"{flag} names params file '{path}', which does not exist in {root}.")
+            raise UsageError(f"{flag} names params file '{path}', which does not exist in {where or root}.")
         try:
             parsed = to_hydra_overrides(overrides)
         except Exception as exc:  # hydra's OverrideParseException and friends
@@ -74,6 +80,9 @@ def check(root: Path, sets: list[str], flag: str = "-S") -> dict[str, list[str]]
         data = LOADERS[file.suffix.lower()](file)
         for override in parsed:
             key = override.key_or_group
+            if not key:  # hydra accepts "=3"; DVC would then fail without a word
+                raise UsageError(f"Bad {flag} value {overrides}: a KEY is missing before '='.",
+                                 "Use DVC's syntax: KEY=VALUE, +NEW_KEY=VALUE, ~KEY to delete.")
             if override.is_add() or override.is_force_add():
                 continue
             if not _has_key(data, key):

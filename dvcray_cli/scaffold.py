@@ -84,7 +84,7 @@ def render(template: Template, context: dict) -> dict[str, bytes]:
     return files
 
 
-def _override_params(files: dict[str, bytes], sets: list[str]) -> None:
+def _override_params(files: dict[str, bytes], sets: list[str], template: str) -> None:
     """Apply ``--set`` to the rendered params files, checked before anything is written."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -92,7 +92,7 @@ def _override_params(files: dict[str, bytes], sets: list[str]) -> None:
             if rel.endswith((".yaml", ".yml", ".json", ".toml", ".py")):
                 (root / rel).parent.mkdir(parents=True, exist_ok=True)
                 (root / rel).write_bytes(content)
-        grouped = params.check(root, sets, flag="--set")
+        grouped = params.check(root, sets, flag="--set", where=f"the {template} template")
         if params.is_sweep(sets):
             raise UsageError("--set takes one value per key, not a sweep.")
         params.apply(root, grouped)
@@ -114,16 +114,23 @@ def scaffold(name: str, dest: Path | None = None, sets: list[str] | None = None,
     from dvcray_cli import __version__
 
     template = get_template(name)
-    dest = (dest or Path.cwd() / name).absolute()
+    # Resolved, so it compares equal to git's --show-toplevel (which resolves symlinks).
+    dest = (dest or Path.cwd() / name).resolve()
     if dest.exists() and not dest.is_dir():
         raise UsageError(f"{dest} exists and is not a folder.", "Choose another DEST.")
 
     files = render(template, {"project": dest.name, "template": name,
                               "dvcray_version": __version__})
     if sets:
-        _override_params(files, sets)
+        _override_params(files, sets, name)
 
     clashes = [rel for rel in files if (dest / rel).exists()]
+    blocked = [rel for rel in files if _blocked(dest, rel)]
+    if blocked:
+        # Not even --force replaces a folder, or a file that stands where a folder must go.
+        raise UsageError(f"{dest} has {', '.join(blocked[:8])} in the way: a folder where the "
+                         "template has a file, or a file where it has a folder.",
+                         "Nothing was written. Move them away or choose another DEST.")
     if clashes and not force:
         shown = ", ".join(clashes[:8]) + (f" and {len(clashes) - 8} more" if len(clashes) > 8 else "")
         raise UsageError(f"{dest} already has {len(clashes)} of the template's files: {shown}.",
@@ -147,9 +154,13 @@ def scaffold(name: str, dest: Path | None = None, sets: list[str] | None = None,
     dvc_initialized = False
     if created_repo:
         gitutil.git("init", "-q", cwd=dest)
-        _dvc_init(dest, subdir=False)
-        dvc_initialized = True
-        gitutil.git("add", "-A", cwd=dest)
+        if not (dest / ".dvc").is_dir():
+            _dvc_init(dest, subdir=False)  # stages DVC's own files (autostage)
+            dvc_initialized = True
+        # Commit what dvcray wrote, never other files that were already in DEST
+        # (and not the template's files that its own .gitignore leaves out).
+        ignored = set(gitutil.git("check-ignore", "--", *files, cwd=dest, check=False).splitlines())
+        gitutil.git("add", "--", *(rel for rel in files if rel not in ignored), cwd=dest)
         gitutil.git("commit", "-q", "-m", f"Start a DVC + Ray project from dvcray's {name} template",
                     cwd=dest)
     elif not _in_dvc_repo(dest, root):
@@ -171,11 +182,30 @@ def _in_dvc_repo(dest: Path, git_top: Path) -> bool:
         probe = probe.parent
 
 
-def _dvc_init(path: Path, subdir: bool) -> None:
-    import contextlib
-    import io
+def _blocked(dest: Path, rel: str) -> bool:
+    """True when writing ``rel`` under ``dest`` cannot work: it is a folder, or a parent is a file."""
+    target = dest / rel
+    if target.is_dir():
+        return True
+    parents = [dest / part for part in Path(rel).parents if part != Path(".")]
+    return any(p.exists() and not p.is_dir() for p in parents)
 
+
+def _dvc_init(path: Path, subdir: bool) -> None:
+    import logging
+
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    with contextlib.redirect_stdout(io.StringIO()):  # DVC's "You can now commit..." banner
+    # DVC logs "Initialized DVC repository. You can now commit..." through handlers
+    # that hold the real stdout (redirect_stdout misses them): raise the level instead.
+    dvc_logger = logging.getLogger("dvc")
+    level = dvc_logger.level
+    dvc_logger.setLevel(logging.WARNING)
+    try:
         Repo.init(os.fspath(path), subdir=subdir).close()
+    except DvcException as exc:
+        raise UsageError(f"dvc init failed in {path}: {exc}",
+                         "The template's files were written; fix the cause and run: dvc init") from None
+    finally:
+        dvc_logger.setLevel(level)

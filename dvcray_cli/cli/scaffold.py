@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from dvcray_cli.cli._common import boundary, err, out
+from dvcray_cli.errors import UsageError
 
 
 def register(app: typer.Typer) -> None:
@@ -35,12 +37,12 @@ def scaffold(
 
     if list_:
         for t in core.list_templates():
-            out.print(f"[bold]{t.name:<10}[/] {t.description}")
+            out.print(f"[bold]{escape(t.name):<10}[/] {escape(t.description)}")
         return
     if not template:
         names = ", ".join(t.name for t in core.list_templates())
-        err.print(f"[bold red]Error:[/] Name a template: dvcray scaffold TEMPLATE [DEST]. Known: {names}.")
-        raise typer.Exit(2)
+        raise UsageError(f"Name a template: dvcray scaffold TEMPLATE [DEST]. Known templates: {names}.",
+                         "See them described with: dvcray scaffold --list")
 
     result = core.scaffold(template, dest, set_ or [], force)
     err.print(f"Created [bold]{result.dest}[/] from template [bold]{result.template}[/] "
