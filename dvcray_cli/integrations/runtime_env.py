@@ -1,0 +1,51 @@
+"""Ray runtime-env hook that ships the run's workspace to the workers of a stage.
+
+Tasks and actors that a stage starts inherit the Ray *job's* runtime env, i.e.
+dvcray's snapshot package, not the run's clone: a remote function that imports
+the project's own module would fail there (DESIGN.md). The runner points
+``RAY_RUNTIME_ENV_HOOK`` here, so a stage's plain ``ray.init()`` ships the
+clone as ``working_dir`` (Ray follows its .gitignore, so DVC outputs and data
+stay behind) with no change to the user's script.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+WORKSPACE_VAR = "DVCRAY_WORKSPACE"
+
+
+def _job_working_dir() -> Any:
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return (json.loads(raw).get("runtime_env") or {}).get("working_dir")
+    except ValueError:
+        return None
+
+
+def hook(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
+    """Called by ``ray.init()`` with the driver's runtime env (merged with the job's)."""
+    env = dict(runtime_env or {})
+    root = os.environ.get(WORKSPACE_VAR)
+    if not root:
+        return env
+    if env.get("working_dir") in (None, _job_working_dir()):
+        env["working_dir"] = root
+        # The stage's own folder is on the driver's sys.path (python src/train.py
+        # puts src/ first); give workers the same, relative to their copy.
+        extra = []
+        for entry in sys.path[:1]:
+            entry = os.path.abspath(entry or os.getcwd())
+            if entry != root and entry.startswith(root + os.sep):
+                extra.append(os.path.relpath(entry, root))
+        if extra:
+            env_vars = dict(env.get("env_vars") or {})
+            current = env_vars.get("PYTHONPATH")
+            env_vars["PYTHONPATH"] = os.pathsep.join(extra + ([current] if current else []))
+            env["env_vars"] = env_vars
+    return env

@@ -1,0 +1,266 @@
+"""The runner: the Ray Job entrypoint that runs one experiment on the cluster.
+
+``python -m dvcray_cli.runner`` runs in the job's working_dir (the snapshot).
+It rebuilds the workspace in a folder of its own, runs ``dvc exp run`` through
+DVC's Python API (one process: DESIGN.md measures the cost of a chain of CLI
+calls), uploads its log to the store as it grows, and at the end, whatever
+happened (SIGTERM included), pushes outputs and run-cache, a bundle of the
+experiment ref and ``result.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from dvcray_cli import snapshot
+from dvcray_cli.gitutil import git
+from dvcray_cli.store import REMOTE_NAME, RUNS, Store
+
+# DVC's internal refs carry pickled run variables (a Studio token included):
+# only refs/exps/XX/SHA/NAME ever leave the cluster.
+INTERNAL_REFS = {"stash", "exec", "celery", "temp", "apply", "runs"}
+LOG_UPLOAD_EVERY_S = 1.0
+
+
+class Terminated(BaseException):
+    """SIGTERM from ``dvcray stop``, Ctrl-C on the client, or Ray."""
+
+
+def runner_dir() -> Path:
+    return Path(os.environ.get("DVCRAY_RUNNER_DIR") or Path.home() / ".cache" / "dvcray")
+
+
+class LogTee:
+    """Send this process's fd 1 and 2 (and so every stage's output) both to the
+    job log and to a file that is uploaded to the store while it grows."""
+
+    def __init__(self, path: Path, store: Store, rel: str) -> None:
+        self.path, self.store, self.rel = path, store, rel
+        self.real_out = os.dup(1)
+        read_fd, write_fd = os.pipe()
+        os.dup2(write_fd, 1)
+        os.dup2(write_fd, 2)
+        os.close(write_fd)
+        sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+        sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+        self.file = open(path, "ab", buffering=0)
+        self.reader = threading.Thread(target=self._pump, args=(read_fd,), daemon=True)
+        self.reader.start()
+        self.stop_upload = threading.Event()
+        self.uploaded = -1
+        self.uploader = threading.Thread(target=self._upload_loop, daemon=True)
+        self.uploader.start()
+
+    def _pump(self, fd: int) -> None:
+        while chunk := os.read(fd, 65536):
+            os.write(self.real_out, chunk)
+            self.file.write(chunk)
+
+    def upload(self) -> None:
+        size = self.path.stat().st_size
+        if size != self.uploaded:
+            self.store.upload(self.rel, self.path)
+            self.uploaded = size
+
+    def _upload_loop(self) -> None:
+        while not self.stop_upload.wait(LOG_UPLOAD_EVERY_S):
+            try:
+                self.upload()
+            except Exception as exc:  # keep running; the final upload reports
+                os.write(self.real_out, f"dvcray: log upload failed: {exc}\n".encode())
+
+    def close(self) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Closing our ends of the pipe lets the pump reach its end once the
+        # stages' processes are gone too.
+        os.dup2(self.real_out, 1)
+        os.dup2(self.real_out, 2)
+        self.reader.join(timeout=3)
+        self.stop_upload.set()
+        self.upload()
+
+
+def say(msg: str) -> None:
+    print(f"dvcray: {msg}", flush=True)
+
+
+def configure_dvc(ws: Path, store: Store) -> None:
+    """The store as the clone's default remote and the node's shared cache, both
+    in ``.dvc/config.local`` so nothing of it lands in the experiment's commit."""
+    from dvc.config import Config
+
+    config = Config(dvc_dir=os.fspath(ws / ".dvc"), validate=False)
+    cache = runner_dir() / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    with config.edit("local") as conf:
+        conf.setdefault("remote", {})[REMOTE_NAME] = store.remote_config()
+        conf.setdefault("core", {})["remote"] = REMOTE_NAME
+        conf.setdefault("cache", {})["dir"] = os.fspath(cache)
+        conf["cache"]["shared"] = "group"
+
+
+def experiment_ref(ws: Path, exp_sha: str | None, name: str | None) -> str | None:
+    out = git("for-each-ref", "--format=%(refname) %(objectname)", "refs/exps/", cwd=ws)
+    for line in out.splitlines():
+        ref, sha = line.split()
+        parts = ref.split("/")
+        if len(parts) != 5 or parts[2] in INTERNAL_REFS:
+            continue
+        if (exp_sha and sha == exp_sha) or (name and parts[4] == name):
+            return ref
+    return None
+
+
+def _flatten(prefix: str, value: Any, into: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, into)
+    else:
+        into[prefix] = value
+
+
+def collect(repo, kind: str) -> dict[str, dict[str, Any]]:
+    """Workspace params or metrics as ``{file: {dotted.key: value}}``."""
+    try:
+        shown = (repo.params.show() if kind == "params" else repo.metrics.show())
+    except Exception:
+        return {}
+    data = shown.get("", {}).get("data", {})
+    result: dict[str, dict[str, Any]] = {}
+    for file, entry in data.items():
+        flat: dict[str, Any] = {}
+        _flatten("", entry.get("data", {}), flat)
+        result[file] = flat
+    return result
+
+
+def main() -> int:
+    here = Path.cwd()
+    manifest = snapshot.Manifest.read(here)
+    store = Store.from_json(manifest.store)
+    rel = f"{RUNS}/{manifest.run_id}"
+    work = runner_dir() / "runs" / manifest.run_id
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    tee = LogTee(work / "log.txt", store, f"{rel}/log.txt")
+
+    def _on_term(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, _on_term)
+    started = time.time()
+    result: dict[str, Any] = {
+        "run_id": manifest.run_id, "exp_name": manifest.exp_name, "baseline": manifest.baseline,
+        "status": "FAILED", "node": socket.gethostname(), "started": started,
+        "dvcray_version": manifest.dvcray_version,
+    }
+    timings: dict[str, float] = {}
+    repo = None
+    ws = work / "repo"
+    try:
+        store.write(f"{rel}/status.json", json.dumps({"state": "RUNNING", "started": started,
+                                                       "node": result["node"]}).encode())
+        t = time.time()
+        dvc_root = snapshot.restore(here, ws, manifest)
+        configure_dvc(dvc_root, store)
+        timings["restore"] = time.time() - t
+        say(f"workspace ready at baseline {manifest.baseline[:7]} ({timings['restore']:.1f}s)")
+
+        os.environ["DVCRAY_WORKSPACE"] = os.fspath(dvc_root)
+        os.environ["RAY_RUNTIME_ENV_HOOK"] = "dvcray_cli.integrations.runtime_env.hook"
+        os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+        os.chdir(dvc_root)
+
+        from dvc.repo import Repo
+
+        repo = Repo(os.fspath(dvc_root))
+        opts = manifest.options
+        t = time.time()
+        results = repo.experiments.run(
+            targets=manifest.targets or None,
+            params=manifest.overrides or None,
+            name=manifest.exp_name,
+            message=opts.get("message"),
+            force=bool(opts.get("force")),
+            downstream=bool(opts.get("downstream")),
+            pull=bool(opts.get("pull")),
+            allow_missing=bool(opts.get("allow_missing")),
+        )
+        timings["exp_run"] = time.time() - t
+        exp_sha = next(iter(results), None)
+        result["exp_sha"] = exp_sha
+        result["status"] = "SUCCEEDED"
+    except Terminated:
+        result["status"] = "STOPPED"
+        result["error"] = "stopped (SIGTERM)"
+        say("stopped: saving what the run produced")
+    except Exception as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        cause = exc.__cause__
+        if cause:
+            result["error"] += f" ({type(cause).__name__}: {cause})"
+        print(f"dvcray: the experiment failed: {result['error']}", file=sys.stderr, flush=True)
+        if os.environ.get("DVCRAY_DEBUG"):
+            traceback.print_exc()
+    finally:
+        # Ignore further SIGTERMs while saving: Ray gives the job a grace period.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _save(repo, ws, store, rel, manifest, result, timings)
+        result["ended"] = time.time()
+        try:
+            store.write(f"{rel}/result.json", json.dumps(result, indent=2, default=str).encode())
+            store.write(f"{rel}/status.json", json.dumps({"state": result["status"], "started": started,
+                                                           "ended": result["ended"],
+                                                           "node": result["node"]}).encode())
+        finally:
+            tee.close()
+            if repo is not None:
+                repo.close()
+            os.chdir(here)
+            shutil.rmtree(work, ignore_errors=True)
+    return {"SUCCEEDED": 0, "STOPPED": 143}.get(result["status"], 1)
+
+
+def _save(repo, ws: Path, store: Store, rel: str, manifest, result: dict, timings: dict) -> None:
+    """Push outputs and run-cache, bundle the experiment ref: on success and failure alike."""
+    if repo is None:
+        return
+    t = time.time()
+    try:
+        pushed = repo.push(run_cache=True)
+        say(f"pushed {pushed} file(s) and the run-cache to the store")
+    except Exception as exc:
+        say(f"push incomplete: {exc}")
+        result["push_error"] = str(exc)
+    timings["push"] = time.time() - t
+    result["params"] = collect(repo, "params")
+    result["metrics"] = collect(repo, "metrics")
+    if result["status"] == "SUCCEEDED":
+        ref = experiment_ref(ws, result.get("exp_sha"), manifest.exp_name)
+        if ref:
+            bundle = ws.parent / "exp.bundle"
+            git("bundle", "create", "-q", os.fspath(bundle), ref, f"^{manifest.baseline}", cwd=ws)
+            store.upload(f"{rel}/exp.bundle", bundle)
+            result["ref"] = ref
+            result["exp_name"] = ref.rsplit("/", 1)[-1]
+            say(f"experiment {result['exp_name']} saved ({ref})")
+        else:
+            result["status"] = "FAILED"
+            result["error"] = "dvc exp run finished but made no experiment ref"
+    result["timings"] = timings
+
+
+if __name__ == "__main__":
+    sys.exit(main())

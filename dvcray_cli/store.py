@@ -1,0 +1,167 @@
+"""The store: where a run's outputs (through DVC) and records (``runs/RUN_ID/``) live.
+
+A store is a DVC remote: ``s3://bucket/prefix`` or a local folder. Files are
+reached through DVC's own filesystem classes (fsspec underneath), so an S3
+store honours the same ``endpointurl``, region and credentials as ``dvc push``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from dvcray_cli.errors import StoreError, UsageError
+
+REMOTE_NAME = "dvcray-store"
+# Run records. Not "runs/": DVC keeps its run-cache there in every remote.
+RUNS = "dvcray/runs"
+# Remote options that may travel to the cluster. Credentials never do: nodes
+# use their own (the local environment, or an instance profile).
+SHAREABLE = ("url", "endpointurl", "region", "use_ssl", "ssl_verify", "listobjects",
+             "version_aware", "sse", "acl")
+
+
+def default_local_store() -> Path:
+    return Path.home() / ".dvcray" / "store"
+
+
+@dataclass
+class Store:
+    url: str
+    options: dict[str, Any] = field(default_factory=dict)  # DVC remote options besides url
+    secrets: dict[str, Any] = field(default_factory=dict, repr=False)  # client side only
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.url
+
+    def remote_config(self, with_secrets: bool = False) -> dict[str, Any]:
+        """This store as a DVC remote section (``{"url": ..., ...}``)."""
+        conf = {"url": self.url, **self.options}
+        return {**conf, **self.secrets} if with_secrets else conf
+
+    def dvc_config(self) -> dict[str, Any]:
+        """An in-memory DVC config that makes this store the default remote."""
+        return {"remote": {REMOTE_NAME: self.remote_config(with_secrets=True)},
+                "core": {"remote": REMOTE_NAME}}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"url": self.url, "options": self.options}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Store":
+        return cls(data["url"], dict(data.get("options") or {}))
+
+    @cached_property
+    def _fs(self):
+        from dvc.fs import get_cloud_fs
+
+        cls, conf, path = get_cloud_fs(None, **self.remote_config(with_secrets=True))
+        return cls(**conf).fs, path
+
+    def _path(self, rel: str) -> str:
+        fs, root = self._fs
+        return f"{root.rstrip('/')}/{rel}"
+
+    def _call(self, what: str, func, *args):
+        try:
+            return func(*args)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"Could not {what} in the store {self.url}: {exc}",
+                             "Check the store URL, your credentials and (for S3) the endpoint.") from exc
+
+    def write(self, rel: str, data: bytes) -> None:
+        fs, _ = self._fs
+        path = self._path(rel)
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._call(f"write {rel}", fs.pipe_file, path, data)
+
+    def upload(self, rel: str, local: Path) -> None:
+        fs, _ = self._fs
+        path = self._path(rel)
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._call(f"write {rel}", fs.put_file, os.fspath(local), path)
+
+    def read(self, rel: str) -> bytes:
+        fs, _ = self._fs
+        return self._call(f"read {rel}", fs.cat_file, self._path(rel))
+
+    def read_json(self, rel: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.read(rel))
+        except FileNotFoundError:
+            return None
+
+    def exists(self, rel: str) -> bool:
+        fs, _ = self._fs
+        return bool(self._call(f"look up {rel}", fs.exists, self._path(rel)))
+
+    def download(self, rel: str, local: Path) -> None:
+        fs, _ = self._fs
+        self._call(f"read {rel}", fs.get_file, self._path(rel), os.fspath(local))
+
+    def delete(self, rel: str) -> None:
+        fs, _ = self._fs
+        self._call(f"delete {rel}", fs.rm, self._path(rel))
+
+    def run_ids(self) -> list[str]:
+        """Every run recorded in the store (newest first by id)."""
+        fs, _ = self._fs
+        base = self._path(RUNS)
+        try:
+            entries = fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return []
+        except Exception as exc:
+            raise StoreError(f"Could not list runs in the store {self.url}: {exc}") from exc
+        names = (e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        return sorted((n for n in names if not n.startswith(".")), reverse=True)
+
+    def run_path(self, run_id: str, name: str) -> str:
+        return f"{RUNS}/{run_id}/{name}"
+
+    def check_writable(self) -> None:
+        """Write and delete a small file, so a bad store fails before a run starts."""
+        probe = f"{RUNS}/.write-check-{os.getpid()}"
+        try:
+            self.write(probe, b"ok")
+            self.delete(probe)
+        except StoreError as exc:
+            raise StoreError(f"Cannot write to the store {self.url}: {exc.__cause__ or exc}",
+                             "Pass --store with a folder or s3:// URL you can write to.") from None
+
+
+def resolve(explicit: str | None, repo=None) -> Store:
+    """The store a run uses: ``--store``, else the DVC default remote when it is
+    on S3, else ``~/.dvcray/store``.
+
+    ``repo`` is an open ``dvc.repo.Repo`` (or None outside a DVC project).
+    """
+    remotes: dict[str, dict] = dict(repo.config.get("remote", {})) if repo else {}
+    if explicit:
+        url = explicit if "://" in explicit else os.path.abspath(os.path.expanduser(explicit))
+        for conf in remotes.values():
+            if conf.get("url", "").rstrip("/") == url.rstrip("/"):
+                return _from_remote(conf)
+        if "://" in url and not url.startswith("s3://"):
+            raise UsageError(f"Unsupported store URL {explicit}.",
+                             "Use s3://bucket/prefix or a local folder.")
+        return Store(url)
+    default = repo.config.get("core", {}).get("remote") if repo else None
+    if default and default in remotes and str(remotes[default].get("url", "")).startswith("s3://"):
+        return _from_remote(remotes[default])
+    return Store(os.fspath(default_local_store()))
+
+
+def _from_remote(conf: dict[str, Any]) -> Store:
+    options = {k: v for k, v in conf.items() if k in SHAREABLE and k != "url"}
+    secrets = {k: v for k, v in conf.items() if k not in SHAREABLE}
+    return Store(conf["url"], options, secrets)
