@@ -1,0 +1,432 @@
+"""``dvcray run``: preflight, snapshot, submit, follow, and bring the experiment home.
+
+Everything that can be checked is checked before anything is submitted or
+changed (DESIGN.md, "The run lifecycle").
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from dvcray_cli import __version__, gitutil, params, records, snapshot
+from dvcray_cli.errors import ClusterError, ExperimentFailed, Interrupted, UsageError
+from dvcray_cli.store import REMOTE_NAME, Store
+
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# Seconds the runner gets after SIGTERM to push outputs, the log and result.json.
+STOP_GRACE_S = int(os.environ.get("DVCRAY_STOP_GRACE_S", "60"))
+# How long the client keeps trying to reach a cluster that stopped answering.
+RECONNECT_TIMEOUT_S = float(os.environ.get("DVCRAY_RECONNECT_TIMEOUT_S", "60"))
+
+
+@dataclass
+class RunOptions:
+    targets: list[str] = field(default_factory=list)
+    exp_name: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    address: str | None = None
+    store: str | None = None
+    force: bool = False
+    downstream: bool = False
+    message: str | None = None
+    pull: bool = False
+    allow_missing: bool = False
+    copy_paths: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Project:
+    git_root: Path
+    dvc_root: Path
+    baseline: str
+    identity: tuple[str, str]
+
+    @property
+    def subdir(self) -> str:
+        rel = self.dvc_root.relative_to(self.git_root).as_posix()
+        return "" if rel == "." else rel
+
+
+@dataclass
+class Submitted:
+    run_id: str
+    address: str
+    store: Store
+    exp_name: str | None
+    baseline: str
+    started_cluster: bool = False
+    snapshot_bytes: int = 0
+
+
+@dataclass
+class Outcome:
+    run_id: str
+    status: str
+    exp_name: str | None = None
+    ref: str | None = None
+    exp_sha: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    store: str = ""
+    applied: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def new_run_id() -> str:
+    return time.strftime("dvcray-%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(3)
+
+
+# --------------------------------------------------------------------------- preflight
+
+def find_project(start: Path) -> Project:
+    """The git and DVC project that holds ``start``, checked as ``dvc exp run`` needs it."""
+    git_root = gitutil.git_root(start)
+    if git_root is None:
+        raise UsageError(f"{start} is not in a git repository.",
+                         "Run dvcray inside your DVC project (or create one: git init && dvc init).")
+    head = gitutil.git("rev-parse", "--verify", "-q", "HEAD", cwd=git_root, check=False)
+    if not head:
+        raise UsageError("The repository has no commit yet: an experiment needs a baseline.",
+                         "Commit your project first: git add -A && git commit -m 'start'")
+    identity = gitutil.identity(git_root)
+    dvc_root = _dvc_root(start.resolve(), git_root)
+    if dvc_root is None:
+        raise UsageError(f"{start} is not in a DVC project.",
+                         "Run dvc init (dvc init --subdir below the git root), then add a stage.")
+    if not any(dvc_root.glob("**/dvc.yaml")):
+        raise UsageError(f"The DVC project at {dvc_root} has no pipeline (no dvc.yaml).",
+                         "Add a stage: dvc stage add -n train -d train.py python train.py")
+    shallow = gitutil.git("rev-parse", "--is-shallow-repository", cwd=git_root)
+    if shallow == "true":
+        raise UsageError("This is a shallow clone; DVC experiments need the full history.",
+                         "Run: git fetch --unshallow")
+    return Project(git_root, dvc_root, head, identity)
+
+
+def _dvc_root(start: Path, git_root: Path) -> Path | None:
+    probe = start
+    while True:
+        if (probe / ".dvc").is_dir():
+            return probe
+        if probe == git_root or probe.parent == probe:
+            return None
+        probe = probe.parent
+
+
+def exp_ref(baseline: str, name: str) -> str:
+    return f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}"
+
+
+def check_exp_name(project: Project, name: str | None, force: bool) -> None:
+    if not name:
+        return
+    if "/" in name or _ref_format_fails(project, name):
+        raise UsageError(f"'{name}' is not a valid experiment name.",
+                         "Use letters, digits, '-', '_' and '.'; no spaces or slashes.")
+    ref = exp_ref(project.baseline, name)
+    if gitutil.git("rev-parse", "--verify", "-q", ref, cwd=project.git_root, check=False) and not force:
+        raise UsageError(f"Experiment '{name}' already exists for this baseline ({project.baseline[:7]}).",
+                         "Pick another --exp-name, or pass -f to replace it.")
+
+
+def _ref_format_fails(project: Project, name: str) -> bool:
+    import subprocess
+
+    return subprocess.run(["git", "check-ref-format", f"refs/exps/{name}"],
+                          cwd=project.git_root, capture_output=True).returncode != 0
+
+
+def open_repo(project: Project, store: Store | None = None):
+    """DVC's Repo for the project; with ``store``, that store as an in-memory
+    default remote, so the user's DVC config is never changed."""
+    from dvc.repo import Repo
+
+    return Repo(os.fspath(project.dvc_root), config=store.dvc_config() if store else None)
+
+
+def push_inputs(repo) -> int:
+    """Push data tracked by ``.dvc`` files (the pipeline's inputs) to the store.
+
+    Raises:
+        UsageError: an input is neither in the local cache nor in the store.
+        StoreError: the push failed.
+    """
+    from dvc.exceptions import UploadError
+    from dvc.stage import PipelineStage
+
+    targets = [s.addressing for s in repo.index.stages
+               if not isinstance(s, PipelineStage) and s.outs]
+    if not targets:
+        return 0
+    try:
+        return repo.push(targets=targets, remote=REMOTE_NAME)
+    except UploadError as exc:
+        from dvcray_cli.errors import StoreError
+
+        raise StoreError(f"Could not push input data to the store: {exc}") from exc
+    except Exception as exc:
+        if "missing" in str(exc).lower():
+            raise UsageError(f"Input data is missing: {exc}",
+                             "It is neither in your DVC cache nor in the store: dvc pull or dvc add it, then rerun.") from None
+        raise
+
+
+# --------------------------------------------------------------------------- cluster
+
+def resolve_address(explicit: str | None, on_start: Callable[[str], None] | None = None) -> tuple[str, bool]:
+    """Where to submit: ``--address``, ``RAY_ADDRESS``, the recorded local
+    cluster, else a local cluster started now (the embedded default)."""
+    if explicit:
+        return explicit, False
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"], False
+    from dvcray_cli import cluster
+
+    current = cluster.recorded("local")
+    if current is not None:
+        return current.dashboard_url, False
+    if on_start:
+        on_start("No cluster configured: starting a local Ray cluster on this machine "
+                 "(stop it with: dvcray cluster down local).")
+    started, _ = cluster.up("local")
+    return started.dashboard_url, True
+
+
+def connect(address: str):
+    from dvcray_cli import cluster
+
+    return cluster.job_client(address)
+
+
+# --------------------------------------------------------------------------- submit
+
+def submit(opts: RunOptions, cwd: Path, say: Callable[[str], None]) -> Submitted:
+    """Preflight, then snapshot the workspace and submit the runner as a Ray Job."""
+    if params.is_sweep(opts.overrides):
+        raise UsageError("Sweeps (-S key=a,b) are not supported yet: pass one value per key.",
+                         "Run one experiment per value for now.")
+    project = find_project(cwd)
+    params.check(project.dvc_root, opts.overrides)
+    check_exp_name(project, opts.exp_name, opts.force)
+
+    repo = open_repo(project)
+    try:
+        if not repo.index.stages:
+            raise UsageError(f"The DVC project at {project.dvc_root} has no stages.",
+                             "Add one: dvc stage add -n train -d train.py python train.py")
+        from dvcray_cli import store as store_mod
+
+        store = store_mod.resolve(opts.store, repo)
+    finally:
+        repo.close()
+    store.check_writable()
+
+    address, started = resolve_address(opts.address, say)
+    client = connect(address)
+
+    repo = open_repo(project, store)
+    try:
+        pushed = push_inputs(repo)
+    finally:
+        repo.close()
+    if pushed:
+        say(f"Pushed {pushed} input file(s) to the store {store.url}.")
+
+    run_id = new_run_id()
+    manifest = snapshot.Manifest(
+        run_id=run_id, baseline=project.baseline, subdir=project.subdir, exp_name=opts.exp_name,
+        overrides=list(opts.overrides), targets=list(opts.targets),
+        options={"force": opts.force, "downstream": opts.downstream, "message": opts.message,
+                 "pull": opts.pull, "allow_missing": opts.allow_missing},
+        copy_paths=list(opts.copy_paths), git_name=project.identity[0], git_email=project.identity[1],
+        store=store.to_json(), dvcray_version=__version__, created=time.time(),
+    )
+    with tempfile.TemporaryDirectory(prefix="dvcray-snapshot-") as tmp:
+        folder = Path(tmp)
+        sizes = snapshot.create(project.git_root, project.dvc_root, folder, opts.copy_paths)
+        manifest.write(folder)
+        store.write(store.run_path(run_id, "manifest.json"), (folder / snapshot.MANIFEST).read_bytes())
+        try:
+            client.submit_job(
+                entrypoint="python -m dvcray_cli.runner",
+                submission_id=run_id,
+                runtime_env={
+                    "working_dir": os.fspath(folder),
+                    "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S),
+                                 "PYTHONUNBUFFERED": "1"},
+                },
+                metadata={"dvcray_version": __version__, "exp_name": opts.exp_name or "",
+                          "baseline": project.baseline, "run_id": run_id},
+            )
+        except Exception as exc:
+            raise ClusterError(f"Could not submit the run to the cluster at {address}: {exc}",
+                               "Check the cluster: dvcray cluster status") from exc
+    sub = Submitted(run_id, address, store, opts.exp_name, project.baseline, started, sum(sizes.values()))
+    records.save(project.git_root, {
+        "run_id": run_id, "address": address, "store": store.to_json(), "exp_name": opts.exp_name,
+        "baseline": project.baseline, "submitted": time.time(), "state": "PENDING",
+    })
+    return sub
+
+
+# --------------------------------------------------------------------------- follow
+
+def follow(client, run_id: str, emit: Callable[[str], None]) -> str:
+    """Stream the job's log until the job ends; return its final status.
+
+    Ray sends a job's log from the start on every tail, so after a dropped
+    connection the client reconnects and skips what it has already shown:
+    nothing is lost or repeated. Ctrl-C (or SIGTERM) stops the job and raises
+    Interrupted once it has ended.
+    """
+    import asyncio
+
+    shown = 0
+
+    def show(text: str, position: int) -> int:
+        nonlocal shown
+        end = position + len(text)
+        if end > shown:
+            emit(text[shown - position:] if shown > position else text)
+            shown = end
+        return end
+
+    async def tail_once() -> None:
+        position = 0
+        async for chunk in client.tail_job_logs(run_id):
+            position = show(chunk, position)
+
+    lost_since: float | None = None
+    try:
+        while True:
+            try:
+                asyncio.run(tail_once())
+            except Exception:
+                pass  # dropped connection: decide below whether to reconnect
+            try:
+                status = str(client.get_job_status(run_id).value)
+                lost_since = None
+            except Exception as exc:
+                lost_since = lost_since or time.time()
+                if time.time() - lost_since > RECONNECT_TIMEOUT_S:
+                    raise ClusterError(
+                        f"Lost contact with the cluster at {client.get_address()} for "
+                        f"{RECONNECT_TIMEOUT_S:.0f}s while following run {run_id}: {exc}",
+                        f"The run may still be going: dvcray runs, dvcray logs {run_id}",
+                    ) from None
+                time.sleep(1.0)
+                continue
+            if status in TERMINAL:
+                try:  # the tail may end before the last lines reached it
+                    show(client.get_job_logs(run_id), 0)
+                except Exception:
+                    pass
+                return status
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        _stop_and_wait(client, run_id, emit)
+        raise Interrupted(f"Interrupted: run {run_id} was stopped.",
+                          f"Its log and what it produced are in the store: dvcray logs {run_id}") from None
+
+
+def _stop_and_wait(client, run_id: str, emit: Callable[[str], None]) -> None:
+    import signal
+
+    # A second Ctrl-C while stopping should not leave the job running.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        client.stop_job(run_id)
+        deadline = time.time() + STOP_GRACE_S + 10
+        while time.time() < deadline:
+            if str(client.get_job_status(run_id).value) in TERMINAL:
+                break
+            time.sleep(0.3)
+    except Exception:
+        pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# --------------------------------------------------------------------------- finish
+
+def fetch_result(store: Store, run_id: str, wait_s: float = 10) -> dict[str, Any] | None:
+    """The runner's result.json (it is written before the job ends)."""
+    deadline = time.time() + wait_s
+    while True:
+        result = store.read_json(store.run_path(run_id, "result.json"))
+        if result is not None or time.time() > deadline:
+            return result
+        time.sleep(0.5)
+
+
+def import_experiment(git_root: Path, store: Store, run_id: str, ref: str) -> None:
+    """Fetch the experiment ref from the bundle the runner saved (never DVC's internal refs)."""
+    with tempfile.TemporaryDirectory(prefix="dvcray-bundle-") as tmp:
+        bundle = Path(tmp) / "exp.bundle"
+        store.download(store.run_path(run_id, "exp.bundle"), bundle)
+        gitutil.git("fetch", "-q", "--force", os.fspath(bundle), f"+{ref}:{ref}", cwd=git_root)
+
+
+def pull_outputs(project: Project, store: Store, exp_sha: str) -> int:
+    """Bring an experiment's outputs from the store into the local DVC cache."""
+    repo = open_repo(project, store)
+    try:
+        return repo.fetch(revs=[exp_sha], remote=REMOTE_NAME)
+    except Exception as exc:
+        from dvcray_cli.errors import StoreError
+
+        raise StoreError(f"Could not fetch the experiment's outputs from {store.url}: {exc}") from exc
+    finally:
+        repo.close()
+
+
+def finish(sub: Submitted, status: str, cwd: Path, apply: bool = False) -> Outcome:
+    """Bring a finished run home: the experiment ref, and with ``apply`` its outputs too."""
+    project = find_project(cwd)
+    result = fetch_result(sub.store, sub.run_id, wait_s=10 if status == "SUCCEEDED" else 3) or {}
+    outcome = Outcome(
+        run_id=sub.run_id, status=result.get("status", status), exp_name=result.get("exp_name"),
+        ref=result.get("ref"), exp_sha=result.get("exp_sha"), params=result.get("params") or {},
+        metrics=result.get("metrics") or {}, error=result.get("error"), store=sub.store.url,
+        timings=result.get("timings") or {},
+    )
+    records.update(project.git_root, sub.run_id, state=outcome.status, exp_name=outcome.exp_name)
+    if status != "SUCCEEDED" or outcome.status != "SUCCEEDED":
+        if not result:
+            outcome.status = status
+            outcome.error = outcome.error or "the runner ended without a result (see the log above)"
+        return outcome
+    if not outcome.ref:
+        outcome.status = "FAILED"
+        outcome.error = "the runner reported success but saved no experiment"
+        return outcome
+    import_experiment(project.git_root, sub.store, sub.run_id, outcome.ref)
+    if apply:
+        pull_outputs(project, sub.store, outcome.exp_sha or outcome.ref)
+        repo = open_repo(project, sub.store)
+        try:
+            repo.experiments.apply(outcome.exp_name)
+        finally:
+            repo.close()
+        outcome.applied = True
+    return outcome
+
+
+def raise_for(outcome: Outcome) -> None:
+    if outcome.status == "SUCCEEDED":
+        return
+    if outcome.status == "STOPPED":
+        raise Interrupted(f"Run {outcome.run_id} was stopped.",
+                          f"Its log: dvcray logs {outcome.run_id}")
+    raise ExperimentFailed(f"The experiment failed: {outcome.error or 'see the log above'}",
+                           f"Its log stays in the store: dvcray logs {outcome.run_id}")
