@@ -306,15 +306,13 @@ def follow(client, run_id: str, emit: Callable[[str], None]) -> str:
         async for chunk in client.tail_job_logs(run_id):
             position = show(chunk, position)
 
-    lost_since: float | None = None
-    try:
+    async def poll_status() -> str:
+        # Ray's tail notices the end of a job only after a second of sleep
+        # (LOG_TAIL_SLEEP_S); polling the status ends the wait at once.
+        lost_since: float | None = None
         while True:
             try:
-                asyncio.run(tail_once())
-            except Exception:
-                pass  # dropped connection: decide below whether to reconnect
-            try:
-                status = str(client.get_job_status(run_id).value)
+                status = str((await asyncio.to_thread(client.get_job_status, run_id)).value)
                 lost_since = None
             except Exception as exc:
                 lost_since = lost_since or time.time()
@@ -324,15 +322,36 @@ def follow(client, run_id: str, emit: Callable[[str], None]) -> str:
                         f"{RECONNECT_TIMEOUT_S:.0f}s while following run {run_id}: {exc}",
                         f"The run may still be going: dvcray runs, dvcray logs {run_id}",
                     ) from None
-                time.sleep(1.0)
+                await asyncio.sleep(1.0)
                 continue
             if status in TERMINAL:
-                try:  # the tail may end before the last lines reached it
-                    show(client.get_job_logs(run_id), 0)
-                except Exception:
-                    pass
                 return status
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
+
+    async def tail_forever() -> None:
+        while True:
+            try:
+                await tail_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                pass  # a dropped connection: reconnect and skip what was shown
+            await asyncio.sleep(0.5)
+
+    async def main() -> str:
+        tail = asyncio.create_task(tail_forever())
+        try:
+            status = await poll_status()
+        finally:
+            tail.cancel()
+        try:  # the last lines, which the tail may not have delivered yet
+            show(await asyncio.to_thread(client.get_job_logs, run_id), 0)
+        except Exception:
+            pass
+        return status
+
+    try:
+        return asyncio.run(main())
     except KeyboardInterrupt:
         _stop_and_wait(client, run_id, emit)
         raise Interrupted(f"Interrupted: run {run_id} was stopped.",
