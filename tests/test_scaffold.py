@@ -85,6 +85,18 @@ def test_minimal_makes_a_committed_project_whose_pipeline_runs(tmp_path):
     assert shown, "dvc exp show lists nothing"
 
 
+@pytest.mark.parametrize("name", sorted(templates()))
+def test_every_template_makes_a_clean_project_with_a_pipeline(tmp_path, name):
+    scaffold_ok(name, "p", cwd=tmp_path)
+    project = tmp_path / "p"
+    assert sh("git", "status", "--porcelain", cwd=project) == ""
+    assert ".dvcray/" in (project / ".gitignore").read_text().splitlines()
+    for rel in ("README.md", "requirements.txt", "dvc.yaml", "params.yaml"):
+        assert (project / rel).is_file(), rel
+    assert "{{" not in (project / "README.md").read_text()  # rendered
+    assert sh("dvc", "stage", "list", cwd=project), "no stages"
+
+
 def test_default_dest_is_a_folder_named_after_the_template(tmp_path):
     scaffold_ok("minimal", cwd=tmp_path)
     assert (tmp_path / "minimal" / "dvc.yaml").is_file()
