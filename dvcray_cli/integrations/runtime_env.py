@@ -36,13 +36,15 @@ def hook(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
         return env
     if env.get("working_dir") in (None, _job_working_dir()):
         env["working_dir"] = root
-        # The stage's own folder is on the driver's sys.path (python src/train.py
-        # puts src/ first); give workers the same, relative to their copy.
+        # Folders of the workspace on the driver's sys.path (python src/train.py
+        # puts src/ there) go on the workers' path too, relative to their copy.
         extra = []
-        for entry in sys.path[:1]:
+        for entry in sys.path:
             entry = os.path.abspath(entry or os.getcwd())
-            if entry != root and entry.startswith(root + os.sep):
-                extra.append(os.path.relpath(entry, root))
+            if entry.startswith(root + os.sep):
+                rel = os.path.relpath(entry, root)
+                if rel not in extra:
+                    extra.append(rel)
         if extra:
             env_vars = dict(env.get("env_vars") or {})
             current = env_vars.get("PYTHONPATH")
