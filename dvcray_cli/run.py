@@ -203,9 +203,14 @@ def resolve_address(explicit: str | None, on_start: Callable[[str], None] | None
 
 
 def connect(address: str):
+    import logging
+
     from dvcray_cli import cluster
 
-    return cluster.job_client(address)
+    client = cluster.job_client(address)
+    # Ray's SDK logs each package upload and websocket close at INFO.
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    return client
 
 
 # --------------------------------------------------------------------------- submit

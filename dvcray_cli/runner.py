@@ -122,6 +122,18 @@ def experiment_ref(ws: Path, exp_sha: str | None, name: str | None) -> str | Non
     return None
 
 
+def pull_inputs(repo) -> None:
+    """Data tracked by ``.dvc`` files comes from the store (the client pushed it
+    there); the node's shared cache makes this a checkout after the first run."""
+    from dvc.stage import PipelineStage
+
+    inputs = [s.addressing for s in repo.index.stages if not isinstance(s, PipelineStage) and s.outs]
+    if inputs:
+        t = time.time()
+        repo.pull(targets=inputs)
+        say(f"inputs ready: {', '.join(inputs)} ({time.time() - t:.1f}s)")
+
+
 def _flatten(prefix: str, value: Any, into: dict[str, Any]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
@@ -186,6 +198,7 @@ def main() -> int:
         from dvc.repo import Repo
 
         repo = Repo(os.fspath(dvc_root))
+        pull_inputs(repo)
         opts = manifest.options
         t = time.time()
         results = repo.experiments.run(
