@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+# tests/ray_fixtures.py: ray_head, ray_cluster, and cleanup of clusters tests start.
+pytest_plugins = ["ray_fixtures"]
+
 REPO = Path(__file__).resolve().parent.parent
 
 
