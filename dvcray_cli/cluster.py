@@ -13,7 +13,9 @@ Ray is imported inside the functions that need it: ``dvcray --help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -26,7 +28,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from dvcray_cli.errors import ClusterError, UsageError
 
@@ -684,11 +686,28 @@ def _records() -> list[LocalCluster]:
     return clusters
 
 
-def _write_record(cluster: LocalCluster) -> Path:
+def _records_folder() -> Path:
     folder = records_dir()
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
     os.chmod(folder.parent, 0o700)
+    return folder
+
+
+@contextlib.contextmanager
+def _locked(name: str) -> Iterator[None]:
+    """One ``up`` or ``down`` of a cluster at a time: two ``dvcray run`` started at
+    once with no cluster must not start two heads."""
+    with open(_records_folder() / f"{name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _write_record(cluster: LocalCluster) -> Path:
+    _records_folder()
     path = record_path(cluster.name)
     tmp = path.with_suffix(".json.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -758,15 +777,16 @@ def up(name: str = "local", **start_options: Any) -> tuple[LocalCluster, bool]:
         ClusterError: the head did not start.
     """
     name = check_name(name)
-    cluster = recorded(name)
-    if cluster is not None:
-        return cluster, False
-    cluster = start_head(name, **start_options)
-    try:
-        _write_record(cluster)
-    except BaseException:
-        stop_head(cluster, timeout=5)
-        raise
+    with _locked(name):
+        cluster = recorded(name)
+        if cluster is not None:
+            return cluster, False
+        cluster = start_head(name, **start_options)
+        try:
+            _write_record(cluster)
+        except BaseException:
+            stop_head(cluster, timeout=5)
+            raise
     return cluster, True
 
 
@@ -780,6 +800,11 @@ def down(name: str = "local", yes: bool = False) -> DownResult:
         UsageError: dvcray runs are pending or running and ``yes`` is False.
     """
     name = check_name(name)
+    with _locked(name):
+        return _down(name, yes)
+
+
+def _down(name: str, yes: bool) -> DownResult:
     cluster = recorded(name)
     if cluster is None:
         return DownResult(name, None, [], [])

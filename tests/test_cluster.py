@@ -10,6 +10,7 @@ import json
 import socket
 import stat
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
@@ -79,13 +80,20 @@ def test_client_token_precedence(isolated_env, monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("config", ["aws", "aws-gpu", "local-multinode", "nope", "my-cluster.yaml"])
 def test_unsupported_cluster_is_a_usage_error(config):
-    for command in ("up", "down"):
-        proc = run_dvcray("cluster", command, config)
-        assert proc.returncode == 2, proc.stderr
-        assert "local" in proc.stderr
-        assert "Traceback" not in proc.stderr
-    proc = run_dvcray("cluster", "up", config)
-    assert ("not yet supported" in proc.stderr) or ("Unknown cluster" in proc.stderr)
+    with pytest.raises(UsageError) as info:
+        cluster.up(config)
+    assert info.value.exit_code == 2
+    assert ("not yet supported" in info.value.message) or ("Unknown cluster" in info.value.message)
+    assert "supported" in info.value.message and "local" in info.value.message
+    assert not (cluster.records_dir() / f"{config}.json").exists()
+
+
+@pytest.mark.parametrize("args", [("up", "aws"), ("down", "nope")])
+def test_unsupported_cluster_exits_2(args):
+    proc = run_dvcray("cluster", *args)
+    assert proc.returncode == 2, proc.stderr
+    assert args[1] in proc.stderr and "local" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_job_client_on_a_closed_port_names_the_address():
@@ -134,9 +142,12 @@ def test_job_inside_the_cluster_calls_ray_init_with_auth_on(ray_cluster):
 
 
 def test_local_cluster_lifecycle(ray_head, isolated_env):
-    # --- up: a real head, its dashboard URL, how to stop it
-    proc = run_dvcray("cluster", "up", "local", timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    # --- up: a real head, its dashboard URL, how to stop it. Two at once start one head.
+    with ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(lambda _: run_dvcray("cluster", "up", "local", timeout=300), range(2)))
+    assert [p.returncode for p in procs] == [0, 0], [p.stderr for p in procs]
+    assert sorted("already running" in p.stderr for p in procs) == [False, True]
+    proc = next(p for p in procs if "Started" in p.stderr)
     local = cluster.recorded("local")
     assert local is not None and cluster.is_alive(local)
     assert local.dashboard_url.startswith("http://127.0.0.1:") and local.dashboard_url in proc.stderr
