@@ -130,7 +130,7 @@ def test_readme_quickstart_matches_ci():
     """.ci/run installs and tests the way the README's Quickstart says."""
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()
-    for command in ("pip install torch==2.13.0", 'pip install -e ".[dev]"'):
+    for command in ("pip install --upgrade pip", "pip install torch==2.13.0", 'pip install -e ".[dev]"'):
         assert command in readme and command in ci, command
     quickstart = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
     blocks = quickstart.split("```bash\n")[1:]
