@@ -168,17 +168,19 @@ def push_inputs(repo) -> int:
                if not isinstance(s, PipelineStage) and s.outs]
     if not targets:
         return 0
+    # Cloud status: "missing" means neither the local cache nor the store has it.
+    status = repo.status(targets=targets, cloud=True, remote=REMOTE_NAME)
+    missing = sorted(name for name, state in status.items() if state == "missing")
+    if missing:
+        raise UsageError(f"Input data is missing: {', '.join(missing)} is neither in your DVC cache "
+                         "nor in the store.",
+                         "Get it back (dvc pull, or dvc add it again), then rerun.")
     try:
         return repo.push(targets=targets, remote=REMOTE_NAME)
     except UploadError as exc:
         from dvcray_cli.errors import StoreError
 
         raise StoreError(f"Could not push input data to the store: {exc}") from exc
-    except Exception as exc:
-        if "missing" in str(exc).lower():
-            raise UsageError(f"Input data is missing: {exc}",
-                             "It is neither in your DVC cache nor in the store: dvc pull or dvc add it, then rerun.") from None
-        raise
 
 
 # --------------------------------------------------------------------------- cluster
@@ -209,7 +211,8 @@ def connect(address: str):
 
     client = cluster.job_client(address)
     # Ray's SDK logs each package upload and websocket close at INFO.
-    logging.getLogger("ray").setLevel(logging.WARNING)
+    for name in ["ray", *(n for n in logging.root.manager.loggerDict if n.startswith("ray."))]:
+        logging.getLogger(name).setLevel(logging.WARNING)
     return client
 
 
@@ -286,13 +289,14 @@ def submit(opts: RunOptions, cwd: Path, say: Callable[[str], None]) -> Submitted
 
 # --------------------------------------------------------------------------- follow
 
-def follow(client, run_id: str, emit: Callable[[str], None]) -> str:
+def follow(client, run_id: str, emit: Callable[[str], None], stop_on_interrupt: bool = True) -> str:
     """Stream the job's log until the job ends; return its final status.
 
     Ray sends a job's log from the start on every tail, so after a dropped
     connection the client reconnects and skips what it has already shown:
     nothing is lost or repeated. Ctrl-C (or SIGTERM) stops the job and raises
-    Interrupted once it has ended.
+    Interrupted once it has ended; with ``stop_on_interrupt=False`` (``dvcray
+    logs --follow``, which only watches) it stops following and leaves the job be.
     """
     import asyncio
 
@@ -358,6 +362,9 @@ def follow(client, run_id: str, emit: Callable[[str], None]) -> str:
     try:
         return asyncio.run(main())
     except KeyboardInterrupt:
+        if not stop_on_interrupt:
+            raise Interrupted(f"Stopped following run {run_id}; the run itself goes on.",
+                              f"Follow it again: dvcray logs {run_id} --follow") from None
         _stop_and_wait(client, run_id, emit)
         raise Interrupted(f"Interrupted: run {run_id} was stopped.",
                           f"Its log and what it produced are in the store: dvcray logs {run_id}") from None

@@ -71,24 +71,30 @@ class Store:
         try:
             return func(*args)
         except FileNotFoundError:
+            if what.startswith("write"):
+                raise StoreError(f"Could not {what} in the store {self.url}: no such folder") from None
             raise
         except Exception as exc:
             raise StoreError(f"Could not {what} in the store {self.url}: {exc}",
                              "Check the store URL, your credentials and (for S3) the endpoint.") from exc
 
+    def _put(self, rel: str, put) -> None:
+        path = self._path(rel)
+
+        def do() -> None:
+            if self.is_local:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            put(path)
+
+        self._call(f"write {rel}", do)
+
     def write(self, rel: str, data: bytes) -> None:
         fs, _ = self._fs
-        path = self._path(rel)
-        if self.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        self._call(f"write {rel}", fs.pipe_file, path, data)
+        self._put(rel, lambda path: fs.pipe_file(path, data))
 
     def upload(self, rel: str, local: Path) -> None:
         fs, _ = self._fs
-        path = self._path(rel)
-        if self.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        self._call(f"write {rel}", fs.put_file, os.fspath(local), path)
+        self._put(rel, lambda path: fs.put_file(os.fspath(local), path))
 
     def read(self, rel: str) -> bytes:
         fs, _ = self._fs
@@ -159,6 +165,17 @@ def resolve(explicit: str | None, repo=None) -> Store:
     if default and default in remotes and str(remotes[default].get("url", "")).startswith("s3://"):
         return _from_remote(remotes[default])
     return Store(os.fspath(default_local_store()))
+
+
+def from_record(data: dict[str, Any], repo=None) -> Store:
+    """The store a run record names (``Store.to_json()``, which has no secrets),
+    with the options and secrets of the user's DVC remote of the same URL, if any."""
+    remotes: dict[str, dict] = dict(repo.config.get("remote", {})) if repo else {}
+    url = str(data["url"]).rstrip("/")
+    for conf in remotes.values():
+        if str(conf.get("url", "")).rstrip("/") == url:
+            return _from_remote(conf)
+    return Store.from_json(data)
 
 
 def _from_remote(conf: dict[str, Any]) -> Store:
