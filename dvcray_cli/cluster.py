@@ -607,6 +607,10 @@ def job_client(address: str, token: str | None = None) -> JobSubmissionClient:
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    # Ray's SDK lets RAY_API_SERVER_ADDRESS or RAY_ADDRESS override the address it is
+    # given (ray/dashboard/utils.py: get_address_for_submission_client); the client
+    # must talk to `url` (a run's recorded cluster, --address), whatever the env says.
+    hidden = {v: os.environ.pop(v) for v in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if v in os.environ}
     try:
         return JobSubmissionClient(url, headers=headers)
     except AuthenticationError as exc:
@@ -615,6 +619,8 @@ def job_client(address: str, token: str | None = None) -> JobSubmissionClient:
         raise _http_error(url, exc.response.status_code if exc.response is not None else 0, token) from None
     except (ConnectionError, requests.RequestException, RuntimeError) as exc:
         raise ClusterError(f"No Ray cluster answers at {url} ({type(exc).__name__}).", UP_HINT) from None
+    finally:
+        os.environ.update(hidden)
 
 
 def _http_error(url: str, status: int, token: str | None) -> ClusterError:

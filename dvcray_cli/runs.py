@@ -1,0 +1,648 @@
+"""Runs after submission: list them, show their logs, stop them, bring them home.
+
+A run has two sources of truth. The cluster knows its Ray job (status, live
+log) for as long as the cluster lives; the store keeps ``status.json``,
+``log.txt``, ``result.json`` and the experiment's bundle for good
+(``dvcray/runs/RUN_ID/``). The client's records (``.dvcray/runs/``) say where
+each run went. Everything here asks the cluster first and falls back on the
+store, so runs, logs and pull keep working after the cluster is gone.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+from dvcray_cli import gitutil, records
+from dvcray_cli.errors import ClusterError, ExperimentFailed, Interrupted, UsageError
+from dvcray_cli.store import Store
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+ACTIVE = ("PENDING", "RUNNING")
+# The cluster is gone (or forgot the job) and the store holds no final result.
+LOST = "LOST"
+# How many of a store's newest runs `runs` and `pull` look at beyond this clone's records.
+SCAN_LIMIT = 200
+# `logs --follow` from the store gives up after this long without any sign of life.
+STALE_S = float(os.environ.get("DVCRAY_STALE_S", "60"))
+LIST_HINT = "See this repo's runs with: dvcray runs"
+
+
+@dataclass
+class RunInfo:
+    """One run as ``dvcray runs`` shows it."""
+
+    run_id: str
+    exp_name: str | None
+    state: str                      # PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED or LOST
+    submitted: float | None = None  # Unix time
+    started: float | None = None
+    ended: float | None = None
+    baseline: str | None = None
+    address: str | None = None      # the cluster it was submitted to (None: found only in the store)
+    store: str = ""
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    error: str | None = None
+    source: str = "record"          # "record": submitted from this clone; "store": found in the store
+
+    @property
+    def duration(self) -> float | None:
+        if self.started is None:
+            return None
+        end = self.ended if self.ended is not None else (time.time() if self.state in ACTIVE else None)
+        return None if end is None else max(0.0, end - self.started)
+
+    def key_metric(self) -> tuple[str, Any] | None:
+        """The first metric the run reported, as ``(name, value)``."""
+        for values in self.metrics.values():
+            for name, value in (values or {}).items():
+                return name, value
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id, "exp_name": self.exp_name, "state": self.state,
+            "submitted": _iso(self.submitted), "started": _iso(self.started), "ended": _iso(self.ended),
+            "duration_s": None if self.duration is None else round(self.duration, 3),
+            "baseline": self.baseline, "address": self.address, "store": self.store,
+            "metrics": self.metrics, "error": self.error, "source": self.source,
+        }
+
+
+@dataclass
+class StopResult:
+    run_id: str
+    exp_name: str | None
+    state: str
+    already_finished: bool
+    waited_s: float = 0.0
+    saved: bool = False  # the runner wrote its result.json (log, outputs and record are in the store)
+    store: str = ""
+
+
+@dataclass
+class PullResult:
+    run_id: str
+    exp_name: str
+    ref: str
+    exp_sha: str
+    fetched: int  # files brought into the local DVC cache
+    store: str
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+# --------------------------------------------------------------------------- what is known of a run
+
+
+@dataclass
+class _Run:
+    """A run and what its record and its store say; the store's files are read lazily."""
+
+    run_id: str
+    store: Store
+    record: dict[str, Any] | None = None
+    _files: dict[str, dict[str, Any] | None] = field(default_factory=dict, repr=False)
+
+    def read(self, name: str) -> dict[str, Any] | None:
+        if name not in self._files:
+            self._files[name] = self.store.read_json(self.store.run_path(self.run_id, name))
+        return self._files[name]
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        return self.read("result.json")
+
+    @property
+    def address(self) -> str | None:
+        return (self.record or {}).get("address")
+
+    def exp_name(self) -> str | None:
+        for source in (self.result, self.record, self.read("manifest.json")):
+            if source and source.get("exp_name"):
+                return source["exp_name"]
+        return None
+
+    def baseline(self) -> str | None:
+        for source in (self.record, self.result, self.read("manifest.json")):
+            if source and source.get("baseline"):
+                return source["baseline"]
+        return None
+
+    def submitted(self) -> float | None:
+        if self.record and self.record.get("submitted"):
+            return self.record["submitted"]
+        manifest = self.read("manifest.json") or {}
+        return manifest.get("created") or _time_of(self.run_id)
+
+
+@dataclass
+class _Context:
+    git_root: Path
+    config: Any                # DVC's config (all levels), for the stores' secrets
+    stores: list[Store]        # where to look for runs this clone did not submit
+
+
+def _context(cwd: Path, store_url: str | None = None) -> _Context:
+    root = gitutil.git_root(cwd)
+    if root is None:
+        raise UsageError(f"{cwd} is not in a git repository.", "Run dvcray inside your DVC project.")
+    dvc_dir = _dvc_dir(cwd.resolve(), root)
+    config: Any = {}
+    if dvc_dir is not None:
+        from dvc.config import Config
+
+        try:
+            config = Config(dvc_dir=os.fspath(dvc_dir))
+        except Exception as exc:  # a broken .dvc/config: say so instead of a traceback
+            raise UsageError(f"Could not read the DVC config in {dvc_dir}: {exc}") from None
+    from dvcray_cli import store as store_mod
+
+    holder = SimpleNamespace(config=config)
+    if store_url:
+        stores = [store_mod.resolve(store_url, holder if config else None)]
+    else:
+        stores = [store_mod.resolve(None, holder if config else None)]
+        for record in records.all_records(root):
+            if record.get("store"):
+                stores.append(store_mod.from_record(record["store"], holder if config else None))
+    unique: dict[str, Store] = {}
+    for s in stores:
+        unique.setdefault(s.url.rstrip("/"), s)
+    return _Context(root, config, list(unique.values()))
+
+
+def _dvc_dir(start: Path, git_root: Path) -> Path | None:
+    probe = start
+    while True:
+        if (probe / ".dvc").is_dir():
+            return probe / ".dvc"
+        if probe == git_root or probe.parent == probe:
+            return None
+        probe = probe.parent
+
+
+def _record_run(ctx: _Context, record: dict[str, Any]) -> _Run:
+    from dvcray_cli import store as store_mod
+
+    holder = SimpleNamespace(config=ctx.config) if ctx.config else None
+    store = store_mod.from_record(record["store"], holder) if record.get("store") else ctx.stores[0]
+    return _Run(record["run_id"], store, record)
+
+
+def _in_repo(git_root: Path, shas: list[str]) -> set[str]:
+    """The commits among ``shas`` that this repository has (one ``git cat-file`` call)."""
+    shas = [s for s in dict.fromkeys(shas) if s]
+    if not shas:
+        return set()
+    out = gitutil.git("cat-file", "--batch-check", cwd=git_root,
+                      input="".join(f"{s}^{{commit}}\n" for s in shas).encode())
+    found = set()
+    for sha, line in zip(shas, out.splitlines()):
+        if not line.endswith("missing") and " commit " in line:
+            found.add(sha)
+    return found
+
+
+def _store_runs(ctx: _Context, skip: set[str], want: int | None = None) -> list[_Run]:
+    """Runs in the stores that this clone has no record of but whose baseline it
+    has (submitted from another clone), newest first; at most ``want``."""
+    found: list[_Run] = []
+    for store in ctx.stores:
+        ids = [i for i in store.run_ids() if i not in skip][:SCAN_LIMIT]
+        # Run ids sort by submission time: read the newest first, a batch at a time,
+        # and stop once there are enough (each run costs a read or two of the store).
+        for start in range(0, len(ids), 25):
+            batch = [_Run(i, store) for i in ids[start:start + 25]]
+            ours = _in_repo(ctx.git_root, [r.baseline() or "" for r in batch])
+            for run in batch:
+                if run.baseline() in ours:
+                    found.append(run)
+                    skip.add(run.run_id)
+            if want and sum(r.store is store for r in found) >= want:
+                break
+    return found
+
+
+# --------------------------------------------------------------------------- the cluster's view
+
+
+class _Clusters:
+    """One job client per address, made at most once; None where nothing answers."""
+
+    def __init__(self) -> None:
+        self._clients: dict[str, Any] = {}
+        self.errors: dict[str, str] = {}
+
+    def client(self, address: str | None):
+        if not address:
+            return None
+        if address not in self._clients:
+            from dvcray_cli import run as run_mod
+
+            try:
+                self._clients[address] = run_mod.connect(address)
+            except ClusterError as exc:
+                self._clients[address] = None
+                self.errors[address] = exc.message
+            except Exception as exc:  # e.g. Ray's AuthenticationError: treat as not answering
+                self._clients[address] = None
+                self.errors[address] = f"{type(exc).__name__}: {exc}"
+        return self._clients[address]
+
+    def jobs(self, address: str | None) -> dict[str, Any] | None:
+        """``{submission_id: JobDetails}`` of the cluster at ``address``; None if it does not answer."""
+        client = self.client(address)
+        if client is None:
+            return None
+        key = f"jobs:{address}"
+        if key not in self._clients:
+            try:
+                self._clients[key] = {j.submission_id: j for j in client.list_jobs() if j.submission_id}
+            except Exception as exc:
+                self._clients[key] = None
+                self.errors[address] = f"{type(exc).__name__}: {exc}"
+        return self._clients[key]
+
+
+def _fallback_addresses() -> list[str]:
+    """Where a run this clone has no record of may be: ``RAY_ADDRESS``, the local cluster."""
+    found = []
+    if os.environ.get("RAY_ADDRESS"):
+        found.append(os.environ["RAY_ADDRESS"])
+    from dvcray_cli import cluster
+
+    try:
+        local = cluster.recorded("local")
+    except Exception:  # noqa: BLE001 - only a hint of where to look
+        local = None
+    if local is not None:
+        found.append(local.dashboard_url)
+    return found
+
+
+def _status(job) -> str:
+    return str(getattr(job.status, "value", job.status))
+
+
+def _info(run: _Run, clusters: _Clusters, fallbacks: list[str], git_root: Path) -> RunInfo:
+    record = run.record or {}
+    info = RunInfo(run_id=run.run_id, exp_name=run.exp_name(), state=record.get("state") or "PENDING",
+                   submitted=run.submitted(), baseline=run.baseline(), address=run.address,
+                   store=run.store.url, source="record" if run.record else "store")
+    if record.get("state") in TERMINAL and record.get("ended"):
+        # Final and already looked up once: nothing can change any more.
+        info.started, info.ended = record.get("started"), record.get("ended")
+        info.metrics, info.error = record.get("metrics") or {}, record.get("error")
+        return info
+
+    job = None
+    answered = False
+    for address in ([run.address] if run.address else fallbacks):
+        jobs = clusters.jobs(address)
+        if jobs is None:
+            continue
+        answered = True
+        job = jobs.get(run.run_id)
+        if job is not None:
+            info.address = address
+            break
+
+    result = run.result
+    status = run.read("status.json") or {}
+    if job is not None and _status(job) in ACTIVE:
+        info.state = _status(job)
+    elif result and result.get("status") in TERMINAL:
+        info.state = result["status"]
+    elif job is not None:  # ended without a result: the runner was killed before it could save
+        info.state = _status(job)
+        info.error = "the runner ended without saving a result"
+    elif record.get("state") in TERMINAL:
+        pass  # `dvcray run` saw it end (the cluster said so) before the cluster went
+    elif run.record or answered:
+        # Submitted from here and the cluster is gone or forgot the job; no final result.
+        info.state = LOST
+    else:
+        # Found only in the store, on a cluster this clone cannot see: what the store last said.
+        info.state = status.get("state") or "PENDING"
+
+    times = result or status
+    info.started = times.get("started") or (job.start_time / 1000 if job is not None and job.start_time else None)
+    info.ended = times.get("ended") or (job.end_time / 1000 if job is not None and job.end_time else None)
+    if result:
+        info.metrics = result.get("metrics") or {}
+        info.error = result.get("error") or info.error
+        info.exp_name = result.get("exp_name") or info.exp_name
+    if run.record and info.state in TERMINAL:
+        records.update(git_root, run.run_id, state=info.state, exp_name=info.exp_name,
+                       started=info.started, ended=info.ended or time.time(),
+                       metrics=info.metrics, error=info.error)
+    return info
+
+
+def _time_of(run_id: str) -> float | None:
+    """The submission time encoded in a run id (``dvcray-YYYYmmdd-HHMMSS-xxxxxx``)."""
+    try:
+        stamp = datetime.strptime(run_id[7:22], "%Y%m%d-%H%M%S").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
+    return stamp.timestamp()
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def list_runs(cwd: Path, store: str | None = None, limit: int | None = None) -> list[RunInfo]:
+    """This repo's runs, newest first, with their states refreshed.
+
+    The runs this clone submitted (its records), and the runs in the store
+    whose baseline commit this repo has (submitted from another clone). States
+    come from the cluster when it answers, else from the store; a run whose
+    cluster is gone and whose store has no final result is LOST.
+
+    Args:
+        cwd: a folder inside the project.
+        store: look in this store only (default: the stores of the records and
+            the default store).
+        limit: at most this many runs (newest).
+
+    Raises:
+        UsageError: not in a git repository.
+        StoreError: a store could not be read.
+    """
+    ctx = _context(cwd, store)
+    runs = [_record_run(ctx, record) for record in records.all_records(ctx.git_root)
+            if not store or (record.get("store") or {}).get("url", "").rstrip("/") == ctx.stores[0].url.rstrip("/")]
+    runs += _store_runs(ctx, {r.run_id for r in runs}, want=limit)
+    runs.sort(key=lambda r: (r.submitted() or 0, r.run_id), reverse=True)
+    if limit:
+        runs = runs[:limit]
+    clusters = _Clusters()
+    fallbacks = _fallback_addresses() if any(r.record is None for r in runs) else []
+    return [_info(r, clusters, fallbacks, ctx.git_root) for r in runs]
+
+
+def _locate(ctx: _Context, key: str, prefer_success: bool = False) -> _Run:
+    """The run ``key`` names: a run id, an experiment name (newest run of that
+    name), or the unique end of a run id; records first, then the stores."""
+    key = key.strip()
+    recs = records.all_records(ctx.git_root)  # newest first
+    for record in recs:
+        if record.get("run_id") == key:
+            return _record_run(ctx, record)
+    for store in ctx.stores:
+        if key.startswith("dvcray-") and store.read_json(store.run_path(key, "manifest.json")) is not None:
+            return _Run(key, store)
+
+    by_name = [_record_run(ctx, r) for r in recs]
+    matches = [r for r in by_name if r.exp_name() == key]
+    if not matches:
+        matches = [r for r in _store_runs(ctx, {r.run_id for r in by_name}) if r.exp_name() == key]
+        matches.sort(key=lambda r: (r.submitted() or 0, r.run_id), reverse=True)
+    if matches:
+        if prefer_success:
+            good = [r for r in matches if (r.result or {}).get("status") == "SUCCEEDED"]
+            return (good or matches)[0]
+        return matches[0]
+
+    ids = {r["run_id"] for r in recs}
+    for store in ctx.stores:
+        ids.update(store.run_ids()[:SCAN_LIMIT])
+    ends = sorted(i for i in ids if len(key) >= 4 and i.endswith(key))
+    if len(ends) == 1:
+        return _locate(ctx, ends[0])
+    if len(ends) > 1:
+        raise UsageError(f"'{key}' matches several runs: {', '.join(ends)}.", "Give the whole run id.")
+    where = ", ".join(s.url for s in ctx.stores)
+    raise UsageError(f"No run or experiment named '{key}' in this repo's records or in the store ({where}).",
+                     f"{LIST_HINT} (a run from another store: --store URL).")
+
+
+# --------------------------------------------------------------------------- logs
+
+
+@dataclass
+class LogsResult:
+    run_id: str
+    state: str            # the run's state when the command ended
+    source: str           # "cluster" or "store"
+    empty: bool = False   # there was no log to show yet
+
+
+def logs(cwd: Path, key: str, emit: Callable[[str], None], follow: bool = False,
+         store: str | None = None, note: Callable[[str], None] = lambda m: None) -> LogsResult:
+    """Write run ``key``'s log to ``emit``: from the cluster while it answers,
+    else the copy the runner keeps in the store.
+
+    With ``follow``, keep writing until the run ends (Ctrl-C stops following,
+    not the run).
+
+    Raises:
+        UsageError: no such run.
+        ClusterError: following a run whose cluster stopped answering and whose
+            store copy shows no sign of life.
+        StoreError: the store could not be read.
+    """
+    ctx = _context(cwd, store)
+    run = _locate(ctx, key)
+    shown = False
+    user_emit = emit
+
+    def emit(text: str) -> None:
+        nonlocal shown
+        if text:
+            shown = True
+            user_emit(text)
+
+    clusters = _Clusters()
+    candidates = [run.address] if run.address else _fallback_addresses()
+    for address in candidates:
+        client = clusters.client(address)
+        if client is None:
+            continue
+        try:
+            state = _status(client.get_job_info(run.run_id))
+        except Exception:  # the cluster does not know this run (restarted, or another cluster)
+            continue
+        if follow and state not in TERMINAL:
+            from dvcray_cli import run as run_mod
+
+            state = run_mod.follow(client, run.run_id, emit, stop_on_interrupt=False)
+        else:
+            emit(client.get_job_logs(run.run_id))
+        result = run.read("result.json") if state in TERMINAL else None
+        return LogsResult(run.run_id, (result or {}).get("status", state), "cluster", empty=not shown)
+
+    if run.address:
+        why = clusters.errors.get(run.address) or f"The cluster at {run.address} does not know run {run.run_id}"
+        note(f"{why.rstrip('.')}: showing the copy of the log in the store.")
+    state = _store_log(run, emit, follow)
+    return LogsResult(run.run_id, state, "store", empty=not shown)
+
+
+def _store_log(run: _Run, emit: Callable[[str], None], follow: bool) -> str:
+    """The store's copy of the log; with ``follow``, poll it until the run's result appears."""
+    rel = run.store.run_path(run.run_id, "log.txt")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    shown = 0
+    last_change = time.monotonic()
+
+    def show() -> bool:
+        nonlocal shown
+        try:
+            data = run.store.read(rel)
+        except FileNotFoundError:
+            return False
+        if len(data) > shown:
+            emit(decoder.decode(data[shown:]))
+            shown = len(data)
+            return True
+        return False
+
+    try:
+        while True:
+            result = run.store.read_json(run.store.run_path(run.run_id, "result.json"))
+            if show():
+                last_change = time.monotonic()
+            if result is not None:
+                show()  # the runner uploads its last lines just before result.json
+                emit(decoder.decode(b"", final=True))
+                return result.get("status", "FAILED")
+            if not follow:
+                status = run.read("status.json") or {}
+                return LOST if run.record else status.get("state", "PENDING")
+            if time.monotonic() - last_change > STALE_S:
+                raise ClusterError(
+                    f"Run {run.run_id}: its cluster does not answer and its log in the store has not "
+                    f"changed for {STALE_S:.0f}s; the run is probably lost.",
+                    f"Check the cluster (dvcray cluster status); what the run saved: dvcray logs {run.run_id}")
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        raise Interrupted(f"Stopped following run {run.run_id}; the run itself goes on.",
+                          f"Follow it again: dvcray logs {run.run_id} --follow") from None
+
+
+# --------------------------------------------------------------------------- stop
+
+
+def stop(cwd: Path, key: str, store: str | None = None, timeout: float | None = None,
+         say: Callable[[str], None] = lambda m: None) -> StopResult:
+    """Stop run ``key``'s Ray job and wait until it has ended.
+
+    Ray sends the runner SIGTERM and gives it ``RAY_JOB_STOP_WAIT_TIME_S``
+    (set at submission) to push what it has, its log and ``result.json``.
+
+    Raises:
+        UsageError: no such run.
+        ClusterError: the run's cluster does not answer, does not know the run,
+            or the job did not end in time.
+    """
+    from dvcray_cli import run as run_mod
+
+    ctx = _context(cwd, store)
+    run = _locate(ctx, key)
+    name = run.exp_name()
+    result = run.result
+    if result and result.get("status") in TERMINAL:
+        return StopResult(run.run_id, name, result["status"], True, saved=True, store=run.store.url)
+
+    addresses = [run.address] if run.address else _fallback_addresses()
+    if not addresses:
+        raise ClusterError(f"Run {run.run_id} was not submitted from this clone and no cluster is configured here.",
+                           f"Point dvcray at its cluster: RAY_ADDRESS=http://HOST:8265 dvcray stop {run.run_id}")
+    client, job = None, None
+    problems = []
+    for address in addresses:
+        try:
+            client = run_mod.connect(address)
+            job = client.get_job_info(run.run_id)
+            break
+        except ClusterError as exc:
+            problems.append(exc.message)
+        except Exception:  # the cluster answers but does not know the run
+            problems.append(f"the cluster at {address} does not know run {run.run_id}")
+        client = None
+    if client is None:
+        raise ClusterError(f"Cannot stop run {run.run_id}: {'; '.join(p.rstrip('.') for p in problems)}.",
+                           f"If its cluster is gone, so is the run; what it saved: dvcray logs {run.run_id}")
+
+    state = _status(job)
+    started = time.monotonic()
+    if state not in TERMINAL:
+        say(f"Stopping run {run.run_id}; its runner saves what it has before it ends...")
+        client.stop_job(run.run_id)
+        deadline = started + (timeout if timeout is not None else run_mod.STOP_GRACE_S + 15)
+        while state not in TERMINAL:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"Run {run.run_id} did not end within {deadline - started:.0f}s of being stopped.",
+                                   f"Check it: dvcray runs; dvcray logs {run.run_id}")
+            time.sleep(0.3)
+            state = _status(client.get_job_info(run.run_id))
+        already = False
+    else:
+        already = True
+    waited = time.monotonic() - started
+    final = run_mod.fetch_result(run.store, run.run_id, wait_s=0 if already else 5)
+    if final:
+        state = final.get("status", state)
+        name = final.get("exp_name") or name
+    if run.record:
+        records.update(ctx.git_root, run.run_id, state=state)
+    return StopResult(run.run_id, name, state, already, waited, saved=final is not None, store=run.store.url)
+
+
+# --------------------------------------------------------------------------- pull
+
+
+def pull(cwd: Path, key: str, store: str | None = None) -> PullResult:
+    """Bring experiment ``key`` (a run id or an experiment name) into this repo
+    from the store: its git ref and its outputs (into the local DVC cache).
+
+    Nothing comes from the cluster, and the user's DVC config is not changed
+    (the store is an in-memory remote). Afterwards ``dvc exp apply NAME``
+    restores the outputs in the workspace.
+
+    Raises:
+        UsageError: no such run, the run has not ended, or its baseline commit
+            is not in this repo.
+        ExperimentFailed: the run ended without an experiment.
+        StoreError: the bundle or the outputs could not be read from the store.
+    """
+    from dvcray_cli import run as run_mod
+
+    project = run_mod.find_project(cwd)
+    ctx = _context(cwd, store)
+    run = _locate(ctx, key, prefer_success=True)
+    result = run.result
+    if result is None:
+        raise UsageError(f"Run {run.run_id} has not ended yet: there is nothing to pull.",
+                         f"Wait for it: dvcray logs {run.run_id} --follow")
+    if result.get("status") != "SUCCEEDED" or not result.get("ref"):
+        raise ExperimentFailed(
+            f"Run {run.run_id} ended {result.get('status', 'FAILED')} and saved no experiment"
+            + (f": {result['error']}" if result.get("error") else "."),
+            f"Its log: dvcray logs {run.run_id}")
+    baseline = result.get("baseline") or run.baseline() or ""
+    if baseline not in _in_repo(ctx.git_root, [baseline]):
+        raise UsageError(f"Run {run.run_id} ran on commit {baseline[:7]}, which this repo does not have.",
+                         "Fetch it first (git fetch / git pull), then rerun dvcray pull.")
+    run_mod.import_experiment(ctx.git_root, run.store, run.run_id, result["ref"])
+    exp_sha = result.get("exp_sha") or gitutil.git("rev-parse", result["ref"], cwd=ctx.git_root)
+    fetched = run_mod.pull_outputs(project, run.store, exp_sha)
+    if run.record:
+        records.update(ctx.git_root, run.run_id, state="SUCCEEDED", exp_name=result.get("exp_name"))
+    return PullResult(run.run_id, result.get("exp_name") or result["ref"].rsplit("/", 1)[-1], result["ref"],
+                      exp_sha, fetched, run.store.url, result.get("params") or {}, result.get("metrics") or {})
