@@ -1,0 +1,48 @@
+"""Helpers the stages share: parameters, Ray start-up, where Ray keeps results, the data."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+PREPARED = Path("data/prepared/data.npz")
+MODEL = Path("models/model.pt")
+
+
+def load_params(section: str | None = None) -> dict:
+    """params.yaml (DVC runs every stage from the project's root), or one section of it."""
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    return params[section] if section else params
+
+
+def start_ray() -> None:
+    """Start Ray on this machine, or join the cluster that RAY_ADDRESS names (as under dvcray)."""
+    # Ray 2.x warns at every worker start that it will stop hiding GPUs from
+    # tasks that ask for none; asking for the future behaviour now silences it.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+
+
+def storage_path(path: str) -> str:
+    """Ray's storage_path: URLs (s3://...) as they are, local paths made absolute."""
+    if "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def run_name(stage: str) -> str:
+    """A fresh name per run, so a rerun never resumes (Ray Train) or mixes with an older one."""
+    return f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def load_data() -> dict[str, np.ndarray]:
+    """The arrays the prepare stage wrote: x_* (uint8, N x 28 x 28) and y_* (int64) for train, val, test."""
+    with np.load(PREPARED) as data:
+        return {key: data[key] for key in data.files}

@@ -1,0 +1,132 @@
+"""Stage `train`: train the model with Ray Train (PyTorch DDP) using the lr and momentum tune found.
+
+The data reaches the workers through Ray's object store, so they can run on
+any machine of a cluster. Every epoch, rank 0 reports a checkpoint; the model
+file is taken from the result's checkpoint (wherever storage_path is, a local
+folder or s3://), never from a worker's folder. The per-epoch metrics are
+written to dvclive/train by this (the driver's) process, after training.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+import model  # noqa: E402
+from common import MODEL, load_data, load_params, run_name, start_ray, storage_path  # noqa: E402
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import logging
+    import os
+    import sys
+    import tempfile
+
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, TensorDataset
+
+    # Ray Train logs a line per report and per checkpoint, and its print() patch
+    # echoes every print twice: keep the console to one line per epoch.
+    logging.getLogger().setLevel(logging.WARNING)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, config["threads"]))
+    torch.manual_seed(config["seed"])
+    data = ray.get(config["data"])    # an object-store reference, not a path on the head
+    x_train, y_train = model.to_tensors(data["x_train"], data["y_train"])
+    x_val, y_val = model.to_tensors(data["x_val"], data["y_val"])
+    loader = DataLoader(TensorDataset(x_train, y_train),
+                        batch_size=max(1, config["batch_size"] // world), shuffle=True,
+                        generator=torch.Generator().manual_seed(config["seed"]))
+    # Shards the batches across the workers and moves them to this worker's device.
+    loader = ray.train.torch.prepare_data_loader(loader)
+    device = ray.train.torch.get_device()
+    net = ray.train.torch.prepare_model(model.Net())   # DDP when there are several workers
+    optimizer = torch.optim.SGD(net.parameters(), lr=config["lr"], momentum=config["momentum"])
+
+    for epoch in range(1, config["epochs"] + 1):
+        if world > 1:
+            loader.sampler.set_epoch(epoch)
+        loss_sum, correct, seen = model.train_epoch(net, loader, optimizer, device)
+        totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
+        if world > 1 and dist.is_initialized():
+            dist.all_reduce(totals)            # sums over the workers' shards
+        loss_sum, correct, seen = totals.tolist()
+        metrics = {"epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen,
+                   "val_accuracy": model.accuracy(net, x_val, y_val, device)}
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                plain = net.module if hasattr(net, "module") else net
+                torch.save(plain.state_dict(), os.path.join(tmp, "model.pt"))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if rank == 0:
+            sys.stdout.write("epoch {epoch}: loss={loss:.4f} accuracy={accuracy:.4f} "
+                             "val_accuracy={val_accuracy:.4f}\n".format(**metrics))
+            sys.stdout.flush()
+
+
+def main() -> None:
+    params = load_params()
+    cfg = params["train"]
+    best = yaml.safe_load(Path("best_params.yaml").read_text())
+    start_ray()
+    import ray
+    from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    model.ship_by_value()
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"data": ray.put(load_data()), "lr": best["lr"],
+                           "momentum": best["momentum"], "epochs": cfg["epochs"],
+                           "batch_size": cfg["batch_size"], "seed": cfg["seed"],
+                           "threads": cfg["cpus_per_worker"]},
+        scaling_config=ScalingConfig(num_workers=cfg["num_workers"], use_gpu=cfg["use_gpu"],
+                                     resources_per_worker={"CPU": cfg["cpus_per_worker"]}),
+        # Every epoch's checkpoint is kept: result.metrics_dataframe is built from them.
+        run_config=RunConfig(storage_path=storage_path(params["ray"]["storage_path"]),
+                             name=run_name("train"), checkpoint_config=CheckpointConfig(),
+                             # Ray Train's own INFO lines (one per report and checkpoint) are noise
+                             # here: the loop prints one line per epoch instead.
+                             logging_config=LoggingConfig(log_level="WARNING")),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise SystemExit("train: Ray Train finished without a checkpoint; no model to save.")
+    MODEL.parent.mkdir(parents=True, exist_ok=True)
+    with result.checkpoint.as_directory() as folder:
+        shutil.copyfile(Path(folder) / "model.pt", MODEL)
+
+    history = result.metrics_dataframe.sort_values("epoch")
+    log_history(history, Path("dvclive/train"))
+    last = history.iloc[-1]
+    print(f"trained {int(last['epoch'])} epochs on {cfg['num_workers']} Ray Train worker(s): "
+          f"loss={last['loss']:.4f} accuracy={last['accuracy']:.4f} "
+          f"val_accuracy={last['val_accuracy']:.4f}; model saved to {MODEL}")
+
+
+def log_history(history, folder: Path) -> None:
+    """One DVCLive step per epoch, logged here in the driver (workers may be other machines)."""
+    from dvclive import Live
+
+    # dvcyaml=None: the pipeline's own dvc.yaml declares these files; DVCLive must not edit it.
+    with Live(str(folder), dvcyaml=None, save_dvc_exp=False, report=None) as live:
+        for row in history.itertuples():
+            live.step = int(row.epoch)    # step = epoch, 1..epochs
+            for name in ("loss", "accuracy", "val_accuracy"):
+                live.log_metric(name, float(getattr(row, name)))
+
+
+if __name__ == "__main__":
+    main()
