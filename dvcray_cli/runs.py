@@ -306,12 +306,10 @@ def _info(run: _Run, clusters: _Clusters, fallbacks: list[str], git_root: Path) 
         return info
 
     job = None
-    answered = False
     for address in ([run.address] if run.address else fallbacks):
         jobs = clusters.jobs(address)
         if jobs is None:
             continue
-        answered = True
         job = jobs.get(run.run_id)
         if job is not None:
             info.address = address
@@ -328,11 +326,12 @@ def _info(run: _Run, clusters: _Clusters, fallbacks: list[str], git_root: Path) 
         info.error = "the runner ended without saving a result"
     elif record.get("state") in TERMINAL:
         pass  # `dvcray run` saw it end (the cluster said so) before the cluster went
-    elif run.record or answered:
+    elif run.record:
         # Submitted from here and the cluster is gone or forgot the job; no final result.
         info.state = LOST
     else:
-        # Found only in the store, on a cluster this clone cannot see: what the store last said.
+        # Found only in the store, from a clone that may use a cluster this one
+        # cannot see: what the store last said.
         info.state = status.get("state") or "PENDING"
 
     times = result or status

@@ -202,3 +202,21 @@ def test_unknown_run_is_a_usage_error(make_dvc_project, store):
     proc = run_dvcray("runs", cwd=root)
     assert proc.returncode == 0 and "No runs yet" in proc.stderr
     assert runs_json(root) == []
+
+
+def test_store_runs_of_other_repos_are_not_listed(make_dvc_project, store):
+    root = make_dvc_project(SPEC)
+    head = sh("git", "rev-parse", "HEAD", cwd=root)
+    for run_id, baseline in (("dvcray-20250101-120000-aaaaaa", head),
+                             ("dvcray-20250101-130000-bbbbbb", "f" * 40)):
+        run_dir = store / "dvcray" / "runs" / run_id
+        run_dir.mkdir(parents=True)
+        (run_dir / "manifest.json").write_text(json.dumps({"run_id": run_id, "baseline": baseline,
+                                                           "exp_name": "theirs", "created": 1735732800}))
+        (run_dir / "status.json").write_text(json.dumps({"state": "RUNNING", "started": 1735732805}))
+    # Submitted from another clone, to a cluster this one does not know: the store's word.
+    (entry,) = runs_json(root, "--store", str(store))
+    assert entry["run_id"] == "dvcray-20250101-120000-aaaaaa"
+    assert entry["state"] == "RUNNING" and entry["source"] == "store" and entry["exp_name"] == "theirs"
+    proc = run_dvcray("logs", "aaaaaa", "--store", str(store), cwd=root)  # the end of a run id will do
+    assert proc.returncode == 0 and "no log yet" in proc.stderr
