@@ -1,0 +1,136 @@
+"""``dvcray run`` with an S3 store (a moto server on 127.0.0.1, through DVC's
+``endpointurl``), and the rule that secrets never reach Ray."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+
+from conftest import run_dvcray, sh
+from test_run import exp_metrics, project_spec
+
+
+@pytest.fixture(scope="module")
+def s3_head(tmp_path_factory):
+    """A head whose nodes have (fake) AWS credentials of their own, as an AWS
+    instance profile would give them. The client's credentials never travel."""
+    from dvcray_cli import cluster
+
+    home = tmp_path_factory.mktemp("s3-head-home")
+    temp_dir = Path("/tmp") / f"dvcray-s3-{uuid.uuid4().hex[:8]}"
+    env = {"HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", "DVC_NO_ANALYTICS": "1",
+           "DVC_STUDIO_OFFLINE": "true", "AWS_ACCESS_KEY_ID": "node-key", "AWS_SECRET_ACCESS_KEY": "node-secret",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    with pytest.MonkeyPatch.context() as mp:
+        import os
+
+        for var in list(os.environ):
+            if var.startswith(("AWS_", "RAY_ADDRESS", "RAY_AUTH")) or var == "DVC_STUDIO_TOKEN":
+                mp.delenv(var)
+        head = cluster.start_head("pytest-s3", num_cpus=2, temp_dir=temp_dir, env=env,
+                                  token_path=home / ".ray" / "auth_token")
+    try:
+        yield head
+    finally:
+        cluster.stop_head(head)
+        assert cluster.find_pids(head) == []
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+PLANTED = {
+    "config_local": "planted-config-local-secret-7f3a",
+    "aws_env": "planted-aws-env-secret-91c2",
+    "studio": "planted-studio-token-55de",
+}
+
+
+def bucket_objects(endpoint: str, bucket: str) -> dict[str, bytes]:
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                      aws_access_key_id="x", aws_secret_access_key="x")
+    found = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            found[obj["Key"]] = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+    return found
+
+
+def test_s3_store_from_dvc_default_remote_and_no_secret_reaches_ray(s3_head, s3_bucket, make_dvc_project,
+                                                                   monkeypatch):
+    endpoint, bucket = s3_bucket
+    spec = project_spec()
+    # The stage prints the runtime env its own ray.init() gets, so the test can search it.
+    spec["train.py"] = ("import ray\nray.init()\nprint('DRIVER_RUNTIME_ENV', ray.get_runtime_context().runtime_env)\n"
+                        + spec["train.py"])
+    root = make_dvc_project(spec, commit=False)
+    sh("dvc", "remote", "add", "-d", "storage", f"s3://{bucket}/dvc", cwd=root)
+    sh("dvc", "remote", "modify", "storage", "endpointurl", endpoint, cwd=root)
+    sh("dvc", "remote", "modify", "--local", "storage", "access_key_id", "client-key", cwd=root)
+    sh("dvc", "remote", "modify", "--local", "storage", "secret_access_key", PLANTED["config_local"], cwd=root)
+    (root / "data.csv").write_text("1\n2\n")
+    sh("dvc", "add", "-q", "data.csv", cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-q", "-m", "s3 project", cwd=root)
+
+    monkeypatch.setenv("RAY_ADDRESS", s3_head.dashboard_url)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", s3_head.token())
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLANTED["aws_env"])
+    monkeypatch.setenv("DVC_STUDIO_TOKEN", PLANTED["studio"])
+    monkeypatch.setenv("DVC_STUDIO_URL", "http://127.0.0.1:9")
+
+    proc = run_dvcray("run", "-n", "ons3", "-S", "train.epochs=2", cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert exp_metrics(root, "ons3")["score"] == 1.0
+
+    objects = bucket_objects(endpoint, bucket)
+    run_ids = {k.split("/")[3] for k in objects if k.startswith("dvc/dvcray/runs/")}
+    assert len(run_ids) == 1
+    run_id = run_ids.pop()
+    prefix = f"dvc/dvcray/runs/{run_id}/"
+    assert json.loads(objects[prefix + "result.json"])["status"] == "SUCCEEDED"
+    assert b"training with lr=0.5 epochs=2" in objects[prefix + "log.txt"]
+    assert any(k.startswith("dvc/files/md5/") for k in objects), "outputs and inputs were not pushed"
+    # The store's config went to the clone's config.local, never into the experiment's commit.
+    exp_config = sh("git", "show", f"{_ref(root)}:.dvc/config", cwd=root)
+    assert "dvcray-store" not in exp_config
+
+    # Search everywhere Ray keeps what a job brings: its record, its package,
+    # its logs, and every file under the cluster's temp dir; and the store.
+    from dvcray_cli import cluster
+
+    info = cluster.job_client(s3_head.dashboard_url).get_job_info(run_id)
+    job_text = json.dumps({"runtime_env": info.runtime_env, "metadata": info.metadata,
+                           "entrypoint": info.entrypoint})
+    logs = cluster.job_client(s3_head.dashboard_url).get_job_logs(run_id)
+    assert "DRIVER_RUNTIME_ENV" in logs
+    haystacks = {"job record": job_text.encode(), "job log": logs.encode(),
+                 **{f"s3:{k}": v for k, v in objects.items()}}
+    for path in Path(s3_head.temp_dir).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                haystacks[str(path)] = path.read_bytes()
+            except OSError:
+                continue
+    assert any("runtime_resources" in k for k in haystacks), "the job's unpacked package was not searched"
+    for what, secret in PLANTED.items():
+        leaks = [where for where, data in haystacks.items() if secret.encode() in data]
+        assert not leaks, f"{what} leaked into {leaks}"
+
+
+def _ref(root: Path) -> str:
+    return sh("git", "for-each-ref", "--format=%(refname)", "refs/exps/", cwd=root).splitlines()[0]
+
+
+def test_explicit_s3_store_that_cannot_be_written_is_exit_4(s3_head, s3_bucket, make_dvc_project, monkeypatch):
+    endpoint, _ = s3_bucket
+    root = make_dvc_project(project_spec())
+    monkeypatch.setenv("RAY_ADDRESS", s3_head.dashboard_url)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", s3_head.token())
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    proc = run_dvcray("run", "-n", "nobucket", "--store", "s3://no-such-bucket-here/x", cwd=root)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert "s3://no-such-bucket-here/x" in proc.stderr
