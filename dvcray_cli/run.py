@@ -218,6 +218,26 @@ def connect(address: str):
 
 # --------------------------------------------------------------------------- submit
 
+def _read_project(project: Project, opts: RunOptions) -> Store:
+    """Load the pipeline as DVC sees it (a broken dvc.yaml fails here) and pick the store."""
+    from dvc.exceptions import DvcException
+
+    from dvcray_cli import store as store_mod
+
+    try:
+        repo = open_repo(project)
+        try:
+            if not repo.index.stages:
+                raise UsageError(f"The DVC project at {project.dvc_root} has no stages.",
+                                 "Add one: dvc stage add -n train -d train.py python train.py")
+            return store_mod.resolve(opts.store, repo)
+        finally:
+            repo.close()
+    except DvcException as exc:
+        raise UsageError(f"DVC cannot read the project: {exc}",
+                         "Fix it until dvc status works, then rerun.") from None
+
+
 def submit(opts: RunOptions, cwd: Path, say: Callable[[str], None]) -> Submitted:
     """Preflight, then snapshot the workspace and submit the runner as a Ray Job."""
     if params.is_sweep(opts.overrides):
@@ -226,17 +246,7 @@ def submit(opts: RunOptions, cwd: Path, say: Callable[[str], None]) -> Submitted
     project = find_project(cwd)
     params.check(project.dvc_root, opts.overrides)
     check_exp_name(project, opts.exp_name, opts.force)
-
-    repo = open_repo(project)
-    try:
-        if not repo.index.stages:
-            raise UsageError(f"The DVC project at {project.dvc_root} has no stages.",
-                             "Add one: dvc stage add -n train -d train.py python train.py")
-        from dvcray_cli import store as store_mod
-
-        store = store_mod.resolve(opts.store, repo)
-    finally:
-        repo.close()
+    store = _read_project(project, opts)
     store.check_writable()
 
     address, started = resolve_address(opts.address, say)

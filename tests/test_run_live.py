@@ -1,0 +1,125 @@
+"""Live logs through a connection that drops, and the embedded local cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from conftest import run_dvcray, sh
+
+
+class CuttableProxy:
+    """A TCP proxy on 127.0.0.1 whose open connections the test can cut."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.cuts = 0
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self.lock:
+                self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            except OSError:
+                pass
+        self.cuts += 1
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+        self.cut()
+
+
+def test_dropped_connection_resumes_without_lost_or_repeated_lines(ray_cluster, make_dvc_project, tmp_path):
+    root = make_dvc_project({
+        "dvc.yaml": "stages:\n  talk:\n    cmd: python talk.py\n    deps: [talk.py]\n    outs: [done.txt]\n",
+        "talk.py": ("import time\nfor i in range(1, 21):\n    print(f'line {i:02d}', flush=True)\n"
+                    "    time.sleep(0.4)\nopen('done.txt', 'w').write('ok')\n"),
+    })
+    port = int(ray_cluster.dashboard_url.rsplit(":", 1)[1])
+    proxy = CuttableProxy(port)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dvcray_cli", "run", "-n", "cut", "--address", f"http://127.0.0.1:{proxy.port}",
+             "--store", str(tmp_path / "store")],
+            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(("line 04", "line 12")):
+                proxy.cut()  # mid-run, twice
+        proc.wait(timeout=120)
+        stderr = proc.stderr.read()
+    finally:
+        proxy.close()
+    assert proc.returncode == 0, "".join(lines) + stderr
+    assert proxy.cuts >= 3
+    numbered = [line.strip() for line in lines if re.fullmatch(r"line \d\d\n", line)]
+    assert numbered == [f"line {i:02d}" for i in range(1, 21)]
+
+
+def test_embedded_default_starts_a_local_cluster(make_dvc_project, isolated_env):
+    root = make_dvc_project({
+        "dvc.yaml": "stages:\n  s:\n    cmd: python s.py\n    deps: [s.py]\n    metrics: [{m.json: {cache: false}}]\n",
+        "s.py": "import json\njson.dump({'ok': 1}, open('m.json', 'w'))\n",
+    })
+    assert "RAY_ADDRESS" not in os.environ
+    proc = run_dvcray("run", "-n", "embedded", cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "starting a local Ray cluster" in proc.stderr
+    assert "dvcray cluster down local" in proc.stderr
+    record = json.loads((isolated_env / ".dvcray" / "clusters" / "local.json").read_text())
+    assert record["dashboard_url"].startswith("http://127.0.0.1:")
+    runs = list((isolated_env / ".dvcray" / "store" / "dvcray" / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "result.json").is_file()
+    head = sh("git", "rev-parse", "HEAD", cwd=root)
+    assert sh("git", "rev-parse", "-q", "--verify", f"refs/exps/{head[:2]}/{head[2:]}/embedded", cwd=root)
+    # A second run finds the recorded cluster instead of starting another.
+    again = run_dvcray("run", "-n", "embedded2", cwd=root)
+    assert again.returncode == 0, again.stderr
+    assert "starting a local Ray cluster" not in again.stderr
+    assert Path(record["temp_dir"]).is_dir()
