@@ -62,6 +62,7 @@ class Submitted:
     baseline: str
     started_cluster: bool = False
     snapshot_bytes: int = 0
+    client: Any = field(default=None, repr=False)  # the JobSubmissionClient that submitted it
 
 
 @dataclass
@@ -185,18 +186,25 @@ def push_inputs(repo) -> int:
 
 # --------------------------------------------------------------------------- cluster
 
-def resolve_address(explicit: str | None, on_start: Callable[[str], None] | None = None) -> tuple[str, bool]:
-    """Where to submit: ``--address``, ``RAY_ADDRESS``, the recorded local
-    cluster, else a local cluster started now (the embedded default)."""
-    if explicit:
-        return explicit, False
-    if os.environ.get("RAY_ADDRESS"):
-        return os.environ["RAY_ADDRESS"], False
+def _known_address(explicit: str | None) -> str | None:
+    """``--address``, ``RAY_ADDRESS`` or the recorded local cluster; None if a
+    cluster would have to be started."""
+    if explicit or os.environ.get("RAY_ADDRESS"):
+        return explicit or os.environ["RAY_ADDRESS"]
     from dvcray_cli import cluster
 
     current = cluster.recorded("local")
-    if current is not None:
-        return current.dashboard_url, False
+    return current.dashboard_url if current else None
+
+
+def resolve_address(explicit: str | None, on_start: Callable[[str], None] | None = None) -> tuple[str, bool]:
+    """Where to submit: ``--address``, ``RAY_ADDRESS``, the recorded local
+    cluster, else a local cluster started now (the embedded default)."""
+    known = _known_address(explicit)
+    if known:
+        return known, False
+    from dvcray_cli import cluster
+
     if on_start:
         on_start("No cluster configured: starting a local Ray cluster on this machine "
                  "(stop it with: dvcray cluster down local).")
@@ -218,8 +226,9 @@ def connect(address: str):
 
 # --------------------------------------------------------------------------- submit
 
-def _read_project(project: Project, opts: RunOptions) -> Store:
-    """Load the pipeline as DVC sees it (a broken dvc.yaml fails here) and pick the store."""
+def _read_project(project: Project, opts: RunOptions) -> tuple[Store, bool]:
+    """Load the pipeline as DVC sees it (a broken dvc.yaml fails here), pick the
+    store, and tell whether ``.dvc`` files track inputs that may need pushing."""
     from dvc.exceptions import DvcException
 
     from dvcray_cli import store as store_mod
@@ -230,7 +239,10 @@ def _read_project(project: Project, opts: RunOptions) -> Store:
             if not repo.index.stages:
                 raise UsageError(f"The DVC project at {project.dvc_root} has no stages.",
                                  "Add one: dvc stage add -n train -d train.py python train.py")
-            return store_mod.resolve(opts.store, repo)
+            from dvc.stage import PipelineStage
+
+            has_inputs = any(not isinstance(st, PipelineStage) and st.outs for st in repo.index.stages)
+            return store_mod.resolve(opts.store, repo), has_inputs
         finally:
             repo.close()
     except DvcException as exc:
@@ -240,25 +252,37 @@ def _read_project(project: Project, opts: RunOptions) -> Store:
 
 def submit(opts: RunOptions, cwd: Path, say: Callable[[str], None]) -> Submitted:
     """Preflight, then snapshot the workspace and submit the runner as a Ray Job."""
+    import concurrent.futures
+
+    known = _known_address(opts.address)
+    early = None
+    if known:
+        # Importing Ray's SDK and asking the cluster take a second; do it while
+        # DVC reads the project. Its errors surface after DVC's, in the same order.
+        early = concurrent.futures.ThreadPoolExecutor(1).submit(connect, known)
     if params.is_sweep(opts.overrides):
         raise UsageError("Sweeps (-S key=a,b) are not supported yet: pass one value per key.",
                          "Run one experiment per value for now.")
     project = find_project(cwd)
     params.check(project.dvc_root, opts.overrides)
     check_exp_name(project, opts.exp_name, opts.force)
-    store = _read_project(project, opts)
+    store, has_inputs = _read_project(project, opts)
     store.check_writable()
 
-    address, started = resolve_address(opts.address, say)
-    client = connect(address)
+    if early is not None:
+        address, started, client = known, False, early.result()
+    else:
+        address, started = resolve_address(opts.address, say)
+        client = connect(address)
 
-    repo = open_repo(project, store)
-    try:
-        pushed = push_inputs(repo)
-    finally:
-        repo.close()
-    if pushed:
-        say(f"Pushed {pushed} input file(s) to the store {store.url}.")
+    if has_inputs:
+        repo = open_repo(project, store)
+        try:
+            pushed = push_inputs(repo)
+        finally:
+            repo.close()
+        if pushed:
+            say(f"Pushed {pushed} input file(s) to the store {store.url}.")
 
     run_id = new_run_id()
     manifest = snapshot.Manifest(
@@ -289,7 +313,8 @@ def submit(opts: RunOptions, cwd: Path, say: Callable[[str], None]) -> Submitted
         except Exception as exc:
             raise ClusterError(f"Could not submit the run to the cluster at {address}: {exc}",
                                "Check the cluster: dvcray cluster status") from exc
-    sub = Submitted(run_id, address, store, opts.exp_name, project.baseline, started, sum(sizes.values()))
+    sub = Submitted(run_id, address, store, opts.exp_name, project.baseline, started, sum(sizes.values()),
+                    client)
     records.save(project.git_root, {
         "run_id": run_id, "address": address, "store": store.to_json(), "exp_name": opts.exp_name,
         "baseline": project.baseline, "submitted": time.time(), "state": "PENDING",

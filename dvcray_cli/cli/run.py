@@ -72,7 +72,7 @@ def run(
 
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
-        status = core.follow(core.connect(sub.address), sub.run_id, emit)
+        status = core.follow(sub.client, sub.run_id, emit)
     finally:
         signal.signal(signal.SIGTERM, previous)
     outcome = core.finish(sub, status, where, apply=apply)
