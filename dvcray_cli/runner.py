@@ -157,6 +157,15 @@ def collect(repo, kind: str) -> dict[str, dict[str, Any]]:
     return result
 
 
+def _check_version(client_version: str) -> None:
+    """Client and cluster must agree on the snapshot and store formats."""
+    from dvcray_cli import __version__
+
+    if client_version and client_version.split(".")[:2] != __version__.split(".")[:2]:
+        raise RuntimeError(f"this cluster runs dvcray {__version__} but the client is dvcray "
+                           f"{client_version}: install the same version on both")
+
+
 def main() -> int:
     here = Path.cwd()
     manifest = snapshot.Manifest.read(here)
@@ -182,6 +191,7 @@ def main() -> int:
     repo = None
     ws = work / "repo"
     try:
+        _check_version(manifest.dvcray_version)
         store.write(f"{rel}/status.json", json.dumps({"state": "RUNNING", "started": started,
                                                        "node": result["node"]}).encode())
         t = time.time()
