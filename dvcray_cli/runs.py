@@ -127,7 +127,12 @@ class _Run:
         return (self.record or {}).get("address")
 
     def exp_name(self) -> str | None:
-        for source in (self.result, self.record, self.read("manifest.json")):
+        # The record first: it costs no read of the store. The runner's result
+        # names experiments that DVC named itself.
+        if self.record and self.record.get("exp_name"):
+            return self.record["exp_name"]
+        for name in ("result.json", "manifest.json"):
+            source = self.read(name)
             if source and source.get("exp_name"):
                 return source["exp_name"]
         return None
@@ -194,8 +199,13 @@ def _dvc_dir(start: Path, git_root: Path) -> Path | None:
 def _record_run(ctx: _Context, record: dict[str, Any]) -> _Run:
     from dvcray_cli import store as store_mod
 
-    holder = SimpleNamespace(config=ctx.config) if ctx.config else None
-    store = store_mod.from_record(record["store"], holder) if record.get("store") else ctx.stores[0]
+    if not record.get("store"):
+        return _Run(record["run_id"], ctx.stores[0], record)
+    url = str(record["store"].get("url", "")).rstrip("/")
+    # One Store (and so one filesystem client) per URL.
+    store = next((s for s in ctx.stores if s.url.rstrip("/") == url), None)
+    if store is None:
+        store = store_mod.from_record(record["store"], SimpleNamespace(config=ctx.config) if ctx.config else None)
     return _Run(record["run_id"], store, record)
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from dvcray_cli.cli._common import boundary, err, out, write_json
-from dvcray_cli.errors import ClusterError, ExperimentFailed
+from dvcray_cli.errors import ExperimentFailed
 
 STORE_HELP = ("Look for runs in this store (s3://bucket/prefix or a folder) "
               "[default: the stores of this repo's runs, and the default store]")
@@ -128,11 +128,8 @@ def logs(
                        note=lambda m: err.print(m, markup=False))
     if result.empty:
         err.print(f"Run {result.run_id} has no log yet ({result.state}).", markup=False)
-    if result.state == core.LOST and not follow:
+    if result.state == core.LOST:
         err.print(f"Run {result.run_id} is LOST: its cluster is gone and it saved no result.", markup=False)
-    if follow and result.state == core.LOST:
-        raise ClusterError(f"Run {result.run_id} is lost: its cluster is gone and it saved no result.",
-                           "Rerun it: dvcray run")
     if follow and result.state == "STOPPED":
         raise ExperimentFailed(f"Run {result.run_id} was stopped.", "dvcray runs shows it.")
     if follow and result.state == "FAILED":
