@@ -291,7 +291,7 @@ def submit(opts: RunOptions, cwd: Path, say: Callable[[str], None]) -> Submitted
         options={"force": opts.force, "downstream": opts.downstream, "message": opts.message,
                  "pull": opts.pull, "allow_missing": opts.allow_missing},
         copy_paths=list(opts.copy_paths), git_name=project.identity[0], git_email=project.identity[1],
-        store=store.to_json(), dvcray_version=__version__, created=time.time(),
+        store=store.to_json(), dvcray_version=__version__, created=time.time(), address=address,
     )
     with tempfile.TemporaryDirectory(prefix="dvcray-snapshot-") as tmp:
         folder = Path(tmp)

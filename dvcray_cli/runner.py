@@ -30,6 +30,9 @@ from dvcray_cli.store import REMOTE_NAME, RUNS, Store
 # only refs/exps/XX/SHA/NAME ever leave the cluster.
 INTERNAL_REFS = {"stash", "exec", "celery", "temp", "apply", "runs"}
 LOG_UPLOAD_EVERY_S = 1.0
+# status.json is rewritten this often while the run goes, so a run whose
+# cluster cannot be seen can still be told running from lost.
+HEARTBEAT_EVERY_S = 30.0
 
 
 class Terminated(BaseException):
@@ -46,6 +49,7 @@ class LogTee:
 
     def __init__(self, path: Path, store: Store, rel: str) -> None:
         self.path, self.store, self.rel = path, store, rel
+        self.heartbeat = None  # set by main(): rewrites status.json
         self.real_out = os.dup(1)
         read_fd, write_fd = os.pipe()
         os.dup2(write_fd, 1)
@@ -73,9 +77,13 @@ class LogTee:
             self.uploaded = size
 
     def _upload_loop(self) -> None:
+        last_beat = time.time()
         while not self.stop_upload.wait(LOG_UPLOAD_EVERY_S):
             try:
                 self.upload()
+                if self.heartbeat and time.time() - last_beat >= HEARTBEAT_EVERY_S:
+                    self.heartbeat()
+                    last_beat = time.time()
             except Exception as exc:  # keep running; the final upload reports
                 os.write(self.real_out, f"dvcray: log upload failed: {exc}\n".encode())
 
@@ -190,10 +198,20 @@ def main() -> int:
     timings: dict[str, float] = {}
     repo = None
     ws = work / "repo"
+    status_lock = threading.Lock()
+
+    def beat() -> None:
+        with status_lock:
+            if result.get("ended"):
+                return
+            store.write(f"{rel}/status.json", json.dumps({"state": "RUNNING", "started": started,
+                                                           "node": result["node"],
+                                                           "heartbeat": time.time()}).encode())
+
     try:
         _check_version(manifest.dvcray_version)
-        store.write(f"{rel}/status.json", json.dumps({"state": "RUNNING", "started": started,
-                                                       "node": result["node"]}).encode())
+        beat()
+        tee.heartbeat = beat
         t = time.time()
         dvc_root = snapshot.restore(here, ws, manifest)
         configure_dvc(dvc_root, store)
@@ -241,7 +259,8 @@ def main() -> int:
         # Ignore further SIGTERMs while saving: Ray gives the job a grace period.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _save(repo, ws, store, rel, manifest, result, timings)
-        result["ended"] = time.time()
+        with status_lock:
+            result["ended"] = time.time()
         try:
             store.write(f"{rel}/result.json", json.dumps(result, indent=2, default=str).encode())
             store.write(f"{rel}/status.json", json.dumps({"state": result["status"], "started": started,

@@ -124,7 +124,9 @@ class _Run:
 
     @property
     def address(self) -> str | None:
-        return (self.record or {}).get("address")
+        if self.record:
+            return self.record.get("address")
+        return (self.read("manifest.json") or {}).get("address") or None
 
     def exp_name(self) -> str | None:
         # The record first: it costs no read of the store. The runner's result

@@ -44,6 +44,7 @@ class Manifest:
     store: dict[str, Any] = field(default_factory=dict)  # Store.to_json(): no secrets
     dvcray_version: str = ""
     created: float = 0.0
+    address: str = ""  # the cluster it was submitted to, for clones that have no record of the run
 
     def write(self, folder: Path) -> None:
         (folder / MANIFEST).write_text(json.dumps(asdict(self), indent=2))
