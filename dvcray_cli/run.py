@@ -38,6 +38,8 @@ class RunOptions:
     pull: bool = False
     allow_missing: bool = False
     copy_paths: list[str] = field(default_factory=list)
+    cpus_per_exp: float | None = None  # reserve for each runner: Ray places it where there is room
+    gpus_per_exp: float | None = None
 
 
 @dataclass
@@ -250,8 +252,70 @@ def _read_project(project: Project, opts: RunOptions) -> tuple[Store, bool]:
                          "Fix it until dvc status works, then rerun.") from None
 
 
-def submit(opts: RunOptions, cwd: Path, say: Callable[[str], None]) -> Submitted:
-    """Preflight, then snapshot the workspace and submit the runner as a Ray Job."""
+@dataclass
+class ExpSpec:
+    """One experiment of a run: its run id (its records' folder) and overrides."""
+
+    run_id: str
+    exp_name: str | None
+    overrides: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "exp_name": self.exp_name, "overrides": self.overrides}
+
+
+@dataclass
+class Plan:
+    """What preflight found: everything needed to submit jobs."""
+
+    opts: RunOptions
+    project: Project
+    store: Store
+    address: str
+    client: Any
+    started_cluster: bool
+    experiments: list[ExpSpec]
+    snapshot_dir: Path
+    snapshot_bytes: int = 0
+
+    def manifest(self, job_id: str, specs: list[ExpSpec], jobs: int = 0) -> snapshot.Manifest:
+        opts, project = self.opts, self.project
+        one = specs[0] if len(specs) == 1 else None
+        return snapshot.Manifest(
+            run_id=one.run_id if one else job_id, baseline=project.baseline, subdir=project.subdir,
+            exp_name=one.exp_name if one else None, overrides=list(one.overrides) if one else [],
+            targets=list(opts.targets),
+            options={"force": opts.force, "downstream": opts.downstream, "message": opts.message,
+                     "pull": opts.pull, "allow_missing": opts.allow_missing},
+            copy_paths=list(opts.copy_paths), git_name=project.identity[0], git_email=project.identity[1],
+            store=self.store.to_json(), dvcray_version=__version__, created=time.time(), address=self.address,
+            experiments=[] if one else [s.to_json() for s in specs], jobs=jobs,
+        )
+
+
+def expand(opts: RunOptions, project: Project) -> list[ExpSpec]:
+    """One experiment per combination of a sweep (DVC's own sweep parser); names
+    NAME-1..NAME-k as DVC gives them. Every name is checked free."""
+    from dvc.utils.hydra import get_hydra_sweeps
+
+    grouped = params.check(project.dvc_root, opts.overrides)
+    base = new_run_id()
+    if not params.is_sweep(opts.overrides):
+        check_exp_name(project, opts.exp_name, opts.force)
+        return [ExpSpec(base, opts.exp_name, list(opts.overrides))]
+    combos = get_hydra_sweeps(grouped)
+    specs = []
+    for i, combo in enumerate(combos, 1):
+        overrides = [ov if path == "params.yaml" else f"{path}:{ov}" for path, ovs in combo.items() for ov in ovs]
+        params.check(project.dvc_root, overrides)
+        name = f"{opts.exp_name}-{i}" if opts.exp_name else None
+        check_exp_name(project, name, opts.force)
+        specs.append(ExpSpec(f"{base}-{i}", name, overrides))
+    return specs
+
+
+def prepare(opts: RunOptions, cwd: Path, say: Callable[[str], None], snapshot_dir: Path) -> Plan:
+    """Preflight (every check before anything is submitted), then snapshot the workspace."""
     import concurrent.futures
 
     known = _known_address(opts.address)
@@ -260,12 +324,8 @@ def submit(opts: RunOptions, cwd: Path, say: Callable[[str], None]) -> Submitted
         # Importing Ray's SDK and asking the cluster take a second; do it while
         # DVC reads the project. Its errors surface after DVC's, in the same order.
         early = concurrent.futures.ThreadPoolExecutor(1).submit(connect, known)
-    if params.is_sweep(opts.overrides):
-        raise UsageError("Sweeps (-S key=a,b) are not supported yet: pass one value per key.",
-                         "Run one experiment per value for now.")
     project = find_project(cwd)
-    params.check(project.dvc_root, opts.overrides)
-    check_exp_name(project, opts.exp_name, opts.force)
+    experiments = expand(opts, project)
     store, has_inputs = _read_project(project, opts)
     store.check_writable()
 
@@ -283,43 +343,58 @@ def submit(opts: RunOptions, cwd: Path, say: Callable[[str], None]) -> Submitted
             repo.close()
         if pushed:
             say(f"Pushed {pushed} input file(s) to the store {store.url}.")
+    sizes = snapshot.create(project.git_root, project.dvc_root, snapshot_dir, opts.copy_paths)
+    return Plan(opts, project, store, address, client, started, experiments, snapshot_dir,
+                sum(sizes.values()))
 
-    run_id = new_run_id()
-    manifest = snapshot.Manifest(
-        run_id=run_id, baseline=project.baseline, subdir=project.subdir, exp_name=opts.exp_name,
-        overrides=list(opts.overrides), targets=list(opts.targets),
-        options={"force": opts.force, "downstream": opts.downstream, "message": opts.message,
-                 "pull": opts.pull, "allow_missing": opts.allow_missing},
-        copy_paths=list(opts.copy_paths), git_name=project.identity[0], git_email=project.identity[1],
-        store=store.to_json(), dvcray_version=__version__, created=time.time(), address=address,
-    )
+
+def launch(plan: Plan, job_id: str, specs: list[ExpSpec], jobs: int = 0,
+           num_cpus: float | None = None, num_gpus: float | None = None) -> None:
+    """Submit one Ray Job that runs ``specs`` (one experiment, or a sweep's on one node)."""
+    manifest = plan.manifest(job_id, specs, jobs)
+    folder = plan.snapshot_dir
+    manifest.write(folder)
+    data = (folder / snapshot.MANIFEST).read_bytes()
+    for spec in specs:
+        plan.store.write(plan.store.run_path(spec.run_id, "manifest.json"), data)
+    resources = {}
+    if num_cpus is not None:
+        resources["entrypoint_num_cpus"] = num_cpus
+    if num_gpus is not None:
+        resources["entrypoint_num_gpus"] = num_gpus
+    try:
+        plan.client.submit_job(
+            entrypoint="python -m dvcray_cli.runner",
+            submission_id=job_id,
+            runtime_env={
+                "working_dir": os.fspath(folder),
+                "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S), "PYTHONUNBUFFERED": "1"},
+            },
+            metadata={"dvcray_version": __version__, "baseline": plan.project.baseline, "run_id": job_id,
+                      "exp_name": ",".join(s.exp_name or "" for s in specs)},
+            **resources,
+        )
+    except Exception as exc:
+        raise ClusterError(f"Could not submit the run to the cluster at {plan.address}: {exc}",
+                           "Check the cluster: dvcray cluster status") from exc
+    for spec in specs:
+        records.save(plan.project.git_root, {
+            "run_id": spec.run_id, "job_id": job_id, "address": plan.address, "store": plan.store.to_json(),
+            "exp_name": spec.exp_name, "baseline": plan.project.baseline, "submitted": time.time(),
+            "state": "PENDING",
+        })
+
+
+def submit(opts: RunOptions, cwd: Path, say: Callable[[str], None]) -> Submitted:
+    """Preflight, then snapshot the workspace and submit one experiment as a Ray Job."""
+    if params.is_sweep(opts.overrides):
+        raise UsageError("A sweep runs through run_sweep, not submit.")
     with tempfile.TemporaryDirectory(prefix="dvcray-snapshot-") as tmp:
-        folder = Path(tmp)
-        sizes = snapshot.create(project.git_root, project.dvc_root, folder, opts.copy_paths)
-        manifest.write(folder)
-        store.write(store.run_path(run_id, "manifest.json"), (folder / snapshot.MANIFEST).read_bytes())
-        try:
-            client.submit_job(
-                entrypoint="python -m dvcray_cli.runner",
-                submission_id=run_id,
-                runtime_env={
-                    "working_dir": os.fspath(folder),
-                    "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S),
-                                 "PYTHONUNBUFFERED": "1"},
-                },
-                metadata={"dvcray_version": __version__, "exp_name": opts.exp_name or "",
-                          "baseline": project.baseline, "run_id": run_id},
-            )
-        except Exception as exc:
-            raise ClusterError(f"Could not submit the run to the cluster at {address}: {exc}",
-                               "Check the cluster: dvcray cluster status") from exc
-    sub = Submitted(run_id, address, store, opts.exp_name, project.baseline, started, sum(sizes.values()),
-                    client)
-    records.save(project.git_root, {
-        "run_id": run_id, "address": address, "store": store.to_json(), "exp_name": opts.exp_name,
-        "baseline": project.baseline, "submitted": time.time(), "state": "PENDING",
-    })
-    return sub
+        plan = prepare(opts, cwd, say, Path(tmp))
+        spec = plan.experiments[0]
+        launch(plan, spec.run_id, [spec], num_cpus=opts.cpus_per_exp, num_gpus=opts.gpus_per_exp)
+    return Submitted(spec.run_id, plan.address, plan.store, spec.exp_name, plan.project.baseline,
+                     plan.started_cluster, plan.snapshot_bytes, plan.client)
 
 
 # --------------------------------------------------------------------------- follow

@@ -47,8 +47,12 @@ class LogTee:
     """Send this process's fd 1 and 2 (and so every stage's output) both to the
     job log and to a file that is uploaded to the store while it grows."""
 
-    def __init__(self, path: Path, store: Store, rel: str) -> None:
+    def __init__(self, path: Path, store: Store, rel: str, prefix: str = "") -> None:
         self.path, self.store, self.rel = path, store, rel
+        # In a sweep, experiments share one job log: each line there starts
+        # with "[NAME] ". The experiment's own log in the store stays plain.
+        self.prefix = prefix.encode()
+        self.partial = b""
         self.heartbeat = None  # set by main(): rewrites status.json
         self.real_out = os.dup(1)
         read_fd, write_fd = os.pipe()
@@ -67,8 +71,18 @@ class LogTee:
 
     def _pump(self, fd: int) -> None:
         while chunk := os.read(fd, 65536):
-            os.write(self.real_out, chunk)
             self.file.write(chunk)
+            if not self.prefix:
+                os.write(self.real_out, chunk)
+                continue
+            lines = (self.partial + chunk).split(b"\n")
+            self.partial = lines.pop()
+            if lines:
+                # One write per line: lines of experiments running at once do not interleave.
+                for line in lines:
+                    os.write(self.real_out, self.prefix + line + b"\n")
+        if self.partial:
+            os.write(self.real_out, self.prefix + self.partial + b"\n")
 
     def upload(self) -> None:
         size = self.path.stat().st_size
@@ -175,15 +189,59 @@ def _check_version(client_version: str) -> None:
 
 
 def main() -> int:
+    """Run the manifest's experiment, or a sweep's experiments side by side."""
     here = Path.cwd()
     manifest = snapshot.Manifest.read(here)
+    specs = manifest.experiments or [
+        {"run_id": manifest.run_id, "exp_name": manifest.exp_name, "overrides": manifest.overrides}]
+    if len(specs) == 1:
+        return run_experiment(here, manifest, specs[0])
+    return _run_many(here, manifest, specs)
+
+
+def _run_many(here: Path, manifest, specs: list[dict[str, Any]]) -> int:
+    """One process per experiment, forked after DVC is imported, so a sweep pays
+    for one interpreter and one import of DVC (DESIGN.md: the runner's own CPU
+    is what limits a small head). At most ``manifest.jobs`` at once."""
+    import dvc.repo  # noqa: F401 - imported once, shared by the forks
+    import dvc.repo.experiments  # noqa: F401
+
+    # Ray's stop sends SIGTERM to every process of the job: the children save
+    # their own work; this one waits for them.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    limit = max(1, manifest.jobs or len(specs))
+    pending = list(specs)
+    running: dict[int, str] = {}
+    failed = []
+    while pending or running:
+        while pending and len(running) < limit:
+            spec = pending.pop(0)
+            pid = os.fork()
+            if pid == 0:  # the child
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                code = 1
+                try:
+                    code = run_experiment(here, manifest, spec, prefix=f"[{spec['exp_name'] or spec['run_id']}] ")
+                finally:
+                    os._exit(code)
+            running[pid] = spec["run_id"]
+        pid, status = os.wait()
+        run_id = running.pop(pid, None)
+        if run_id and os.waitstatus_to_exitcode(status) != 0:
+            failed.append(run_id)
+    return 1 if failed else 0
+
+
+def run_experiment(here: Path, manifest, spec: dict[str, Any], prefix: str = "") -> int:
+    """Rebuild the workspace, run one experiment, save everything; return an exit code."""
     store = Store.from_json(manifest.store)
-    rel = f"{RUNS}/{manifest.run_id}"
-    work = runner_dir() / "runs" / manifest.run_id
+    run_id, exp_name, overrides = spec["run_id"], spec.get("exp_name"), spec.get("overrides") or []
+    rel = f"{RUNS}/{run_id}"
+    work = runner_dir() / "runs" / run_id
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    tee = LogTee(work / "log.txt", store, f"{rel}/log.txt")
+    tee = LogTee(work / "log.txt", store, f"{rel}/log.txt", prefix)
 
     def _on_term(signum, frame):
         raise Terminated()
@@ -191,7 +249,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _on_term)
     started = time.time()
     result: dict[str, Any] = {
-        "run_id": manifest.run_id, "exp_name": manifest.exp_name, "baseline": manifest.baseline,
+        "run_id": run_id, "exp_name": exp_name, "baseline": manifest.baseline, "overrides": overrides,
         "status": "FAILED", "node": socket.gethostname(), "started": started,
         "dvcray_version": manifest.dvcray_version,
     }
@@ -231,8 +289,8 @@ def main() -> int:
         t = time.time()
         results = repo.experiments.run(
             targets=manifest.targets or None,
-            params=manifest.overrides or None,
-            name=manifest.exp_name,
+            params=overrides or None,
+            name=exp_name,
             message=opts.get("message"),
             force=bool(opts.get("force")),
             downstream=bool(opts.get("downstream")),
@@ -258,7 +316,7 @@ def main() -> int:
     finally:
         # Ignore further SIGTERMs while saving: Ray gives the job a grace period.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _save(repo, ws, store, rel, manifest, result, timings)
+        _save(repo, ws, store, rel, manifest.baseline, exp_name, result, timings)
         with status_lock:
             result["ended"] = time.time()
         try:
@@ -275,7 +333,8 @@ def main() -> int:
     return {"SUCCEEDED": 0, "STOPPED": 143}.get(result["status"], 1)
 
 
-def _save(repo, ws: Path, store: Store, rel: str, manifest, result: dict, timings: dict) -> None:
+def _save(repo, ws: Path, store: Store, rel: str, baseline: str, exp_name: str | None, result: dict,
+          timings: dict) -> None:
     """Push outputs and run-cache, bundle the experiment ref: on success and failure alike."""
     if repo is None:
         return
@@ -290,10 +349,10 @@ def _save(repo, ws: Path, store: Store, rel: str, manifest, result: dict, timing
     result["params"] = collect(repo, "params")
     result["metrics"] = collect(repo, "metrics")
     if result["status"] == "SUCCEEDED":
-        ref = experiment_ref(ws, result.get("exp_sha"), manifest.exp_name)
+        ref = experiment_ref(ws, result.get("exp_sha"), exp_name)
         if ref:
             bundle = ws.parent / "exp.bundle"
-            git("bundle", "create", "-q", os.fspath(bundle), ref, f"^{manifest.baseline}", cwd=ws)
+            git("bundle", "create", "-q", os.fspath(bundle), ref, f"^{baseline}", cwd=ws)
             store.upload(f"{rel}/exp.bundle", bundle)
             result["ref"] = ref
             result["exp_name"] = ref.rsplit("/", 1)[-1]

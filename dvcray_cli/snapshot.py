@@ -45,6 +45,10 @@ class Manifest:
     dvcray_version: str = ""
     created: float = 0.0
     address: str = ""  # the cluster it was submitted to, for clones that have no record of the run
+    # A sweep's experiments sharing this job: [{"run_id", "exp_name", "overrides"}], run
+    # at most `jobs` at once. Empty: the one experiment above.
+    experiments: list[dict[str, Any]] = field(default_factory=list)
+    jobs: int = 0
 
     def write(self, folder: Path) -> None:
         (folder / MANIFEST).write_text(json.dumps(asdict(self), indent=2))

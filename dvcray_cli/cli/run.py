@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from dvcray_cli.cli._common import boundary, err, out, write_json
+from dvcray_cli.cli._common import boundary, err, out, plain_output, write_json
+from dvcray_cli.errors import ExperimentFailed, UsageError
 
 
 def register(app: typer.Typer) -> None:
@@ -25,8 +26,8 @@ def run(
     targets: Annotated[Optional[list[str]], typer.Argument(help="Stages or dvc.yaml files to run (default: all).", show_default=False)] = None,
     exp_name: Annotated[Optional[str], typer.Option("--exp-name", "-n", help="Name of the experiment (DVC makes one up if not given).")] = None,
     set_param: Annotated[Optional[list[str]], typer.Option("--set-param", "-S", metavar="KEY=VALUE", help="Override a parameter, as in dvc exp run -S.")] = None,
-    address: Annotated[Optional[str], typer.Option("--address", help="Ray job API, e.g. http://127.0.0.1:8265 [default: RAY_ADDRESS, the recorded cluster, or a local one]", show_default=False)] = None,
-    store: Annotated[Optional[str], typer.Option("--store", help="Where outputs and run records go: s3://bucket/prefix or a folder [default: the DVC default remote if on S3, else ~/.dvcray/store]", show_default=False)] = None,
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray job API, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS, the recorded cluster, or a local one)", show_default=False)] = None,
+    store: Annotated[Optional[str], typer.Option("--store", help="Where outputs and run records go: s3://bucket/prefix or a folder (default: the DVC default remote if on S3, else ~/.dvcray/store)", show_default=False)] = None,
     detach: Annotated[bool, typer.Option("--detach", help="Submit, print the run id and return.")] = False,
     apply: Annotated[bool, typer.Option("--apply", help="Apply the experiment to your workspace when it succeeds (dvc exp apply).")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout; messages go to stderr.")] = False,
@@ -36,6 +37,9 @@ def run(
     pull: Annotated[bool, typer.Option("--pull", help="Pull missing data and run-cache from the store on the cluster.")] = False,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Skip stages whose only change is missing data.")] = False,
     copy_paths: Annotated[Optional[list[str]], typer.Option("--copy-paths", "-C", help="Also send this ignored or untracked path (repeatable).")] = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="With a sweep: at most this many experiments at once (default: all).", show_default=False)] = None,
+    cpus_per_exp: Annotated[Optional[float], typer.Option("--cpus-per-exp", help="CPUs reserved for each experiment's runner; Ray places it on any node with room.", show_default=False)] = None,
+    gpus_per_exp: Annotated[Optional[float], typer.Option("--gpus-per-exp", help="GPUs reserved for each experiment's runner.", show_default=False)] = None,
     cwd: Annotated[Path, typer.Option("--cwd", hidden=True)] = Path("."),
 ) -> None:
     """Run the pipeline as a DVC experiment on a Ray cluster.
@@ -50,12 +54,20 @@ def run(
     """
     from dvcray_cli import run as core
 
+    from dvcray_cli import params
+
     opts = core.RunOptions(
         targets=targets or [], exp_name=exp_name, overrides=set_param or [], address=address,
         store=store, force=force, downstream=downstream, message=message, pull=pull,
-        allow_missing=allow_missing, copy_paths=copy_paths or [],
+        allow_missing=allow_missing, copy_paths=copy_paths or [], cpus_per_exp=cpus_per_exp,
+        gpus_per_exp=gpus_per_exp,
     )
     where = cwd.resolve()
+    if params.is_sweep(opts.overrides):
+        if detach:
+            raise UsageError("--detach is not supported with a sweep yet: follow it, or run one value at a time.")
+        _sweep(opts, where, jobs, json_, apply)
+        return
     sub = core.submit(opts, where, say=lambda m: err.print(m, markup=False))
     err.print(f"Submitted run [bold]{sub.run_id}[/] to {sub.address}.")
     if detach:
@@ -102,3 +114,86 @@ def _summary(outcome) -> None:
     err.print("  dvc exp show", markup=False)
     if not outcome.applied:
         err.print(f"  dvcray pull {outcome.exp_name} && dvc exp apply {outcome.exp_name}", markup=False)
+
+
+def _sweep(opts, where: Path, jobs: int | None, json_: bool, apply: bool) -> None:
+    """Run a sweep: a live table in a terminal, plain prefixed lines elsewhere."""
+    from dvcray_cli import sweep
+
+    if apply:
+        raise UsageError("--apply takes one experiment: run the sweep, then dvc exp apply the one you want.")
+    plain = plain_output() or json_
+    stream = sys.stderr if json_ else sys.stdout
+    live = None
+
+    def on_line(name: str, text: str) -> None:
+        if plain:
+            stream.write(f"[{name}] {text}\n")
+            stream.flush()
+
+    def on_change(states) -> None:
+        if live is not None:
+            live.update(_live_table(states))
+        elif plain:
+            for st in states:
+                key = (st.name, st.state)
+                if key not in seen:
+                    seen.add(key)
+                    err.print(f"[{st.name}] {st.state}", markup=False)
+
+    seen: set = set()
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        if plain:
+            result = sweep.run_sweep(opts, where, lambda m: err.print(m, markup=False), jobs, on_line, on_change)
+        else:
+            from rich.live import Live
+
+            with Live(_live_table([]), console=err, refresh_per_second=4, transient=False) as live:
+                result = sweep.run_sweep(opts, where, lambda m: live.console.print(m, markup=False), jobs,
+                                         on_line, on_change)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if json_:
+        write_json([o.to_json() for o in result.outcomes])
+    else:
+        _sweep_summary(result)
+    if result.failed:
+        names = ", ".join(o.exp_name or o.run_id for o in result.failed)
+        raise ExperimentFailed(f"{len(result.failed)} of {len(result.outcomes)} experiments failed: {names}.",
+                               "Read one's log with: dvcray logs NAME")
+
+
+def _live_table(states):
+    import time
+
+    from rich.table import Table
+
+    table = Table(show_header=True, header_style="bold")
+    for column in ("experiment", "state", "elapsed", "latest"):
+        table.add_column(column, overflow="ellipsis", no_wrap=True)
+    now = time.time()
+    for st in states:
+        elapsed = f"{(st.ended or now) - st.started:.0f}s" if st.started else ""
+        latest = st.last_line
+        if st.outcome and st.outcome.metrics:
+            first = next(iter(st.outcome.metrics.values()), {})
+            latest = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(first.items())[:3])
+        table.add_row(st.name, st.state, elapsed, latest[:60])
+    return table
+
+
+def _sweep_summary(result) -> None:
+    from rich.table import Table
+
+    from dvcray_cli import sweep
+
+    columns, rows = sweep.table_rows(result.outcomes)
+    table = Table(show_header=True, header_style="bold")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
+    out.print(table)
+    if not result.failed:
+        err.print("Every experiment is in your repo. Next: dvc exp show", markup=False)

@@ -1,0 +1,272 @@
+"""Several experiments at once (a ``-S a=1,2`` sweep), followed by one client.
+
+Where runners are placed by resources (``--cpus-per-exp``/``--gpus-per-exp``),
+each experiment is a Ray Job of its own, at most ``--jobs`` submitted at once.
+Otherwise all of them share one job on the head: each job costs a supervisor
+process and a fresh interpreter, which on a small head is what limits a sweep
+(DESIGN.md); the runner forks one process per experiment after importing DVC.
+
+Each experiment comes back into the repo as soon as its result is in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from dvcray_cli import run as run_mod
+from dvcray_cli.errors import ClusterError, Interrupted, UsageError
+from dvcray_cli.run import ExpSpec, Outcome, Plan, RunOptions, TERMINAL
+
+POLL_S = 0.3
+
+
+@dataclass
+class ExpState:
+    """What the client knows of one experiment while the sweep runs."""
+
+    spec: ExpSpec
+    job_id: str | None = None
+    state: str = "WAITING"  # WAITING (not submitted), PENDING, RUNNING, then a terminal state
+    started: float | None = None
+    ended: float | None = None
+    last_line: str = ""
+    outcome: Outcome | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.exp_name or self.spec.run_id
+
+
+@dataclass
+class SweepResult:
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status != "SUCCEEDED"]
+
+
+class Sweep:
+    """Submit a plan's experiments and follow them to the end from one process."""
+
+    def __init__(self, plan: Plan, jobs: int | None, on_line: Callable[[str, str], None],
+                 on_change: Callable[[list[ExpState]], None]) -> None:
+        self.plan = plan
+        cpus, gpus = plan.opts.cpus_per_exp, plan.opts.gpus_per_exp
+        self.cpus, self.gpus = cpus, gpus
+        self.limit = max(1, jobs) if jobs else len(plan.experiments)
+        self.on_line, self.on_change = on_line, on_change
+        self.states = [ExpState(spec) for spec in plan.experiments]
+        self.placed = cpus is not None or gpus is not None
+        self.jobs: dict[str, list[ExpState]] = {}
+        self.shown: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ submit
+
+    def _submit_next(self) -> None:
+        if not self.placed:
+            if not self.jobs:
+                job_id = self.states[0].spec.run_id.rsplit("-", 1)[0]
+                run_mod.launch(self.plan, job_id, [s.spec for s in self.states], jobs=self.limit)
+                self._started(job_id, self.states)
+            return
+        active = sum(1 for s in self.states if s.state in ("PENDING", "RUNNING"))
+        for state in self.states:
+            if active >= self.limit:
+                break
+            if state.state == "WAITING":
+                run_mod.launch(self.plan, state.spec.run_id, [state.spec], num_cpus=self.cpus, num_gpus=self.gpus)
+                self._started(state.spec.run_id, [state])
+                active += 1
+
+    def _started(self, job_id: str, states: list[ExpState]) -> None:
+        self.jobs[job_id] = states
+        self.shown[job_id] = 0
+        for state in states:
+            state.job_id, state.state, state.started = job_id, "PENDING", time.time()
+        self.on_change(self.states)
+
+    # ------------------------------------------------------------------ logs
+
+    def _emit(self, job_id: str, text: str) -> None:
+        states = self.jobs[job_id]
+        for line in text.splitlines():
+            if len(states) == 1:
+                name, body = states[0].name, line
+            elif line.startswith("[") and "] " in line:
+                name, body = line[1:].split("] ", 1)
+            else:
+                continue  # Ray's own lines about the shared job
+            for state in states:
+                if state.name == name:
+                    state.last_line = body.strip()[:120]
+            self.on_line(name, body)
+
+    async def _tail(self, job_id: str) -> None:
+        client = self.plan.client
+        while True:
+            position = 0
+            try:
+                async for chunk in client.tail_job_logs(job_id):
+                    end = position + len(chunk)
+                    if end > self.shown[job_id]:
+                        self._emit(job_id, chunk[self.shown[job_id] - position:]
+                                   if self.shown[job_id] > position else chunk)
+                        self.shown[job_id] = end
+                    position = end
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                pass  # a dropped connection: reconnect, skip what was shown
+            await asyncio.sleep(0.5)
+
+    # ------------------------------------------------------------------ results
+
+    def _collect(self, state: ExpState, job_status: str) -> bool:
+        """Bring an experiment home once its result is in the store."""
+        store = self.plan.store
+        result = store.read_json(store.run_path(state.spec.run_id, "result.json"))
+        if result is None:
+            if job_status in TERMINAL:
+                state.state = "LOST" if job_status == "SUCCEEDED" else job_status
+                state.outcome = Outcome(run_id=state.spec.run_id, status=state.state, exp_name=state.spec.exp_name,
+                                        error="the runner ended without a result", store=store.url)
+                state.ended = time.time()
+                return True
+            status = store.read_json(store.run_path(state.spec.run_id, "status.json")) or {}
+            if status.get("state") == "RUNNING" and state.state == "PENDING":
+                state.state = "RUNNING"
+                self.on_change(self.states)
+            return False
+        sub = run_mod.Submitted(state.spec.run_id, self.plan.address, store, state.spec.exp_name,
+                                self.plan.project.baseline, client=self.plan.client)
+        state.outcome = run_mod.finish(sub, result.get("status", "FAILED"), self.plan.project.dvc_root)
+        state.state = state.outcome.status
+        state.ended = time.time()
+        return True
+
+    async def _watch(self) -> None:
+        client = self.plan.client
+        lost_since: float | None = None
+        tails: dict[str, asyncio.Task] = {}
+        ended: set[str] = set()
+        try:
+            while True:
+                for job_id in self.jobs:
+                    if job_id not in tails:
+                        tails[job_id] = asyncio.create_task(self._tail(job_id))
+                try:
+                    statuses = {job_id: str((await asyncio.to_thread(client.get_job_status, job_id)).value)
+                                for job_id in self.jobs if job_id not in ended}
+                    lost_since = None
+                except Exception as exc:
+                    lost_since = lost_since or time.time()
+                    if time.time() - lost_since > run_mod.RECONNECT_TIMEOUT_S:
+                        raise ClusterError(f"Lost contact with the cluster at {self.plan.address}: {exc}",
+                                           "The runs may still be going: dvcray runs") from None
+                    await asyncio.sleep(1.0)
+                    continue
+                changed = False
+                for job_id, status in statuses.items():
+                    if status in TERMINAL:  # the last lines, which the tail may not have shown
+                        ended.add(job_id)
+                        try:
+                            logs = await asyncio.to_thread(client.get_job_logs, job_id)
+                            if len(logs) > self.shown[job_id]:
+                                self._emit(job_id, logs[self.shown[job_id]:])
+                                self.shown[job_id] = len(logs)
+                        except Exception:
+                            pass
+                    for state in self.jobs[job_id]:
+                        if state.outcome is None:
+                            if status == "RUNNING" and state.state == "PENDING" and len(self.jobs[job_id]) == 1:
+                                state.state = "RUNNING"
+                                changed = True
+                            if await asyncio.to_thread(self._collect, state, status):
+                                changed = True
+                if changed:
+                    self.on_change(self.states)
+                    await asyncio.to_thread(self._submit_next)
+                # Done when every experiment is home and every job has ended.
+                if all(s.outcome is not None for s in self.states) and ended >= set(self.jobs):
+                    return
+                await asyncio.sleep(POLL_S)
+        finally:
+            for task in tails.values():
+                task.cancel()
+
+    def run(self) -> SweepResult:
+        self._submit_next()
+        try:
+            asyncio.run(self._watch())
+        except KeyboardInterrupt:
+            self._stop_all()
+            raise Interrupted("Interrupted: every experiment of the sweep was stopped.",
+                              "Their logs and what they produced are in the store: dvcray runs") from None
+        return SweepResult([s.outcome for s in self.states if s.outcome is not None])
+
+    def _stop_all(self) -> None:
+        import signal
+
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for job_id in self.jobs:
+                try:
+                    self.plan.client.stop_job(job_id)
+                except Exception:
+                    pass
+            deadline = time.time() + run_mod.STOP_GRACE_S + 10
+            for job_id in self.jobs:
+                while time.time() < deadline:
+                    try:
+                        if str(self.plan.client.get_job_status(job_id).value) in TERMINAL:
+                            break
+                    except Exception:
+                        break
+                    time.sleep(0.3)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def run_sweep(opts: RunOptions, cwd: Path, say: Callable[[str], None], jobs: int | None,
+              on_line: Callable[[str, str], None],
+              on_change: Callable[[list[ExpState]], None]) -> SweepResult:
+    """Preflight, then run every experiment of ``opts`` and bring each home as it ends."""
+    if jobs is not None and jobs < 1:
+        raise UsageError("--jobs must be at least 1.")
+    with tempfile.TemporaryDirectory(prefix="dvcray-snapshot-") as tmp:
+        plan = run_mod.prepare(opts, cwd, say, Path(tmp))
+        say(f"Running {len(plan.experiments)} experiment(s) on {plan.address}"
+            + (f", at most {jobs} at once." if jobs else "."))
+        return Sweep(plan, jobs, on_line, on_change).run()
+
+
+def table_rows(outcomes: list[Outcome]) -> tuple[list[str], list[list[Any]]]:
+    """Columns and rows of the final table: experiment, status, params set, metrics."""
+    param_keys: list[str] = []
+    metric_keys: list[str] = []
+    for o in outcomes:
+        for file, values in o.params.items():
+            for key in values:
+                if f"{key}" not in param_keys:
+                    param_keys.append(key)
+        for file, values in o.metrics.items():
+            for key in values:
+                if key not in metric_keys:
+                    metric_keys.append(key)
+
+    def value(data: dict[str, dict[str, Any]], key: str) -> Any:
+        for values in data.values():
+            if key in values:
+                return values[key]
+        return None
+
+    columns = ["experiment", "status", *metric_keys, *param_keys]
+    rows = [[o.exp_name or o.run_id, o.status, *(value(o.metrics, k) for k in metric_keys),
+             *(value(o.params, k) for k in param_keys)] for o in outcomes]
+    return columns, rows
