@@ -323,8 +323,11 @@ def test_bad_input_is_refused_before_anything_changes(ray_cluster, make_dvc_proj
     r = run_dvcray("run", "-S", "train.lrr=1", "--store", str(store), cwd=root)
     assert r.returncode == 2 and "train.lrr" in r.stderr
 
-    r = run_dvcray("run", "-S", "train.lr=1,2", "--store", str(store), cwd=root)
-    assert r.returncode == 2 and "not supported yet" in r.stderr
+    r = run_dvcray("run", "-S", "train.lr=1,2", "--detach", "--store", str(store), cwd=root)
+    assert r.returncode == 2 and "--detach is not supported with a sweep" in r.stderr
+
+    r = run_dvcray("run", "-S", "train.lrr=1,2", "--store", str(store), cwd=root)
+    assert r.returncode == 2 and "train.lrr" in r.stderr
 
     sh("dvc", "exp", "run", "-q", "-n", "taken", cwd=root)
     before = workspace_state(root)

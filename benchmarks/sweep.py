@@ -1,0 +1,164 @@
+"""A 4-experiment sweep of a 5-second stage: `dvcray run -S x=1,2,3,4` against DVC's queue.
+
+Side by side in one run, alternating, on this machine:
+
+- DVC's queue: `dvc exp run --queue -S x=I` four times, then `dvc queue start -j 4`,
+  timed from the first queue call until the 4 experiment refs exist (watched with
+  `git for-each-ref`, not `dvc queue status`, which costs ~3 s of CPU per call here
+  and would slow what it measures).
+- dvcray: `dvcray run -n NAME -S x=1,2,3,4` against a local Ray head already up
+  (started here in a private HOME, stopped by pid at the end), timed until it
+  exits, i.e. until all 4 experiments are in the repo.
+
+Target (issue 6): never slower than DVC's queue; aim for 0.8 of its wall time.
+
+    python benchmarks/sweep.py [-n 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+
+STAGE = """\
+import json, time, yaml
+x = yaml.safe_load(open("params.yaml"))["x"]
+time.sleep(5)
+json.dump({"y": x * 2}, open("metrics.json", "w"))
+"""
+DVC_YAML = """\
+stages:
+  slow:
+    cmd: python slow.py
+    deps: [slow.py]
+    params: [x]
+    metrics:
+      - metrics.json:
+          cache: false
+"""
+
+
+def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> None:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.decode()[-800:]}")
+
+
+def refs(project: Path, prefix: str) -> int:
+    out = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=project,
+                         capture_output=True, text=True).stdout.split()
+    return sum(1 for r in out if r.rsplit("/", 1)[-1].startswith(prefix))
+
+
+def dvc_queue(project: Path, env: dict[str, str], tag: str) -> float:
+    start = time.perf_counter()
+    for x in (1, 2, 3, 4):
+        sh(["dvc", "exp", "run", "--queue", "-q", "-n", f"{tag}-{x}", "-S", f"x={x}"], project, env)
+    worker = subprocess.Popen(["dvc", "queue", "start", "-j", "4"], cwd=project, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while refs(project, f"{tag}-") < 4:
+        if time.perf_counter() - start > 300:
+            raise SystemExit("DVC's queue did not finish 4 experiments in 300 s")
+        time.sleep(0.1)
+    elapsed = time.perf_counter() - start
+    worker.wait()
+    # The queue's workers stay up until told; stop them so the next round starts clean.
+    subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=project, env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return elapsed
+
+
+def dvcray(project: Path, env: dict[str, str], tag: str, store: Path) -> float:
+    start = time.perf_counter()
+    sh([str(BIN / "dvcray"), "run", "-n", tag, "-S", "x=1,2,3,4", "--store", str(store)], project, env)
+    elapsed = time.perf_counter() - start
+    if refs(project, f"{tag}-") != 4:
+        raise SystemExit(f"dvcray did not bring 4 experiments home for {tag}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=3, help="rounds of each (default 3)")
+    args = parser.parse_args()
+
+    from dvcray_cli import cluster
+
+    tmp = Path(tempfile.mkdtemp(prefix="dvcray-sweep-"))
+    home = tmp / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "RAY_USAGE_STATS_ENABLED": "0", "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "true", "CI": "true",
+           "GIT_AUTHOR_NAME": "Bench", "GIT_AUTHOR_EMAIL": "bench@example.com",
+           "GIT_COMMITTER_NAME": "Bench", "GIT_COMMITTER_EMAIL": "bench@example.com"}
+    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
+        env.pop(var, None)
+    project = tmp / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text("x: 0\n")
+    (project / "slow.py").write_text(STAGE)
+    (project / "dvc.yaml").write_text(DVC_YAML)
+    for cmd in (["git", "init", "-q", "-b", "main"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-q", "-m", "bench"]):
+        sh(cmd, project, env)
+
+    saved = os.environ.copy()
+    os.environ.update(env)
+    try:
+        head = cluster.start_head("bench-sweep", num_cpus=None, temp_dir=tmp / "ray", env=env,
+                                  token_path=home / ".ray" / "auth_token")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    run_env = {**env, "RAY_ADDRESS": head.dashboard_url, "RAY_AUTH_TOKEN": head.token()}
+    store = tmp / "store"
+    times: dict[str, list[float]] = {"DVC queue (`dvc queue start -j 4`)": [], "`dvcray run -S x=1,2,3,4`": []}
+    try:
+        sh([str(BIN / "dvcray"), "run", "-n", "warm", "-S", "x=0", "--store", str(store)], project, run_env)
+        for i in range(args.n):
+            times["DVC queue (`dvc queue start -j 4`)"].append(dvc_queue(project, env, f"q{i}"))
+            times["`dvcray run -S x=1,2,3,4`"].append(dvcray(project, run_env, f"r{i}", store))
+    finally:
+        cluster.stop_head(head)
+        subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=project, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    queue = statistics.median(times["DVC queue (`dvc queue start -j 4`)"])
+    rows = ["| how | median (s) | min (s) | max (s) | vs DVC queue |", "|---|---|---|---|---|"]
+    for name, values in times.items():
+        med = statistics.median(values)
+        rows.append(f"| {name} | {med:.2f} | {min(values):.2f} | {max(values):.2f} | {med / queue:.2f}x |")
+    ratio = statistics.median(times["`dvcray run -S x=1,2,3,4`"]) / queue
+    verdict = ("met (aim of 0.8x met too)" if ratio <= 0.8 else "met (never slower), aim of 0.8x not met"
+               if ratio <= 1.0 else "NOT met: slower than DVC's queue")
+    text = "\n".join([
+        f"4 experiments of a 5 s stage, {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} cores, "
+        f"n={args.n} rounds each, alternating; dvcray against a local Ray head already up:",
+        "",
+        *rows,
+        "",
+        f"Target: never slower than DVC's queue, aim 0.8x: {verdict} ({ratio:.2f}x).",
+    ])
+    print(text)
+    out = HERE / "results" / "sweep.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    main()
