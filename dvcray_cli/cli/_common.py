@@ -15,16 +15,22 @@ from dvcray_cli.errors import DvcrayError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+# In CI no colour unless forced (FORCE_COLOR), and never a live display.
+_ci_style = {"color_system": None, "force_terminal": False} if _in_ci() and not os.environ.get("FORCE_COLOR") else {}
 # Results (tables, --json) go to stdout; messages, progress and errors to stderr.
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, **_ci_style)
+err = Console(stderr=True, highlight=False, soft_wrap=True, **_ci_style)
 
 state = {"verbose": False}
 
 
 def plain_output() -> bool:
     """No spinners or live tables: CI, or stderr is not a terminal."""
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes") or not err.is_terminal
+    return _in_ci() or not err.is_terminal
 
 
 def fail(exc: DvcrayError) -> typer.Exit:

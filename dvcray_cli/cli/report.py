@@ -1,0 +1,55 @@
+"""``dvcray report``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dvcray_cli.cli._common import boundary, out, write_json
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(report)
+
+
+@boundary
+def report(
+    experiments: Annotated[Optional[list[str]], typer.Argument(help="Experiments to show (default: every experiment of HEAD).", show_default=False)] = None,
+    md: Annotated[bool, typer.Option("--md", help="Print a Markdown table (for $GITHUB_STEP_SUMMARY or a PR comment).")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Params and metrics of experiments against their baseline; changed values marked.
+
+    Example:
+
+        dvcray report ci-abc123 --md >> "$GITHUB_STEP_SUMMARY"
+    """
+    from rich.table import Table
+
+    from dvcray_cli import report as core
+
+    result = core.build(Path.cwd(), experiments or None)
+    if json_:
+        write_json(result.to_json())
+        return
+    if md:
+        sys.stdout.write(core.to_markdown(result))
+        return
+    table = Table(title=f"Experiments against {result.baseline.name} ({result.baseline.rev})", header_style="bold")
+    table.add_column("experiment")
+    for kind, name in result.columns:
+        table.add_column(f"{name}\n[dim]{kind}[/]", justify="right")
+    table.add_row(f"{result.baseline.name} (baseline)", *(core._cell(result.baseline.values.get(c)) for c in result.columns))
+    for row in result.experiments:
+        cells = []
+        for column in result.columns:
+            text = core._cell(row.values.get(column))
+            if result.changed(row, column):
+                delta = result.delta(row, column)
+                text = f"[bold yellow]{text}[/]" + (f" ({delta:+.4g})" if delta is not None else "")
+            cells.append(text)
+        table.add_row(row.name, *cells)
+    out.print(table)
