@@ -9,6 +9,7 @@ written to dvclive/train by this (the driver's) process, after training.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -80,6 +81,9 @@ def main() -> None:
     params = load_params()
     cfg = params["train"]
     best = yaml.safe_load(Path("best_params.yaml").read_text())
+    # Ray Train's controller collects each report when it polls the workers, every 2 s by
+    # default, and a worker's next report waits for that: with short epochs, poll faster.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     start_ray()
     import ray
     from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig

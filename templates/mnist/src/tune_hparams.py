@@ -75,6 +75,7 @@ def main() -> None:
                      "momentum": tune.uniform(cfg["momentum"]["low"], cfg["momentum"]["high"])},
         tune_config=tune.TuneConfig(
             metric="accuracy", mode="max", num_samples=cfg["num_samples"],
+            reuse_actors=True,   # a trial starts in the process a finished one leaves: no new start-up
             search_alg=BasicVariantGenerator(random_state=cfg["seed"],
                                              max_concurrent=cfg["max_concurrent_trials"]),
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg["max_epochs"],
