@@ -77,7 +77,7 @@ def _idx_gz(array: np.ndarray) -> bytes:
 def fake_mnist(tmp_path):
     """Tiny MNIST-shaped idx.gz files, served over HTTP on 127.0.0.1.
 
-    Yields (base URL, {params key: {name, checksum}}, arrays).
+    Yields (base URL, data.mnist.files as params.yaml lists them, arrays in that order).
     """
     root = tmp_path / "mirror"
     (root / "mnist").mkdir(parents=True)
@@ -86,14 +86,14 @@ def fake_mnist(tmp_path):
               "train_labels": rng.integers(0, 10, 50, dtype=np.uint8),
               "test_images": rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
               "test_labels": rng.integers(0, 10, 20, dtype=np.uint8)}
-    files = {}
+    files = []
     for i, (key, array) in enumerate(arrays.items()):
         name = f"{key}-idx.gz"
         data = _idx_gz(array)
         (root / "mnist" / name).write_bytes(data)
         # Both kinds of checksum the params accept.
         algorithm = "sha256" if i % 2 else "md5"
-        files[key] = {"name": name, algorithm: hashlib.new(algorithm, data).hexdigest()}
+        files.append({"name": name, algorithm: hashlib.new(algorithm, data).hexdigest()})
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
@@ -116,7 +116,7 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def _use_mirrors(project: Path, mirrors: list[str], files: dict | None = None) -> None:
+def _use_mirrors(project: Path, mirrors: list[str], files: list | None = None) -> None:
     def edit(params):
         params["data"]["source"] = "mnist"
         params["data"]["mnist"]["mirrors"] = mirrors
@@ -162,20 +162,20 @@ def test_prepare_downloads_and_checks_mnist(project, fake_mnist):
     # Train and validation together are the training set, reshuffled.
     train_all = np.concatenate([out["x_train"], out["x_val"]])
     assert sorted(map(bytes, train_all)) == sorted(map(bytes, arrays["train_images"]))
-    for spec in files.values():
+    for spec in files:
         assert (dest / "data/raw" / spec["name"]).is_file()    # kept: a rerun needs no network
 
 
 def test_prepare_rejects_a_wrong_checksum(project, fake_mnist):
     dest, env = project
     url, files, _ = fake_mnist
-    files["train_labels"] = {"name": files["train_labels"]["name"], "md5": "0" * 32}
+    files[1] = {"name": files[1]["name"], "md5": "0" * 32}      # the training labels
     _use_mirrors(dest, [url], files)
     proc = _run([PYTHON, "src/prepare.py"], dest, env, timeout=60)
     assert proc.returncode != 0
-    assert "checksum mismatch" in proc.stderr and files["train_labels"]["name"] in proc.stderr
+    assert "checksum mismatch" in proc.stderr and files[1]["name"] in proc.stderr
     assert "data.source=digits" in proc.stderr
-    assert not (dest / "data/raw" / files["train_labels"]["name"]).exists()
+    assert not (dest / "data/raw" / files[1]["name"]).exists()
     assert not (dest / "data/prepared/data.npz").exists()
 
 

@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import PREPARED, load_params  # noqa: E402
 
 RAW = Path("data/raw")
+# What the entries of data.mnist.files are, in order.
+MNIST_FILES = ("train_images", "train_labels", "test_images", "test_labels")
 OFFLINE_HINT = ("Offline? Use scikit-learn's bundled digits instead: "
                 "dvc exp run -S data.source=digits (or scaffold with --set data.source=digits).")
 
@@ -36,7 +38,7 @@ def checksum_matches(data: bytes, spec: dict) -> tuple[bool, str]:
         if spec.get(algorithm):
             got = hashlib.new(algorithm, data).hexdigest()
             return got == str(spec[algorithm]).lower(), f"{algorithm} {got}"
-    raise PrepareError(f"data.mnist.files entry for {spec.get('name')} has no sha256 or md5.")
+    raise PrepareError(f"the data.mnist.files entry for {spec.get('name')} has no md5 or sha256.")
 
 
 def fetch(spec: dict, mirrors: list[str], timeout: float) -> bytes:
@@ -86,8 +88,12 @@ def parse_idx(data: bytes, name: str) -> np.ndarray:
 
 def load_mnist(params: dict) -> dict[str, np.ndarray]:
     cfg = params["mnist"]
+    files = cfg["files"]
+    if len(files) != len(MNIST_FILES) or not all(isinstance(f, dict) and f.get("name") for f in files):
+        raise PrepareError("data.mnist.files must list 4 files ({name: ..., md5: ...}): "
+                           "training images, training labels, test images, test labels.")
     arrays = {key: parse_idx(fetch(spec, cfg["mirrors"], cfg["timeout"]), spec["name"])
-              for key, spec in cfg["files"].items()}
+              for key, spec in zip(MNIST_FILES, files)}
     x_train, y_train = arrays["train_images"], arrays["train_labels"].astype(np.int64)
     x_test, y_test = arrays["test_images"], arrays["test_labels"].astype(np.int64)
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):

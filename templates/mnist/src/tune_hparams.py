@@ -46,7 +46,6 @@ def main() -> None:
     params = load_params()
     cfg = params["tune"]
     start_ray()
-    import ray  # noqa: F401
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
