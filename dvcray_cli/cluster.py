@@ -171,7 +171,8 @@ def client_token(address: str | None = None) -> str | None:
     """The token a client sends, in Ray's own order of precedence.
 
     ``RAY_AUTH_TOKEN``, then the file named by ``RAY_AUTH_TOKEN_PATH``, then the
-    token file of a recorded cluster at ``address``, then ``~/.ray/auth_token``.
+    token file of a recorded cluster at ``address`` (local, or AWS through its
+    port-forward), then ``~/.ray/auth_token``.
     """
     if os.environ.get("RAY_AUTH_TOKEN", "").strip():
         return os.environ["RAY_AUTH_TOKEN"].strip()
@@ -185,6 +186,11 @@ def client_token(address: str | None = None) -> str | None:
                 token = _read_token(Path(cluster.token_path))
                 if token:
                     return token
+        from dvcray_cli.aws import token_for_address  # an AWS cluster's forwarded job API
+
+        token = token_for_address(address)
+        if token:
+            return token
     return _read_token(default_token_path())
 
 

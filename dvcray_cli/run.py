@@ -23,6 +23,8 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 STOP_GRACE_S = int(os.environ.get("DVCRAY_STOP_GRACE_S", "60"))
 # How long the client keeps trying to reach a cluster that stopped answering.
 RECONNECT_TIMEOUT_S = float(os.environ.get("DVCRAY_RECONNECT_TIMEOUT_S", "60"))
+# A job status that takes longer than this counts as no answer.
+STATUS_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -189,12 +191,16 @@ def push_inputs(repo) -> int:
 # --------------------------------------------------------------------------- cluster
 
 def _known_address(explicit: str | None) -> str | None:
-    """``--address``, ``RAY_ADDRESS`` or the recorded local cluster; None if a
-    cluster would have to be started."""
+    """``--address``, ``RAY_ADDRESS``, this repo's AWS cluster (through its
+    port-forward) or the recorded local cluster; None if a cluster would have
+    to be started."""
     if explicit or os.environ.get("RAY_ADDRESS"):
         return explicit or os.environ["RAY_ADDRESS"]
-    from dvcray_cli import cluster
+    from dvcray_cli import aws, cluster
 
+    in_aws = aws.recorded_address(Path.cwd())
+    if in_aws:
+        return in_aws
     current = cluster.recorded("local")
     return current.dashboard_url if current else None
 
@@ -277,6 +283,7 @@ class Plan:
     experiments: list[ExpSpec]
     snapshot_dir: Path
     snapshot_bytes: int = 0
+    placement: Any = None  # placement.Placement: how runners are submitted (--cpus-per-exp ...)
 
     def manifest(self, job_id: str, specs: list[ExpSpec], jobs: int = 0) -> snapshot.Manifest:
         opts, project = self.opts, self.project
@@ -335,6 +342,12 @@ def prepare(opts: RunOptions, cwd: Path, say: Callable[[str], None], snapshot_di
         address, started = resolve_address(opts.address, say)
         client = connect(address)
 
+    from dvcray_cli import placement
+
+    where = placement.decide(address, opts.cpus_per_exp, opts.gpus_per_exp, store.is_local, store.url,
+                             len(experiments))
+    if where.note:
+        say(where.note)
     if has_inputs:
         repo = open_repo(project, store)
         try:
@@ -345,23 +358,19 @@ def prepare(opts: RunOptions, cwd: Path, say: Callable[[str], None], snapshot_di
             say(f"Pushed {pushed} input file(s) to the store {store.url}.")
     sizes = snapshot.create(project.git_root, project.dvc_root, snapshot_dir, opts.copy_paths)
     return Plan(opts, project, store, address, client, started, experiments, snapshot_dir,
-                sum(sizes.values()))
+                sum(sizes.values()), where)
 
 
-def launch(plan: Plan, job_id: str, specs: list[ExpSpec], jobs: int = 0,
-           num_cpus: float | None = None, num_gpus: float | None = None) -> None:
-    """Submit one Ray Job that runs ``specs`` (one experiment, or a sweep's on one node)."""
+def launch(plan: Plan, job_id: str, specs: list[ExpSpec], jobs: int = 0, placed: bool = False) -> None:
+    """Submit one Ray Job that runs ``specs`` (one experiment, or a sweep's on one node);
+    ``placed``: with the resources of ``plan.placement`` (``--cpus-per-exp`` ...)."""
     manifest = plan.manifest(job_id, specs, jobs)
     folder = plan.snapshot_dir
     manifest.write(folder)
     data = (folder / snapshot.MANIFEST).read_bytes()
     for spec in specs:
         plan.store.write(plan.store.run_path(spec.run_id, "manifest.json"), data)
-    resources = {}
-    if num_cpus is not None:
-        resources["entrypoint_num_cpus"] = num_cpus
-    if num_gpus is not None:
-        resources["entrypoint_num_gpus"] = num_gpus
+    resources = plan.placement.submit_options() if placed and plan.placement is not None else {}
     try:
         plan.client.submit_job(
             entrypoint="python -m dvcray_cli.runner",
@@ -392,82 +401,160 @@ def submit(opts: RunOptions, cwd: Path, say: Callable[[str], None]) -> Submitted
     with tempfile.TemporaryDirectory(prefix="dvcray-snapshot-") as tmp:
         plan = prepare(opts, cwd, say, Path(tmp))
         spec = plan.experiments[0]
-        launch(plan, spec.run_id, [spec], num_cpus=opts.cpus_per_exp, num_gpus=opts.gpus_per_exp)
+        launch(plan, spec.run_id, [spec], placed=True)
     return Submitted(spec.run_id, plan.address, plan.store, spec.exp_name, plan.project.baseline,
                      plan.started_cluster, plan.snapshot_bytes, plan.client)
 
 
 # --------------------------------------------------------------------------- follow
 
-def follow(client, run_id: str, emit: Callable[[str], None], stop_on_interrupt: bool = True) -> str:
-    """Stream the job's log until the job ends; return its final status.
+class JobLog:
+    """What of a job's log has been shown. Ray sends a job's log from the start
+    on every tail, so after a dropped connection the client reconnects and skips
+    what it has already shown: nothing is lost or repeated."""
 
-    Ray sends a job's log from the start on every tail, so after a dropped
-    connection the client reconnects and skips what it has already shown:
-    nothing is lost or repeated. Ctrl-C (or SIGTERM) stops the job and raises
-    Interrupted once it has ended; with ``stop_on_interrupt=False`` (``dvcray
-    logs --follow``, which only watches) it stops following and leaves the job be.
-    """
-    import asyncio
+    def __init__(self, client, job_id: str, emit: Callable[[str], None]) -> None:
+        self.client, self.job_id, self.emit = client, job_id, emit
+        self.shown = 0
 
-    shown = 0
-
-    def show(text: str, position: int) -> int:
-        nonlocal shown
+    def _show(self, text: str, position: int) -> int:
         end = position + len(text)
-        if end > shown:
-            emit(text[shown - position:] if shown > position else text)
-            shown = end
+        if end > self.shown:
+            self.emit(text[self.shown - position:] if self.shown > position else text)
+            self.shown = end
         return end
 
-    async def tail_once() -> None:
-        position = 0
-        async for chunk in client.tail_job_logs(run_id):
-            position = show(chunk, position)
+    async def tail_forever(self) -> None:
+        import asyncio
 
-    async def poll_status() -> str:
-        # Ray's tail notices the end of a job only after a second of sleep
-        # (LOG_TAIL_SLEEP_S); polling the status ends the wait at once.
-        lost_since: float | None = None
         while True:
+            position = 0
             try:
-                status = str((await asyncio.to_thread(client.get_job_status, run_id)).value)
-                lost_since = None
-            except Exception as exc:
-                lost_since = lost_since or time.time()
-                if time.time() - lost_since > RECONNECT_TIMEOUT_S:
-                    raise ClusterError(
-                        f"Lost contact with the cluster at {client.get_address()} for "
-                        f"{RECONNECT_TIMEOUT_S:.0f}s while following run {run_id}: {exc}",
-                        f"The run may still be going: dvcray runs, dvcray logs {run_id}",
-                    ) from None
-                await asyncio.sleep(1.0)
-                continue
-            if status in TERMINAL:
-                return status
-            await asyncio.sleep(0.2)
-
-    async def tail_forever() -> None:
-        while True:
-            try:
-                await tail_once()
+                async for chunk in self.client.tail_job_logs(self.job_id):
+                    position = self._show(chunk, position)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 pass  # a dropped connection: reconnect and skip what was shown
             await asyncio.sleep(0.5)
 
-    async def main() -> str:
-        tail = asyncio.create_task(tail_forever())
+    async def drain(self) -> None:
+        """Show the last lines, which the tail may not have delivered yet."""
+        import asyncio
+
         try:
-            status = await poll_status()
-        finally:
-            tail.cancel()
-        try:  # the last lines, which the tail may not have delivered yet
-            show(await asyncio.to_thread(client.get_job_logs, run_id), 0)
+            self._show(await asyncio.to_thread(self.client.get_job_logs, self.job_id), 0)
         except Exception:
             pass
-        return status
+
+
+async def _call(func: Callable[..., Any], *args: Any, timeout: float) -> Any:
+    """``func(*args)`` in a daemon thread, given up after ``timeout`` (TimeoutError).
+
+    A dashboard whose GCS died answers a job's status only after the GCS RPC
+    times out (measured: 30 s); a daemon thread left waiting for it does not hold
+    up the exit, as a thread of ``asyncio.to_thread`` would.
+    """
+    import asyncio
+    import threading
+
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():
+            future.set_result(value) if ok else future.set_exception(value)
+
+    def work() -> None:
+        try:
+            outcome = (True, func(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting coroutine
+            outcome = (False, exc)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:
+            pass  # the loop is gone: nobody waits for this any more
+
+    threading.Thread(target=work, daemon=True).start()
+    return await asyncio.wait_for(future, timeout)
+
+
+class StatusWatch:
+    """Ray's tail notices the end of a job only after a second of sleep
+    (LOG_TAIL_SLEEP_S); polling the status ends the wait at once. A cluster
+    that stops answering for RECONNECT_TIMEOUT_S is a ClusterError."""
+
+    def __init__(self, client, hint: str) -> None:
+        self.client, self.hint = client, hint
+        self.lost_since: float | None = None
+
+    async def statuses(self, job_ids) -> dict[str, str] | None:
+        """``{job_id: status}``, or None while the cluster does not answer (wait and ask again)."""
+        import asyncio
+
+        try:
+            found = {j: str((await _call(self.client.get_job_status, j, timeout=STATUS_TIMEOUT_S)).value)
+                     for j in job_ids}
+        except Exception as exc:
+            self.lost_since = self.lost_since or time.time()
+            error = await asyncio.to_thread(lost_contact, self.client.get_address(), list(job_ids), exc,
+                                            self.lost_since)
+            if error is not None:
+                raise error from None
+            await asyncio.sleep(1.0)
+            return None
+        self.lost_since = None
+        return found
+
+
+def lost_contact(address: str, run_ids: list[str], exc: BaseException, since: float) -> ClusterError | None:
+    """The error to end on once the cluster stopped answering; None to keep trying.
+
+    At once when ``address`` is a cluster dvcray started on this machine and its
+    GCS is gone (it died: nothing will come back); otherwise after
+    ``DVCRAY_RECONNECT_TIMEOUT_S`` (default 60) without an answer.
+    """
+    from dvcray_cli import cluster
+
+    runs = ", ".join(run_ids)
+    first = run_ids[0] if len(run_ids) == 1 else "RUN"
+    where = f"Its log up to then is in the store: dvcray logs {first}; dvcray runs shows what became of it."
+    dead = cluster.dead_at(address)
+    if dead is not None:
+        return ClusterError(f"The Ray cluster {dead.name!r} at {address} died during run {runs}: "
+                            "its GCS process is gone, and the run with it.", where)
+    if time.time() - since <= RECONNECT_TIMEOUT_S:
+        return None
+    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else type(exc).__name__
+    return ClusterError(f"Lost contact with the Ray cluster at {address} for {RECONNECT_TIMEOUT_S:.0f} s "
+                        f"while following run {runs} ({reason}). If the cluster died, the run is lost.",
+                        f"The run may still be going if the cluster comes back. {where}")
+
+
+def follow(client, run_id: str, emit: Callable[[str], None], stop_on_interrupt: bool = True) -> str:
+    """Stream the job's log until the job ends; return its final status.
+
+    Ctrl-C (or SIGTERM) stops the job and raises Interrupted once it has ended;
+    with ``stop_on_interrupt=False`` (``dvcray logs --follow``, which only
+    watches) it stops following and leaves the job be.
+    """
+    import asyncio
+
+    log = JobLog(client, run_id, emit)
+    watch = StatusWatch(client, f"The run may still be going: dvcray runs, dvcray logs {run_id}")
+
+    async def main() -> str:
+        tail = asyncio.create_task(log.tail_forever())
+        try:
+            while True:
+                found = await watch.statuses([run_id])
+                if found and found[run_id] in TERMINAL:
+                    break
+                await asyncio.sleep(0.2)
+        finally:
+            tail.cancel()
+        await log.drain()
+        return found[run_id]
 
     try:
         return asyncio.run(main())
@@ -475,25 +562,32 @@ def follow(client, run_id: str, emit: Callable[[str], None], stop_on_interrupt: 
         if not stop_on_interrupt:
             raise Interrupted(f"Stopped following run {run_id}; the run itself goes on.",
                               f"Follow it again: dvcray logs {run_id} --follow") from None
-        _stop_and_wait(client, run_id, emit)
+        stop_jobs(client, [run_id])
         raise Interrupted(f"Interrupted: run {run_id} was stopped.",
                           f"Its log and what it produced are in the store: dvcray logs {run_id}") from None
 
 
-def _stop_and_wait(client, run_id: str, emit: Callable[[str], None]) -> None:
+def stop_jobs(client, job_ids: list[str]) -> None:
+    """Stop jobs and wait until each has ended (the runners save their work first)."""
     import signal
 
-    # A second Ctrl-C while stopping should not leave the job running.
+    # A second Ctrl-C while stopping should not leave a job running.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        client.stop_job(run_id)
+        for job_id in job_ids:
+            try:
+                client.stop_job(job_id)
+            except Exception:
+                pass
         deadline = time.time() + STOP_GRACE_S + 10
-        while time.time() < deadline:
-            if str(client.get_job_status(run_id).value) in TERMINAL:
-                break
-            time.sleep(0.3)
-    except Exception:
-        pass
+        for job_id in job_ids:
+            while time.time() < deadline:
+                try:
+                    if str(client.get_job_status(job_id).value) in TERMINAL:
+                        break
+                except Exception:
+                    break
+                time.sleep(0.3)
     finally:
         signal.signal(signal.SIGINT, previous)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dvcray_cli import run as run_mod
-from dvcray_cli.errors import ClusterError, Interrupted, UsageError
+from dvcray_cli.errors import Interrupted, UsageError
 from dvcray_cli.run import ExpSpec, Outcome, Plan, RunOptions, TERMINAL
 
 POLL_S = 0.3
@@ -57,14 +57,14 @@ class Sweep:
     def __init__(self, plan: Plan, jobs: int | None, on_line: Callable[[str, str], None],
                  on_change: Callable[[list[ExpState]], None]) -> None:
         self.plan = plan
-        cpus, gpus = plan.opts.cpus_per_exp, plan.opts.gpus_per_exp
-        self.cpus, self.gpus = cpus, gpus
         self.limit = max(1, jobs) if jobs else len(plan.experiments)
         self.on_line, self.on_change = on_line, on_change
         self.states = [ExpState(spec) for spec in plan.experiments]
-        self.placed = cpus is not None or gpus is not None
+        self.placed = plan.placement is not None and plan.placement.placed
+        if self.placed and plan.placement.limit:
+            # Runners that held every CPU would wait forever for their stages' tasks (placement.py).
+            self.limit = min(self.limit, plan.placement.limit)
         self.jobs: dict[str, list[ExpState]] = {}
-        self.shown: dict[str, int] = {}
 
     # ------------------------------------------------------------------ submit
 
@@ -80,13 +80,12 @@ class Sweep:
             if active >= self.limit:
                 break
             if state.state == "WAITING":
-                run_mod.launch(self.plan, state.spec.run_id, [state.spec], num_cpus=self.cpus, num_gpus=self.gpus)
+                run_mod.launch(self.plan, state.spec.run_id, [state.spec], placed=True)
                 self._started(state.spec.run_id, [state])
                 active += 1
 
     def _started(self, job_id: str, states: list[ExpState]) -> None:
         self.jobs[job_id] = states
-        self.shown[job_id] = 0
         for state in states:
             state.job_id, state.state, state.started = job_id, "PENDING", time.time()
         self.on_change(self.states)
@@ -106,24 +105,6 @@ class Sweep:
                 if state.name == name:
                     state.last_line = body.strip()[:120]
             self.on_line(name, body)
-
-    async def _tail(self, job_id: str) -> None:
-        client = self.plan.client
-        while True:
-            position = 0
-            try:
-                async for chunk in client.tail_job_logs(job_id):
-                    end = position + len(chunk)
-                    if end > self.shown[job_id]:
-                        self._emit(job_id, chunk[self.shown[job_id] - position:]
-                                   if self.shown[job_id] > position else chunk)
-                        self.shown[job_id] = end
-                    position = end
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                pass  # a dropped connection: reconnect, skip what was shown
-            await asyncio.sleep(0.5)
 
     # ------------------------------------------------------------------ results
 
@@ -151,37 +132,26 @@ class Sweep:
         return True
 
     async def _watch(self) -> None:
-        client = self.plan.client
-        lost_since: float | None = None
+        watch = run_mod.StatusWatch(self.plan.client, "The runs may still be going: dvcray runs")
+        logs: dict[str, run_mod.JobLog] = {}
         tails: dict[str, asyncio.Task] = {}
         ended: set[str] = set()
         try:
             while True:
                 for job_id in self.jobs:
-                    if job_id not in tails:
-                        tails[job_id] = asyncio.create_task(self._tail(job_id))
-                try:
-                    statuses = {job_id: str((await asyncio.to_thread(client.get_job_status, job_id)).value)
-                                for job_id in self.jobs if job_id not in ended}
-                    lost_since = None
-                except Exception as exc:
-                    lost_since = lost_since or time.time()
-                    if time.time() - lost_since > run_mod.RECONNECT_TIMEOUT_S:
-                        raise ClusterError(f"Lost contact with the cluster at {self.plan.address}: {exc}",
-                                           "The runs may still be going: dvcray runs") from None
-                    await asyncio.sleep(1.0)
+                    if job_id not in logs:
+                        logs[job_id] = run_mod.JobLog(self.plan.client, job_id,
+                                                      lambda text, j=job_id: self._emit(j, text))
+                        tails[job_id] = asyncio.create_task(logs[job_id].tail_forever())
+                statuses = await watch.statuses([j for j in self.jobs if j not in ended])
+                if statuses is None:
                     continue
                 changed = False
                 for job_id, status in statuses.items():
-                    if status in TERMINAL:  # the last lines, which the tail may not have shown
+                    if status in TERMINAL:
                         ended.add(job_id)
-                        try:
-                            logs = await asyncio.to_thread(client.get_job_logs, job_id)
-                            if len(logs) > self.shown[job_id]:
-                                self._emit(job_id, logs[self.shown[job_id]:])
-                                self.shown[job_id] = len(logs)
-                        except Exception:
-                            pass
+                        tails[job_id].cancel()
+                        await logs[job_id].drain()
                     for state in self.jobs[job_id]:
                         if state.outcome is None:
                             if status == "RUNNING" and state.state == "PENDING" and len(self.jobs[job_id]) == 1:
@@ -205,33 +175,10 @@ class Sweep:
         try:
             asyncio.run(self._watch())
         except KeyboardInterrupt:
-            self._stop_all()
+            run_mod.stop_jobs(self.plan.client, list(self.jobs))
             raise Interrupted("Interrupted: every experiment of the sweep was stopped.",
                               "Their logs and what they produced are in the store: dvcray runs") from None
         return SweepResult([s.outcome for s in self.states if s.outcome is not None])
-
-    def _stop_all(self) -> None:
-        import signal
-
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            for job_id in self.jobs:
-                try:
-                    self.plan.client.stop_job(job_id)
-                except Exception:
-                    pass
-            deadline = time.time() + run_mod.STOP_GRACE_S + 10
-            for job_id in self.jobs:
-                while time.time() < deadline:
-                    try:
-                        if str(self.plan.client.get_job_status(job_id).value) in TERMINAL:
-                            break
-                    except Exception:
-                        break
-                    time.sleep(0.3)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
 
 def run_sweep(opts: RunOptions, cwd: Path, say: Callable[[str], None], jobs: int | None,
               on_line: Callable[[str, str], None],

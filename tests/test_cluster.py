@@ -88,7 +88,7 @@ def test_unsupported_cluster_is_a_usage_error(config):
     assert not (cluster.records_dir() / f"{config}.json").exists()
 
 
-@pytest.mark.parametrize("args", [("up", "aws"), ("down", "nope")])
+@pytest.mark.parametrize("args", [("up", "nope"), ("down", "nope")])
 def test_unsupported_cluster_exits_2(args):
     proc = run_dvcray("cluster", *args)
     assert proc.returncode == 2, proc.stderr

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Annotated, Iterator
+from typing import Annotated, Iterator, Optional
 
 import typer
 
@@ -33,19 +33,41 @@ def _working(message: str) -> Iterator[None]:
 
 
 @boundary
-def up(config: ConfigArg = "local") -> None:
+def up(
+    config: ConfigArg = "local",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the plan (and, for AWS, the cost); create nothing.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before creating cloud resources.")] = False,
+    idle_timeout: Annotated[Optional[str], typer.Option("--idle-timeout", metavar="DURATION", help="Take the whole cluster down after this long with no dvcray run, e.g. 30m, 90s, 1h; 0 = never. Default: 60m on AWS, never for local.", show_default=False)] = None,
+) -> None:
     """Start a Ray cluster and wait until it takes jobs; a no-op if it already runs.
 
     The local cluster runs on this machine with token authentication on; its
-    dashboard and job API listen on 127.0.0.1 only.
+    dashboard and job API listen on 127.0.0.1 only. `aws` and `aws-gpu` (or a
+    YAML file whose provider is aws) start a cluster on AWS through Ray's
+    cluster launcher: run `--dry-run` first to see the plan and its cost.
 
     Example:
 
-        dvcray cluster up local
+        dvcray cluster up local --idle-timeout 30m
+        dvcray cluster up aws --dry-run
     """
+    from dvcray_cli import aws
+
+    if aws.is_aws_config(config):
+        from dvcray_cli.cli import cluster_aws
+
+        cluster_aws.up(config, dry_run=dry_run, yes=yes, idle_timeout=idle_timeout)
+        return
     from dvcray_cli import cluster as core
+    from dvcray_cli import idle
 
     name = core.check_name(config)
+    timeout = idle.parse_duration(idle_timeout) if idle_timeout is not None else None
+    if dry_run:
+        err.print(f"Dry run: would start Ray cluster {name} on this machine unless it runs"
+                  f"{'' if not timeout else f', idle timeout {idle.format_duration(timeout)}'}; nothing was started.",
+                  markup=False)
+        return
     with _working(f"Starting Ray cluster {name} unless it runs (this takes a few seconds)..."):
         cluster, started = core.up(name)
     cpus = f"{cluster.num_cpus:g} CPUs" if cluster.num_cpus else "CPUs unknown"
@@ -53,6 +75,11 @@ def up(config: ConfigArg = "local") -> None:
         err.print(f"Started Ray cluster [bold]{cluster.name}[/] ({cpus}).")
     else:
         err.print(f"Ray cluster [bold]{cluster.name}[/] is already running (since {cluster.started_at}); nothing to do.")
+    if timeout is not None:
+        watcher = idle.arm(cluster.name, timeout)
+        if watcher:
+            err.print(f"Idle timeout: {idle.format_duration(timeout)} (it stops itself after that long with no dvcray run).",
+                      markup=False)
     err.print(f"Dashboard and job API: {cluster.dashboard_url}", markup=False)
     err.print(f"Stop it with: dvcray cluster down {cluster.name}", markup=False)
 
@@ -71,11 +98,20 @@ def down(
 
         dvcray cluster down local --yes
     """
+    from dvcray_cli import aws
+
+    if aws.is_aws_config(config):
+        from dvcray_cli.cli import cluster_aws
+
+        cluster_aws.down(config, yes=yes)
+        return
     from dvcray_cli import cluster as core
+    from dvcray_cli import idle
 
     name = core.check_name(config)
     with _working(f"Stopping Ray cluster {name}..."):
         result = core.down(name, yes=yes)
+    idle.disarm(name)
     if result.cluster is None:
         err.print(f"Ray cluster [bold]{result.name}[/] is not running; nothing to stop.")
         return
@@ -88,7 +124,8 @@ def down(
 def status(
     json_: Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")] = False,
 ) -> None:
-    """Show the clusters dvcray started: nodes, CPUs, runs in progress, addresses.
+    """Show the clusters dvcray started: nodes, CPUs, runs in progress, addresses;
+    for AWS clusters, their instances, age and estimated cost so far.
 
     Example:
 
@@ -96,14 +133,27 @@ def status(
     """
     from rich.table import Table
 
+    from dvcray_cli import aws, idle
     from dvcray_cli import cluster as core
+    from dvcray_cli.cli import cluster_aws
 
     clusters = core.status()
+    for c in clusters:
+        watcher = idle.watcher(c["name"])
+        c["idle_timeout_s"] = watcher["timeout_s"] if watcher else None
+    in_aws = aws.status()
     if json_:
-        write_json(clusters)
+        write_json(clusters + in_aws)
         return
+    for note in idle.auto_downs():
+        if not any(c["name"] == note["name"] for c in clusters):
+            err.print(f"Ray cluster {note['name']} was taken down by its idle timeout "
+                      f"({idle.format_duration(note['timeout_s'])} without a dvcray run) at {note['at']}.", markup=False)
     if not clusters:
-        err.print("No Ray cluster is running. Start one with: dvcray cluster up local")
+        if in_aws:
+            cluster_aws.status_rows(in_aws)
+        else:
+            err.print("No Ray cluster is running. Start one with: dvcray cluster up local")
         return
     table = Table("Cluster", "Nodes", "CPUs", "Runs", "Dashboard", "GCS")
     for c in clusters:
@@ -114,3 +164,5 @@ def status(
     for c in clusters:
         if c["error"]:
             err.print(f"{c['name']}: {c['error']}", markup=False)
+    if in_aws:
+        cluster_aws.status_rows(in_aws)

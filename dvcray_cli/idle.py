@@ -1,0 +1,395 @@
+"""Idle auto-down: a watcher that takes a whole cluster down, head included, after
+a period with no dvcray run (DESIGN.md, "Clusters": Ray's autoscaler only ever
+removes workers, never the head).
+
+A run is a Ray job whose metadata has ``dvcray_version`` and whose status is
+PENDING or RUNNING, read through the job API with the cluster's token.
+
+- Local clusters (``dvcray cluster up local --idle-timeout 30m``): the watcher
+  is a small process beside the head, in a session of its own (so it is never
+  one of the cluster's processes), recorded in
+  ``~/.dvcray/clusters/<name>.idle.json`` with its pid. When the time is up it
+  calls ``cluster.down(name)``, which refuses if a run started meanwhile, and
+  leaves ``<name>.idle-down.json`` behind so ``cluster status`` can say what happened.
+- AWS clusters: ``head_start_ray_commands`` start it on the head
+  (``python -m dvcray_cli.idle aws --config ~/ray_bootstrap_config.yaml
+  --timeout N --background``); it terminates every instance tagged with the
+  cluster's name through Ray's node provider, the head last (``aws.terminate_cluster``).
+
+This module imports nothing heavy at the top: ``dvcray --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from dvcray_cli.errors import DvcrayError, UsageError
+
+MARKER = "dvcray_cli.idle"
+DEFAULT_AWS_TIMEOUT_S = 3600.0
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+# --------------------------------------------------------------------------- durations
+
+
+def parse_duration(text: str | float | int | None) -> float:
+    """Seconds in ``text``: ``90s``, ``30m``, ``1h``, ``1h30m``, a bare number of
+    seconds; ``0``, ``off`` or ``none`` turn the watcher off (0).
+
+    Raises:
+        UsageError: anything else.
+    """
+    if text is None:
+        return 0.0
+    if isinstance(text, (int, float)):
+        if text < 0:
+            raise UsageError(f"Invalid duration {text}: it cannot be negative.", "Use e.g. 30m, 90s, 1h.")
+        return float(text)
+    value = text.strip().lower().replace(" ", "")
+    if value in ("0", "off", "none", "never", "no"):
+        return 0.0
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return float(value)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", value)
+    if not parts or "".join(n + u for n, u in parts) != value:
+        raise UsageError(f"Invalid duration {text!r}.", "Use e.g. 30m, 90s, 1h or 1h30m (0 or off: never).")
+    return float(sum(float(n) * _UNITS[u] for n, u in parts))
+
+
+def format_duration(seconds: float) -> str:
+    """``3600`` -> ``1h``, ``5400`` -> ``1h30m``, ``90`` -> ``1m30s``, ``0`` -> ``off``."""
+    if seconds <= 0:
+        return "off"
+    seconds = int(round(seconds))
+    out = ""
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size:
+            out += f"{seconds // size}{unit}"
+            seconds %= size
+    return out
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def watch(is_busy: Callable[[], bool], take_down: Callable[[], bool], still_there: Callable[[], bool],
+          timeout_s: float, poll_s: float, log: Callable[[str], None] = lambda _m: None) -> str:
+    """Wait until the cluster has been idle for ``timeout_s``, then take it down.
+
+    Args:
+        is_busy: True while a dvcray run is pending or running. An exception
+            (job API unreachable) counts as idle: a cluster whose job API stays
+            down for the whole timeout is of no use and still costs money.
+        take_down: takes the cluster down; False when it refused (a run started
+            in the meantime), and the wait starts over.
+        still_there: False once the cluster is gone by other means (``down``).
+        timeout_s: idle seconds before taking it down.
+        poll_s: seconds between checks.
+
+    Returns:
+        ``"down"`` (this watcher took it down) or ``"gone"`` (someone else did).
+    """
+    idle_since = time.monotonic()
+    while True:
+        time.sleep(poll_s)
+        if not still_there():
+            log("cluster gone; watcher exits")
+            return "gone"
+        try:
+            busy = is_busy()
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log(f"job API unreachable ({type(exc).__name__}: {exc}); counted as idle")
+            busy = False
+        now = time.monotonic()
+        if busy:
+            idle_since = now
+            continue
+        if now - idle_since >= timeout_s:
+            log(f"idle for {now - idle_since:.0f}s (timeout {timeout_s:.0f}s): taking the cluster down")
+            if take_down():
+                return "down"
+            log("a run started meanwhile: not taken down")
+            idle_since = time.monotonic()
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _is_watcher(pid: int) -> bool:
+    """``pid`` is a dvcray idle watcher (pids get recycled: never signal a stranger)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[-1].split()[0] if ")" in stat else ""
+    return MARKER in cmdline and state != "Z"
+
+
+def _stop_pid(pid: int, timeout: float = 5.0) -> None:
+    if not _is_watcher(pid):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while _is_watcher(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _is_watcher(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _spawn(args: list[str], log_path: Path) -> int:
+    """Start ``python -m dvcray_cli.idle ARGS`` detached: its own session, no terminal."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen([sys.executable, "-m", MARKER, *args], stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=str(Path.home()), close_fds=True)
+    return proc.pid
+
+
+# --------------------------------------------------------------------------- local clusters
+
+
+def watcher_path(name: str) -> Path:
+    from dvcray_cli.cluster import records_dir
+
+    return records_dir() / f"{name}.idle.json"
+
+
+def note_path(name: str) -> Path:
+    from dvcray_cli.cluster import records_dir
+
+    return records_dir() / f"{name}.idle-down.json"
+
+
+def watcher(name: str) -> dict[str, Any] | None:
+    """The running watcher of the local cluster ``name`` (``{"pid", "timeout_s", ...}``), or None."""
+    record = _read_json(watcher_path(name))
+    if record and _is_watcher(int(record.get("pid", 0))):
+        return record
+    return None
+
+
+def arm(name: str, timeout_s: float, poll_s: float | None = None) -> dict[str, Any] | None:
+    """Start the idle watcher of the running local cluster ``name``, replacing any
+    previous one; ``timeout_s`` 0 only stops the previous one.
+
+    Returns:
+        The watcher's record, or None when off.
+    """
+    disarm(name)
+    note_path(name).unlink(missing_ok=True)
+    if timeout_s <= 0:
+        return None
+    from dvcray_cli import cluster
+
+    current = cluster.recorded(name)
+    if current is None:
+        raise DvcrayError(f"Cluster {name!r} is not running: no idle watcher started.")
+    poll = poll_s if poll_s is not None else _default_poll(timeout_s)
+    args = ["local", "--name", name, "--timeout", f"{timeout_s:g}", "--poll", f"{poll:g}",
+            "--session", str(current.session_id)]
+    pid = _spawn(args, watcher_path(name).with_suffix(".log"))
+    record = {"pid": pid, "timeout_s": timeout_s, "poll_s": poll, "started_at": _now(),
+              "cluster_session": current.session_id}
+    _write_json(watcher_path(name), record)
+    return record
+
+
+def disarm(name: str) -> None:
+    """Stop the idle watcher of the local cluster ``name``, if any (by its recorded pid)."""
+    record = _read_json(watcher_path(name))
+    if record and record.get("pid") and int(record["pid"]) != os.getpid():
+        _stop_pid(int(record["pid"]))
+    watcher_path(name).unlink(missing_ok=True)
+
+
+def auto_downs() -> list[dict[str, Any]]:
+    """Local clusters that their idle watcher took down: ``{"name", "at", "timeout_s"}``."""
+    from dvcray_cli.cluster import records_dir
+
+    folder = records_dir()
+    if not folder.is_dir():
+        return []
+    return [data for data in (_read_json(p) for p in sorted(folder.glob("*.idle-down.json"))) if data]
+
+
+def _default_poll(timeout_s: float) -> float:
+    return max(1.0, min(30.0, timeout_s / 5))
+
+
+def watch_local(name: str, timeout_s: float, poll_s: float, session: int | None = None) -> str:
+    """The watcher's body for a local cluster (``python -m dvcray_cli.idle local``)."""
+    from dvcray_cli import cluster
+    from dvcray_cli.errors import UsageError as _Refused
+
+    state: dict[str, Any] = {"client": None}
+
+    def current() -> cluster.LocalCluster | None:
+        found = cluster.recorded(name)
+        if found is None or (session and found.session_id != session):
+            return None
+        return found
+
+    def still_there() -> bool:
+        return current() is not None
+
+    def is_busy() -> bool:
+        found = current()
+        if found is None:
+            return False
+        if state["client"] is None:
+            state["client"] = cluster.job_client(found.dashboard_url, token=found.token())
+        try:
+            return bool(cluster.active_runs(state["client"]))
+        except Exception:
+            state["client"] = None
+            raise
+
+    def take_down() -> bool:
+        try:
+            result = cluster.down(name, yes=False)
+        except _Refused:
+            return False
+        if result.cluster is not None:
+            _write_json(note_path(name), {"name": name, "at": _now(), "timeout_s": timeout_s,
+                                          "pids": len(result.pids)})
+        return True
+
+    outcome = watch(is_busy, take_down, still_there, timeout_s, poll_s, log=_log)
+    record = _read_json(watcher_path(name))
+    if record and int(record.get("pid", 0)) == os.getpid():
+        watcher_path(name).unlink(missing_ok=True)
+    return outcome
+
+
+# --------------------------------------------------------------------------- AWS (on the head)
+
+
+HEAD_STATE = Path("~/.dvcray")
+HEAD_JOB_API = "http://127.0.0.1:8265"
+
+
+def watch_aws(config_path: Path, timeout_s: float, poll_s: float, job_api: str = HEAD_JOB_API) -> str:
+    """The watcher's body on an AWS head: terminate the cluster after ``timeout_s`` idle."""
+    import yaml
+
+    from dvcray_cli import aws, cluster
+
+    config = yaml.safe_load(Path(config_path).expanduser().read_text())
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(HEAD_STATE.expanduser() / "auth_token")
+    token = Path(token_path).read_text().strip()
+    state: dict[str, Any] = {"client": None}
+
+    def is_busy() -> bool:
+        if state["client"] is None:
+            state["client"] = cluster.job_client(job_api, token=token)
+        try:
+            return bool(cluster.active_runs(state["client"]))
+        except Exception:
+            state["client"] = None
+            raise
+
+    def take_down() -> bool:
+        try:
+            if is_busy():
+                return False
+        except Exception:  # noqa: BLE001 - unreachable counts as idle (see watch)
+            pass
+        ids = aws.terminate_cluster(config["provider"], config["cluster_name"])
+        _log(f"terminated {len(ids)} instance(s): {', '.join(ids)}")
+        return True
+
+    return watch(is_busy, take_down, lambda: True, timeout_s, poll_s, log=_log)
+
+
+def _log(message: str) -> None:
+    sys.stdout.write(f"{_now()} {message}\n")
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m {MARKER}", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="kind", required=True)
+    local = sub.add_parser("local", help="watch a local cluster recorded in ~/.dvcray/clusters")
+    local.add_argument("--name", required=True)
+    local.add_argument("--timeout", required=True)
+    local.add_argument("--poll", type=float)
+    local.add_argument("--session", type=int)
+    remote = sub.add_parser("aws", help="watch the AWS cluster this head belongs to")
+    remote.add_argument("--config", default="~/ray_bootstrap_config.yaml")
+    remote.add_argument("--timeout", default=str(DEFAULT_AWS_TIMEOUT_S))
+    remote.add_argument("--poll", type=float)
+    remote.add_argument("--background", action="store_true",
+                        help="start detached (replacing a previous watcher) and return at once")
+    args = parser.parse_args(argv)
+    try:
+        timeout_s = parse_duration(args.timeout)
+    except UsageError as exc:
+        parser.error(exc.message)
+    poll = args.poll if args.poll else _default_poll(timeout_s)
+    if args.kind == "local":
+        if timeout_s <= 0:
+            return 0
+        watch_local(args.name, timeout_s, poll, args.session)
+        return 0
+    pidfile = HEAD_STATE.expanduser() / "idle.json"
+    if args.background:
+        previous = _read_json(pidfile)
+        if previous and previous.get("pid"):
+            _stop_pid(int(previous["pid"]))
+        pidfile.unlink(missing_ok=True)
+        if timeout_s <= 0:
+            print("dvcray idle watcher: off")
+            return 0
+        pid = _spawn(["aws", "--config", args.config, "--timeout", f"{timeout_s:g}", "--poll", f"{poll:g}"],
+                     HEAD_STATE.expanduser() / "idle.log")
+        _write_json(pidfile, {"pid": pid, "timeout_s": timeout_s, "started_at": _now()})
+        print(f"dvcray idle watcher started (pid {pid}, timeout {format_duration(timeout_s)})")
+        return 0
+    if timeout_s <= 0:
+        return 0
+    watch_aws(Path(args.config), timeout_s, poll)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
