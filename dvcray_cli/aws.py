@@ -114,11 +114,6 @@ class Plan:
     checks: list[Check]
     config: dict[str, Any] = field(repr=False)   # the rendered Ray config
 
-    def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data.pop("config")
-        return data
-
 
 @dataclass
 class Bootstrapped:

@@ -501,3 +501,43 @@ def test_run_finds_the_repos_aws_cluster_and_its_token(aws_project, monkeypatch)
     assert cluster.client_token("http://127.0.0.1:9") == token.read_text()
     assert cluster.client_token("http://127.0.0.1:10") != token.read_text()
     aws.stop_forward(reopened)
+
+
+def test_idle_watcher_on_the_head_terminates_the_whole_cluster(aws_env, tmp_path, monkeypatch):
+    """What ``head_start_ray_commands`` starts on the head: ``python -m dvcray_cli.idle
+    aws --config ~/ray_bootstrap_config.yaml --timeout N --background``. It detaches,
+    replaces a previous watcher, and once idle terminates every instance of the
+    cluster, the head included (no job API answers here: counted as idle)."""
+    from dvcray_cli import idle
+
+    nodes = _fake_nodes("dvcray-idle-test", ["head", "worker"])
+    other = _fake_nodes("dvcray-not-idle", ["head"])
+    config = Path.home() / "ray_bootstrap_config.yaml"
+    config.write_text(yaml.safe_dump({"cluster_name": "dvcray-idle-test",
+                                      "provider": {"type": "aws", "region": "us-east-1"}}))
+    token = Path.home() / ".dvcray" / "auth_token"
+    token.parent.mkdir()
+    token.write_text("not-a-real-token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+
+    def start(timeout: str) -> int:
+        proc = subprocess.run([sys.executable, "-m", "dvcray_cli.idle", "aws", "--config", str(config),
+                               "--timeout", timeout, "--poll", "0.5", "--background"],
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads((token.parent / "idle.json").read_text())["pid"]
+
+    first = start("1h")
+    assert idle._is_watcher(first)
+    second = start("2s")                      # a restart of Ray on the head replaces the watcher
+    assert second != first and not idle._is_watcher(first)
+    deadline = time.monotonic() + 60
+    while set(nodes) & set(inventory()["instances"]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    running = inventory()["instances"]
+    assert not set(nodes) & set(running), (token.parent / "idle.log").read_text()
+    assert other[0] in running
+    while idle._is_watcher(second) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not idle._is_watcher(second), "the watcher exits once it took the cluster down"
+    assert "terminated 2 instance(s)" in (token.parent / "idle.log").read_text()
