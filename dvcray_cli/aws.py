@@ -614,7 +614,8 @@ def node_policies(cluster_name: str, region: str, bucket: str, account: str, wor
       cluster's region; tag them at launch or when they already carry the
       cluster's tag; stop, start and terminate only instances tagged with this
       cluster's name (the idle watcher terminates the head itself this way);
-      pass the worker role to the workers it launches.
+      pass the worker role to the workers it launches; create EC2's spot
+      service-linked role (the first spot request of an account needs it).
     """
     bucket_arn = f"arn:aws:s3:::{bucket}"
     s3 = [
@@ -644,6 +645,10 @@ def node_policies(cluster_name: str, region: str, bucket: str, account: str, wor
          "Resource": "*", "Condition": own_cluster},
         {"Sid": "PassWorkerRole", "Effect": "Allow", "Action": "iam:PassRole",
          "Resource": f"arn:aws:iam::{account}:role/{worker_role}"},
+        # The first spot instance of an account creates EC2's spot service-linked role.
+        {"Sid": "SpotServiceLinkedRole", "Effect": "Allow", "Action": "iam:CreateServiceLinkedRole",
+         "Resource": f"arn:aws:iam::{account}:role/aws-service-role/spot.amazonaws.com/AWSServiceRoleForEC2Spot",
+         "Condition": {"StringLike": {"iam:AWSServiceName": "spot.amazonaws.com"}}},
     ]
     return {"head": {"Version": "2012-10-17", "Statement": s3 + ec2},
             "worker": {"Version": "2012-10-17", "Statement": s3}}
@@ -870,7 +875,7 @@ def ensure_forward(record: AwsCluster, state_dir: Path) -> AwsCluster:
     return record
 
 
-def _wait_job_api(record: AwsCluster, timeout: float) -> None:
+def _wait_job_api(record: AwsCluster, timeout: float, reopen: bool = True) -> None:
     import requests
 
     token = Path(record.token_path).read_text().strip()
@@ -884,6 +889,8 @@ def _wait_job_api(record: AwsCluster, timeout: float) -> None:
         except requests.RequestException:
             pass
         if not _forward_alive(record):
+            if not reopen:
+                break
             time.sleep(2)
             record.forward_pid = start_forward(record.head_ip, record.ssh_user, record.key_path,
                                                record.forward_port)
@@ -1048,8 +1055,8 @@ def down(config: str, cwd: Path, yes: bool = False) -> AwsDown:
     state = repo_root / ".dvcray"
     record = _load(state / "clusters" / f"{cluster_name}.json")
     stopped: list[str] = []
-    if record is not None and _forward_alive(record):
-        stopped = _stop_runs(record, yes, config)
+    if record is not None:
+        stopped = _stop_runs(ensure_forward(record, state), yes, config)
     ids = terminate_cluster(provider_config, cluster_name)
     if record is not None:
         stop_forward(record)
@@ -1062,10 +1069,11 @@ def _stop_runs(record: AwsCluster, yes: bool, config: str) -> list[str]:
     from dvcray_cli import cluster as local
 
     try:
+        _wait_job_api(record, timeout=10, reopen=False)
         client = local.job_client(record.dashboard_url, token=Path(record.token_path).read_text().strip())
         runs = local.active_runs(client)
     except (ClusterError, OSError):
-        return []
+        return []  # the head does not answer (gone, or unreachable): its instances go anyway
     if runs and not yes:
         ids = ", ".join(r["run_id"] for r in runs)
         raise UsageError(f"Cluster {record.name!r} has {len(runs)} run(s) in progress: {ids}.",
