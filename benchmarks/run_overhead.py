@@ -23,14 +23,9 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent
+from _bench import BIN, sh, start_head, workspace, write_result
 
 STAGE = """\
 import json, yaml
@@ -50,15 +45,6 @@ stages:
 """
 
 
-def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.decode()[-800:]}")
-    return elapsed
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=5, help="runs of each (default 5)")
@@ -66,33 +52,9 @@ def main() -> None:
 
     from dvcray_cli import cluster
 
-    tmp = Path(tempfile.mkdtemp(prefix="dvcray-bench-"))
-    home = tmp / "home"
-    home.mkdir()
-    env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "RAY_USAGE_STATS_ENABLED": "0", "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "true",
-           "GIT_AUTHOR_NAME": "Bench", "GIT_AUTHOR_EMAIL": "bench@example.com",
-           "GIT_COMMITTER_NAME": "Bench", "GIT_COMMITTER_EMAIL": "bench@example.com"}
-    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
-        env.pop(var, None)
-    project = tmp / "project"
-    project.mkdir()
-    (project / "params.yaml").write_text("x: 1\n")
-    (project / "double.py").write_text(STAGE)
-    (project / "dvc.yaml").write_text(DVC_YAML)
-    for cmd in (["git", "init", "-q", "-b", "main"], ["dvc", "init", "-q"], ["git", "add", "-A"],
-                ["git", "commit", "-q", "-m", "bench"]):
-        sh(cmd, project, env)
-
-    saved = os.environ.copy()
-    os.environ.update(env)
-    try:
-        head = cluster.start_head("bench", num_cpus=2, temp_dir=tmp / "ray", env=env,
-                                  token_path=home / ".ray" / "auth_token")
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    run_env = {**env, "RAY_ADDRESS": head.dashboard_url, "RAY_AUTH_TOKEN": head.token()}
+    tmp, env, project = workspace("dvcray-bench-", {"params.yaml": "x: 1\n", "double.py": STAGE,
+                                                    "dvc.yaml": DVC_YAML})
+    head, run_env = start_head(tmp, env, "bench", num_cpus=2)
     # The Ray CLI sends the token only in token mode.
     cli_env = {**run_env, "RAY_AUTH_MODE": "token"}
     store = tmp / "store"
@@ -134,10 +96,7 @@ def main() -> None:
         "",
         f"Target: at most 3 s over the local run (median): {verdict} ({over:+.2f} s).",
     ])
-    print(text)
-    out = HERE / "results" / "run_overhead.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(text + "\n")
+    write_result("run_overhead.md", text)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,10 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent
+from _bench import BIN, sh, start_head, workspace, write_result
 
 STAGE = """\
 import json, time, yaml
@@ -49,12 +46,6 @@ stages:
       - metrics.json:
           cache: false
 """
-
-
-def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.decode()[-800:]}")
 
 
 def refs(project: Path, prefix: str) -> int:
@@ -97,33 +88,10 @@ def main() -> None:
 
     from dvcray_cli import cluster
 
-    tmp = Path(tempfile.mkdtemp(prefix="dvcray-sweep-"))
-    home = tmp / "home"
-    home.mkdir()
-    env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "RAY_USAGE_STATS_ENABLED": "0", "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "true", "CI": "true",
-           "GIT_AUTHOR_NAME": "Bench", "GIT_AUTHOR_EMAIL": "bench@example.com",
-           "GIT_COMMITTER_NAME": "Bench", "GIT_COMMITTER_EMAIL": "bench@example.com"}
-    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
-        env.pop(var, None)
-    project = tmp / "project"
-    project.mkdir()
-    (project / "params.yaml").write_text("x: 0\n")
-    (project / "slow.py").write_text(STAGE)
-    (project / "dvc.yaml").write_text(DVC_YAML)
-    for cmd in (["git", "init", "-q", "-b", "main"], ["dvc", "init", "-q"], ["git", "add", "-A"],
-                ["git", "commit", "-q", "-m", "bench"]):
-        sh(cmd, project, env)
-
-    saved = os.environ.copy()
-    os.environ.update(env)
-    try:
-        head = cluster.start_head("bench-sweep", num_cpus=None, temp_dir=tmp / "ray", env=env,
-                                  token_path=home / ".ray" / "auth_token")
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    run_env = {**env, "RAY_ADDRESS": head.dashboard_url, "RAY_AUTH_TOKEN": head.token()}
+    tmp, env, project = workspace("dvcray-sweep-", {"params.yaml": "x: 0\n", "slow.py": STAGE,
+                                                    "dvc.yaml": DVC_YAML})
+    env["CI"] = "true"
+    head, run_env = start_head(tmp, env, "bench-sweep")
     store = tmp / "store"
     times: dict[str, list[float]] = {"DVC queue (`dvc queue start -j 4`)": [], "`dvcray run -S x=1,2,3,4`": []}
     try:
@@ -153,10 +121,7 @@ def main() -> None:
         "",
         f"Target: never slower than DVC's queue, aim 0.8x: {verdict} ({ratio:.2f}x).",
     ])
-    print(text)
-    out = HERE / "results" / "sweep.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(text + "\n")
+    write_result("sweep.md", text)
 
 
 if __name__ == "__main__":

@@ -58,3 +58,14 @@ def identity(cwd: Path) -> tuple[str, str]:
             raise UsageError("No git identity: git needs a name and email to commit.", IDENTITY_HINT)
         values.append(value)
     return values[0], values[1]
+
+
+def dvc_root(start: Path, git_top: Path) -> Path | None:
+    """The nearest folder at or above ``start`` (not above ``git_top``) that holds ``.dvc/``."""
+    probe = start
+    while True:
+        if (probe / ".dvc").is_dir():
+            return probe
+        if probe == git_top or probe.parent == probe:
+            return None
+        probe = probe.parent

@@ -104,7 +104,7 @@ def find_project(start: Path) -> Project:
         raise UsageError("The repository has no commit yet: an experiment needs a baseline.",
                          "Commit your project first: git add -A && git commit -m 'start'")
     identity = gitutil.identity(git_root)
-    dvc_root = _dvc_root(start.resolve(), git_root)
+    dvc_root = gitutil.dvc_root(start.resolve(), git_root)
     if dvc_root is None:
         raise UsageError(f"{start} is not in a DVC project.",
                          "Run dvc init (dvc init --subdir below the git root), then add a stage.")
@@ -116,16 +116,6 @@ def find_project(start: Path) -> Project:
         raise UsageError("This is a shallow clone; DVC experiments need the full history.",
                          "Run: git fetch --unshallow")
     return Project(git_root, dvc_root, head, identity)
-
-
-def _dvc_root(start: Path, git_root: Path) -> Path | None:
-    probe = start
-    while True:
-        if (probe / ".dvc").is_dir():
-            return probe
-        if probe == git_root or probe.parent == probe:
-            return None
-        probe = probe.parent
 
 
 def exp_ref(baseline: str, name: str) -> str:
@@ -321,8 +311,10 @@ def expand(opts: RunOptions, project: Project) -> list[ExpSpec]:
     return specs
 
 
-def prepare(opts: RunOptions, cwd: Path, say: Callable[[str], None], snapshot_dir: Path) -> Plan:
-    """Preflight (every check before anything is submitted), then snapshot the workspace."""
+def prepare(opts: RunOptions, cwd: Path, say: Callable[[str], None], snapshot_dir: Path,
+            jobs: int | None = None) -> Plan:
+    """Preflight (every check before anything is submitted), then snapshot the workspace.
+    ``jobs``: a sweep's ``--jobs``, for the placement of its runners."""
     import concurrent.futures
 
     known = _known_address(opts.address)
@@ -345,7 +337,7 @@ def prepare(opts: RunOptions, cwd: Path, say: Callable[[str], None], snapshot_di
     from dvcray_cli import placement
 
     where = placement.decide(address, opts.cpus_per_exp, opts.gpus_per_exp, store.is_local, store.url,
-                             len(experiments))
+                             len(experiments), jobs)
     if where.note:
         say(where.note)
     if has_inputs:

@@ -162,23 +162,13 @@ def scaffold(name: str, dest: Path | None = None, sets: list[str] | None = None,
         gitutil.git("add", "--", *(rel for rel in files if rel not in ignored), cwd=dest)
         gitutil.git("commit", "-q", "-m", f"Start a DVC + Ray project from dvcray's {name} template",
                     cwd=dest)
-    elif not _in_dvc_repo(dest, root):
+    elif gitutil.dvc_root(dest, root) is None:
         _dvc_init(dest, subdir=dest != root)
         dvc_initialized = True
 
     steps = [s.format(dest=os.path.relpath(dest)) for s in template.next_steps]
     return ScaffoldResult(name, dest, sorted(files), sorted(clashes), created_repo,
                           dvc_initialized, steps)
-
-
-def _in_dvc_repo(dest: Path, git_top: Path) -> bool:
-    probe = dest
-    while True:
-        if (probe / ".dvc").is_dir():
-            return True
-        if probe == git_top or probe.parent == probe:
-            return False
-        probe = probe.parent
 
 
 def _blocked(dest: Path, rel: str) -> bool:

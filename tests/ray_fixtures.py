@@ -21,6 +21,34 @@ _HEAD_ENV_DROP = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RA
                   "RAY_AUTH_MODE", "DVC_STUDIO_TOKEN", "CI")
 
 
+def start_test_head(home: Path, name: str, env: dict[str, str] | None = None, num_cpus: int = 2):
+    """A real head with a HOME and token of its own and nothing inherited from the
+    outer environment but what ``env`` adds (e.g. a node's own AWS credentials).
+    Returns it and its temp dir; stop it with ``cluster.stop_head``."""
+    import os
+
+    from dvcray_cli import cluster
+
+    head_env = {
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_STUDIO_OFFLINE": "true",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        **(env or {}),
+    }
+    temp_dir = Path("/tmp") / f"dvcray-test-{uuid.uuid4().hex[:8]}"
+    with pytest.MonkeyPatch.context() as mp:
+        for var in list(os.environ):
+            if var in _HEAD_ENV_DROP or var.startswith("AWS_"):
+                mp.delenv(var)
+        head = cluster.start_head(name, num_cpus=num_cpus, temp_dir=temp_dir, env=head_env,
+                                  token_path=home / ".ray" / "auth_token")
+    return head, temp_dir
+
+
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
     """One real Ray head (2 CPUs, token auth on) shared by the session; stopped by pid at the end.
@@ -30,25 +58,7 @@ def ray_head(tmp_path_factory):
     """
     from dvcray_cli import cluster
 
-    home = tmp_path_factory.mktemp("ray-head-home")
-    env = {
-        "HOME": str(home),
-        "XDG_CONFIG_HOME": str(home / ".config"),
-        "XDG_CACHE_HOME": str(home / ".cache"),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "DVC_NO_ANALYTICS": "1",
-        "DVC_STUDIO_OFFLINE": "true",
-        "GIT_CONFIG_NOSYSTEM": "1",
-    }
-    temp_dir = Path("/tmp") / f"dvcray-test-{uuid.uuid4().hex[:8]}"
-    with pytest.MonkeyPatch.context() as mp:
-        import os
-
-        for var in list(os.environ):
-            if var in _HEAD_ENV_DROP or var.startswith("AWS_"):
-                mp.delenv(var)
-        head = cluster.start_head("pytest-session", num_cpus=2, temp_dir=temp_dir, env=env,
-                                  token_path=home / ".ray" / "auth_token")
+    head, temp_dir = start_test_head(tmp_path_factory.mktemp("ray-head-home"), "pytest-session")
     try:
         yield head
     finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from pathlib import Path
 
 import boto3
@@ -20,20 +19,10 @@ def s3_head(tmp_path_factory):
     """A head whose nodes have (fake) AWS credentials of their own, as an AWS
     instance profile would give them. The client's credentials never travel."""
     from dvcray_cli import cluster
+    from ray_fixtures import start_test_head
 
-    home = tmp_path_factory.mktemp("s3-head-home")
-    temp_dir = Path("/tmp") / f"dvcray-s3-{uuid.uuid4().hex[:8]}"
-    env = {"HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", "DVC_NO_ANALYTICS": "1",
-           "DVC_STUDIO_OFFLINE": "true", "AWS_ACCESS_KEY_ID": "node-key", "AWS_SECRET_ACCESS_KEY": "node-secret",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    with pytest.MonkeyPatch.context() as mp:
-        import os
-
-        for var in list(os.environ):
-            if var.startswith(("AWS_", "RAY_ADDRESS", "RAY_AUTH")) or var == "DVC_STUDIO_TOKEN":
-                mp.delenv(var)
-        head = cluster.start_head("pytest-s3", num_cpus=2, temp_dir=temp_dir, env=env,
-                                  token_path=home / ".ray" / "auth_token")
+    head, temp_dir = start_test_head(tmp_path_factory.mktemp("s3-head-home"), "pytest-s3", env={
+        "AWS_ACCESS_KEY_ID": "node-key", "AWS_SECRET_ACCESS_KEY": "node-secret", "AWS_DEFAULT_REGION": "us-east-1"})
     try:
         yield head
     finally:

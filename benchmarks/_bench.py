@@ -1,0 +1,70 @@
+"""What the benchmarks share: a private HOME and environment, a small committed
+DVC project, a Ray head started there (and stopped by pid), and result files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+
+
+def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
+    """Run a command; return its wall time; stop the benchmark if it fails."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.decode()[-800:]}")
+    return elapsed
+
+
+def workspace(prefix: str, files: dict[str, str]) -> tuple[Path, dict[str, str], Path]:
+    """A temp folder with a HOME of its own and a committed DVC project of ``files``.
+
+    Returns the folder, the environment to run tools in, and the project.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    home = tmp / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "RAY_USAGE_STATS_ENABLED": "0", "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "true",
+           "GIT_AUTHOR_NAME": "Bench", "GIT_AUTHOR_EMAIL": "bench@example.com",
+           "GIT_COMMITTER_NAME": "Bench", "GIT_COMMITTER_EMAIL": "bench@example.com"}
+    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
+        env.pop(var, None)
+    project = tmp / "project"
+    project.mkdir()
+    for rel, text in files.items():
+        (project / rel).write_text(text)
+    for cmd in (["git", "init", "-q", "-b", "main"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-q", "-m", "bench"]):
+        sh(cmd, project, env)
+    return tmp, env, project
+
+
+def start_head(tmp: Path, env: dict[str, str], name: str, **options):
+    """A local Ray head in ``tmp`` with ``env``'s HOME; returns it and the env that reaches it."""
+    from dvcray_cli import cluster
+
+    saved = os.environ.copy()
+    os.environ.update(env)
+    try:
+        head = cluster.start_head(name, temp_dir=tmp / "ray", env=env,
+                                  token_path=Path(env["HOME"]) / ".ray" / "auth_token", **options)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return head, {**env, "RAY_ADDRESS": head.dashboard_url, "RAY_AUTH_TOKEN": head.token()}
+
+
+def write_result(name: str, text: str) -> None:
+    print(text)
+    out = HERE / "results" / name
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(text + "\n")
