@@ -123,6 +123,13 @@ class _Run:
         return self.read("result.json")
 
     @property
+    def job_id(self) -> str:
+        """The Ray Job that ran it: its own, or the one a sweep's experiments share."""
+        if self.record:
+            return self.record.get("job_id") or self.run_id
+        return (self.read("manifest.json") or {}).get("run_id") or self.run_id
+
+    @property
     def address(self) -> str | None:
         if self.record:
             return self.record.get("address")
@@ -322,17 +329,19 @@ def _info(run: _Run, clusters: _Clusters, fallbacks: list[str], git_root: Path) 
         jobs = clusters.jobs(address)
         if jobs is None:
             continue
-        job = jobs.get(run.run_id)
+        job = jobs.get(run.job_id)
         if job is not None:
             info.address = address
             break
 
     result = run.result
     status = run.read("status.json") or {}
-    if job is not None and _status(job) in ACTIVE:
-        info.state = _status(job)
-    elif result and result.get("status") in TERMINAL:
+    if result and result.get("status") in TERMINAL:
+        # The runner's own word; a job that a sweep's experiments share runs on
+        # after this one has ended.
         info.state = result["status"]
+    elif job is not None and _status(job) in ACTIVE:
+        info.state = _status(job)
     elif job is not None:  # ended without a result: the runner was killed before it could save
         info.state = _status(job)
         info.error = "the runner ended without saving a result"
@@ -479,7 +488,9 @@ def logs(cwd: Path, key: str, emit: Callable[[str], None], follow: bool = False,
             user_emit(text)
 
     clusters = _Clusters()
-    candidates = [run.address] if run.address else _fallback_addresses()
+    # A sweep's experiments share one job whose log holds them all: the store
+    # keeps each one's own log.
+    candidates = ([run.address] if run.address else _fallback_addresses()) if run.job_id == run.run_id else []
     for address in candidates:
         client = clusters.client(address)
         if client is None:
@@ -497,7 +508,7 @@ def logs(cwd: Path, key: str, emit: Callable[[str], None], follow: bool = False,
         result = run.read("result.json") if state in TERMINAL else None
         return LogsResult(run.run_id, (result or {}).get("status", state), "cluster", empty=not shown)
 
-    if run.address:
+    if candidates and run.address:
         why = clusters.errors.get(run.address) or f"The cluster at {run.address} does not know run {run.run_id}"
         note(f"{why.rstrip('.')}: showing the copy of the log in the store.")
     state = _store_log(run, emit, follow)
