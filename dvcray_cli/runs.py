@@ -590,7 +590,7 @@ def stop(cwd: Path, key: str, store: str | None = None, timeout: float | None = 
     for address in addresses:
         try:
             client = run_mod.connect(address)
-            job = client.get_job_info(run.run_id)
+            job = client.get_job_info(run.job_id)
             break
         except ClusterError as exc:
             problems.append(exc.message)
@@ -605,14 +605,16 @@ def stop(cwd: Path, key: str, store: str | None = None, timeout: float | None = 
     started = time.monotonic()
     if state not in TERMINAL:
         say(f"Stopping run {run.run_id}; its runner saves what it has before it ends...")
-        client.stop_job(run.run_id)
+        if run.job_id != run.run_id:
+            say(f"It shares Ray Job {run.job_id} with the other experiments of its sweep: they stop too.")
+        client.stop_job(run.job_id)
         deadline = started + (timeout if timeout is not None else run_mod.STOP_GRACE_S + 15)
         while state not in TERMINAL:
             if time.monotonic() > deadline:
                 raise ClusterError(f"Run {run.run_id} did not end within {deadline - started:.0f}s of being stopped.",
                                    f"Check it: dvcray runs; dvcray logs {run.run_id}")
             time.sleep(0.3)
-            state = _status(client.get_job_info(run.run_id))
+            state = _status(client.get_job_info(run.job_id))
         already = False
     else:
         already = True
