@@ -79,6 +79,7 @@ class NodeTypePlan:
     max_count: int
     instance_profile: str      # the profile's name (or ARN) the nodes get
     managed_profile: bool      # dvcray creates it
+    shape: str = ""            # "2 vCPUs, 8 GiB" (+ GPUs), from EC2
 
 
 @dataclass
@@ -569,6 +570,10 @@ def _check_account(region: str, nodes: list[NodeTypePlan], bucket: str, checks: 
             raise UsageError(f"Instance type {node.instance_type!r} (node type {node.name!r}) is not offered "
                              f"in {region}.", "Fix InstanceType in the config, or pick a region that offers it.")
     checks.append(Check("instance types", True, f"{', '.join(wanted)} offered in {region}"))
+    described = _call("describe instance types", ec2.describe_instance_types, InstanceTypes=wanted)
+    shapes = {d["InstanceType"]: _shape(d) for d in described.get("InstanceTypes", [])}
+    for node in nodes:
+        node.shape = shapes.get(node.instance_type, "")
 
     for image in sorted({n.image_id for n in nodes}):
         users = ", ".join(n.name for n in nodes if n.image_id == image)
@@ -604,6 +609,16 @@ def _check_account(region: str, nodes: list[NodeTypePlan], bucket: str, checks: 
     except Exception as exc:  # noqa: BLE001
         raise _aws_error(exc, f"reach the store bucket {bucket}") from None
     return account
+
+
+def _shape(described: dict[str, Any]) -> str:
+    """``4 vCPUs, 16 GiB, 1 x NVIDIA T4`` from ``describe_instance_types``."""
+    cpus = described.get("VCpuInfo", {}).get("DefaultVCpus")
+    mem = described.get("MemoryInfo", {}).get("SizeInMiB")
+    parts = [f"{cpus} vCPUs" if cpus else "", f"{mem / 1024:g} GiB" if mem else ""]
+    for gpu in described.get("GpuInfo", {}).get("Gpus", []):
+        parts.append(f"{gpu.get('Count', 1)} x {gpu.get('Manufacturer', '')} {gpu.get('Name', 'GPU')}".replace("  ", " "))
+    return ", ".join(p for p in parts if p)
 
 
 def node_policies(cluster_name: str, region: str, bucket: str, account: str, worker_role: str) -> dict[str, Any]:

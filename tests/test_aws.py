@@ -264,7 +264,7 @@ def test_dry_run_creates_nothing_and_prints_the_plan_with_its_cost(aws_project):
     assert not (aws_project / ".dvcray").exists()
     assert not (Path.home() / ".ssh").exists()
     text = proc.stdout
-    for expected in ("us-east-1", "m5.large", "m5.xlarge", "spot", "0-4", "on-demand", "per hour",
+    for expected in ("us-east-1", "m5.large", "m5.xlarge", "spot", "0-4", "on-demand", "per hour", "4 vCPUs, 16 GiB",
                      "estimate", "price table of 2026-11-26", "ami-025d99823a4caad37",
                      "s3://dvcray-test-store/store", "Idle timeout:  1h", "port-forward", "Would create"):
         assert expected in text, f"{expected!r} not in the plan:\n{text}"
@@ -277,6 +277,7 @@ def test_dry_run_gpu_config(aws_project):
     proc = run_dvcray("cluster", "up", "aws-gpu", "--dry-run", "--idle-timeout", "30m", cwd=aws_project)
     assert proc.returncode == 0, proc.stderr
     assert "g4dn.xlarge" in proc.stdout and "30m" in proc.stdout
+    assert "NVIDIA T4" in proc.stdout, proc.stdout
     assert "$0.096 to $1.15 per hour" in proc.stdout, proc.stdout
 
 

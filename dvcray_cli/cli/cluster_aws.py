@@ -25,8 +25,9 @@ def show_plan(p: Any, dry_run: bool) -> None:
     for n in p.node_types:
         count = "1" if n.role == "head" else f"{n.min_count}-{n.max_count}"
         market = "spot" if n.spot else "on-demand"
+        shape = f"{n.shape}; " if n.shape else ""
         extra = ", 0 CPUs for Ray tasks" if n.role == "head" else ""
-        out.print(f"  {n.role.capitalize() + ':':<14} {count} x {n.instance_type} ({market}{extra}), "
+        out.print(f"  {n.role.capitalize() + ':':<14} {count} x {n.instance_type} ({shape}{market}{extra}), "
                   f"image {n.image_id}, node type {n.name}", markup=False)
     out.print(f"  Workers:       at most {p.max_workers}, started by Ray's autoscaler on demand", markup=False)
     cost = p.cost
