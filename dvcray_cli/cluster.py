@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import psutil
     from ray.job_submission import JobSubmissionClient
 
-SUPPORTED = ("local",)
+SUPPORTED = ("local", "local-multinode")
 BUILT_INS = ("local", "local-multinode", "aws", "aws-gpu")
 DEFAULT_GCS_PORT = 6379
 DEFAULT_DASHBOARD_PORT = 8265
@@ -44,6 +44,9 @@ DEFAULT_DASHBOARD_PORT = 8265
 RUN_MARKER = "dvcray_version"
 ACTIVE_JOB_STATES = ("PENDING", "RUNNING")
 START_TIMEOUT_S = 120.0
+# How long `up` waits for an autoscaling cluster's min_workers to join (a fake
+# node joins in about 4 s on an idle machine).
+WORKERS_TIMEOUT_S = 120.0
 UP_HINT = "Start one with: dvcray cluster up local (or check --address / RAY_ADDRESS)."
 
 
@@ -59,6 +62,7 @@ class LocalCluster:
     started_at: str           # ISO 8601, UTC
     num_cpus: float | None    # CPUs of the head as Ray counts them
     session_id: int = 0       # the Unix session its core processes run in (the `ray start` pid)
+    autoscaling_config: str | None = None  # the config the autoscaler runs (local-multinode), in temp_dir
 
     @property
     def gcs_port(self) -> int:
@@ -223,7 +227,8 @@ def _pick_port(preferred: int | None = None, taken: set[int] = frozenset()) -> i
 def start_head(name: str, *, num_cpus: float | None = None, temp_dir: str | Path | None = None,
                gcs_port: int | None = None, dashboard_port: int | None = None,
                env: dict[str, str] | None = None, token_path: str | Path | None = None,
-               timeout: float = START_TIMEOUT_S) -> LocalCluster:
+               timeout: float = START_TIMEOUT_S,
+               autoscaling_config: str | Path | None = None) -> LocalCluster:
     """Start a Ray head on this machine with token auth and wait until its job API answers.
 
     Args:
@@ -235,6 +240,9 @@ def start_head(name: str, *, num_cpus: float | None = None, temp_dir: str | Path
         env: extra environment for the head's processes (and so for its jobs).
         token_path: the auth token file (``~/.ray/auth_token``); created if missing.
         timeout: seconds to wait for the job API.
+        autoscaling_config: a Ray autoscaler YAML for the head's autoscaler
+            (``local-multinode``: the ``fake_multinode`` provider, whose fake
+            nodes are started by the autoscaler on this machine).
 
     Returns:
         The running cluster (not yet recorded: ``up`` records it).
@@ -250,7 +258,7 @@ def start_head(name: str, *, num_cpus: float | None = None, temp_dir: str | Path
     for attempt in range(attempts):
         try:
             return _start_once(name, temp, token_file, num_cpus, gcs_port, dashboard_port, env,
-                               timeout, prefer_defaults=attempt == 0)
+                               timeout, prefer_defaults=attempt == 0, autoscaling_config=autoscaling_config)
         except _PortClash:
             # Another cluster took a port between our check and Ray's bind: pick fresh ones.
             continue
@@ -264,7 +272,8 @@ class _PortClash(Exception):
 
 def _start_once(name: str, temp: Path, token_file: Path, num_cpus: float | None,
                 gcs_port: int | None, dashboard_port: int | None, env: dict[str, str] | None,
-                timeout: float, prefer_defaults: bool) -> LocalCluster:
+                timeout: float, prefer_defaults: bool,
+                autoscaling_config: str | Path | None = None) -> LocalCluster:
     taken: set[int] = set()
     gcs = gcs_port or _pick_port(DEFAULT_GCS_PORT if prefer_defaults else None)
     taken.add(gcs)
@@ -295,8 +304,17 @@ def _start_once(name: str, temp: Path, token_file: Path, num_cpus: float | None,
            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
            "--dashboard-port", str(dash), "--dashboard-agent-listen-port", str(agent_port),
            "--ray-client-server-port", str(client_port), "--temp-dir", str(temp)]
+    resolved_config = None
+    if autoscaling_config:
+        resolved_config, fake = _resolve_autoscaling_config(Path(autoscaling_config), temp, gcs)
+        cmd += ["--autoscaling-config", str(resolved_config)]
+        if fake:
+            # Ray's switch for the fake_multinode provider (ray/scripts/scripts.py).
+            head_env["RAY_FAKE_CLUSTER"] = "1"
+        if num_cpus is None:
+            num_cpus = _head_type_cpus(resolved_config)
     if num_cpus is not None:
-        cmd += ["--num-cpus", str(num_cpus)]
+        cmd += ["--num-cpus", f"{num_cpus:g}"]
 
     logs = temp / "session_latest" / "logs"
     start_log = temp / "dvcray-ray-start.log"
@@ -327,7 +345,8 @@ def _start_once(name: str, temp: Path, token_file: Path, num_cpus: float | None,
     gcs_address = _bootstrap_address(temp) or f"127.0.0.1:{gcs}"
     cluster = LocalCluster(name=name, gcs_address=gcs_address, dashboard_url=f"http://127.0.0.1:{dash}",
                            temp_dir=str(temp), token_path=str(token_file), started_at=_now(),
-                           num_cpus=num_cpus, session_id=session_id)
+                           num_cpus=num_cpus, session_id=session_id,
+                           autoscaling_config=str(resolved_config) if resolved_config else None)
     try:
         _wait_for_job_api(cluster, timeout, logs)
         cluster.num_cpus = _head_cpus(cluster, default=num_cpus)
@@ -335,6 +354,87 @@ def _start_once(name: str, temp: Path, token_file: Path, num_cpus: float | None,
         stop_head(cluster, timeout=5)
         raise
     return cluster
+
+
+def _resolve_autoscaling_config(source: Path, temp: Path, gcs_port: int) -> tuple[Path, bool]:
+    """The autoscaler config as the head will run it, written into the cluster's temp dir.
+
+    For the ``fake_multinode`` provider the fake nodes join ``provider.gcs_address``,
+    or port 6379 of this machine when it is empty, which may be another cluster's
+    (``ray/autoscaler/_private/fake_multi_node/node_provider.py``): it is set to
+    this cluster's own GCS.
+
+    Returns:
+        ``(path, fake)``: ``fake`` when the provider is ``fake_multinode``.
+
+    Raises:
+        UsageError: the YAML cannot be read or is not a mapping with a provider.
+    """
+    import yaml
+
+    try:
+        config = yaml.safe_load(source.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"Cannot read the cluster config {source}: {exc}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("provider"), dict):
+        raise UsageError(f"The cluster config {source} has no provider section.")
+    fake = config["provider"].get("type") == "fake_multinode"
+    if fake and not config["provider"].get("gcs_address"):
+        config["provider"]["gcs_address"] = f"127.0.0.1:{gcs_port}"
+    path = temp / "autoscaling-config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path, fake
+
+
+def _read_config(path: str | Path | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _head_type_cpus(config_path: Path) -> float | None:
+    """The CPUs the config gives the head's node type (``ray start --num-cpus`` must match)."""
+    config = _read_config(config_path)
+    head = (config.get("available_node_types") or {}).get(config.get("head_node_type") or "", {})
+    cpus = (head.get("resources") or {}).get("CPU")
+    return float(cpus) if cpus is not None else None
+
+
+def node_types(cluster: LocalCluster) -> dict[str, dict[str, Any]]:
+    """The worker node types of an autoscaling cluster: ``{type: {resources, min_workers, max_workers}}``."""
+    config = _read_config(cluster.autoscaling_config)
+    head = config.get("head_node_type")
+    return {name: {"resources": dict(t.get("resources") or {}), "min_workers": int(t.get("min_workers") or 0),
+                   "max_workers": int(t.get("max_workers") or 0)}
+            for name, t in (config.get("available_node_types") or {}).items() if name != head}
+
+
+def max_resources(cluster: LocalCluster) -> dict[str, float] | None:
+    """The resources an autoscaling cluster can grow to (head plus every worker at
+    its maximum, capped by the cluster's ``max_workers``); None for a fixed cluster."""
+    config = _read_config(cluster.autoscaling_config)
+    if not config:
+        return None
+    types = config.get("available_node_types") or {}
+    head = types.get(config.get("head_node_type") or "", {})
+    total: dict[str, float] = {k: float(v) for k, v in (head.get("resources") or {}).items()
+                               if isinstance(v, (int, float))}
+    left = int(config.get("max_workers", 10 ** 6))
+    for name, t in types.items():
+        if name == config.get("head_node_type"):
+            continue
+        count = min(int(t.get("max_workers") or 0), left)
+        left -= count
+        for key, value in (t.get("resources") or {}).items():
+            if isinstance(value, (int, float)):
+                total[key] = total.get(key, 0.0) + count * float(value)
+    return total
 
 
 def _bootstrap_address(temp: Path) -> str | None:
@@ -447,11 +547,15 @@ def find_pids(cluster: LocalCluster) -> list[int]:
     entrypoint runs in a session of its own, so descendants are found through the
     process tree, not by name. Processes of other Ray clusters never match: they
     name another temp dir and run in another session.
+
+    A job's entrypoint whose supervisor died with its raylet (a node that died)
+    is no one's descendant any more: it is found by the environment Ray gave it
+    (``_orphaned_jobs``).
     """
     import psutil
 
     procs = _process_iter()
-    found = _core_pids(cluster, procs)
+    found = _core_pids(cluster, procs) | _orphaned_jobs(cluster, procs)
     for pid in list(found):
         try:
             found.update(c.pid for c in psutil.Process(pid).children(recursive=True))
@@ -466,6 +570,27 @@ def find_pids(cluster: LocalCluster) -> list[int]:
         except psutil.Error:
             continue
     return alive
+
+
+def _orphaned_jobs(cluster: LocalCluster, procs: list) -> set[int]:
+    """Processes of this cluster's Ray Jobs, by their environment: Ray gives a job's
+    entrypoint ``RAY_JOB_CONFIG_JSON_ENV_VAR`` and ``RAY_ADDRESS`` (this cluster's
+    GCS), and its children inherit both. Both are needed: a user's shell may
+    well export ``RAY_ADDRESS``, but only Ray's jobs carry the job config."""
+    if not cluster.gcs_address or cluster.gcs_address.endswith(":0"):
+        return set()
+    address = f"RAY_ADDRESS={cluster.gcs_address}\0".encode()
+    found = set()
+    for p in procs:
+        pid = p.info["pid"]
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = b"\0" + f.read()
+        except OSError:
+            continue
+        if b"\0" + address in env and b"\0RAY_JOB_CONFIG_JSON_ENV_VAR=" in env:
+            found.add(pid)
+    return found
 
 
 def is_alive(cluster: LocalCluster) -> bool:
@@ -670,6 +795,65 @@ def list_nodes(address: str, token: str | None = None) -> list[dict[str, Any]]:
     } for n in rows]
 
 
+def autoscaler_status(address: str, token: str | None = None,
+                      alive: list[dict[str, Any]] | None = None,
+                      types: dict[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """What the cluster's autoscaler last reported (one HTTP request to the dashboard,
+    which reads it from the GCS; what ``ray status`` shows). None when the cluster
+    has no autoscaler report (a head without ``--autoscaling-config``).
+
+    Args:
+        address: the job API.
+        alive: the alive nodes (``list_nodes``), to tell launched nodes that have
+            not joined yet from those that have.
+        types: worker node types with their resources (``node_types``), to give
+            pending nodes their resources.
+
+    Returns:
+        ``{"pending": [{"node_type", "state", "resources"}], "waiting": [{"resources",
+        "count"}], "error": str | None}``: nodes launched or being launched that have
+        not joined, and the resource shapes that tasks, actors and jobs wait for.
+    """
+    import requests
+
+    url = _normalize(address)
+    token = token or client_token(url)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        r = requests.get(f"{url}/api/cluster_status", headers=headers, timeout=10)
+    except requests.RequestException as exc:
+        raise ClusterError(f"No Ray cluster answers at {url} ({type(exc).__name__}).", UP_HINT) from None
+    if r.status_code != 200:
+        raise _http_error(url, r.status_code, token)
+    data = (r.json() or {}).get("data") or {}
+    status = data.get("clusterStatus") or {}
+    report = status.get("autoscalerReport") or {}
+    if not report and not data.get("autoscalingError"):
+        return None
+    types = types or {}
+    joined = {str(n.get(k)) for n in (alive or []) for k in ("node_id", "ip") if n.get(k)}
+    pending = []
+    # Launched by the provider but not (yet) a node of Ray. For fake_multinode the
+    # provider's "IP" is the node id (use_node_id_as_ip); elsewhere the node's IP.
+    listed = {str(item[-3]) if len(item) >= 3 else "" for item in report.get("pendingNodes") or []}
+    for ip, node_type in (report.get("nodeTypeMapping") or {}).items():
+        if node_type in types and ip not in joined and ip not in listed:
+            pending.append({"node_type": node_type, "state": "starting",
+                            "resources": types[node_type]["resources"]})
+    for item in report.get("pendingNodes") or []:
+        node_type, state = item[-2], item[-1]
+        pending.append({"node_type": node_type, "state": str(state),
+                        "resources": types.get(node_type, {}).get("resources", {})})
+    for node_type, count in (report.get("pendingLaunches") or {}).items():
+        for _ in range(int(count)):
+            pending.append({"node_type": node_type, "state": "launching",
+                            "resources": types.get(node_type, {}).get("resources", {})})
+    metrics = status.get("loadMetricsReport") or {}
+    waiting = [{"resources": shape, "count": count}
+               for shape, count in (metrics.get("resourceDemand") or []) if isinstance(shape, dict)]
+    return {"pending": pending, "waiting": waiting, "error": data.get("autoscalingError")}
+
+
 def active_runs(client: JobSubmissionClient) -> list[dict[str, Any]]:
     """dvcray's runs that are pending or running on the cluster (jobs tagged ``dvcray_version``)."""
     runs = []
@@ -754,6 +938,23 @@ def recorded(name: str = "local") -> LocalCluster | None:
     return None
 
 
+def recorded_at(address: str) -> LocalCluster | None:
+    """The running cluster recorded on this machine whose job API or GCS is ``address``."""
+    for record in _records():
+        if _same_address(address, record):
+            return recorded(record.name)
+    return None
+
+
+def dead_at(address: str) -> LocalCluster | None:
+    """The cluster recorded on this machine at ``address`` if its GCS is gone (it
+    died, or was stopped by hand); None if it runs or is not one of dvcray's."""
+    for record in _records():
+        if _same_address(address, record) and not is_alive(record):
+            return record
+    return None
+
+
 # --------------------------------------------------------------------------- up / down / status
 
 
@@ -793,13 +994,81 @@ def up(name: str = "local", **start_options: Any) -> tuple[LocalCluster, bool]:
         cluster = recorded(name)
         if cluster is not None:
             return cluster, False
-        cluster = start_head(name, **start_options)
+        cluster = start_head(name, **{**builtin_options(name), **start_options})
         try:
+            if cluster.autoscaling_config:
+                wait_for_workers(cluster)
             _write_record(cluster)
         except BaseException:
             stop_head(cluster, timeout=5)
             raise
     return cluster, True
+
+
+def builtin_options(name: str) -> dict[str, Any]:
+    """``start_head`` options of a built-in cluster."""
+    if name == "local-multinode":
+        from dvcray_cli.resources import cluster_configs_dir
+
+        return {"autoscaling_config": cluster_configs_dir() / "local-multinode.yaml"}
+    return {}
+
+
+def _monitor_running(cluster: LocalCluster) -> bool:
+    import psutil
+
+    for pid in _core_pids(cluster):
+        try:
+            if any(part.endswith("autoscaler/_private/monitor.py") for part in psutil.Process(pid).cmdline()):
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
+def wait_for_workers(cluster: LocalCluster, timeout: float = WORKERS_TIMEOUT_S) -> list[dict[str, Any]]:
+    """Wait until an autoscaling cluster's ``min_workers`` have joined; update ``num_cpus``.
+
+    Returns:
+        The alive nodes.
+
+    Raises:
+        ClusterError: the autoscaler died or reported an error (a key missing from
+            its config kills it while ``ray start`` still succeeds), or the workers
+            did not join in time. Names the autoscaler's log.
+    """
+    want = sum(t["min_workers"] for t in node_types(cluster).values())
+    logs = Path(cluster.temp_dir) / "session_latest" / "logs"
+    deadline = time.monotonic() + timeout
+    alive: list[dict[str, Any]] = []
+    while True:
+        try:
+            alive = [n for n in list_nodes(cluster.dashboard_url, token=cluster.token()) if n["alive"]]
+        except ClusterError:
+            alive = []
+        if sum(not n["is_head"] for n in alive) >= want:
+            cluster.num_cpus = sum(n["resources"].get("CPU", 0) for n in alive)
+            return alive
+        error = None
+        if not _monitor_running(cluster):
+            error = "Ray's autoscaler exited"
+        else:
+            error = (autoscaler_status(cluster.dashboard_url, token=cluster.token()) or {}).get("error")
+        if error or time.monotonic() > deadline:
+            tail = _tail(logs / "monitor.err", 3)
+            raise ClusterError(
+                f"{error or f'The autoscaler did not start {want} worker node(s) within {timeout:.0f} s'}"
+                f" (cluster {cluster.name!r}). Its log: {logs / 'monitor.err'}" + (f"\n{tail}" if tail else ""),
+                "A key missing from the cluster config stops the autoscaler: compare it with the built-in one.")
+        time.sleep(1.0)
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        text = path.read_text(errors="replace").strip()
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def down(name: str = "local", yes: bool = False) -> DownResult:
@@ -817,6 +1086,16 @@ def down(name: str = "local", yes: bool = False) -> DownResult:
 
 
 def _down(name: str, yes: bool) -> DownResult:
+    try:
+        record = LocalCluster.from_json(json.loads(record_path(name).read_text()))
+    except (OSError, ValueError, TypeError):
+        record = None
+    if record is not None and not is_alive(record):
+        # It died (its GCS is gone): what is left of it (dashboard, autoscaler,
+        # workers, runners) is stopped all the same.
+        pids = stop_head(record)
+        _remove_record(name)
+        return DownResult(name, record if pids else None, pids, [])
     cluster = recorded(name)
     if cluster is None:
         return DownResult(name, None, [], [])
@@ -875,11 +1154,18 @@ def status() -> list[dict[str, Any]]:
             "name": cluster.name, "alive": True, "gcs_address": cluster.gcs_address,
             "dashboard_url": cluster.dashboard_url, "temp_dir": cluster.temp_dir,
             "started_at": cluster.started_at, "nodes": [], "cpus": None, "runs": [], "error": None,
+            "autoscaling": bool(cluster.autoscaling_config), "pending": [], "waiting": [],
         }
         try:
             nodes = list_nodes(cluster.dashboard_url, token=cluster.token())
             entry["nodes"] = [n for n in nodes if n["alive"]]
             entry["cpus"] = sum(n["resources"].get("CPU", 0) for n in entry["nodes"])
+            if cluster.autoscaling_config:
+                entry["max_resources"] = max_resources(cluster)
+                report = autoscaler_status(cluster.dashboard_url, token=cluster.token(),
+                                           alive=entry["nodes"], types=node_types(cluster)) or {}
+                entry["pending"], entry["waiting"] = report.get("pending", []), report.get("waiting", [])
+                entry["autoscaler_error"] = report.get("error")
             entry["runs"] = active_runs(job_client(cluster.dashboard_url, token=cluster.token()))
         except ClusterError as exc:
             entry["error"] = exc.message

@@ -266,8 +266,15 @@ class _Clusters:
         if not address:
             return None
         if address not in self._clients:
+            from dvcray_cli import cluster
             from dvcray_cli import run as run_mod
 
+            dead = cluster.dead_at(address)
+            if dead is not None:
+                # Its dashboard may linger and answer only after long GCS timeouts.
+                self._clients[address] = None
+                self.errors[address] = f"the Ray cluster {dead.name!r} died (its GCS process is gone)"
+                return None
             try:
                 self._clients[address] = run_mod.connect(address)
             except ClusterError as exc:

@@ -187,7 +187,7 @@ def run_sweep(opts: RunOptions, cwd: Path, say: Callable[[str], None], jobs: int
     if jobs is not None and jobs < 1:
         raise UsageError("--jobs must be at least 1.")
     with tempfile.TemporaryDirectory(prefix="dvcray-snapshot-") as tmp:
-        plan = run_mod.prepare(opts, cwd, say, Path(tmp))
+        plan = run_mod.prepare(opts, cwd, say, Path(tmp), jobs)
         say(f"Running {len(plan.experiments)} experiment(s) on {plan.address}"
             + (f", at most {jobs} at once." if jobs else "."))
         return Sweep(plan, jobs, on_line, on_change).run()

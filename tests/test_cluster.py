@@ -78,7 +78,7 @@ def test_client_token_precedence(isolated_env, monkeypatch, tmp_path):
     assert cluster.client_token() == "from-env"
 
 
-@pytest.mark.parametrize("config", ["aws", "aws-gpu", "local-multinode", "nope", "my-cluster.yaml"])
+@pytest.mark.parametrize("config", ["aws", "aws-gpu", "nope", "my-cluster.yaml"])
 def test_unsupported_cluster_is_a_usage_error(config):
     with pytest.raises(UsageError) as info:
         cluster.up(config)

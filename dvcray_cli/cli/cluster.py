@@ -80,6 +80,9 @@ def up(
         if watcher:
             err.print(f"Idle timeout: {idle.format_duration(timeout)} (it stops itself after that long with no dvcray run).",
                       markup=False)
+    if cluster.autoscaling_config:
+        err.print("Its autoscaler adds and removes worker nodes with the load: dvcray cluster status shows them.",
+                  markup=False)
     err.print(f"Dashboard and job API: {cluster.dashboard_url}", markup=False)
     err.print(f"Stop it with: dvcray cluster down {cluster.name}", markup=False)
 
@@ -158,11 +161,36 @@ def status(
     table = Table("Cluster", "Nodes", "CPUs", "Runs", "Dashboard", "GCS")
     for c in clusters:
         runs = ", ".join(r["run_id"] for r in c["runs"]) or "-"
-        table.add_row(c["name"], str(len(c["nodes"])), f"{c['cpus'] or 0:g}", runs,
+        pending = f" (+{len(c['pending'])} pending)" if c.get("pending") else ""
+        table.add_row(c["name"], f"{len(c['nodes'])}{pending}", f"{c['cpus'] or 0:g}", runs,
                       c["dashboard_url"], c["gcs_address"])
     out.print(table)
     for c in clusters:
+        if c.get("autoscaling"):
+            out.print(_nodes_table(c))
+    for c in clusters:
         if c["error"]:
             err.print(f"{c['name']}: {c['error']}", markup=False)
+        if c.get("autoscaler_error"):
+            err.print(f"{c['name']}: the autoscaler reports: {c['autoscaler_error']}", markup=False)
     if in_aws:
         cluster_aws.status_rows(in_aws)
+
+
+def _nodes_table(c: dict):
+    """An autoscaling cluster's nodes, alive and pending, with their resources."""
+    from rich.table import Table
+
+    def shape(resources: dict) -> str:
+        return ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) and k not in ("memory", "object_store_memory")
+                         else f"{k} {v / 2**30:.1f} GiB" if isinstance(v, (int, float)) else f"{k} {v}"
+                         for k, v in sorted(resources.items()))
+
+    table = Table("Node", "Kind", "State", "Resources", title=f"Nodes of {c['name']}", title_justify="left")
+    for n in c["nodes"]:
+        table.add_row(str(n["node_id"])[-12:], "head" if n["is_head"] else "worker", "alive", shape(n["resources"]))
+    for p in c.get("pending", []):
+        table.add_row("-", p["node_type"], p["state"], shape(p["resources"]))
+    for w in c.get("waiting", []):
+        table.add_row("-", "demand", f"{w['count']} waiting", shape(w["resources"]))
+    return table
