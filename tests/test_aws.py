@@ -51,9 +51,13 @@ IN_NETNS = os.environ.get(IN_NETNS_ENV) == "1" and _only_loopback()
 @pytest.mark.skipif(IN_NETNS, reason="the launcher runs outside the namespace")
 def test_aws_suite_in_a_loopback_only_namespace():
     """Run this module's AWS tests under ``unshare -n`` with moto inside; they must pass."""
-    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, text=True)
+    try:
+        probe = subprocess.run(["unshare", "-n", "sh", "-c", "ip link set lo up"], capture_output=True, text=True)
+    except FileNotFoundError as exc:
+        pytest.skip(f"cannot create a network namespace: {exc.filename} is missing (util-linux)")
     if probe.returncode != 0:
-        pytest.skip(f"cannot create a network namespace (`unshare -n` needs root): {probe.stderr.strip()}")
+        pytest.skip("cannot create a loopback-only network namespace (`unshare -n` needs root, "
+                    f"`ip` needs iproute2): {probe.stderr.strip()}")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "PYTEST_ADDOPTS"}
     env[IN_NETNS_ENV] = "1"
     script = 'ip link set lo up && exec "$0" -m pytest "$@"'
