@@ -5,7 +5,9 @@ dvcray's snapshot package, not the run's clone: a remote function that imports
 the project's own module would fail there (DESIGN.md). The runner points
 ``RAY_RUNTIME_ENV_HOOK`` here, so a stage's plain ``ray.init()`` ships the
 clone as ``working_dir`` (Ray follows its .gitignore, so DVC outputs and data
-stay behind) with no change to the user's script.
+stay behind) and DVC's variables as ``env_vars`` (without secrets:
+``dvcray_cli.integrations.dvclive.dvc_env_vars``), with no change to the user's
+script.
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ def _job_working_dir() -> Any:
 def hook(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
     """Called by ``ray.init()`` with the driver's runtime env (merged with the job's)."""
     env = dict(runtime_env or {})
+    # DVC's variables (DVC_EXP_NAME, ...) for the workers, secrets left out; the
+    # stage's own env_vars win.
+    from dvcray_cli.integrations.dvclive import dvc_env_vars
+
+    dvc_vars = dvc_env_vars()
+    if dvc_vars:
+        env["env_vars"] = {**dvc_vars, **(env.get("env_vars") or {})}
     root = os.environ.get(WORKSPACE_VAR)
     if not root:
         return env
