@@ -147,12 +147,15 @@ def test_a_task_pinned_to_a_worker_node_imports_the_edited_module(on_multinode, 
                     "    metrics: [{out.json: {cache: false}}]\n",
     })
     (root / "src" / "helper.py").write_text('VALUE = "edited"\n')  # uncommitted
-    proc = _dvcray("run", "-n", "pinned", "--store", str(tmp_path / "store"), cwd=root, env=dict(os.environ))
+    proc = _dvcray("run", "-n", "pinned", "--cpus-per-exp", "1", "--store", str(tmp_path / "store"), cwd=root,
+                   env=dict(os.environ))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = exp_metrics(root, "pinned", "out.json")
     assert out["value"] == "edited"
-    # The runner (and the stage's driver) stayed on the head: the store is a local folder.
+    # The runner (and the stage's driver) stayed on the head, and dvcray said why: the
+    # store is a folder only the head reaches, and the head has no CPU to reserve.
     assert out["driver"] == HEAD_ID
+    assert "only the head reaches" in proc.stderr and "without a reservation" in proc.stderr
     assert out["node"] != HEAD_ID and out["on_worker"] is True
 
 
