@@ -246,6 +246,12 @@ def test_tune_outputs(mnist_run):
     assert len(per_trial) == tune["num_samples"]
     assert max(len(e) for e in per_trial.values()) == tune["max_epochs"]
     assert min(len(e) for e in per_trial.values()) >= min(tune["grace_period"], tune["max_epochs"])
+    # DVCLive, one folder per trial, one step per epoch the trial ran (written by the driver).
+    for trial, trial_epochs in per_trial.items():
+        for name in ("accuracy", "loss"):
+            rows = _rows(dest / f"dvclive/tune/trial-{trial}/plots/metrics/{name}.tsv", delimiter="\t")
+            assert [int(r["step"]) for r in rows] == sorted(trial_epochs), (trial, name)
+    assert all(r["node"] for r in trials)       # the Ray node each trial ran on
     assert (dest / "tune/accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # best_params.yaml is in git (cache: false), Ray's trial folders are not.
     status = _run(["git", "status", "--porcelain", "--ignored"], dest, mnist_run[1]).stdout

@@ -20,14 +20,18 @@ def load_params(section: str | None = None) -> dict:
 
 
 def start_ray() -> None:
-    """Start Ray on this machine, or join the cluster that RAY_ADDRESS names (as under dvcray)."""
+    """Start Ray on this machine, or join the cluster that RAY_ADDRESS names (as under dvcray).
+
+    Workers get DVC's variables (DVC_EXP_NAME, ...; never DVC_STUDIO_TOKEN or other secrets).
+    """
     # Ray 2.x warns at every worker start that it will stop hiding GPUs from
     # tasks that ask for none; asking for the future behaviour now silences it.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     import ray
+    from dvcray_cli.integrations.dvclive import dvc_runtime_env
 
     if not ray.is_initialized():
-        ray.init()
+        ray.init(runtime_env=dvc_runtime_env())
 
 
 def storage_path(path: str) -> str:

@@ -3,8 +3,9 @@
 The data reaches the workers through Ray's object store, so they can run on
 any machine of a cluster. Every epoch, rank 0 reports a checkpoint; the model
 file is taken from the result's checkpoint (wherever storage_path is, a local
-folder or s3://), never from a worker's folder. The per-epoch metrics are
-written to dvclive/train by this (the driver's) process, after training.
+folder or s3://), never from a worker's folder. Each epoch's metrics go to
+dvclive/train as rank 0 reports them, written on the driver's machine by Ray
+Train's controller (DVCLiveTrainCallback), never by a worker.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ def main() -> None:
     from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from dvcray_cli.integrations.dvclive import DVCLiveTrainCallback
+
     model.ship_by_value()
     trainer = TorchTrainer(
         train_loop,
@@ -98,9 +101,10 @@ def main() -> None:
                            "threads": cfg["cpus_per_worker"]},
         scaling_config=ScalingConfig(num_workers=cfg["num_workers"], use_gpu=cfg["use_gpu"],
                                      resources_per_worker={"CPU": cfg["cpus_per_worker"]}),
-        # Every epoch's checkpoint is kept: result.metrics_dataframe is built from them.
         run_config=RunConfig(storage_path=storage_path(params["ray"]["storage_path"]),
-                             name=run_name("train"), checkpoint_config=CheckpointConfig(),
+                             name=run_name("train"), checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             # One DVCLive step per epoch (rank 0's report), while training runs.
+                             callbacks=[DVCLiveTrainCallback("dvclive/train", step_metric="epoch")],
                              # Ray Train's own INFO lines (one per report and checkpoint) are noise
                              # here: the loop prints one line per epoch instead.
                              logging_config=LoggingConfig(log_level="WARNING")),
@@ -112,24 +116,10 @@ def main() -> None:
     with result.checkpoint.as_directory() as folder:
         shutil.copyfile(Path(folder) / "model.pt", MODEL)
 
-    history = result.metrics_dataframe.sort_values("epoch")
-    log_history(history, Path("dvclive/train"))
-    last = history.iloc[-1]
+    last = result.metrics     # the last report (the one with the last checkpoint)
     print(f"trained {int(last['epoch'])} epochs on {cfg['num_workers']} Ray Train worker(s): "
           f"loss={last['loss']:.4f} accuracy={last['accuracy']:.4f} "
           f"val_accuracy={last['val_accuracy']:.4f}; model saved to {MODEL}")
-
-
-def log_history(history, folder: Path) -> None:
-    """One DVCLive step per epoch, logged here in the driver (workers may be other machines)."""
-    from dvclive import Live
-
-    # dvcyaml=None: the pipeline's own dvc.yaml declares these files; DVCLive must not edit it.
-    with Live(str(folder), dvcyaml=None, save_dvc_exp=False, report=None) as live:
-        for row in history.itertuples():
-            live.step = int(row.epoch)    # step = epoch, 1..epochs
-            for name in ("loss", "accuracy", "val_accuracy"):
-                live.log_metric(name, float(getattr(row, name)))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """Stage `tune`: search lr and momentum with Ray Tune, stopping poor trials early (ASHA).
 
 Writes best_params.yaml (read by the train stage), tune/trials.csv (one row per
-trial), tune/epochs.csv and tune/accuracy.png (validation accuracy per trial and
-epoch), and tune/metrics.json. The data reaches the trials through Ray's object
-store (``tune.with_parameters``), so trials can run on any machine of a cluster.
+trial, with the Ray node it ran on), tune/epochs.csv and tune/accuracy.png
+(validation accuracy per trial and epoch), and tune/metrics.json. While it runs,
+dvclive/tune/trial-N/ gets each trial's loss and accuracy per epoch, written by
+this (the driver's) process as the trials report them, wherever they run. The
+data reaches the trials through Ray's object store (``tune.with_parameters``),
+so trials can run on any machine of a cluster.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ OUT = Path("tune")
 def trial(config: dict, data: dict, max_epochs: int, batch_size: int, seed: int, threads: int,
           use_gpu: bool) -> None:
     """One Tune trial: train with config's lr and momentum, report validation accuracy each epoch."""
+    import ray
     import torch
     from ray import tune
     from torch.utils.data import DataLoader, TensorDataset
@@ -36,10 +40,11 @@ def trial(config: dict, data: dict, max_epochs: int, batch_size: int, seed: int,
                         generator=torch.Generator().manual_seed(seed))
     net = model.Net().to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=config["lr"], momentum=config["momentum"])
+    node = ray.get_runtime_context().get_node_id()    # which Ray node ran this trial
     for epoch in range(1, max_epochs + 1):
         loss_sum, _, seen = model.train_epoch(net, loader, optimizer, device)
         tune.report({"epoch": epoch, "loss": loss_sum / seen,
-                     "accuracy": model.accuracy(net, x_val, y_val, device)})
+                     "accuracy": model.accuracy(net, x_val, y_val, device), "node": node})
 
 
 def main() -> None:
@@ -50,19 +55,9 @@ def main() -> None:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from dvcray_cli.integrations.dvclive import DVCLiveTuneCallback
+
     model.ship_by_value()
-
-    class EpochLog(tune.Callback):
-        """Collects every trial's per-epoch results, in this (the driver's) process."""
-
-        def __init__(self) -> None:
-            self.rows: list[dict] = []
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            self.rows.append({"trial": trial_number(trial.trial_id), "epoch": result["epoch"],
-                              "accuracy": result["accuracy"], "loss": result["loss"]})
-
-    epochs_log = EpochLog()
     trainable = tune.with_parameters(   # puts the data in Ray's object store, once
         trial, data=load_data(), max_epochs=cfg["max_epochs"], batch_size=cfg["batch_size"],
         seed=cfg["seed"], threads=cfg["cpus_per_trial"], use_gpu=cfg["gpus_per_trial"] > 0)
@@ -81,7 +76,9 @@ def main() -> None:
                                     grace_period=cfg["grace_period"],
                                     reduction_factor=cfg["reduction_factor"])),
         run_config=tune.RunConfig(storage_path=storage_path(params["ray"]["storage_path"]),
-                                  name=run_name("tune"), callbacks=[epochs_log], verbose=1),
+                                  name=run_name("tune"), verbose=1,
+                                  # One DVCLive step per epoch of each trial, in dvclive/tune/trial-N.
+                                  callbacks=[DVCLiveTuneCallback("dvclive/tune", step_metric="epoch")]),
     )
     results = tuner.fit()
     if results.errors:
@@ -98,10 +95,13 @@ def main() -> None:
     trials = pd.DataFrame([{"trial": trial_number(r.metrics["trial_id"]), "lr": r.config["lr"],
                             "momentum": r.config["momentum"], "epochs": r.metrics["epoch"],
                             "accuracy": r.metrics["accuracy"], "loss": r.metrics["loss"],
-                            "best": r.metrics["trial_id"] == best.metrics["trial_id"]}
+                            "best": r.metrics["trial_id"] == best.metrics["trial_id"],
+                            "node": r.metrics["node"]}
                            for r in results])
     trials = trials.sort_values("trial").reset_index(drop=True)
-    epochs = pd.DataFrame(epochs_log.rows).sort_values(["trial", "epoch"]).reset_index(drop=True)
+    epochs = pd.concat([r.metrics_dataframe.assign(trial=trial_number(r.metrics["trial_id"]))
+                        [["trial", "epoch", "accuracy", "loss"]] for r in results])
+    epochs = epochs.sort_values(["trial", "epoch"]).reset_index(drop=True)
     OUT.mkdir(exist_ok=True)
     trials.to_csv(OUT / "trials.csv", index=False, float_format="%.6g")
     epochs.to_csv(OUT / "epochs.csv", index=False, float_format="%.6g")
@@ -109,8 +109,9 @@ def main() -> None:
         "best_accuracy": float(best.metrics["accuracy"]), "trials": len(trials),
         "epochs_run": int(trials["epochs"].sum())}, indent=2) + "\n")
     plot_epochs(trials, epochs, OUT / "accuracy.png")
-    print(f"best of {len(trials)} trials: lr={best_params['lr']:.4g} "
-          f"momentum={best_params['momentum']:.3f} val accuracy={best.metrics['accuracy']:.4f}")
+    print(f"best of {len(trials)} trials on {trials['node'].nunique()} Ray node(s): "
+          f"lr={best_params['lr']:.4g} momentum={best_params['momentum']:.3f} "
+          f"val accuracy={best.metrics['accuracy']:.4f}")
 
 
 def trial_number(trial_id: str) -> int:
