@@ -938,6 +938,14 @@ def recorded(name: str = "local") -> LocalCluster | None:
     return None
 
 
+def current() -> LocalCluster | None:
+    """The cluster on this machine that runs go to by default: of the running
+    clusters ``cluster up`` recorded (``local``, ``local-multinode``), the one
+    started last."""
+    running = [c for c in (recorded(r.name) for r in _records() if r.name in SUPPORTED) if c is not None]
+    return max(running, key=lambda c: c.started_at) if running else None
+
+
 def recorded_at(address: str) -> LocalCluster | None:
     """The running cluster recorded on this machine whose job API or GCS is ``address``."""
     for record in _records():

@@ -182,7 +182,8 @@ def push_inputs(repo) -> int:
 
 def _known_address(explicit: str | None) -> str | None:
     """``--address``, ``RAY_ADDRESS``, this repo's AWS cluster (through its
-    port-forward) or the recorded local cluster; None if a cluster would have
+    port-forward) or the recorded cluster on this machine (``local`` or
+    ``local-multinode``, the one started last); None if a cluster would have
     to be started."""
     if explicit or os.environ.get("RAY_ADDRESS"):
         return explicit or os.environ["RAY_ADDRESS"]
@@ -191,7 +192,7 @@ def _known_address(explicit: str | None) -> str | None:
     in_aws = aws.recorded_address(Path.cwd())
     if in_aws:
         return in_aws
-    current = cluster.recorded("local")
+    current = cluster.current()
     return current.dashboard_url if current else None
 
 

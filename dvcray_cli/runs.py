@@ -308,7 +308,7 @@ def _fallback_addresses() -> list[str]:
     from dvcray_cli import cluster
 
     try:
-        local = cluster.recorded("local")
+        local = cluster.current()
     except Exception:  # noqa: BLE001 - only a hint of where to look
         local = None
     if local is not None:

@@ -186,12 +186,15 @@ def test_s3_store_places_runners_on_workers_and_more_experiments_than_cpus_all_f
 
     # 4 experiments, each runner reserving 1 CPU, its stage's task needing 1 more, on at
     # most 3 CPUs: all 4 at once would hold every CPU and wait forever for their tasks.
-    # The cluster's HOME, where `cluster up` recorded it: dvcray knows its most (3 CPUs).
-    env = {**os.environ, "HOME": str(on_multinode.home)}
+    # No address and no token: `dvcray run` finds the cluster where `cluster up` recorded
+    # it (its HOME), as for a user, and so knows the most it can grow to (3 CPUs).
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    env["HOME"] = str(on_multinode.home)
     proc = _dvcray("run", "-n", "placed", "-S", "x=1,2,3,4", "--cpus-per-exp", "1", cwd=root, env=env,
                    timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "At most 2 experiment(s) at once" in proc.stderr
+    assert on_multinode.head.dashboard_url in proc.stderr  # "Running 4 experiment(s) on URL"
     assert [exp_metrics(root, f"placed-{i}", "m.json")["z"] for i in range(1, 5)] == [10, 20, 30, 40]
 
     from dvcray_cli import cluster
