@@ -38,7 +38,7 @@ def run(
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Skip stages whose only change is missing data.")] = False,
     copy_paths: Annotated[Optional[list[str]], typer.Option("--copy-paths", "-C", help="Also send this ignored or untracked path (repeatable).")] = None,
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="With a sweep: at most this many experiments at once (default: all).", show_default=False)] = None,
-    cpus_per_exp: Annotated[Optional[float], typer.Option("--cpus-per-exp", help="CPUs reserved for each experiment's runner; Ray places it on any node with room.", show_default=False)] = None,
+    cpus_per_exp: Annotated[Optional[float], typer.Option("--cpus-per-exp", help="CPUs reserved for each experiment's runner and its stage's own processes (Ray tasks the stage starts ask for their own); Ray places the runner on any node with room (needs an S3 store).", show_default=False)] = None,
     gpus_per_exp: Annotated[Optional[float], typer.Option("--gpus-per-exp", help="GPUs reserved for each experiment's runner.", show_default=False)] = None,
     cwd: Annotated[Path, typer.Option("--cwd", hidden=True)] = Path("."),
 ) -> None:
