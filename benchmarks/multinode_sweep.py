@@ -1,0 +1,131 @@
+"""Six placed experiments against one, on `local-multinode` with an S3 store.
+
+The cluster is Ray's fake_multinode provider (`dvcray cluster up local-multinode`:
+a 0-CPU head and up to 3 autoscaled 1-CPU worker nodes, real raylets on this
+machine); the store is a moto S3 server on 127.0.0.1 behind the project's DVC
+default remote (`endpointurl`). A warm-up sweep brings the 3 workers up first.
+Then, alternating:
+
+- one:  `dvcray run -n one-I --cpus-per-exp 1` (a 5 s stage)
+- six:  `dvcray run -n six-I -S x=1,..,6 --cpus-per-exp 1 --jobs 6`
+
+Target (issue 6): the six finish within twice the one's time plus 3 s, with
+runners on at least 2 distinct nodes (Ray's record of each job's driver node).
+
+    python benchmarks/multinode_sweep.py [-n 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import time
+
+from _bench import BIN, sh, workspace, write_result
+
+STAGE = """\
+import json, time, yaml
+x = yaml.safe_load(open("params.yaml"))["x"]
+time.sleep(5)
+json.dump({"y": x * 2}, open("metrics.json", "w"))
+"""
+DVC_YAML = """\
+stages:
+  slow:
+    cmd: python slow.py
+    deps: [slow.py]
+    params: [x]
+    metrics:
+      - metrics.json:
+          cache: false
+"""
+
+
+def workers_alive(env: dict[str, str], project) -> int:
+    proc = subprocess.run([str(BIN / "dvcray"), "cluster", "status", "--json"], cwd=project, env=env,
+                          capture_output=True, text=True)
+    entries = [c for c in json.loads(proc.stdout or "[]") if c.get("name") == "local-multinode"]
+    return sum(1 for n in (entries[0].get("nodes") or []) if not n.get("is_head")) if entries else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=2, help="rounds of each (default 2)")
+    args = parser.parse_args()
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    tmp, env, project = workspace("dvcray-mn-", {"params.yaml": "x: 0\n", "slow.py": STAGE, "dvc.yaml": DVC_YAML})
+    # Fake credentials for moto, for the client and (inherited by `cluster up`) the nodes.
+    env.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1", "CI": "true"})
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket="bench")
+    sh(["dvc", "remote", "add", "-d", "store", "s3://bench/dvc"], project, env)
+    sh(["dvc", "remote", "modify", "store", "endpointurl", endpoint], project, env)
+    sh(["git", "commit", "-qam", "store"], project, env)
+
+    dvcray = str(BIN / "dvcray")
+    times: dict[str, list[float]] = {"one experiment": [], "six experiments": []}
+    nodes: set[str] = set()
+    try:
+        sh([dvcray, "cluster", "up", "local-multinode"], project, env)
+        # Warm-up: runners that wait make the autoscaler add nodes, up to 3.
+        sh([dvcray, "run", "-n", "warm", "-S", "x=1,2,3", "--cpus-per-exp", "1", "--jobs", "3"], project, env)
+        deadline = time.time() + 120
+        while workers_alive(env, project) < 3 and time.time() < deadline:
+            time.sleep(2)
+        up = workers_alive(env, project)
+        for i in range(args.n):
+            times["one experiment"].append(
+                sh([dvcray, "run", "-n", f"one-{i}", "-S", f"x={i}", "--cpus-per-exp", "1"], project, env))
+            times["six experiments"].append(
+                sh([dvcray, "run", "-n", f"six{i}", "-S", "x=1,2,3,4,5,6", "--cpus-per-exp", "1", "--jobs", "6"],
+                   project, env))
+        from dvcray_cli import cluster
+
+        os.environ["HOME"] = env["HOME"]
+        record = cluster.recorded("local-multinode")
+        client = cluster.job_client(record.dashboard_url, token=record.token())
+        nodes = {j.driver_node_id for j in client.list_jobs()
+                 if (j.metadata or {}).get("exp_name", "").startswith("six") and j.driver_node_id}
+    finally:
+        subprocess.run([dvcray, "cluster", "down", "local-multinode", "--yes"], cwd=project, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    one, six = statistics.median(times["one experiment"]), statistics.median(times["six experiments"])
+    rows = ["| how | median (s) | min (s) | max (s) |", "|---|---|---|---|"]
+    for name, values in times.items():
+        rows.append(f"| {name} | {statistics.median(values):.2f} | {min(values):.2f} | {max(values):.2f} |")
+    limit = 2 * one + 3
+    verdict = "met" if six <= limit and len(nodes) >= 2 else "NOT met"
+    text = "\n".join([
+        f"`local-multinode` ({up} worker nodes up), S3 store (moto on 127.0.0.1), `--cpus-per-exp 1`, a 5 s stage, "
+        f"{datetime.date.today()}, {os.cpu_count()} cores, n={args.n} rounds each, alternating:",
+        "",
+        *rows,
+        "",
+        f"Target: six within 2 x one + 3 s = {limit:.2f} s, runners on >= 2 nodes: {verdict} "
+        f"(six took {six:.2f} s; runners on {len(nodes)} distinct nodes).",
+    ])
+    write_result("multinode_sweep.md", text)
+
+
+if __name__ == "__main__":
+    main()
