@@ -54,10 +54,11 @@ def refs(project: Path, prefix: str) -> int:
     return sum(1 for r in out if r.rsplit("/", 1)[-1].startswith(prefix))
 
 
-def dvc_queue(project: Path, env: dict[str, str], tag: str) -> float:
+def dvc_queue(project: Path, env: dict[str, str], tag: str, values: list[int]) -> float:
     start = time.perf_counter()
-    for x in (1, 2, 3, 4):
-        sh(["dvc", "exp", "run", "--queue", "-q", "-n", f"{tag}-{x}", "-S", f"x={x}"], project, env)
+    for x in values:
+        sh(["dvc", "exp", "run", "--queue", "-q", "-n", f"{tag}-{values.index(x) + 1}", "-S", f"x={x}"],
+           project, env)
     worker = subprocess.Popen(["dvc", "queue", "start", "-j", "4"], cwd=project, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while refs(project, f"{tag}-") < 4:
@@ -72,9 +73,10 @@ def dvc_queue(project: Path, env: dict[str, str], tag: str) -> float:
     return elapsed
 
 
-def dvcray(project: Path, env: dict[str, str], tag: str, store: Path) -> float:
+def dvcray(project: Path, env: dict[str, str], tag: str, store: Path, values: list[int]) -> float:
     start = time.perf_counter()
-    sh([str(BIN / "dvcray"), "run", "-n", tag, "-S", "x=1,2,3,4", "--store", str(store)], project, env)
+    sh([str(BIN / "dvcray"), "run", "-n", tag, "-S", "x=" + ",".join(map(str, values)), "--store", str(store)],
+       project, env)
     elapsed = time.perf_counter() - start
     if refs(project, f"{tag}-") != 4:
         raise SystemExit(f"dvcray did not bring 4 experiments home for {tag}")
@@ -97,8 +99,11 @@ def main() -> None:
     try:
         sh([str(BIN / "dvcray"), "run", "-n", "warm", "-S", "x=0", "--store", str(store)], project, run_env)
         for i in range(args.n):
-            times["DVC queue (`dvc queue start -j 4`)"].append(dvc_queue(project, env, f"q{i}"))
-            times["`dvcray run -S x=1,2,3,4`"].append(dvcray(project, run_env, f"r{i}", store))
+            # Values never seen before by either tool: no run-cache hit skips a stage.
+            times["DVC queue (`dvc queue start -j 4`)"].append(
+                dvc_queue(project, env, f"q{i}", [100 * i + k for k in range(1, 5)]))
+            times["`dvcray run -S x=1,2,3,4`"].append(
+                dvcray(project, run_env, f"r{i}", store, [100 * i + 50 + k for k in range(1, 5)]))
     finally:
         cluster.stop_head(head)
         subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=project, env=env,
