@@ -136,6 +136,7 @@ class Sweep:
         logs: dict[str, run_mod.JobLog] = {}
         tails: dict[str, asyncio.Task] = {}
         ended: set[str] = set()
+        store_read: dict[str, float] = {}
         try:
             while True:
                 for job_id in self.jobs:
@@ -152,13 +153,20 @@ class Sweep:
                         ended.add(job_id)
                         tails[job_id].cancel()
                         await logs[job_id].drain()
+                    shared = len(self.jobs[job_id]) > 1
+                    # A job of its own ends right after its result is written: read the
+                    # store then. A shared job's experiments end one by one: read it
+                    # at most once a second (each read is a request to the store).
+                    look = status in TERMINAL or (shared and time.time() - store_read.get(job_id, 0) >= 1.0)
                     for state in self.jobs[job_id]:
                         if state.outcome is None:
-                            if status == "RUNNING" and state.state == "PENDING" and len(self.jobs[job_id]) == 1:
+                            if status == "RUNNING" and state.state == "PENDING" and not shared:
                                 state.state = "RUNNING"
                                 changed = True
-                            if await asyncio.to_thread(self._collect, state, status):
+                            if look and await asyncio.to_thread(self._collect, state, status):
                                 changed = True
+                    if look:
+                        store_read[job_id] = time.time()
                 if changed:
                     self.on_change(self.states)
                     await asyncio.to_thread(self._submit_next)
