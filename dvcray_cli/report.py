@@ -107,13 +107,32 @@ def build(cwd: Path, names: list[str] | None = None) -> Report:
     single_p, single_m = len(param_files) <= 1, len(metric_files) <= 1
     baseline = _row(base, base.name or base.rev[:7], single_p, single_m)
     rows = [_row(s, n, single_p, single_m) for n, s in exps]
+    _short_names([baseline, *rows])
     report = Report(baseline, rows)
     seen: dict[tuple[str, str], None] = {}
     for row in [baseline, *rows]:
         for column in row.values:
             seen.setdefault(column, None)
-    report.columns = sorted(seen, key=lambda c: (c[0] != "metric", c[1]))
+    # Every metric; of the params only those some experiment changed (as
+    # dvc exp show --only-changed), or a wide project's table is unreadable.
+    report.columns = [c for c in sorted(seen, key=lambda c: (c[0] != "metric", c[1]))
+                      if c[0] == "metric" or any(report.changed(r, c) for r in rows)]
     return report
+
+
+def _short_names(rows: list[Row]) -> None:
+    """``file:key`` becomes ``key`` wherever no other file has that key."""
+    owners: dict[tuple[str, str], set[str]] = {}
+    for row in rows:
+        for kind, name in row.values:
+            file, _, key = name.rpartition(":")
+            owners.setdefault((kind, key), set()).add(file)
+    for row in rows:
+        renamed = {}
+        for (kind, name), value in row.values.items():
+            file, _, key = name.rpartition(":")
+            renamed[(kind, key if len(owners[(kind, key)]) == 1 else name)] = value
+        row.values = renamed
 
 
 def _cell(value: Any) -> str:

@@ -38,18 +38,21 @@ def report(
     if md:
         sys.stdout.write(core.to_markdown(result))
         return
+    # One row per metric or param, one column per experiment: wide projects stay readable.
     table = Table(title=f"Experiments against {result.baseline.name} ({result.baseline.rev})", header_style="bold")
-    table.add_column("experiment")
-    for kind, name in result.columns:
-        table.add_column(f"{name}\n[dim]{kind}[/]", justify="right")
-    table.add_row(f"{result.baseline.name} (baseline)", *(core._cell(result.baseline.values.get(c)) for c in result.columns))
+    table.add_column("")
+    table.add_column("")
+    table.add_column(f"{result.baseline.name}\n(baseline)", justify="right")
     for row in result.experiments:
-        cells = []
-        for column in result.columns:
+        table.add_column(row.name, justify="right")
+    for column in result.columns:
+        kind, name = column
+        cells = [core._cell(result.baseline.values.get(column))]
+        for row in result.experiments:
             text = core._cell(row.values.get(column))
             if result.changed(row, column):
                 delta = result.delta(row, column)
                 text = f"[bold yellow]{text}[/]" + (f" ({delta:+.4g})" if delta is not None else "")
             cells.append(text)
-        table.add_row(row.name, *cells)
+        table.add_row(f"[dim]{kind}[/]", name, *cells)
     out.print(table)

@@ -91,21 +91,24 @@ def run(
     if json_:
         write_json(outcome.to_json())
     else:
-        _summary(outcome)
+        _summary(outcome, opts.overrides)
     core.raise_for(outcome)
 
 
-def _summary(outcome) -> None:
+def _summary(outcome, overrides: list[str]) -> None:
+    """Metrics, and the params this run set with -S (dvc exp show has them all)."""
     from rich.table import Table
 
     if outcome.status != "SUCCEEDED":
         return
+    set_keys = {o.split("=", 1)[0].rsplit(":", 1)[-1].lstrip("+~") for o in overrides}
+    params = {file: {k: v for k, v in values.items() if k in set_keys} for file, values in outcome.params.items()}
     table = Table(title=f"Experiment {outcome.exp_name}", show_header=True, header_style="bold")
     table.add_column("kind")
     table.add_column("file")
     table.add_column("name")
     table.add_column("value", justify="right")
-    for kind, data in (("metric", outcome.metrics), ("param", outcome.params)):
+    for kind, data in (("metric", outcome.metrics), ("param", params)):
         for file, values in data.items():
             for key, value in values.items():
                 table.add_row(kind, file, key, f"{value:.6g}" if isinstance(value, float) else str(value))
