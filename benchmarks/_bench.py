@@ -11,6 +11,28 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+
+# A one-stage pipeline whose stage sleeps 5 s: the sweep benchmarks' experiment.
+SLOW_STAGE = """\
+import json, time, yaml
+x = yaml.safe_load(open("params.yaml"))["x"]
+time.sleep(5)
+json.dump({"y": x * 2}, open("metrics.json", "w"))
+"""
+SLOW_PIPELINE = {
+    "params.yaml": "x: 0\n",
+    "slow.py": SLOW_STAGE,
+    "dvc.yaml": """\
+stages:
+  slow:
+    cmd: python slow.py
+    deps: [slow.py]
+    params: [x]
+    metrics:
+      - metrics.json:
+          cache: false
+""",
+}
 BIN = Path(sys.executable).parent
 
 

@@ -28,24 +28,8 @@ import statistics
 import subprocess
 import time
 
-from _bench import BIN, sh, workspace, write_result
+from _bench import BIN, SLOW_PIPELINE, sh, workspace, write_result
 
-STAGE = """\
-import json, time, yaml
-x = yaml.safe_load(open("params.yaml"))["x"]
-time.sleep(5)
-json.dump({"y": x * 2}, open("metrics.json", "w"))
-"""
-DVC_YAML = """\
-stages:
-  slow:
-    cmd: python slow.py
-    deps: [slow.py]
-    params: [x]
-    metrics:
-      - metrics.json:
-          cache: false
-"""
 
 
 def workers_alive(env: dict[str, str], project) -> int:
@@ -75,7 +59,7 @@ def main() -> None:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    tmp, env, project = workspace("dvcray-mn-", {"params.yaml": "x: 0\n", "slow.py": STAGE, "dvc.yaml": DVC_YAML})
+    tmp, env, project = workspace("dvcray-mn-", SLOW_PIPELINE)
     # Fake credentials for moto, for the client and (inherited by `cluster up`) the nodes.
     env.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                 "AWS_DEFAULT_REGION": "us-east-1", "CI": "true"})

@@ -28,24 +28,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from _bench import BIN, sh, start_head, workspace, write_result
+from _bench import BIN, SLOW_PIPELINE, sh, start_head, workspace, write_result
 
-STAGE = """\
-import json, time, yaml
-x = yaml.safe_load(open("params.yaml"))["x"]
-time.sleep(5)
-json.dump({"y": x * 2}, open("metrics.json", "w"))
-"""
-DVC_YAML = """\
-stages:
-  slow:
-    cmd: python slow.py
-    deps: [slow.py]
-    params: [x]
-    metrics:
-      - metrics.json:
-          cache: false
-"""
 
 
 def refs(project: Path, prefix: str) -> int:
@@ -90,8 +74,7 @@ def main() -> None:
 
     from dvcray_cli import cluster
 
-    tmp, env, project = workspace("dvcray-sweep-", {"params.yaml": "x: 0\n", "slow.py": STAGE,
-                                                    "dvc.yaml": DVC_YAML})
+    tmp, env, project = workspace("dvcray-sweep-", SLOW_PIPELINE)
     env["CI"] = "true"
     head, run_env = start_head(tmp, env, "bench-sweep")
     store = tmp / "store"

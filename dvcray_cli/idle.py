@@ -258,7 +258,6 @@ def watch_local(name: str, timeout_s: float, poll_s: float, session: int | None 
     from dvcray_cli import cluster
     from dvcray_cli.errors import UsageError as _Refused
 
-    state: dict[str, Any] = {"client": None}
 
     def current() -> cluster.LocalCluster | None:
         found = cluster.recorded(name)
@@ -269,17 +268,11 @@ def watch_local(name: str, timeout_s: float, poll_s: float, session: int | None 
     def still_there() -> bool:
         return current() is not None
 
-    def is_busy() -> bool:
+    def locate() -> tuple[str, str] | None:
         found = current()
-        if found is None:
-            return False
-        if state["client"] is None:
-            state["client"] = cluster.job_client(found.dashboard_url, token=found.token())
-        try:
-            return bool(cluster.active_runs(state["client"]))
-        except Exception:
-            state["client"] = None
-            raise
+        return (found.dashboard_url, found.token()) if found is not None else None
+
+    is_busy = _busy_probe(locate)
 
     def take_down() -> bool:
         try:
@@ -298,6 +291,29 @@ def watch_local(name: str, timeout_s: float, poll_s: float, session: int | None 
     return outcome
 
 
+def _busy_probe(locate: Callable[[], tuple[str, str] | None]) -> Callable[[], bool]:
+    """Whether dvcray runs are active on the cluster ``locate`` gives as (job API,
+    token), None when it is gone. One client, made again after an error."""
+    from dvcray_cli import cluster
+
+    client = None
+
+    def is_busy() -> bool:
+        nonlocal client
+        found = locate()
+        if found is None:
+            return False
+        if client is None:
+            client = cluster.job_client(found[0], token=found[1])
+        try:
+            return bool(cluster.active_runs(client))
+        except Exception:
+            client = None
+            raise
+
+    return is_busy
+
+
 # --------------------------------------------------------------------------- AWS (on the head)
 
 
@@ -309,21 +325,13 @@ def watch_aws(config_path: Path, timeout_s: float, poll_s: float, job_api: str =
     """The watcher's body on an AWS head: terminate the cluster after ``timeout_s`` idle."""
     import yaml
 
-    from dvcray_cli import aws, cluster
+    from dvcray_cli import aws
 
     config = yaml.safe_load(Path(config_path).expanduser().read_text())
     token_path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(HEAD_STATE.expanduser() / "auth_token")
     token = Path(token_path).read_text().strip()
-    state: dict[str, Any] = {"client": None}
 
-    def is_busy() -> bool:
-        if state["client"] is None:
-            state["client"] = cluster.job_client(job_api, token=token)
-        try:
-            return bool(cluster.active_runs(state["client"]))
-        except Exception:
-            state["client"] = None
-            raise
+    is_busy = _busy_probe(lambda: (job_api, token))
 
     def take_down() -> bool:
         try:
