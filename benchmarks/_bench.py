@@ -4,11 +4,13 @@ DVC project, a Ray head started there (and stopped by pid), and result files."""
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 
@@ -83,6 +85,18 @@ def start_head(tmp: Path, env: dict[str, str], name: str, **options):
         os.environ.clear()
         os.environ.update(saved)
     return head, {**env, "RAY_ADDRESS": head.dashboard_url, "RAY_AUTH_TOKEN": head.token()}
+
+
+def table(times: dict[str, list[float]], extra: tuple[str, Callable[[float], str]] | None = None) -> list[str]:
+    """Markdown rows: each way's median, min and max seconds, and an ``extra``
+    column (header, format of the median) such as the difference to a baseline."""
+    header = "| how | median (s) | min (s) | max (s) |" + (f" {extra[0]} |" if extra else "")
+    rows = [header, "|---" * header.count(" |") + "|"]
+    for name, values in times.items():
+        med = statistics.median(values)
+        rows.append(f"| {name} | {med:.2f} | {min(values):.2f} | {max(values):.2f} |"
+                    + (f" {extra[1](med)} |" if extra else ""))
+    return rows
 
 
 def write_result(name: str, text: str) -> None:

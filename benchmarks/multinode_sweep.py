@@ -28,7 +28,7 @@ import statistics
 import subprocess
 import time
 
-from _bench import BIN, SLOW_PIPELINE, sh, workspace, write_result
+from _bench import BIN, SLOW_PIPELINE, sh, table, workspace, write_result
 
 
 
@@ -106,9 +106,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     one, six = statistics.median(times["one experiment"]), statistics.median(times["six experiments"])
-    rows = ["| how | median (s) | min (s) | max (s) |", "|---|---|---|---|"]
-    for name, values in times.items():
-        rows.append(f"| {name} | {statistics.median(values):.2f} | {min(values):.2f} | {max(values):.2f} |")
+    rows = table(times)
     limit = 2 * one + 3
     verdict = "met" if six <= limit and len(nodes) >= 2 else "NOT met"
     text = "\n".join([

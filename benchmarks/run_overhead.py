@@ -25,7 +25,7 @@ import shutil
 import statistics
 import time
 
-from _bench import BIN, sh, start_head, workspace, write_result
+from _bench import BIN, sh, start_head, table, workspace, write_result
 
 STAGE = """\
 import json, yaml
@@ -82,10 +82,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     local = statistics.median(times["local `dvc exp run`"])
-    rows = ["| how | median (s) | min (s) | max (s) | median over local (s) |", "|---|---|---|---|---|"]
-    for name, values in times.items():
-        med = statistics.median(values)
-        rows.append(f"| {name} | {med:.2f} | {min(values):.2f} | {max(values):.2f} | {med - local:+.2f} |")
+    rows = table(times, ("median over local (s)", lambda med: f"{med - local:+.2f}"))
     over = statistics.median(times["`dvcray run`"]) - local
     verdict = "met" if over <= 3.0 else "NOT met"
     text = "\n".join([

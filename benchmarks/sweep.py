@@ -28,7 +28,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from _bench import BIN, SLOW_PIPELINE, sh, start_head, workspace, write_result
+from _bench import BIN, SLOW_PIPELINE, sh, start_head, table, workspace, write_result
 
 
 
@@ -94,10 +94,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     queue = statistics.median(times["DVC queue (`dvc queue start -j 4`)"])
-    rows = ["| how | median (s) | min (s) | max (s) | vs DVC queue |", "|---|---|---|---|---|"]
-    for name, values in times.items():
-        med = statistics.median(values)
-        rows.append(f"| {name} | {med:.2f} | {min(values):.2f} | {max(values):.2f} | {med / queue:.2f}x |")
+    rows = table(times, ("vs DVC queue", lambda med: f"{med / queue:.2f}x"))
     ratio = statistics.median(times["`dvcray run -S x=1,2,3,4`"]) / queue
     verdict = ("met (aim of 0.8x met too)" if ratio <= 0.8 else "met (never slower), aim of 0.8x not met"
                if ratio <= 1.0 else "NOT met: slower than DVC's queue")

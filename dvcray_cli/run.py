@@ -67,6 +67,7 @@ class Submitted:
     started_cluster: bool = False
     snapshot_bytes: int = 0
     client: Any = field(default=None, repr=False)  # the JobSubmissionClient that submitted it
+    project: Project | None = field(default=None, repr=False)  # where it comes home
 
 
 @dataclass
@@ -108,9 +109,6 @@ def find_project(start: Path) -> Project:
     if dvc_root is None:
         raise UsageError(f"{start} is not in a DVC project.",
                          "Run dvc init (dvc init --subdir below the git root), then add a stage.")
-    if not any(dvc_root.glob("**/dvc.yaml")):
-        raise UsageError(f"The DVC project at {dvc_root} has no pipeline (no dvc.yaml).",
-                         "Add a stage: dvc stage add -n train -d train.py python train.py")
     shallow = gitutil.git("rev-parse", "--is-shallow-repository", cwd=git_root)
     if shallow == "true":
         raise UsageError("This is a shallow clone; DVC experiments need the full history.",
@@ -236,7 +234,7 @@ def _read_project(project: Project, opts: RunOptions) -> tuple[Store, bool]:
         repo = open_repo(project)
         try:
             if not repo.index.stages:
-                raise UsageError(f"The DVC project at {project.dvc_root} has no stages.",
+                raise UsageError(f"The DVC project at {project.dvc_root} has no pipeline (no stages).",
                                  "Add one: dvc stage add -n train -d train.py python train.py")
             from dvc.stage import PipelineStage
 
@@ -396,7 +394,7 @@ def submit(opts: RunOptions, cwd: Path, say: Callable[[str], None]) -> Submitted
         spec = plan.experiments[0]
         launch(plan, spec.run_id, [spec], placed=True)
     return Submitted(spec.run_id, plan.address, plan.store, spec.exp_name, plan.project.baseline,
-                     plan.started_cluster, plan.snapshot_bytes, plan.client)
+                     plan.started_cluster, plan.snapshot_bytes, plan.client, plan.project)
 
 
 # --------------------------------------------------------------------------- follow
@@ -618,9 +616,9 @@ def pull_outputs(project: Project, store: Store, exp_sha: str) -> int:
         repo.close()
 
 
-def finish(sub: Submitted, status: str, cwd: Path, apply: bool = False) -> Outcome:
+def finish(sub: Submitted, status: str, apply: bool = False) -> Outcome:
     """Bring a finished run home: the experiment ref, and with ``apply`` its outputs too."""
-    project = find_project(cwd)
+    project = sub.project
     result = fetch_result(sub.store, sub.run_id, wait_s=10 if status == "SUCCEEDED" else 3) or {}
     outcome = Outcome(
         run_id=sub.run_id, status=result.get("status", status), exp_name=result.get("exp_name"),

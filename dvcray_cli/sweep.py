@@ -125,8 +125,8 @@ class Sweep:
                 self.on_change(self.states)
             return False
         sub = run_mod.Submitted(state.spec.run_id, self.plan.address, store, state.spec.exp_name,
-                                self.plan.project.baseline, client=self.plan.client)
-        state.outcome = run_mod.finish(sub, result.get("status", "FAILED"), self.plan.project.dvc_root)
+                                self.plan.project.baseline, client=self.plan.client, project=self.plan.project)
+        state.outcome = run_mod.finish(sub, result.get("status", "FAILED"))
         state.state = state.outcome.status
         state.ended = time.time()
         return True

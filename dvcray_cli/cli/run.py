@@ -87,7 +87,7 @@ def run(
         status = core.follow(sub.client, sub.run_id, emit)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    outcome = core.finish(sub, status, where, apply=apply)
+    outcome = core.finish(sub, status, apply=apply)
     if json_:
         write_json(outcome.to_json())
     else:
