@@ -74,12 +74,12 @@ def workspace(prefix: str, files: dict[str, str]) -> tuple[Path, dict[str, str],
 
 def start_head(tmp: Path, env: dict[str, str], name: str, **options):
     """A local Ray head in ``tmp`` with ``env``'s HOME; returns it and the env that reaches it."""
-    from dvcray_cli import cluster
+    from dvcray_cli.clusters import local
 
     saved = os.environ.copy()
     os.environ.update(env)
     try:
-        head = cluster.start_head(name, temp_dir=tmp / "ray", env=env,
+        head = local.start_head(name, temp_dir=tmp / "ray", env=env,
                                   token_path=Path(env["HOME"]) / ".ray" / "auth_token", **options)
     finally:
         os.environ.clear()

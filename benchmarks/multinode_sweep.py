@@ -74,10 +74,11 @@ def main() -> None:
     nodes: set[str] = set()
     try:
         sh([dvcray, "cluster", "up", "local-multinode"], project, env)
-        from dvcray_cli import cluster
+        from dvcray_cli import ray_api
+        from dvcray_cli.clusters import local
 
         os.environ["HOME"] = env["HOME"]
-        record = cluster.recorded("local-multinode")
+        record = local.recorded("local-multinode")
         # Ask the autoscaler to keep 3 one-CPU nodes (Ray's request_resources), and wait for them.
         code = ("import ray\nfrom ray.autoscaler.sdk import request_resources\n"
                 "ray.init()\nrequest_resources(bundles=[{'CPU': 1}] * 3)\n")
@@ -96,7 +97,7 @@ def main() -> None:
             times["six experiments"].append(
                 sh([dvcray, "run", "-n", f"six{i}", "-S", "x=" + ",".join(str(100 * (i + 1) + k) for k in range(6)),
                     "--cpus-per-exp", "1", "--jobs", "6"], project, env))
-        client = cluster.job_client(record.dashboard_url, token=record.token())
+        client = ray_api.client(record.dashboard_url, record.token())
         nodes = {j.driver_node_id for j in client.list_jobs()
                  if (j.metadata or {}).get("exp_name", "").startswith("six") and j.driver_node_id}
     finally:

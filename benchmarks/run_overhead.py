@@ -50,8 +50,6 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=5, help="runs of each (default 5)")
     args = parser.parse_args()
 
-    from dvcray_cli import cluster
-
     tmp, env, project = workspace("dvcray-bench-", {"params.yaml": "x: 1\n", "double.py": STAGE,
                                                     "dvc.yaml": DVC_YAML})
     head, run_env = start_head(tmp, env, "bench", num_cpus=2)
@@ -78,7 +76,7 @@ def main() -> None:
             sh(["git", "fetch", "-q", f"{work}-{i}", "+refs/exps/*:refs/exps/*"], project, env)
             times["manual `ray job submit`"].append(time.perf_counter() - start)
     finally:
-        cluster.stop_head(head)
+        head.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
     local = statistics.median(times["local `dvc exp run`"])

@@ -72,8 +72,6 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=3, help="rounds of each (default 3)")
     args = parser.parse_args()
 
-    from dvcray_cli import cluster
-
     tmp, env, project = workspace("dvcray-sweep-", SLOW_PIPELINE)
     env["CI"] = "true"
     head, run_env = start_head(tmp, env, "bench-sweep")
@@ -88,7 +86,7 @@ def main() -> None:
             times["`dvcray run -S x=1,2,3,4`"].append(
                 dvcray(project, run_env, f"r{i}", store, [100 * i + 50 + k for k in range(1, 5)]))
     finally:
-        cluster.stop_head(head)
+        head.stop()
         subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=project, env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -49,3 +49,9 @@ class Interrupted(DvcrayError):
     """Ctrl-C or SIGTERM."""
 
     exit_code = 130
+
+
+class GitError(UsageError):
+    """git refused: the repository is not in a state the command can use."""
+
+    exit_code = 2

@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from dvcray_cli.errors import DvcrayError, UsageError
+from dvcray_cli.errors import GitError, UsageError
 
 IDENTITY_HINT = (
     'Set one with: git config --global user.name "Your Name" && '
@@ -16,13 +16,18 @@ IDENTITY_HINT = (
 
 def git(*args: str, cwd: Path | str, check: bool = True, env: dict | None = None,
         input: bytes | None = None) -> str:
-    """Run git and return its stdout (stripped)."""
+    """Run git and return its stdout (stripped).
+
+    Raises:
+        GitError: git failed and ``check`` is set (exit 2: the repository is not
+            in a state the command can use).
+    """
     proc = subprocess.run(
         ["git", *args], cwd=cwd, capture_output=True, input=input,
         env={**os.environ, **env} if env else None,
     )
     if check and proc.returncode != 0:
-        raise DvcrayError(
+        raise GitError(
             f"git {' '.join(args)} failed: {proc.stderr.decode(errors='replace').strip()}"
         )
     return proc.stdout.decode(errors="replace").strip()

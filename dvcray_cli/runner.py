@@ -22,13 +22,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from dvcray_cli import snapshot
 from dvcray_cli.gitutil import git
-from dvcray_cli.store import REMOTE_NAME, RUNS, Store
+from dvcray_cli.runs import snapshot
+from dvcray_cli.runs.model import (BUNDLE, LOG, RESULT, STATUS, ExpRef, ExpSpec, Manifest, RunResult, RunState,
+                                   RunStatus)
+from dvcray_cli.store import REMOTE_NAME, Store
 
-# DVC's internal refs carry pickled run variables (a Studio token included):
-# only refs/exps/XX/SHA/NAME ever leave the cluster.
-INTERNAL_REFS = {"stash", "exec", "celery", "temp", "apply", "runs"}
 LOG_UPLOAD_EVERY_S = 1.0
 # status.json is rewritten this often while the run goes, so a run whose
 # cluster cannot be seen can still be told running from lost.
@@ -132,14 +131,19 @@ def configure_dvc(ws: Path, store: Store) -> None:
         conf["cache"]["shared"] = "group"
 
 
-def experiment_ref(ws: Path, exp_sha: str | None, name: str | None) -> str | None:
+def experiment_ref(ws: Path, baseline: str, exp_sha: str | None, name: str | None) -> ExpRef | None:
+    """The experiment ``dvc exp run`` made: ``refs/exps/XX/SHA/NAME`` of ``baseline``.
+
+    DVC's internal refs (``refs/exps/stash``, ``exec``, ...) carry pickled run
+    variables, a Studio token included: they are never taken.
+    """
     out = git("for-each-ref", "--format=%(refname) %(objectname)", "refs/exps/", cwd=ws)
     for line in out.splitlines():
-        ref, sha = line.split()
-        parts = ref.split("/")
-        if len(parts) != 5 or parts[2] in INTERNAL_REFS:
+        refname, sha = line.split()
+        ref = ExpRef.parse(refname)
+        if ref is None or ref.baseline != baseline:
             continue
-        if (exp_sha and sha == exp_sha) or (name and parts[4] == name):
+        if (exp_sha and sha == exp_sha) or (name and ref.name == name):
             return ref
     return None
 
@@ -180,10 +184,11 @@ def collect(repo, kind: str) -> dict[str, dict[str, Any]]:
 
 
 def _check_version(client_version: str) -> None:
-    """Client and cluster must agree on the snapshot and store formats."""
-    from dvcray_cli import __version__
+    """Client and cluster must agree on the snapshot and store formats (the client
+    checks before it submits; this is the last line of defence)."""
+    from dvcray_cli import __version__, compatible
 
-    if client_version and client_version.split(".")[:2] != __version__.split(".")[:2]:
+    if client_version and not compatible(client_version):
         raise RuntimeError(f"this cluster runs dvcray {__version__} but the client is dvcray "
                            f"{client_version}: install the same version on both")
 
@@ -191,15 +196,14 @@ def _check_version(client_version: str) -> None:
 def main() -> int:
     """Run the manifest's experiment, or a sweep's experiments side by side."""
     here = Path.cwd()
-    manifest = snapshot.Manifest.read(here)
-    specs = manifest.experiments or [
-        {"run_id": manifest.run_id, "exp_name": manifest.exp_name, "overrides": manifest.overrides}]
+    manifest = Manifest.read(here)
+    specs = manifest.specs()
     if len(specs) == 1:
         return run_experiment(here, manifest, specs[0])
     return _run_many(here, manifest, specs)
 
 
-def _run_many(here: Path, manifest, specs: list[dict[str, Any]]) -> int:
+def _run_many(here: Path, manifest: Manifest, specs: list[ExpSpec]) -> int:
     """One process per experiment, forked after DVC is imported, so a sweep pays
     for one interpreter and one import of DVC (DESIGN.md: the runner's own CPU
     is what limits a small head). At most ``manifest.jobs`` at once."""
@@ -221,10 +225,10 @@ def _run_many(here: Path, manifest, specs: list[dict[str, Any]]) -> int:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 code = 1
                 try:
-                    code = run_experiment(here, manifest, spec, prefix=f"[{spec['exp_name'] or spec['run_id']}] ")
+                    code = run_experiment(here, manifest, spec, prefix=f"[{spec.exp_name or spec.run_id}] ")
                 finally:
                     os._exit(code)
-            running[pid] = spec["run_id"]
+            running[pid] = spec.run_id
         pid, status = os.wait()
         run_id = running.pop(pid, None)
         if run_id and os.waitstatus_to_exitcode(status) != 0:
@@ -232,39 +236,35 @@ def _run_many(here: Path, manifest, specs: list[dict[str, Any]]) -> int:
     return 1 if failed else 0
 
 
-def run_experiment(here: Path, manifest, spec: dict[str, Any], prefix: str = "") -> int:
+def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = "") -> int:
     """Rebuild the workspace, run one experiment, save everything; return an exit code."""
     store = Store.from_json(manifest.store)
-    run_id, exp_name, overrides = spec["run_id"], spec.get("exp_name"), spec.get("overrides") or []
-    rel = f"{RUNS}/{run_id}"
+    run_id, exp_name, overrides = spec.run_id, spec.exp_name, spec.overrides
     work = runner_dir() / "runs" / run_id
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    tee = LogTee(work / "log.txt", store, f"{rel}/log.txt", prefix)
+    tee = LogTee(work / LOG, store, store.run_path(run_id, LOG), prefix)
 
     def _on_term(signum, frame):
         raise Terminated()
 
     signal.signal(signal.SIGTERM, _on_term)
-    started = time.time()
-    result: dict[str, Any] = {
-        "run_id": run_id, "exp_name": exp_name, "baseline": manifest.baseline, "overrides": overrides,
-        "status": "FAILED", "node": socket.gethostname(), "started": started,
-        "dvcray_version": manifest.dvcray_version,
-    }
-    timings: dict[str, float] = {}
+    result = RunResult(run_id=run_id, exp_name=exp_name, baseline=manifest.baseline, overrides=overrides,
+                       status=RunState.FAILED, node=socket.gethostname(), started=time.time(),
+                       dvcray_version=manifest.dvcray_version)
     repo = None
     ws = work / "repo"
     status_lock = threading.Lock()
 
+    def write_status(status: RunStatus) -> None:
+        store.write(store.run_path(run_id, STATUS), json.dumps(status.to_json()).encode())
+
     def beat() -> None:
         with status_lock:
-            if result.get("ended"):
+            if result.ended:
                 return
-            store.write(f"{rel}/status.json", json.dumps({"state": "RUNNING", "started": started,
-                                                           "node": result["node"],
-                                                           "heartbeat": time.time()}).encode())
+            write_status(RunStatus(RunState.RUNNING, result.started, node=result.node, heartbeat=time.time()))
 
     try:
         _check_version(manifest.dvcray_version)
@@ -273,8 +273,8 @@ def run_experiment(here: Path, manifest, spec: dict[str, Any], prefix: str = "")
         t = time.time()
         dvc_root = snapshot.restore(here, ws, manifest)
         configure_dvc(dvc_root, store)
-        timings["restore"] = time.time() - t
-        say(f"workspace ready at baseline {manifest.baseline[:7]} ({timings['restore']:.1f}s)")
+        result.timings["restore"] = time.time() - t
+        say(f"workspace ready at baseline {manifest.baseline[:7]} ({result.timings['restore']:.1f}s)")
 
         os.environ["DVCRAY_WORKSPACE"] = os.fspath(dvc_root)
         os.environ["RAY_RUNTIME_ENV_HOOK"] = "dvcray_cli.integrations.runtime_env.hook"
@@ -297,44 +297,40 @@ def run_experiment(here: Path, manifest, spec: dict[str, Any], prefix: str = "")
             pull=bool(opts.get("pull")),
             allow_missing=bool(opts.get("allow_missing")),
         )
-        timings["exp_run"] = time.time() - t
-        exp_sha = next(iter(results), None)
-        result["exp_sha"] = exp_sha
-        result["status"] = "SUCCEEDED"
+        result.timings["exp_run"] = time.time() - t
+        result.exp_sha = next(iter(results), None)
+        result.status = RunState.SUCCEEDED
     except Terminated:
-        result["status"] = "STOPPED"
-        result["error"] = "stopped (SIGTERM)"
+        result.status = RunState.STOPPED
+        result.error = "stopped (SIGTERM)"
         say("stopped: saving what the run produced")
     except Exception as exc:
-        result["error"] = f"{type(exc).__name__}: {exc}"
+        result.error = f"{type(exc).__name__}: {exc}"
         cause = exc.__cause__
         if cause:
-            result["error"] += f" ({type(cause).__name__}: {cause})"
-        print(f"dvcray: the experiment failed: {result['error']}", file=sys.stderr, flush=True)
+            result.error += f" ({type(cause).__name__}: {cause})"
+        print(f"dvcray: the experiment failed: {result.error}", file=sys.stderr, flush=True)
         if os.environ.get("DVCRAY_DEBUG"):
             traceback.print_exc()
     finally:
         # Ignore further SIGTERMs while saving: Ray gives the job a grace period.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _save(repo, ws, store, rel, manifest.baseline, exp_name, result, timings)
+        _save(repo, ws, store, manifest.baseline, exp_name, result)
         with status_lock:
-            result["ended"] = time.time()
+            result.ended = time.time()
         try:
-            store.write(f"{rel}/result.json", json.dumps(result, indent=2, default=str).encode())
-            store.write(f"{rel}/status.json", json.dumps({"state": result["status"], "started": started,
-                                                           "ended": result["ended"],
-                                                           "node": result["node"]}).encode())
+            store.write(store.run_path(run_id, RESULT), json.dumps(result.to_json(), indent=2, default=str).encode())
+            write_status(RunStatus(result.status, result.started, result.ended, result.node))
         finally:
             tee.close()
             if repo is not None:
                 repo.close()
             os.chdir(here)
             shutil.rmtree(work, ignore_errors=True)
-    return {"SUCCEEDED": 0, "STOPPED": 143}.get(result["status"], 1)
+    return {RunState.SUCCEEDED: 0, RunState.STOPPED: 143}.get(result.status, 1)
 
 
-def _save(repo, ws: Path, store: Store, rel: str, baseline: str, exp_name: str | None, result: dict,
-          timings: dict) -> None:
+def _save(repo, ws: Path, store: Store, baseline: str, exp_name: str | None, result: RunResult) -> None:
     """Push outputs and run-cache, bundle the experiment ref: on success and failure alike."""
     if repo is None:
         return
@@ -344,23 +340,22 @@ def _save(repo, ws: Path, store: Store, rel: str, baseline: str, exp_name: str |
         say(f"pushed {pushed} file(s) and the run-cache to the store")
     except Exception as exc:
         say(f"push incomplete: {exc}")
-        result["push_error"] = str(exc)
-    timings["push"] = time.time() - t
-    result["params"] = collect(repo, "params")
-    result["metrics"] = collect(repo, "metrics")
-    if result["status"] == "SUCCEEDED":
-        ref = experiment_ref(ws, result.get("exp_sha"), exp_name)
+        result.push_error = str(exc)
+    result.timings["push"] = time.time() - t
+    result.params = collect(repo, "params")
+    result.metrics = collect(repo, "metrics")
+    if result.status == RunState.SUCCEEDED:
+        ref = experiment_ref(ws, baseline, result.exp_sha, exp_name)
         if ref:
-            bundle = ws.parent / "exp.bundle"
-            git("bundle", "create", "-q", os.fspath(bundle), ref, f"^{baseline}", cwd=ws)
-            store.upload(f"{rel}/exp.bundle", bundle)
-            result["ref"] = ref
-            result["exp_name"] = ref.rsplit("/", 1)[-1]
-            say(f"experiment {result['exp_name']} saved ({ref})")
+            bundle = ws.parent / BUNDLE
+            git("bundle", "create", "-q", os.fspath(bundle), str(ref), f"^{baseline}", cwd=ws)
+            store.upload(store.run_path(result.run_id, BUNDLE), bundle)
+            result.ref = str(ref)
+            result.exp_name = ref.name
+            say(f"experiment {ref.name} saved ({ref})")
         else:
-            result["status"] = "FAILED"
-            result["error"] = "dvc exp run finished but made no experiment ref"
-    result["timings"] = timings
+            result.status = RunState.FAILED
+            result.error = "dvc exp run finished but made no experiment ref"
 
 
 if __name__ == "__main__":

@@ -7,13 +7,13 @@ store honours the same ``endpointurl``, region and credentials as ``dvc push``.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from dvcray_cli import state
 from dvcray_cli.errors import StoreError, UsageError
 
 REMOTE_NAME = "dvcray-store"
@@ -23,10 +23,6 @@ RUNS = "dvcray/runs"
 # use their own (the local environment, or an instance profile).
 SHAREABLE = ("url", "endpointurl", "region", "use_ssl", "ssl_verify", "listobjects",
              "version_aware", "sse", "acl")
-
-
-def default_local_store() -> Path:
-    return Path.home() / ".dvcray" / "store"
 
 
 @dataclass
@@ -101,8 +97,9 @@ class Store:
         return self._call(f"read {rel}", fs.cat_file, self._path(rel))
 
     def read_json(self, rel: str) -> dict[str, Any] | None:
+        """The JSON object at ``rel``; None while it is missing, torn or not an object."""
         try:
-            return json.loads(self.read(rel))
+            return state.parse_json_object(self.read(rel))
         except FileNotFoundError:
             return None
 
@@ -164,7 +161,7 @@ def resolve(explicit: str | None, repo=None) -> Store:
     default = repo.config.get("core", {}).get("remote") if repo else None
     if default and default in remotes and str(remotes[default].get("url", "")).startswith("s3://"):
         return _from_remote(remotes[default])
-    return Store(os.fspath(default_local_store()))
+    return Store(os.fspath(state.default_store_dir()))
 
 
 def from_record(data: dict[str, Any], repo=None) -> Store:

@@ -19,6 +19,7 @@ import pytest
 pytest_plugins = ["ray_fixtures"]
 
 REPO = Path(__file__).resolve().parent.parent
+UNIT = Path(__file__).resolve().parent / "unit"
 
 
 @pytest.fixture(autouse=True)
@@ -40,6 +41,25 @@ def isolated_env(tmp_path_factory, monkeypatch):
     for var in ("RAY_ADDRESS", "DVC_STUDIO_TOKEN", "CI"):
         monkeypatch.delenv(var, raising=False)
     return home
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_nothing(request, monkeypatch):
+    """tests/unit is the fast level: no Ray cluster, no subprocess, no network. A
+    unit test that tries either fails at once, so the level stays what it says."""
+    if UNIT not in Path(request.node.path).parents:
+        return
+    import socket
+
+    def refuse_process(*args, **kwargs):
+        raise AssertionError("a unit test started a process: move it to tests/func")
+
+    def refuse_connect(self, address):
+        raise AssertionError(f"a unit test opened a connection to {address}: move it to tests/func")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse_process)
+    monkeypatch.setattr(socket.socket, "connect", refuse_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse_connect)
 
 
 def run_dvcray(*args: str, cwd: Path | None = None, env: dict | None = None,

@@ -3,12 +3,11 @@ the session, the environment that reaches it, and cleanup of clusters a test sta
 
 Other Ray clusters run on this machine at the same time (other checkouts, other
 test runs), so everything here starts and stops Ray only by pid, through
-``dvcray_cli.cluster``; never ``ray stop``.
+``dvcray_cli.clusters.local``; never ``ray stop``.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import uuid
 from pathlib import Path
@@ -21,13 +20,14 @@ _HEAD_ENV_DROP = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RA
                   "RAY_AUTH_MODE", "DVC_STUDIO_TOKEN", "CI")
 
 
-def start_test_head(home: Path, name: str, env: dict[str, str] | None = None, num_cpus: int = 2):
+def start_test_head(home: Path, name: str, env: dict[str, str] | None = None, num_cpus: int = 2,
+                    **options):
     """A real head with a HOME and token of its own and nothing inherited from the
     outer environment but what ``env`` adds (e.g. a node's own AWS credentials).
-    Returns it and its temp dir; stop it with ``cluster.stop_head``."""
+    Returns it and its temp dir; stop it with ``head.stop()``."""
     import os
 
-    from dvcray_cli import cluster
+    from dvcray_cli.clusters import local
 
     head_env = {
         "HOME": str(home),
@@ -44,8 +44,8 @@ def start_test_head(home: Path, name: str, env: dict[str, str] | None = None, nu
         for var in list(os.environ):
             if var in _HEAD_ENV_DROP or var.startswith("AWS_"):
                 mp.delenv(var)
-        head = cluster.start_head(name, num_cpus=num_cpus, temp_dir=temp_dir, env=head_env,
-                                  token_path=home / ".ray" / "auth_token")
+        head = local.start_head(name, num_cpus=num_cpus, temp_dir=temp_dir, env=head_env,
+                                token_path=home / ".ray" / "auth_token", **options)
     return head, temp_dir
 
 
@@ -56,14 +56,12 @@ def ray_head(tmp_path_factory):
     It has a HOME and token of its own: tests run with a fresh HOME each
     (conftest.isolated_env), so clients reach it through ``ray_cluster``.
     """
-    from dvcray_cli import cluster
-
     head, temp_dir = start_test_head(tmp_path_factory.mktemp("ray-head-home"), "pytest-session")
     try:
         yield head
     finally:
-        cluster.stop_head(head)
-        assert cluster.find_pids(head) == [], "the session's Ray head left processes behind"
+        head.stop()
+        assert head.pids() == [], "the session's Ray head left processes behind"
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -72,7 +70,7 @@ def ray_cluster(ray_head, isolated_env, monkeypatch):
     """The session head, reachable from this test's ``dvcray`` subprocesses and Python clients.
 
     ``RAY_ADDRESS`` is its job API (what ``dvcray run`` reads) and ``RAY_AUTH_TOKEN``
-    its token (what ``cluster.job_client`` sends first, as Ray's own clients do).
+    its token (what ``clusters.connect`` sends first, as Ray's own clients do).
     """
     monkeypatch.setenv("RAY_ADDRESS", ray_head.dashboard_url)
     monkeypatch.setenv("RAY_AUTH_TOKEN", ray_head.token())
@@ -86,22 +84,15 @@ def _stop_clusters_started_by_the_test(isolated_env, monkeypatch):
     for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_API_SERVER_ADDRESS"):
         monkeypatch.delenv(var, raising=False)
     yield
-    records = isolated_env / ".dvcray" / "clusters"
-    temp_dirs = []
-    if records.is_dir():
-        from dvcray_cli import cluster
+    from dvcray_cli.clusters import local
 
-        for path in records.glob("*.json"):
-            try:
-                c = cluster.LocalCluster.from_json(json.loads(path.read_text()))
-            except (OSError, ValueError, TypeError):
-                continue
-            cluster.stop_head(c, timeout=5)
+    temp_dirs = []
+    for c in local.records():  # this test's HOME
+        if c.temp_dir:
+            c.stop(timeout=5)
             temp_dirs.append(Path(c.temp_dir))
     # A test's local cluster lives in a temp dir of its own (the hash of its HOME):
     # nothing else can use it once its processes are gone.
-    from dvcray_cli.cluster import LocalCluster, default_temp_dir, find_pids
-
-    for temp in {*temp_dirs, default_temp_dir("local")}:
-        if temp.is_dir() and not find_pids(LocalCluster("", "0:0", "", str(temp), "", "", None)):
+    for temp in {*temp_dirs, local.default_temp_dir("local"), local.default_temp_dir("local-multinode")}:
+        if temp.is_dir() and not local.LocalCluster("", "0:0", "", str(temp), "", "", None).pids():
             shutil.rmtree(temp, ignore_errors=True)

@@ -10,6 +10,7 @@ from typing import Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from dvcray_cli.errors import DvcrayError
 
@@ -35,7 +36,7 @@ def plain_output() -> bool:
 
 def fail(exc: DvcrayError) -> typer.Exit:
     """Print a DvcrayError the way people read it and give the exit to raise."""
-    err.print(f"[bold red]Error:[/] {exc.message}", markup=True, highlight=False)
+    err.print(Text.assemble(("Error:", "bold red"), " ", exc.message), highlight=False)
     if exc.hint:
         err.print(exc.hint, markup=False)
     if state["verbose"]:
@@ -64,7 +65,7 @@ def boundary(func: F) -> F:
         except Exception as exc:
             if state["verbose"] or "PYTEST_CURRENT_TEST" in os.environ:
                 raise
-            err.print(f"[bold red]Unexpected error:[/] {type(exc).__name__}: {exc}")
+            err.print(Text.assemble(("Unexpected error:", "bold red"), f" {type(exc).__name__}: {exc}"))
             err.print("This is a bug in dvcray. Rerun with --verbose for the traceback.")
             raise typer.Exit(1) from None
 

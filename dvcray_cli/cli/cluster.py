@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
 import typer
+from rich.text import Text
 
 from dvcray_cli.cli._common import boundary, err, out, plain_output, write_json
 
@@ -25,10 +27,10 @@ def register(app: typer.Typer) -> None:
 @contextlib.contextmanager
 def _working(message: str) -> Iterator[None]:
     if plain_output():
-        err.print(message)
+        err.print(message, markup=False)
         yield
     else:
-        with err.status(message):
+        with err.status(Text(message)):
             yield
 
 
@@ -51,40 +53,36 @@ def up(
         dvcray cluster up local --idle-timeout 30m
         dvcray cluster up aws --dry-run
     """
-    from dvcray_cli import aws
+    from dvcray_cli import clusters
 
-    if aws.is_aws_config(config):
+    timeout = clusters.parse_duration(idle_timeout) if idle_timeout is not None else None
+    planned = clusters.plan(config, Path.cwd(), timeout)
+    if planned.kind == "aws":
         from dvcray_cli.cli import cluster_aws
 
-        cluster_aws.up(config, dry_run=dry_run, yes=yes, idle_timeout=idle_timeout)
+        cluster_aws.up(planned, dry_run=dry_run, yes=yes)
         return
-    from dvcray_cli import cluster as core
-    from dvcray_cli import idle
-
-    name = core.check_name(config)
-    timeout = idle.parse_duration(idle_timeout) if idle_timeout is not None else None
     if dry_run:
-        err.print(f"Dry run: would start Ray cluster {name} on this machine unless it runs"
-                  f"{'' if not timeout else f', idle timeout {idle.format_duration(timeout)}'}; nothing was started.",
+        err.print(f"Dry run: would start Ray cluster {planned.name} on this machine unless it runs"
+                  f"{'' if not timeout else f', idle timeout {clusters.format_duration(timeout)}'}; nothing was started.",
                   markup=False)
         return
-    with _working(f"Starting Ray cluster {name} unless it runs (this takes a few seconds)..."):
-        cluster, started = core.up(name)
-    cpus = f"{cluster.num_cpus:g} CPUs" if cluster.num_cpus else "CPUs unknown"
-    if started:
-        err.print(f"Started Ray cluster [bold]{cluster.name}[/] ({cpus}).")
+    with _working(f"Starting Ray cluster {planned.name} unless it runs (this takes a few seconds)..."):
+        result = clusters.up(planned)
+    cpus = f"{result.num_cpus:g} CPUs" if result.num_cpus else "CPUs unknown"
+    if result.started:
+        err.print(Text.assemble("Started Ray cluster ", (result.name, "bold"), f" ({cpus})."))
     else:
-        err.print(f"Ray cluster [bold]{cluster.name}[/] is already running (since {cluster.started_at}); nothing to do.")
-    if timeout is not None:
-        watcher = idle.arm(cluster.name, timeout)
-        if watcher:
-            err.print(f"Idle timeout: {idle.format_duration(timeout)} (it stops itself after that long with no dvcray run).",
-                      markup=False)
-    if cluster.autoscaling_config:
+        err.print(Text.assemble("Ray cluster ", (result.name, "bold"),
+                                f" is already running (since {result.started_at}); nothing to do."))
+    if result.idle_timeout_s:
+        err.print(f"Idle timeout: {clusters.format_duration(result.idle_timeout_s)} (it stops itself after that "
+                  "long with no dvcray run).", markup=False)
+    if result.autoscaling:
         err.print("Its autoscaler adds and removes worker nodes with the load: dvcray cluster status shows them.",
                   markup=False)
-    err.print(f"Dashboard and job API: {cluster.dashboard_url}", markup=False)
-    err.print(f"Stop it with: dvcray cluster down {cluster.name}", markup=False)
+    err.print(f"Dashboard and job API: {result.dashboard_url}", markup=False)
+    err.print(f"Stop it with: dvcray cluster down {result.name}", markup=False)
 
 
 @boundary
@@ -101,26 +99,24 @@ def down(
 
         dvcray cluster down local --yes
     """
-    from dvcray_cli import aws
+    from dvcray_cli import clusters
 
-    if aws.is_aws_config(config):
-        from dvcray_cli.cli import cluster_aws
-
-        cluster_aws.down(config, yes=yes)
-        return
-    from dvcray_cli import cluster as core
-    from dvcray_cli import idle
-
-    name = core.check_name(config)
-    with _working(f"Stopping Ray cluster {name}..."):
-        result = core.down(name, yes=yes)
-    idle.disarm(name)
-    if result.cluster is None:
-        err.print(f"Ray cluster [bold]{result.name}[/] is not running; nothing to stop.")
-        return
+    kind = clusters.kind_of(config)
+    message = (f"Terminating the instances of AWS cluster {config}..." if kind == "aws"
+               else f"Stopping Ray cluster {config.strip()}...")
+    with _working(message):
+        result = clusters.down(config, Path.cwd(), yes=yes)
     if result.stopped_runs:
         err.print(f"Stopped runs: {', '.join(result.stopped_runs)}", markup=False)
-    err.print(f"Stopped Ray cluster [bold]{result.name}[/] ({len(result.pids)} processes).")
+    if kind == "aws":
+        from dvcray_cli.cli import cluster_aws
+
+        cluster_aws.down_result(result)
+        return
+    if not result.was_running:
+        err.print(Text.assemble("Ray cluster ", (result.name, "bold"), " is not running; nothing to stop."))
+        return
+    err.print(Text.assemble("Stopped Ray cluster ", (result.name, "bold"), f" ({len(result.pids)} processes)."))
 
 
 @boundary
@@ -136,45 +132,40 @@ def status(
     """
     from rich.table import Table
 
-    from dvcray_cli import aws, idle
-    from dvcray_cli import cluster as core
+    from dvcray_cli import clusters
     from dvcray_cli.cli import cluster_aws
 
-    clusters = core.status()
-    for c in clusters:
-        watcher = idle.watcher(c["name"])
-        c["idle_timeout_s"] = watcher["timeout_s"] if watcher else None
-    in_aws = aws.status()
+    found = clusters.status()
     if json_:
-        write_json(clusters + in_aws)
+        write_json(found.to_json())
         return
-    for note in idle.auto_downs():
-        if not any(c["name"] == note["name"] for c in clusters):
-            err.print(f"Ray cluster {note['name']} was taken down by its idle timeout "
-                      f"({idle.format_duration(note['timeout_s'])} without a dvcray run) at {note['at']}.", markup=False)
-    if not clusters:
-        if in_aws:
-            cluster_aws.status_rows(in_aws)
+    for note in found.auto_downs:
+        err.print(f"Ray cluster {note['name']} was taken down by its idle timeout "
+                  f"({clusters.format_duration(note['timeout_s'])} without a dvcray run) at {note['at']}.",
+                  markup=False)
+    if not found.local:
+        if found.aws:
+            cluster_aws.status_rows(found.aws)
         else:
             err.print("No Ray cluster is running. Start one with: dvcray cluster up local")
         return
     table = Table("Cluster", "Nodes", "CPUs", "Runs", "Dashboard", "GCS")
-    for c in clusters:
+    for c in found.local:
         runs = ", ".join(r["run_id"] for r in c["runs"]) or "-"
         pending = f" (+{len(c['pending'])} pending)" if c.get("pending") else ""
-        table.add_row(c["name"], f"{len(c['nodes'])}{pending}", f"{c['cpus'] or 0:g}", runs,
-                      c["dashboard_url"], c["gcs_address"])
+        table.add_row(Text(c["name"]), f"{len(c['nodes'])}{pending}", f"{c['cpus'] or 0:g}", Text(runs),
+                      Text(c["dashboard_url"]), Text(c["gcs_address"]))
     out.print(table)
-    for c in clusters:
+    for c in found.local:
         if c.get("autoscaling"):
             out.print(_nodes_table(c))
-    for c in clusters:
+    for c in found.local:
         if c["error"]:
             err.print(f"{c['name']}: {c['error']}", markup=False)
         if c.get("autoscaler_error"):
             err.print(f"{c['name']}: the autoscaler reports: {c['autoscaler_error']}", markup=False)
-    if in_aws:
-        cluster_aws.status_rows(in_aws)
+    if found.aws:
+        cluster_aws.status_rows(found.aws)
 
 
 def _nodes_table(c: dict):

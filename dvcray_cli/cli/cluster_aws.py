@@ -1,14 +1,14 @@
-"""``dvcray cluster up|down|status`` for AWS clusters: rendering only (core: ``dvcray_cli.aws``)."""
+"""``dvcray cluster up|down|status`` for AWS clusters: rendering only (core: ``dvcray_cli.clusters.aws``)."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import typer
+from rich.text import Text
 
-from dvcray_cli.cli._common import err, out, plain_output
+from dvcray_cli.cli._common import err, out
 from dvcray_cli.errors import UsageError
 
 
@@ -18,9 +18,9 @@ def _usd(value: float) -> str:
 
 def show_plan(p: Any, dry_run: bool) -> None:
     """The plan, on stdout: what would be created, where, and what it costs."""
-    from dvcray_cli.idle import format_duration
+    from dvcray_cli.clusters import format_duration
 
-    out.print(f"[bold]AWS cluster {p.cluster_name}[/] from {p.config_label} ({p.source})")
+    out.print(Text.assemble(("AWS cluster " + p.cluster_name, "bold"), f" from {p.config_label} ({p.source})"))
     out.print(f"  Region:        {p.region} (account {p.account})", markup=False)
     for n in p.node_types:
         count = "1" if n.role == "head" else f"{n.min_count}-{n.max_count}"
@@ -58,18 +58,16 @@ def show_plan(p: Any, dry_run: bool) -> None:
         out.print(f"  Check {check.name}: {mark}: {check.detail}", markup=False)
 
 
-def up(config: str, dry_run: bool, yes: bool, idle_timeout: str | None) -> None:
-    from dvcray_cli import aws
-    from dvcray_cli.idle import parse_duration
+def up(p: Any, dry_run: bool, yes: bool) -> None:
+    """Show an AWS plan; unless a dry run, confirm, then bootstrap and launch it."""
+    from dvcray_cli import clusters
 
-    timeout = parse_duration(idle_timeout) if idle_timeout is not None else None
-    p = aws.plan(config, Path.cwd(), timeout)
     show_plan(p, dry_run)
     if dry_run:
         err.print("Dry run: nothing was created. Start it with: "
                   f"dvcray cluster up {p.config_label}", markup=False)
         return
-    aws.refuse_fake_endpoint()
+    clusters.refuse_fake_endpoint()
     if not yes:
         if not sys.stdin.isatty():
             raise UsageError("Starting an AWS cluster costs money: confirm with --yes when not at a terminal.",
@@ -77,36 +75,21 @@ def up(config: str, dry_run: bool, yes: bool, idle_timeout: str | None) -> None:
         if not typer.confirm("Create these AWS resources and start the cluster?", default=False):
             err.print("Nothing was created.")
             raise typer.Exit(0)
-    err.print("Creating IAM roles, key pair and security group...")
-    boot = aws.bootstrap(p)
-    for item in boot.created:
-        err.print(f"  created {item}", markup=False)
-    err.print("Launching the head through Ray's cluster launcher (setup takes several minutes)...")
-    record = aws.launch(p, boot)
-    err.print(f"Started AWS cluster [bold]{record.name}[/] (head {record.head_ip}).")
-    err.print(f"Job API through the port-forward: {record.dashboard_url}", markup=False)
+    result = clusters.up(p, say=lambda m: err.print(m, markup=False))
+    err.print(Text.assemble("Started AWS cluster ", (result.name, "bold"), f" (head {result.head_ip})."))
+    err.print(f"Job API through the port-forward: {result.dashboard_url}", markup=False)
     err.print(f"`dvcray run` in this project uses it. Stop it with: dvcray cluster down {p.config_label} --yes",
               markup=False)
 
 
-def down(config: str, yes: bool) -> None:
-    from dvcray_cli import aws
-
-    message = f"Terminating the instances of AWS cluster {config}..."
-    if plain_output():
-        err.print(message, markup=False)
-        result = aws.down(config, Path.cwd(), yes=yes)
-    else:
-        with err.status(message):
-            result = aws.down(config, Path.cwd(), yes=yes)
-    if result.stopped_runs:
-        err.print(f"Stopped runs: {', '.join(result.stopped_runs)}", markup=False)
+def down_result(result: Any) -> None:
+    """What ``down`` of an AWS cluster did."""
     if result.terminated:
-        err.print(f"Terminated {len(result.terminated)} instance(s) of AWS cluster [bold]{result.name}[/] "
-                  f"in {result.region}: {', '.join(result.terminated)}")
+        err.print(Text.assemble(f"Terminated {len(result.terminated)} instance(s) of AWS cluster ",
+                                (result.name, "bold"), f" in {result.region}: {', '.join(result.terminated)}"))
     else:
-        err.print(f"AWS cluster [bold]{result.name}[/] has no running instances in {result.region}; "
-                  "nothing to terminate.")
+        err.print(Text.assemble("AWS cluster ", (result.name, "bold"),
+                                f" has no running instances in {result.region}; nothing to terminate."))
     err.print("Left in place (free of charge, reused by the next `up`): IAM roles and instance profiles, "
               "key pair, security group.", markup=False)
 
@@ -115,7 +98,7 @@ def status_rows(clusters: list[dict[str, Any]]) -> None:
     """AWS clusters after the local ones: instances, age, estimated cost so far."""
     from rich.table import Table
 
-    from dvcray_cli.idle import format_duration
+    from dvcray_cli.clusters import format_duration
 
     table = Table("AWS cluster", "Region", "Instances", "Age", "Cost so far (est.)", "Idle timeout", "Job API")
     for c in clusters:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.text import Text
 
 from dvcray_cli.cli._common import boundary, err, out, plain_output, write_json
 from dvcray_cli.errors import ExperimentFailed, UsageError
@@ -52,11 +53,11 @@ def run(
 
         dvcray run --exp-name lr-01 -S train.lr=0.1
     """
-    from dvcray_cli import run as core
-
     from dvcray_cli import params
+    from dvcray_cli.runs import follow, submit
+    from dvcray_cli.runs.model import RunOptions
 
-    opts = core.RunOptions(
+    opts = RunOptions(
         targets=targets or [], exp_name=exp_name, overrides=set_param or [], address=address,
         store=store, force=force, downstream=downstream, message=message, pull=pull,
         allow_missing=allow_missing, copy_paths=copy_paths or [], cpus_per_exp=cpus_per_exp,
@@ -68,8 +69,8 @@ def run(
             raise UsageError("--detach is not supported with a sweep yet: follow it, or run one value at a time.")
         _sweep(opts, where, jobs, json_, apply)
         return
-    sub = core.submit(opts, where, say=lambda m: err.print(m, markup=False))
-    err.print(f"Submitted run [bold]{sub.run_id}[/] to {sub.address}.")
+    sub = submit.submit(opts, where, say=lambda m: err.print(m, markup=False))
+    err.print(Text.assemble("Submitted run ", (sub.run_id, "bold"), f" to {sub.address}."))
     if detach:
         if json_:
             write_json({"run_id": sub.run_id, "state": "PENDING", "address": sub.address, "store": sub.store.url})
@@ -84,15 +85,15 @@ def run(
 
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
-        status = core.follow(sub.client, sub.run_id, emit)
+        status = follow.follow(sub.client, sub.run_id, emit)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    outcome = core.finish(sub, status, apply=apply)
+    outcome = follow.finish(sub, status, apply=apply)
     if json_:
         write_json(outcome.to_json())
     else:
         _summary(outcome, opts.overrides)
-    core.raise_for(outcome)
+    follow.raise_for(outcome)
 
 
 def _summary(outcome, overrides: list[str]) -> None:
@@ -121,7 +122,7 @@ def _summary(outcome, overrides: list[str]) -> None:
 
 def _sweep(opts, where: Path, jobs: int | None, json_: bool, apply: bool) -> None:
     """Run a sweep: a live table in a terminal, plain prefixed lines elsewhere."""
-    from dvcray_cli import sweep
+    from dvcray_cli.runs import sweep
 
     if apply:
         raise UsageError("--apply takes one experiment: run the sweep, then dvc exp apply the one you want.")
@@ -142,7 +143,7 @@ def _sweep(opts, where: Path, jobs: int | None, json_: bool, apply: bool) -> Non
                 key = (st.name, st.state)
                 if key not in seen:
                     seen.add(key)
-                    err.print(f"[{st.name}] {st.state}", markup=False)
+                    err.print(f"[{st.name}] {st.state.value}", markup=False)
 
     seen: set = set()
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
@@ -182,14 +183,14 @@ def _live_table(states):
         if st.outcome and st.outcome.metrics:
             first = next(iter(st.outcome.metrics.values()), {})
             latest = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(first.items())[:3])
-        table.add_row(st.name, st.state, elapsed, latest[:60])
+        table.add_row(Text(st.name), st.state.value, elapsed, Text(latest[:60]))
     return table
 
 
 def _sweep_summary(result) -> None:
     from rich.table import Table
 
-    from dvcray_cli import sweep
+    from dvcray_cli.runs import sweep
 
     columns, rows = sweep.table_rows(result.outcomes)
     table = Table(show_header=True, header_style="bold")

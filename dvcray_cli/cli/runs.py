@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.text import Text
 
 from dvcray_cli.cli._common import boundary, err, out, write_json
 from dvcray_cli.errors import ExperimentFailed
@@ -49,9 +50,9 @@ def runs(
     """
     from rich.console import Console
 
-    from dvcray_cli import runs as core
+    from dvcray_cli.runs import history
 
-    found = core.list_runs(cwd.resolve(), store=store, limit=limit or None)
+    found = history.list_runs(cwd.resolve(), store=store, limit=limit or None)
     if json_:
         write_json([r.to_json() for r in found])
         return
@@ -78,9 +79,9 @@ def _table(found):
     for r in found:
         metric = r.key_metric()
         table.add_row(
-            r.run_id, r.exp_name or "-", f"[{STATE_STYLE.get(r.state, '')}]{r.state}[/]",
+            Text(r.run_id), Text(r.exp_name or "-"), Text(r.state.value, style=STATE_STYLE.get(r.state.value, "")),
             time.strftime("%m-%d %H:%M", time.localtime(r.started or r.submitted or 0)),
-            _duration(r.duration), "-" if metric is None else f"{metric[0]}={_value(metric[1])}",
+            _duration(r.duration), Text("-" if metric is None else f"{metric[0]}={_value(metric[1])}"),
         )
     return table
 
@@ -118,21 +119,22 @@ def logs(
         dvcray logs dvcray-20250101-120000-a1b2c3
         dvcray logs lr-01 --follow
     """
-    from dvcray_cli import runs as core
+    from dvcray_cli.runs import history
+    from dvcray_cli.runs.model import RunState
 
     def emit(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    result = core.logs(cwd.resolve(), run, emit, follow=follow, store=store,
+    result = history.logs(cwd.resolve(), run, emit, follow=follow, store=store,
                        note=lambda m: err.print(m, markup=False))
     if result.empty:
-        err.print(f"Run {result.run_id} has no log yet ({result.state}).", markup=False)
-    if result.state == core.LOST:
+        err.print(f"Run {result.run_id} has no log yet ({result.state.value}).", markup=False)
+    if result.state == RunState.LOST:
         err.print(f"Run {result.run_id} is LOST: its cluster is gone and it saved no result.", markup=False)
-    if follow and result.state == "STOPPED":
+    if follow and result.state == RunState.STOPPED:
         raise ExperimentFailed(f"Run {result.run_id} was stopped.", "dvcray runs shows it.")
-    if follow and result.state == "FAILED":
+    if follow and result.state == RunState.FAILED:
         raise ExperimentFailed(f"Run {result.run_id} failed.", "The log above says why.")
 
 
@@ -150,13 +152,13 @@ def stop(
 
         dvcray stop dvcray-20250101-120000-a1b2c3
     """
-    from dvcray_cli import runs as core
+    from dvcray_cli.runs import history
 
-    result = core.stop(cwd.resolve(), run, store=store, say=lambda m: err.print(m, markup=False))
+    result = history.stop(cwd.resolve(), run, store=store, say=lambda m: err.print(m, markup=False))
     if result.already_finished:
-        err.print(f"Run {result.run_id} has already ended: {result.state}.", markup=False)
+        err.print(f"Run {result.run_id} has already ended: {result.state.value}.", markup=False)
         return
-    err.print(f"Run {result.run_id} ended {result.state} after {result.waited_s:.1f}s.", markup=False)
+    err.print(f"Run {result.run_id} ended {result.state.value} after {result.waited_s:.1f}s.", markup=False)
     if result.saved:
         err.print(f"Its log and what it produced are in the store {result.store}: "
                   f"dvcray logs {result.run_id}", markup=False)
@@ -183,9 +185,9 @@ def pull(
         dvcray pull lr-01
         dvc exp apply lr-01
     """
-    from dvcray_cli import runs as core
+    from dvcray_cli.runs import history
 
-    result = core.pull(cwd.resolve(), run_or_exp, store=store)
+    result = history.pull(cwd.resolve(), run_or_exp, store=store)
     if json_:
         write_json(result.to_json())
     err.print(f"Experiment {result.exp_name} (run {result.run_id}) is in your repo; "

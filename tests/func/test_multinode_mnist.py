@@ -43,7 +43,7 @@ WORKERS = 2
 @pytest.fixture(scope="module")
 def multinode(tmp_path_factory):
     """``dvcray cluster up local-multinode`` with a HOME of its own; ``down`` (and stop by pid) at the end."""
-    from dvcray_cli import cluster
+    from dvcray_cli.clusters import local
 
     home = tmp_path_factory.mktemp("mnist-multinode-home")
     env = {k: v for k, v in os.environ.items() if k not in _DROP and not k.startswith("AWS_")}
@@ -53,14 +53,14 @@ def multinode(tmp_path_factory):
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
     up = run_dvcray("cluster", "up", "local-multinode", env=env, timeout=300)
     assert up.returncode == 0, up.stdout + up.stderr
-    head = cluster.LocalCluster.from_json(
+    head = local.LocalCluster.from_json(
         json.loads((home / ".dvcray" / "clusters" / "local-multinode.json").read_text()))
     try:
         yield SimpleNamespace(home=home, env=env, head=head)
     finally:
         down = run_dvcray("cluster", "down", "local-multinode", "--yes", env=env, timeout=120)
-        if cluster.find_pids(head):   # never leave another test a stray cluster
-            cluster.stop_head(head, timeout=5)
+        if head.pids():   # never leave another test a stray cluster
+            head.stop(timeout=5)
         shutil.rmtree(head.temp_dir, ignore_errors=True)
         assert down.returncode == 0, down.stdout + down.stderr
 
@@ -72,7 +72,7 @@ def _scale_to(head, workers: int, timeout: float = 120) -> list[str]:
     must land on 2 nodes; without waiting, a short search could finish on the
     first worker before the autoscaler's second one joins.
     """
-    from dvcray_cli import cluster
+    from dvcray_cli import ray_api
 
     code = ("import ray\nfrom ray.autoscaler.sdk import request_resources\n"
             f"ray.init()\nrequest_resources(bundles=[{{'CPU': 1}}] * {workers})\n")
@@ -81,7 +81,7 @@ def _scale_to(head, workers: int, timeout: float = 120) -> list[str]:
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=120)
     deadline = time.monotonic() + timeout
     while True:
-        alive = [n["node_id"] for n in cluster.list_nodes(head.dashboard_url, head.token())
+        alive = [n["node_id"] for n in ray_api.list_nodes(head.dashboard_url, head.token())
                  if n["alive"] and not n["is_head"]]
         if len(alive) >= workers or time.monotonic() > deadline:
             return alive
@@ -120,9 +120,9 @@ def test_mnist_on_several_nodes_keeps_per_epoch_metrics_and_the_model(multinode,
     trials = _csv(show("tune/trials.csv"))
     assert len(trials) == 4
     nodes = {t["node"] for t in trials}
-    from dvcray_cli import cluster
+    from dvcray_cli import ray_api
 
-    heads = {n["node_id"] for n in cluster.list_nodes(multinode.head.dashboard_url, multinode.head.token())
+    heads = {n["node_id"] for n in ray_api.list_nodes(multinode.head.dashboard_url, multinode.head.token())
              if n["is_head"]}
     assert len(nodes) >= 2 and not nodes & heads, (nodes, heads)
 

@@ -9,53 +9,20 @@ or ignored files.
 
 from __future__ import annotations
 
-import json
 import os
 import tarfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
+from dvcray_cli.errors import GitError
 from dvcray_cli.gitutil import git
+from dvcray_cli.runs.model import Manifest
 
 BUNDLE = "repo.bundle"
 PATCH = "changes.patch"
 UNTRACKED = "untracked.tar"
-MANIFEST = "manifest.json"
 
 # Relative to the DVC root. These never travel, even when git does not ignore them.
 NEVER = (".dvc/cache", ".dvc/tmp", ".dvc/config.local", ".dvcray")
-
-
-@dataclass
-class Manifest:
-    """What the runner needs to rebuild the workspace and run the experiment."""
-
-    run_id: str
-    baseline: str  # the user's HEAD sha
-    subdir: str  # the DVC project's path inside the git repo ("" at the top)
-    exp_name: str | None
-    overrides: list[str] = field(default_factory=list)
-    targets: list[str] = field(default_factory=list)
-    options: dict[str, Any] = field(default_factory=dict)  # force, downstream, message, ...
-    copy_paths: list[str] = field(default_factory=list)
-    git_name: str = ""
-    git_email: str = ""
-    store: dict[str, Any] = field(default_factory=dict)  # Store.to_json(): no secrets
-    dvcray_version: str = ""
-    created: float = 0.0
-    address: str = ""  # the cluster it was submitted to, for clones that have no record of the run
-    # A sweep's experiments sharing this job: [{"run_id", "exp_name", "overrides"}], run
-    # at most `jobs` at once. Empty: the one experiment above.
-    experiments: list[dict[str, Any]] = field(default_factory=list)
-    jobs: int = 0
-
-    def write(self, folder: Path) -> None:
-        (folder / MANIFEST).write_text(json.dumps(asdict(self), indent=2))
-
-    @classmethod
-    def read(cls, folder: Path) -> "Manifest":
-        return cls(**json.loads((folder / MANIFEST).read_text()))
 
 
 def _excluded(rel_to_dvc_root: str) -> bool:
@@ -122,7 +89,5 @@ def _run_bytes(cmd: list[str], cwd: Path) -> bytes:
 
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True)
     if proc.returncode != 0:
-        from dvcray_cli.errors import DvcrayError
-
-        raise DvcrayError(f"{' '.join(cmd)} failed: {proc.stderr.decode(errors='replace').strip()}")
+        raise GitError(f"{' '.join(cmd)} failed: {proc.stderr.decode(errors='replace').strip()}")
     return proc.stdout

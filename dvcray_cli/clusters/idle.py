@@ -9,12 +9,15 @@ PENDING or RUNNING, read through the job API with the cluster's token.
   is a small process beside the head, in a session of its own (so it is never
   one of the cluster's processes), recorded in
   ``~/.dvcray/clusters/<name>.idle.json`` with its pid. When the time is up it
-  calls ``cluster.down(name)``, which refuses if a run started meanwhile, and
+  calls ``local.down(name)``, which refuses if a run started meanwhile, and
   leaves ``<name>.idle-down.json`` behind so ``cluster status`` can say what happened.
 - AWS clusters: ``head_start_ray_commands`` start it on the head
-  (``python -m dvcray_cli.idle aws --config ~/ray_bootstrap_config.yaml
+  (``python -m dvcray_cli.clusters.idle aws --config ~/ray_bootstrap_config.yaml
   --timeout N --background``); it terminates every instance tagged with the
-  cluster's name through Ray's node provider, the head last (``aws.terminate_cluster``).
+  cluster's name through Ray's node provider, the head last (``terminate_cluster``).
+
+Local and AWS code never import each other, nor this module: ``clusters``
+arms and disarms watchers around their ``up`` and ``down``.
 
 This module imports nothing heavy at the top: ``dvcray --help`` stays fast.
 """
@@ -22,10 +25,8 @@ This module imports nothing heavy at the top: ``dvcray --help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -33,9 +34,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from dvcray_cli import ray_api, state
+from dvcray_cli.clusters import procs
 from dvcray_cli.errors import DvcrayError, UsageError
 
-MARKER = "dvcray_cli.idle"
+MARKER = "dvcray_cli.clusters.idle"
 DEFAULT_AWS_TIMEOUT_S = 3600.0
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -130,46 +133,13 @@ def watch(is_busy: Callable[[], bool], take_down: Callable[[], bool], still_ther
 # --------------------------------------------------------------------------- processes
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-def _is_watcher(pid: int) -> bool:
+def is_watcher(pid: int) -> bool:
     """``pid`` is a dvcray idle watcher (pids get recycled: never signal a stranger)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    state = stat.rsplit(")", 1)[-1].split()[0] if ")" in stat else ""
-    return MARKER in cmdline and state != "Z"
+    return procs.is_ours(pid, MARKER)
 
 
-def _stop_pid(pid: int, timeout: float = 5.0) -> None:
-    if not _is_watcher(pid):
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while _is_watcher(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if _is_watcher(pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def _stop_watcher(pid: int) -> None:
+    procs.stop_pid(pid, MARKER)
 
 
 def _spawn(args: list[str], log_path: Path) -> int:
@@ -186,21 +156,17 @@ def _spawn(args: list[str], log_path: Path) -> int:
 
 
 def watcher_path(name: str) -> Path:
-    from dvcray_cli.cluster import records_dir
-
-    return records_dir() / f"{name}.idle.json"
+    return state.clusters_dir() / f"{name}.idle.json"
 
 
 def note_path(name: str) -> Path:
-    from dvcray_cli.cluster import records_dir
-
-    return records_dir() / f"{name}.idle-down.json"
+    return state.clusters_dir() / f"{name}.idle-down.json"
 
 
 def watcher(name: str) -> dict[str, Any] | None:
     """The running watcher of the local cluster ``name`` (``{"pid", "timeout_s", ...}``), or None."""
-    record = _read_json(watcher_path(name))
-    if record and _is_watcher(int(record.get("pid", 0))):
+    record = state.read_json(watcher_path(name))
+    if record and is_watcher(int(record.get("pid", 0))):
         return record
     return None
 
@@ -216,9 +182,9 @@ def arm(name: str, timeout_s: float, poll_s: float | None = None) -> dict[str, A
     note_path(name).unlink(missing_ok=True)
     if timeout_s <= 0:
         return None
-    from dvcray_cli import cluster
+    from dvcray_cli.clusters import local
 
-    current = cluster.recorded(name)
+    current = local.recorded(name)
     if current is None:
         raise DvcrayError(f"Cluster {name!r} is not running: no idle watcher started.")
     poll = poll_s if poll_s is not None else _default_poll(timeout_s)
@@ -227,26 +193,24 @@ def arm(name: str, timeout_s: float, poll_s: float | None = None) -> dict[str, A
     pid = _spawn(args, watcher_path(name).with_suffix(".log"))
     record = {"pid": pid, "timeout_s": timeout_s, "poll_s": poll, "started_at": _now(),
               "cluster_session": current.session_id}
-    _write_json(watcher_path(name), record)
+    state.write_json(watcher_path(name), record)
     return record
 
 
 def disarm(name: str) -> None:
     """Stop the idle watcher of the local cluster ``name``, if any (by its recorded pid)."""
-    record = _read_json(watcher_path(name))
+    record = state.read_json(watcher_path(name))
     if record and record.get("pid") and int(record["pid"]) != os.getpid():
-        _stop_pid(int(record["pid"]))
+        _stop_watcher(int(record["pid"]))
     watcher_path(name).unlink(missing_ok=True)
 
 
 def auto_downs() -> list[dict[str, Any]]:
     """Local clusters that their idle watcher took down: ``{"name", "at", "timeout_s"}``."""
-    from dvcray_cli.cluster import records_dir
-
-    folder = records_dir()
+    folder = state.clusters_dir()
     if not folder.is_dir():
         return []
-    return [data for data in (_read_json(p) for p in sorted(folder.glob("*.idle-down.json"))) if data]
+    return [data for data in (state.read_json(p) for p in sorted(folder.glob("*.idle-down.json"))) if data]
 
 
 def _default_poll(timeout_s: float) -> float:
@@ -255,12 +219,10 @@ def _default_poll(timeout_s: float) -> float:
 
 def watch_local(name: str, timeout_s: float, poll_s: float, session: int | None = None) -> str:
     """The watcher's body for a local cluster (``python -m dvcray_cli.idle local``)."""
-    from dvcray_cli import cluster
-    from dvcray_cli.errors import UsageError as _Refused
+    from dvcray_cli.clusters import local
 
-
-    def current() -> cluster.LocalCluster | None:
-        found = cluster.recorded(name)
+    def current() -> local.LocalCluster | None:
+        found = local.recorded(name)
         if found is None or (session and found.session_id != session):
             return None
         return found
@@ -276,16 +238,16 @@ def watch_local(name: str, timeout_s: float, poll_s: float, session: int | None 
 
     def take_down() -> bool:
         try:
-            result = cluster.down(name, yes=False)
-        except _Refused:
+            result = local.down(name, yes=False)
+        except UsageError:  # a run started meanwhile
             return False
         if result.cluster is not None:
-            _write_json(note_path(name), {"name": name, "at": _now(), "timeout_s": timeout_s,
+            state.write_json(note_path(name), {"name": name, "at": _now(), "timeout_s": timeout_s,
                                           "pids": len(result.pids)})
         return True
 
     outcome = watch(is_busy, take_down, still_there, timeout_s, poll_s, log=_log)
-    record = _read_json(watcher_path(name))
+    record = state.read_json(watcher_path(name))
     if record and int(record.get("pid", 0)) == os.getpid():
         watcher_path(name).unlink(missing_ok=True)
     return outcome
@@ -294,8 +256,6 @@ def watch_local(name: str, timeout_s: float, poll_s: float, session: int | None 
 def _busy_probe(locate: Callable[[], tuple[str, str] | None]) -> Callable[[], bool]:
     """Whether dvcray runs are active on the cluster ``locate`` gives as (job API,
     token), None when it is gone. One client, made again after an error."""
-    from dvcray_cli import cluster
-
     client = None
 
     def is_busy() -> bool:
@@ -304,9 +264,9 @@ def _busy_probe(locate: Callable[[], tuple[str, str] | None]) -> Callable[[], bo
         if found is None:
             return False
         if client is None:
-            client = cluster.job_client(found[0], token=found[1])
+            client = ray_api.client(found[0], found[1])
         try:
-            return bool(cluster.active_runs(client))
+            return bool(ray_api.active_runs(client))
         except Exception:
             client = None
             raise
@@ -317,7 +277,6 @@ def _busy_probe(locate: Callable[[], tuple[str, str] | None]) -> Callable[[], bo
 # --------------------------------------------------------------------------- AWS (on the head)
 
 
-HEAD_STATE = Path("~/.dvcray")
 HEAD_JOB_API = "http://127.0.0.1:8265"
 
 
@@ -325,11 +284,11 @@ def watch_aws(config_path: Path, timeout_s: float, poll_s: float, job_api: str =
     """The watcher's body on an AWS head: terminate the cluster after ``timeout_s`` idle."""
     import yaml
 
-    from dvcray_cli import aws
+    from dvcray_cli.clusters.aws.account import terminate_cluster
 
     config = yaml.safe_load(Path(config_path).expanduser().read_text())
-    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(HEAD_STATE.expanduser() / "auth_token")
-    token = Path(token_path).read_text().strip()
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(state.home() / "auth_token")
+    token = ray_api.read_token(token_path) or ""
 
     is_busy = _busy_probe(lambda: (job_api, token))
 
@@ -339,7 +298,7 @@ def watch_aws(config_path: Path, timeout_s: float, poll_s: float, job_api: str =
                 return False
         except Exception:  # noqa: BLE001 - unreachable counts as idle (see watch)
             pass
-        ids = aws.terminate_cluster(config["provider"], config["cluster_name"])
+        ids = terminate_cluster(config["provider"], config["cluster_name"])
         _log(f"terminated {len(ids)} instance(s): {', '.join(ids)}")
         return True
 
@@ -379,18 +338,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         watch_local(args.name, timeout_s, poll, args.session)
         return 0
-    pidfile = HEAD_STATE.expanduser() / "idle.json"
+    pidfile = state.home() / "idle.json"
     if args.background:
-        previous = _read_json(pidfile)
+        previous = state.read_json(pidfile)
         if previous and previous.get("pid"):
-            _stop_pid(int(previous["pid"]))
+            _stop_watcher(int(previous["pid"]))
         pidfile.unlink(missing_ok=True)
         if timeout_s <= 0:
             print("dvcray idle watcher: off")
             return 0
         pid = _spawn(["aws", "--config", args.config, "--timeout", f"{timeout_s:g}", "--poll", f"{poll:g}"],
-                     HEAD_STATE.expanduser() / "idle.log")
-        _write_json(pidfile, {"pid": pid, "timeout_s": timeout_s, "started_at": _now()})
+                     state.home() / "idle.log")
+        state.write_json(pidfile, {"pid": pid, "timeout_s": timeout_s, "started_at": _now()})
         print(f"dvcray idle watcher started (pid {pid}, timeout {format_duration(timeout_s)})")
         return 0
     if timeout_s <= 0:

@@ -256,9 +256,9 @@ def test_detach_returns_at_once(ray_cluster, make_dvc_project, store):
     assert proc.returncode == 0, proc.stderr
     run_id = json.loads(proc.stdout)["run_id"]
     assert f"dvcray logs {run_id}" in proc.stderr
-    from dvcray_cli import cluster
+    from dvcray_cli import clusters
 
-    client = cluster.job_client(ray_cluster.dashboard_url)
+    client = clusters.connect(ray_cluster.dashboard_url)
     assert str(client.get_job_status(run_id).value) in ("PENDING", "RUNNING")
     assert time.time() - started < 20
     deadline = time.time() + 120
@@ -286,9 +286,9 @@ def test_ctrl_c_stops_the_job(ray_cluster, make_dvc_project, store):
     _, stderr = proc.communicate(timeout=90)
     assert proc.returncode == 130, stderr
     run_id = next((store / "dvcray" / "runs").iterdir()).name
-    from dvcray_cli import cluster
+    from dvcray_cli import clusters
 
-    client = cluster.job_client(ray_cluster.dashboard_url)
+    client = clusters.connect(ray_cluster.dashboard_url)
     assert str(client.get_job_status(run_id).value) == "STOPPED"
     result = json.loads((store / "dvcray" / "runs" / run_id / "result.json").read_text())
     assert result["status"] == "STOPPED"

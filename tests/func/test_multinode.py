@@ -71,7 +71,7 @@ def _left_behind(gcs_address: str, temp_dir: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def multinode(tmp_path_factory):
-    from dvcray_cli import cluster
+    from dvcray_cli.clusters import local
 
     home = tmp_path_factory.mktemp("multinode-home")
     env = _cluster_env(home)
@@ -80,15 +80,15 @@ def multinode(tmp_path_factory):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     up_s = time.monotonic() - t
     record = json.loads((home / ".dvcray" / "clusters" / "local-multinode.json").read_text())
-    head = cluster.LocalCluster.from_json(record)
+    head = local.LocalCluster.from_json(record)
     try:
         yield SimpleNamespace(home=home, env=env, head=head, up_s=up_s, up_stderr=proc.stderr)
     finally:
         down = _dvcray("cluster", "down", "local-multinode", "--yes", env=env)
-        left = cluster.find_pids(head)
+        left = head.pids()
         behind = _left_behind(head.gcs_address, head.temp_dir)
         if left or behind:  # never leave another test a stray cluster
-            cluster.stop_head(head, timeout=5)
+            head.stop(timeout=5)
         shutil.rmtree(head.temp_dir, ignore_errors=True)
         assert down.returncode == 0, down.stdout + down.stderr
         assert left == [] and behind == [], f"cluster down left {left} {behind}"
@@ -197,9 +197,9 @@ def test_s3_store_places_runners_on_workers_and_more_experiments_than_cpus_all_f
     assert on_multinode.head.dashboard_url in proc.stderr  # "Running 4 experiment(s) on URL"
     assert [exp_metrics(root, f"placed-{i}", "m.json")["z"] for i in range(1, 5)] == [10, 20, 30, 40]
 
-    from dvcray_cli import cluster
+    from dvcray_cli import ray_api
 
-    client = cluster.job_client(on_multinode.head.dashboard_url, token=on_multinode.head.token())
+    client = ray_api.client(on_multinode.head.dashboard_url, on_multinode.head.token())
     jobs = [j for j in client.list_jobs() if (j.metadata or {}).get("exp_name", "").startswith("placed-")]
     assert len(jobs) == 4
     # Where Ray ran each runner (its job's driver): on worker nodes, never the head,
@@ -224,7 +224,6 @@ time.sleep(300)
 
 def test_a_cluster_that_dies_mid_run_is_exit_3_and_the_run_lost(on_multinode, make_dvc_project, tmp_path):
     """Goes last: it kills the module's cluster (its GCS and raylets, by pid)."""
-    from dvcray_cli import cluster
 
     head = on_multinode.head
     root = make_dvc_project({
@@ -249,7 +248,7 @@ def test_a_cluster_that_dies_mid_run_is_exit_3_and_the_run_lost(on_multinode, ma
         assert log is not None, "the stage did not start"
         run_id = log.parent.name
 
-        victims = [p for p in cluster.find_pids(head) if psutil.Process(p).name() in ("gcs_server", "raylet")]
+        victims = [p for p in head.pids() if psutil.Process(p).name() in ("gcs_server", "raylet")]
         assert sum(psutil.Process(p).name() == "raylet" for p in victims) >= 2, victims  # head and a worker
         for pid in victims:
             os.kill(pid, signal.SIGKILL)

@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from dvcray_cli import run as run_mod
+from dvcray_cli import ray_api
 from dvcray_cli.errors import Interrupted, UsageError
-from dvcray_cli.run import ExpSpec, Outcome, Plan, RunOptions, TERMINAL
+from dvcray_cli.runs import follow
+from dvcray_cli.runs.model import RESULT, STATUS, ExpSpec, Outcome, RunOptions, RunResult, RunState, RunStatus
+from dvcray_cli.runs.submit import Plan, Submitted, launch, prepare
 
 POLL_S = 0.3
 
@@ -31,7 +33,7 @@ class ExpState:
 
     spec: ExpSpec
     job_id: str | None = None
-    state: str = "WAITING"  # WAITING (not submitted), PENDING, RUNNING, then a terminal state
+    state: RunState = RunState.WAITING  # not submitted yet; then PENDING, RUNNING, and how it ended
     started: float | None = None
     ended: float | None = None
     last_line: str = ""
@@ -72,22 +74,22 @@ class Sweep:
         if not self.placed:
             if not self.jobs:
                 job_id = self.states[0].spec.run_id.rsplit("-", 1)[0]
-                run_mod.launch(self.plan, job_id, [s.spec for s in self.states], jobs=self.limit)
+                launch(self.plan, job_id, [s.spec for s in self.states], jobs=self.limit)
                 self._started(job_id, self.states)
             return
-        active = sum(1 for s in self.states if s.state in ("PENDING", "RUNNING"))
+        active = sum(1 for s in self.states if s.state.is_active())
         for state in self.states:
             if active >= self.limit:
                 break
-            if state.state == "WAITING":
-                run_mod.launch(self.plan, state.spec.run_id, [state.spec], placed=True)
+            if state.state == RunState.WAITING:
+                launch(self.plan, state.spec.run_id, [state.spec], placed=True)
                 self._started(state.spec.run_id, [state])
                 active += 1
 
     def _started(self, job_id: str, states: list[ExpState]) -> None:
         self.jobs[job_id] = states
         for state in states:
-            state.job_id, state.state, state.started = job_id, "PENDING", time.time()
+            state.job_id, state.state, state.started = job_id, RunState.PENDING, time.time()
         self.on_change(self.states)
 
     # ------------------------------------------------------------------ logs
@@ -111,29 +113,30 @@ class Sweep:
     def _collect(self, state: ExpState, job_status: str) -> bool:
         """Bring an experiment home once its result is in the store."""
         store = self.plan.store
-        result = store.read_json(store.run_path(state.spec.run_id, "result.json"))
+        result = RunResult.from_json(store.read_json(store.run_path(state.spec.run_id, RESULT)))
         if result is None:
-            if job_status in TERMINAL:
-                state.state = "LOST" if job_status == "SUCCEEDED" else job_status
-                state.outcome = Outcome(run_id=state.spec.run_id, status=state.state, exp_name=state.spec.exp_name,
+            if ray_api.is_terminal(job_status):
+                state.state = RunState.LOST if job_status == "SUCCEEDED" else RunState(job_status)
+                state.outcome = Outcome(run_id=state.spec.run_id, status=state.state.value,
+                                        exp_name=state.spec.exp_name,
                                         error="the runner ended without a result", store=store.url)
                 state.ended = time.time()
                 return True
-            status = store.read_json(store.run_path(state.spec.run_id, "status.json")) or {}
-            if status.get("state") == "RUNNING" and state.state == "PENDING":
-                state.state = "RUNNING"
+            status = RunStatus.from_json(store.read_json(store.run_path(state.spec.run_id, STATUS)))
+            if status is not None and status.state == RunState.RUNNING and state.state == RunState.PENDING:
+                state.state = RunState.RUNNING
                 self.on_change(self.states)
             return False
-        sub = run_mod.Submitted(state.spec.run_id, self.plan.address, store, state.spec.exp_name,
-                                self.plan.project.baseline, client=self.plan.client, project=self.plan.project)
-        state.outcome = run_mod.finish(sub, result.get("status", "FAILED"))
-        state.state = state.outcome.status
+        sub = Submitted(state.spec.run_id, self.plan.address, store, state.spec.exp_name,
+                        self.plan.project.baseline, client=self.plan.client, project=self.plan.project)
+        state.outcome = follow.finish(sub, result.status.value)
+        state.state = RunState.parse(state.outcome.status, RunState.FAILED)
         state.ended = time.time()
         return True
 
     async def _watch(self) -> None:
-        watch = run_mod.StatusWatch(self.plan.client, "The runs may still be going: dvcray runs")
-        logs: dict[str, run_mod.JobLog] = {}
+        watch = follow.StatusWatch(self.plan.client, "The runs may still be going: dvcray runs")
+        logs: dict[str, follow.JobLog] = {}
         tails: dict[str, asyncio.Task] = {}
         ended: set[str] = set()
         store_read: dict[str, float] = {}
@@ -141,15 +144,15 @@ class Sweep:
             while True:
                 for job_id in self.jobs:
                     if job_id not in logs:
-                        logs[job_id] = run_mod.JobLog(self.plan.client, job_id,
-                                                      lambda text, j=job_id: self._emit(j, text))
+                        logs[job_id] = follow.JobLog(self.plan.client, job_id,
+                                                     lambda text, j=job_id: self._emit(j, text))
                         tails[job_id] = asyncio.create_task(logs[job_id].tail_forever())
                 statuses = await watch.statuses([j for j in self.jobs if j not in ended])
                 if statuses is None:
                     continue
                 changed = False
                 for job_id, status in statuses.items():
-                    if status in TERMINAL:
+                    if ray_api.is_terminal(status):
                         ended.add(job_id)
                         tails[job_id].cancel()
                         await logs[job_id].drain()
@@ -157,11 +160,11 @@ class Sweep:
                     # A job of its own ends right after its result is written: read the
                     # store then. A shared job's experiments end one by one: read it
                     # at most once a second (each read is a request to the store).
-                    look = status in TERMINAL or (shared and time.time() - store_read.get(job_id, 0) >= 1.0)
+                    look = ray_api.is_terminal(status) or (shared and time.time() - store_read.get(job_id, 0) >= 1.0)
                     for state in self.jobs[job_id]:
                         if state.outcome is None:
-                            if status == "RUNNING" and state.state == "PENDING" and not shared:
-                                state.state = "RUNNING"
+                            if status == "RUNNING" and state.state == RunState.PENDING and not shared:
+                                state.state = RunState.RUNNING
                                 changed = True
                             if look and await asyncio.to_thread(self._collect, state, status):
                                 changed = True
@@ -183,10 +186,11 @@ class Sweep:
         try:
             asyncio.run(self._watch())
         except KeyboardInterrupt:
-            run_mod.stop_jobs(self.plan.client, list(self.jobs))
+            follow.stop_jobs(self.plan.client, list(self.jobs))
             raise Interrupted("Interrupted: every experiment of the sweep was stopped.",
                               "Their logs and what they produced are in the store: dvcray runs") from None
         return SweepResult([s.outcome for s in self.states if s.outcome is not None])
+
 
 def run_sweep(opts: RunOptions, cwd: Path, say: Callable[[str], None], jobs: int | None,
               on_line: Callable[[str, str], None],
@@ -195,7 +199,7 @@ def run_sweep(opts: RunOptions, cwd: Path, say: Callable[[str], None], jobs: int
     if jobs is not None and jobs < 1:
         raise UsageError("--jobs must be at least 1.")
     with tempfile.TemporaryDirectory(prefix="dvcray-snapshot-") as tmp:
-        plan = run_mod.prepare(opts, cwd, say, Path(tmp), jobs)
+        plan = prepare(opts, cwd, say, Path(tmp), jobs)
         say(f"Running {len(plan.experiments)} experiment(s) on {plan.address}"
             + (f", at most {jobs} at once." if jobs else "."))
         return Sweep(plan, jobs, on_line, on_change).run()

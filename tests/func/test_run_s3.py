@@ -18,7 +18,6 @@ from test_run import exp_metrics, project_spec
 def s3_head(tmp_path_factory):
     """A head whose nodes have (fake) AWS credentials of their own, as an AWS
     instance profile would give them. The client's credentials never travel."""
-    from dvcray_cli import cluster
     from ray_fixtures import start_test_head
 
     head, temp_dir = start_test_head(tmp_path_factory.mktemp("s3-head-home"), "pytest-s3", env={
@@ -26,8 +25,8 @@ def s3_head(tmp_path_factory):
     try:
         yield head
     finally:
-        cluster.stop_head(head)
-        assert cluster.find_pids(head) == []
+        head.stop()
+        assert head.pids() == []
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -89,12 +88,12 @@ def test_s3_store_from_dvc_default_remote_and_no_secret_reaches_ray(s3_head, s3_
 
     # Search everywhere Ray keeps what a job brings: its record, its package,
     # its logs, and every file under the cluster's temp dir; and the store.
-    from dvcray_cli import cluster
+    from dvcray_cli import clusters
 
-    info = cluster.job_client(s3_head.dashboard_url).get_job_info(run_id)
+    info = clusters.connect(s3_head.dashboard_url).get_job_info(run_id)
     job_text = json.dumps({"runtime_env": info.runtime_env, "metadata": info.metadata,
                            "entrypoint": info.entrypoint})
-    logs = cluster.job_client(s3_head.dashboard_url).get_job_logs(run_id)
+    logs = clusters.connect(s3_head.dashboard_url).get_job_logs(run_id)
     assert "DRIVER_RUNTIME_ENV" in logs
     haystacks = {"job record": job_text.encode(), "job log": logs.encode(),
                  **{f"s3:{k}": v for k, v in objects.items()}}

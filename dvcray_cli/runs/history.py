@@ -19,14 +19,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from dvcray_cli import gitutil, records
+from dvcray_cli import clusters, gitutil, ray_api
 from dvcray_cli.errors import ClusterError, ExperimentFailed, Interrupted, UsageError
+from dvcray_cli.runs import follow as following
+from dvcray_cli.runs.model import (LOG, MANIFEST, RESULT, STATUS, ExpRef, Manifest, RunRecord, RunResult,
+                                   RunState, RunStatus)
+from dvcray_cli.runs.project import find_project, import_experiment, pull_outputs
+from dvcray_cli.runs.submit import STOP_GRACE_S
 from dvcray_cli.store import Store
 
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-ACTIVE = ("PENDING", "RUNNING")
-# The cluster is gone (or forgot the job) and the store holds no final result.
-LOST = "LOST"
 # How many of a store's newest runs `runs` and `pull` look at beyond this clone's records.
 SCAN_LIMIT = 200
 # `logs --follow` from the store gives up after this long without any sign of life.
@@ -40,7 +41,7 @@ class RunInfo:
 
     run_id: str
     exp_name: str | None
-    state: str                      # PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED or LOST
+    state: RunState
     submitted: float | None = None  # Unix time
     started: float | None = None
     ended: float | None = None
@@ -55,7 +56,7 @@ class RunInfo:
     def duration(self) -> float | None:
         if self.started is None:
             return None
-        end = self.ended if self.ended is not None else (time.time() if self.state in ACTIVE else None)
+        end = self.ended if self.ended is not None else (time.time() if self.state.is_active() else None)
         return None if end is None else max(0.0, end - self.started)
 
     def key_metric(self) -> tuple[str, Any] | None:
@@ -67,7 +68,7 @@ class RunInfo:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "run_id": self.run_id, "exp_name": self.exp_name, "state": self.state,
+            "run_id": self.run_id, "exp_name": self.exp_name, "state": self.state.value,
             "submitted": _iso(self.submitted), "started": _iso(self.started), "ended": _iso(self.ended),
             "duration_s": None if self.duration is None else round(self.duration, 3),
             "baseline": self.baseline, "address": self.address, "store": self.store,
@@ -79,7 +80,7 @@ class RunInfo:
 class StopResult:
     run_id: str
     exp_name: str | None
-    state: str
+    state: RunState
     already_finished: bool
     waited_s: float = 0.0
     saved: bool = False  # the runner wrote its result.json (log, outputs and record are in the store)
@@ -110,7 +111,7 @@ class _Run:
 
     run_id: str
     store: Store
-    record: dict[str, Any] | None = None
+    record: RunRecord | None = None
     _files: dict[str, dict[str, Any] | None] = field(default_factory=dict, repr=False)
 
     def read(self, name: str) -> dict[str, Any] | None:
@@ -119,44 +120,53 @@ class _Run:
         return self._files[name]
 
     @property
-    def result(self) -> dict[str, Any] | None:
-        return self.read("result.json")
+    def result(self) -> RunResult | None:
+        return RunResult.from_json(self.read(RESULT))
+
+    @property
+    def status(self) -> RunStatus | None:
+        return RunStatus.from_json(self.read(STATUS))
+
+    @property
+    def manifest(self) -> Manifest | None:
+        return Manifest.from_json(self.read(MANIFEST))
 
     @property
     def job_id(self) -> str:
         """The Ray Job that ran it: its own, or the one a sweep's experiments share."""
         if self.record:
-            return self.record.get("job_id") or self.run_id
-        return (self.read("manifest.json") or {}).get("run_id") or self.run_id
+            return self.record.job_id or self.run_id
+        manifest = self.manifest
+        return (manifest.run_id if manifest else None) or self.run_id
 
     @property
     def address(self) -> str | None:
         if self.record:
-            return self.record.get("address")
-        return (self.read("manifest.json") or {}).get("address") or None
+            return self.record.address
+        manifest = self.manifest
+        return (manifest.address if manifest else None) or None
 
     def exp_name(self) -> str | None:
         # The record first: it costs no read of the store. The runner's result
         # names experiments that DVC named itself.
-        if self.record and self.record.get("exp_name"):
-            return self.record["exp_name"]
-        for name in ("result.json", "manifest.json"):
-            source = self.read(name)
-            if source and source.get("exp_name"):
-                return source["exp_name"]
+        if self.record and self.record.exp_name:
+            return self.record.exp_name
+        for source in (self.result, self.manifest):
+            if source is not None and source.exp_name:
+                return source.exp_name
         return None
 
     def baseline(self) -> str | None:
-        for source in (self.record, self.result, self.read("manifest.json")):
-            if source and source.get("baseline"):
-                return source["baseline"]
+        for source in (self.record, self.result, self.manifest):
+            if source is not None and source.baseline:
+                return source.baseline
         return None
 
     def submitted(self) -> float | None:
-        if self.record and self.record.get("submitted"):
-            return self.record["submitted"]
-        manifest = self.read("manifest.json") or {}
-        return manifest.get("created") or _time_of(self.run_id)
+        if self.record and self.record.submitted:
+            return self.record.submitted
+        manifest = self.manifest
+        return (manifest.created if manifest else None) or _time_of(self.run_id)
 
 
 @dataclass
@@ -170,15 +180,15 @@ def _context(cwd: Path, store_url: str | None = None) -> _Context:
     root = gitutil.git_root(cwd)
     if root is None:
         raise UsageError(f"{cwd} is not in a git repository.", "Run dvcray inside your DVC project.")
-    dvc_dir = _dvc_dir(cwd.resolve(), root)
+    dvc_root = gitutil.dvc_root(cwd.resolve(), root)
     config: Any = {}
-    if dvc_dir is not None:
+    if dvc_root is not None:
         from dvc.config import Config
 
         try:
-            config = Config(dvc_dir=os.fspath(dvc_dir))
+            config = Config(dvc_dir=os.fspath(dvc_root / ".dvc"))
         except Exception as exc:  # a broken .dvc/config: say so instead of a traceback
-            raise UsageError(f"Could not read the DVC config in {dvc_dir}: {exc}") from None
+            raise UsageError(f"Could not read the DVC config in {dvc_root / '.dvc'}: {exc}") from None
     from dvcray_cli import store as store_mod
 
     holder = SimpleNamespace(config=config)
@@ -186,36 +196,26 @@ def _context(cwd: Path, store_url: str | None = None) -> _Context:
         stores = [store_mod.resolve(store_url, holder if config else None)]
     else:
         stores = [store_mod.resolve(None, holder if config else None)]
-        for record in records.all_records(root):
-            if record.get("store"):
-                stores.append(store_mod.from_record(record["store"], holder if config else None))
+        for record in RunRecord.all(root):
+            if record.store.get("url"):
+                stores.append(store_mod.from_record(record.store, holder if config else None))
     unique: dict[str, Store] = {}
     for s in stores:
         unique.setdefault(s.url.rstrip("/"), s)
     return _Context(root, config, list(unique.values()))
 
 
-def _dvc_dir(start: Path, git_root: Path) -> Path | None:
-    probe = start
-    while True:
-        if (probe / ".dvc").is_dir():
-            return probe / ".dvc"
-        if probe == git_root or probe.parent == probe:
-            return None
-        probe = probe.parent
-
-
-def _record_run(ctx: _Context, record: dict[str, Any]) -> _Run:
+def _record_run(ctx: _Context, record: RunRecord) -> _Run:
     from dvcray_cli import store as store_mod
 
-    if not record.get("store"):
-        return _Run(record["run_id"], ctx.stores[0], record)
-    url = str(record["store"].get("url", "")).rstrip("/")
+    if not record.store.get("url"):
+        return _Run(record.run_id, ctx.stores[0], record)
+    url = str(record.store["url"]).rstrip("/")
     # One Store (and so one filesystem client) per URL.
     store = next((s for s in ctx.stores if s.url.rstrip("/") == url), None)
     if store is None:
-        store = store_mod.from_record(record["store"], SimpleNamespace(config=ctx.config) if ctx.config else None)
-    return _Run(record["run_id"], store, record)
+        store = store_mod.from_record(record.store, SimpleNamespace(config=ctx.config) if ctx.config else None)
+    return _Run(record.run_id, store, record)
 
 
 def _in_repo(git_root: Path, shas: list[str]) -> set[str]:
@@ -260,23 +260,21 @@ class _Clusters:
 
     def __init__(self) -> None:
         self._clients: dict[str, Any] = {}
+        self._jobs: dict[str, dict[str, Any] | None] = {}
         self.errors: dict[str, str] = {}
 
     def client(self, address: str | None):
         if not address:
             return None
         if address not in self._clients:
-            from dvcray_cli import cluster
-            from dvcray_cli import run as run_mod
-
-            dead = cluster.dead_at(address)
+            dead = clusters.dead_at(address)
             if dead is not None:
                 # Its dashboard may linger and answer only after long GCS timeouts.
                 self._clients[address] = None
-                self.errors[address] = f"the Ray cluster {dead.name!r} died (its GCS process is gone)"
+                self.errors[address] = f"the Ray cluster {dead!r} died (its GCS process is gone)"
                 return None
             try:
-                self._clients[address] = run_mod.connect(address)
+                self._clients[address] = clusters.connect(address)
             except ClusterError as exc:
                 self._clients[address] = None
                 self.errors[address] = exc.message
@@ -290,50 +288,33 @@ class _Clusters:
         client = self.client(address)
         if client is None:
             return None
-        key = f"jobs:{address}"
-        if key not in self._clients:
+        if address not in self._jobs:
             try:
-                self._clients[key] = {j.submission_id: j for j in client.list_jobs() if j.submission_id}
+                self._jobs[address] = {j.submission_id: j for j in client.list_jobs() if j.submission_id}
             except Exception as exc:
-                self._clients[key] = None
+                self._jobs[address] = None
                 self.errors[address] = f"{type(exc).__name__}: {exc}"
-        return self._clients[key]
+        return self._jobs[address]
 
 
-def _fallback_addresses() -> list[str]:
-    """Where a run this clone has no record of may be: ``RAY_ADDRESS``, the local cluster."""
-    found = []
-    if os.environ.get("RAY_ADDRESS"):
-        found.append(os.environ["RAY_ADDRESS"])
-    from dvcray_cli import cluster
-
-    try:
-        local = cluster.current()
-    except Exception:  # noqa: BLE001 - only a hint of where to look
-        local = None
-    if local is not None:
-        found.append(local.dashboard_url)
-    return found
+def _status(job) -> RunState:
+    return RunState.parse(job.status, RunState.PENDING)
 
 
-def _status(job) -> str:
-    return str(getattr(job.status, "value", job.status))
-
-
-def _info(run: _Run, clusters: _Clusters, fallbacks: list[str], git_root: Path) -> RunInfo:
-    record = run.record or {}
-    info = RunInfo(run_id=run.run_id, exp_name=run.exp_name(), state=record.get("state") or "PENDING",
+def _info(run: _Run, seen: _Clusters, fallbacks: list[str], git_root: Path) -> RunInfo:
+    record = run.record
+    info = RunInfo(run_id=run.run_id, exp_name=run.exp_name(), state=record.state if record else RunState.PENDING,
                    submitted=run.submitted(), baseline=run.baseline(), address=run.address,
-                   store=run.store.url, source="record" if run.record else "store")
-    if record.get("state") in TERMINAL and record.get("ended"):
+                   store=run.store.url, source="record" if record else "store")
+    if record and record.state.is_terminal() and record.ended:
         # Final and already looked up once: nothing can change any more.
-        info.started, info.ended = record.get("started"), record.get("ended")
-        info.metrics, info.error = record.get("metrics") or {}, record.get("error")
+        info.started, info.ended = record.started, record.ended
+        info.metrics, info.error = record.metrics, record.error
         return info
 
     job = None
     for address in ([run.address] if run.address else fallbacks):
-        jobs = clusters.jobs(address)
+        jobs = seen.jobs(address)
         if jobs is None:
             continue
         job = jobs.get(run.job_id)
@@ -342,37 +323,39 @@ def _info(run: _Run, clusters: _Clusters, fallbacks: list[str], git_root: Path) 
             break
 
     result = run.result
-    status = run.read("status.json") or {}
-    if result and result.get("status") in TERMINAL:
+    status = run.status
+    if result and result.status.is_terminal():
         # The runner's own word; a job that a sweep's experiments share runs on
         # after this one has ended.
-        info.state = result["status"]
-    elif job is not None and _status(job) in ACTIVE:
+        info.state = result.status
+    elif job is not None and _status(job).is_active():
         info.state = _status(job)
     elif job is not None:  # ended without a result: the runner was killed before it could save
         info.state = _status(job)
         info.error = "the runner ended without saving a result"
-    elif record.get("state") in TERMINAL:
+    elif record and record.state.is_terminal():
         pass  # `dvcray run` saw it end (the cluster said so) before the cluster went
-    elif run.record:
+    elif record:
         # Submitted from here and the cluster is gone or forgot the job; no final result.
-        info.state = LOST
+        info.state = RunState.LOST
     else:
         # Found only in the store, from a clone that may use a cluster this one
         # cannot see: what the store last said.
-        info.state = status.get("state") or "PENDING"
+        info.state = status.state if status else RunState.PENDING
 
-    times = result or status
-    info.started = times.get("started") or (job.start_time / 1000 if job is not None and job.start_time else None)
-    info.ended = times.get("ended") or (job.end_time / 1000 if job is not None and job.end_time else None)
+    times: Any = result or status
+    info.started = (times.started if times else None) or \
+        (job.start_time / 1000 if job is not None and job.start_time else None)
+    info.ended = (times.ended if times else None) or \
+        (job.end_time / 1000 if job is not None and job.end_time else None)
     if result:
-        info.metrics = result.get("metrics") or {}
-        info.error = result.get("error") or info.error
-        info.exp_name = result.get("exp_name") or info.exp_name
-    if run.record and info.state in TERMINAL:
-        records.update(git_root, run.run_id, state=info.state, exp_name=info.exp_name,
-                       started=info.started, ended=info.ended or time.time(),
-                       metrics=info.metrics, error=info.error)
+        info.metrics = result.metrics
+        info.error = result.error or info.error
+        info.exp_name = result.exp_name or info.exp_name
+    if record and info.state.is_terminal():
+        RunRecord.update(git_root, run.run_id, state=info.state, exp_name=info.exp_name,
+                         started=info.started, ended=info.ended or time.time(),
+                         metrics=info.metrics, error=info.error)
     return info
 
 
@@ -411,27 +394,27 @@ def list_runs(cwd: Path, store: str | None = None, limit: int | None = None) -> 
         StoreError: a store could not be read.
     """
     ctx = _context(cwd, store)
-    runs = [_record_run(ctx, record) for record in records.all_records(ctx.git_root)
-            if not store or (record.get("store") or {}).get("url", "").rstrip("/") == ctx.stores[0].url.rstrip("/")]
+    runs = [_record_run(ctx, record) for record in RunRecord.all(ctx.git_root)
+            if not store or str(record.store.get("url", "")).rstrip("/") == ctx.stores[0].url.rstrip("/")]
     runs += _store_runs(ctx, {r.run_id for r in runs}, want=limit)
     runs.sort(key=lambda r: (r.submitted() or 0, r.run_id), reverse=True)
     if limit:
         runs = runs[:limit]
-    clusters = _Clusters()
-    fallbacks = _fallback_addresses() if any(r.record is None for r in runs) else []
-    return [_info(r, clusters, fallbacks, ctx.git_root) for r in runs]
+    seen = _Clusters()
+    fallbacks = clusters.fallback_addresses() if any(r.record is None for r in runs) else []
+    return [_info(r, seen, fallbacks, ctx.git_root) for r in runs]
 
 
 def _locate(ctx: _Context, key: str, prefer_success: bool = False) -> _Run:
     """The run ``key`` names: a run id, an experiment name (newest run of that
     name), or the unique end of a run id; records first, then the stores."""
     key = key.strip()
-    recs = records.all_records(ctx.git_root)  # newest first
+    recs = RunRecord.all(ctx.git_root)  # newest first
     for record in recs:
-        if record.get("run_id") == key:
+        if record.run_id == key:
             return _record_run(ctx, record)
     for store in ctx.stores:
-        if key.startswith("dvcray-") and store.read_json(store.run_path(key, "manifest.json")) is not None:
+        if key.startswith("dvcray-") and store.read_json(store.run_path(key, MANIFEST)) is not None:
             return _Run(key, store)
 
     by_name = [_record_run(ctx, r) for r in recs]
@@ -441,11 +424,11 @@ def _locate(ctx: _Context, key: str, prefer_success: bool = False) -> _Run:
         matches.sort(key=lambda r: (r.submitted() or 0, r.run_id), reverse=True)
     if matches:
         if prefer_success:
-            good = [r for r in matches if (r.result or {}).get("status") == "SUCCEEDED"]
+            good = [r for r in matches if r.result is not None and r.result.status == RunState.SUCCEEDED]
             return (good or matches)[0]
         return matches[0]
 
-    ids = {r["run_id"] for r in recs}
+    ids = {r.run_id for r in recs}
     for store in ctx.stores:
         ids.update(store.run_ids()[:SCAN_LIMIT])
     ends = sorted(i for i in ids if len(key) >= 4 and i.endswith(key))
@@ -464,7 +447,7 @@ def _locate(ctx: _Context, key: str, prefer_success: bool = False) -> _Run:
 @dataclass
 class LogsResult:
     run_id: str
-    state: str            # the run's state when the command ended
+    state: RunState       # the run's state when the command ended
     source: str           # "cluster" or "store"
     empty: bool = False   # there was no log to show yet
 
@@ -494,37 +477,37 @@ def logs(cwd: Path, key: str, emit: Callable[[str], None], follow: bool = False,
             shown = True
             user_emit(text)
 
-    clusters = _Clusters()
+    seen = _Clusters()
     # A sweep's experiments share one job whose log holds them all: the store
     # keeps each one's own log.
-    candidates = ([run.address] if run.address else _fallback_addresses()) if run.job_id == run.run_id else []
+    candidates = ([run.address] if run.address else clusters.fallback_addresses()) \
+        if run.job_id == run.run_id else []
     for address in candidates:
-        client = clusters.client(address)
+        client = seen.client(address)
         if client is None:
             continue
         try:
-            state = _status(client.get_job_info(run.run_id))
+            job_state = ray_api.status_text(client.get_job_info(run.run_id).status)
         except Exception:  # the cluster does not know this run (restarted, or another cluster)
             continue
-        if follow and state not in TERMINAL:
-            from dvcray_cli import run as run_mod
-
-            state = run_mod.follow(client, run.run_id, emit, stop_on_interrupt=False)
+        if follow and not ray_api.is_terminal(job_state):
+            job_state = following.follow(client, run.run_id, emit, stop_on_interrupt=False)
         else:
             emit(client.get_job_logs(run.run_id))
-        result = run.read("result.json") if state in TERMINAL else None
-        return LogsResult(run.run_id, (result or {}).get("status", state), "cluster", empty=not shown)
+        result = run.result if ray_api.is_terminal(job_state) else None
+        final = result.status if result else RunState.parse(job_state, RunState.PENDING)
+        return LogsResult(run.run_id, final, "cluster", empty=not shown)
 
     if candidates and run.address:
-        why = clusters.errors.get(run.address) or f"The cluster at {run.address} does not know run {run.run_id}"
+        why = seen.errors.get(run.address) or f"The cluster at {run.address} does not know run {run.run_id}"
         note(f"{why.rstrip('.')}: showing the copy of the log in the store.")
-    state = _store_log(run, emit, follow)
-    return LogsResult(run.run_id, state, "store", empty=not shown)
+    final = _store_log(run, emit, follow)
+    return LogsResult(run.run_id, final, "store", empty=not shown)
 
 
-def _store_log(run: _Run, emit: Callable[[str], None], follow: bool) -> str:
+def _store_log(run: _Run, emit: Callable[[str], None], follow: bool) -> RunState:
     """The store's copy of the log; with ``follow``, poll it until the run's result appears."""
-    rel = run.store.run_path(run.run_id, "log.txt")
+    rel = run.store.run_path(run.run_id, LOG)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     shown = 0
     last_change = time.monotonic()
@@ -543,16 +526,16 @@ def _store_log(run: _Run, emit: Callable[[str], None], follow: bool) -> str:
 
     try:
         while True:
-            result = run.store.read_json(run.store.run_path(run.run_id, "result.json"))
+            result = RunResult.from_json(run.store.read_json(run.store.run_path(run.run_id, RESULT)))
             if show():
                 last_change = time.monotonic()
             if result is not None:
                 show()  # the runner uploads its last lines just before result.json
                 emit(decoder.decode(b"", final=True))
-                return result.get("status", "FAILED")
+                return result.status
             if not follow:
-                status = run.read("status.json") or {}
-                return LOST if run.record else status.get("state", "PENDING")
+                status = run.status
+                return RunState.LOST if run.record else (status.state if status else RunState.PENDING)
             if time.monotonic() - last_change > STALE_S:
                 raise ClusterError(
                     f"Run {run.run_id}: its cluster does not answer and its log in the store has not "
@@ -579,16 +562,14 @@ def stop(cwd: Path, key: str, store: str | None = None, timeout: float | None = 
         ClusterError: the run's cluster does not answer, does not know the run,
             or the job did not end in time.
     """
-    from dvcray_cli import run as run_mod
-
     ctx = _context(cwd, store)
     run = _locate(ctx, key)
     name = run.exp_name()
     result = run.result
-    if result and result.get("status") in TERMINAL:
-        return StopResult(run.run_id, name, result["status"], True, saved=True, store=run.store.url)
+    if result and result.status.is_terminal():
+        return StopResult(run.run_id, name, result.status, True, saved=True, store=run.store.url)
 
-    addresses = [run.address] if run.address else _fallback_addresses()
+    addresses = [run.address] if run.address else clusters.fallback_addresses()
     if not addresses:
         raise ClusterError(f"Run {run.run_id} was not submitted from this clone and no cluster is configured here.",
                            f"Point dvcray at its cluster: RAY_ADDRESS=http://HOST:8265 dvcray stop {run.run_id}")
@@ -596,7 +577,7 @@ def stop(cwd: Path, key: str, store: str | None = None, timeout: float | None = 
     problems = []
     for address in addresses:
         try:
-            client = run_mod.connect(address)
+            client = clusters.connect(address)
             job = client.get_job_info(run.job_id)
             break
         except ClusterError as exc:
@@ -608,31 +589,31 @@ def stop(cwd: Path, key: str, store: str | None = None, timeout: float | None = 
         raise ClusterError(f"Cannot stop run {run.run_id}: {'; '.join(p.rstrip('.') for p in problems)}.",
                            f"If its cluster is gone, so is the run; what it saved: dvcray logs {run.run_id}")
 
-    state = _status(job)
+    job_state = _status(job)
     started = time.monotonic()
-    if state not in TERMINAL:
+    if not job_state.is_terminal():
         say(f"Stopping run {run.run_id}; its runner saves what it has before it ends...")
         if run.job_id != run.run_id:
             say(f"It shares Ray Job {run.job_id} with the other experiments of its sweep: they stop too.")
         client.stop_job(run.job_id)
-        deadline = started + (timeout if timeout is not None else run_mod.STOP_GRACE_S + 15)
-        while state not in TERMINAL:
+        deadline = started + (timeout if timeout is not None else STOP_GRACE_S + 15)
+        while not job_state.is_terminal():
             if time.monotonic() > deadline:
                 raise ClusterError(f"Run {run.run_id} did not end within {deadline - started:.0f}s of being stopped.",
                                    f"Check it: dvcray runs; dvcray logs {run.run_id}")
             time.sleep(0.3)
-            state = _status(client.get_job_info(run.job_id))
+            job_state = _status(client.get_job_info(run.job_id))
         already = False
     else:
         already = True
     waited = time.monotonic() - started
-    final = run_mod.fetch_result(run.store, run.run_id, wait_s=0 if already else 5)
+    final = following.fetch_result(run.store, run.run_id, wait_s=0 if already else 5)
     if final:
-        state = final.get("status", state)
-        name = final.get("exp_name") or name
+        job_state = final.status
+        name = final.exp_name or name
     if run.record:
-        records.update(ctx.git_root, run.run_id, state=state)
-    return StopResult(run.run_id, name, state, already, waited, saved=final is not None, store=run.store.url)
+        RunRecord.update(ctx.git_root, run.run_id, state=job_state)
+    return StopResult(run.run_id, name, job_state, already, waited, saved=final is not None, store=run.store.url)
 
 
 # --------------------------------------------------------------------------- pull
@@ -652,28 +633,27 @@ def pull(cwd: Path, key: str, store: str | None = None) -> PullResult:
         ExperimentFailed: the run ended without an experiment.
         StoreError: the bundle or the outputs could not be read from the store.
     """
-    from dvcray_cli import run as run_mod
-
-    project = run_mod.find_project(cwd)
+    project = find_project(cwd)
     ctx = _context(cwd, store)
     run = _locate(ctx, key, prefer_success=True)
     result = run.result
     if result is None:
         raise UsageError(f"Run {run.run_id} has not ended yet: there is nothing to pull.",
                          f"Wait for it: dvcray logs {run.run_id} --follow")
-    if result.get("status") != "SUCCEEDED" or not result.get("ref"):
+    ref = ExpRef.parse(result.ref)
+    if result.status != RunState.SUCCEEDED or ref is None:
         raise ExperimentFailed(
-            f"Run {run.run_id} ended {result.get('status', 'FAILED')} and saved no experiment"
-            + (f": {result['error']}" if result.get("error") else "."),
+            f"Run {run.run_id} ended {result.status.value} and saved no experiment"
+            + (f": {result.error}" if result.error else "."),
             f"Its log: dvcray logs {run.run_id}")
-    baseline = result.get("baseline") or run.baseline() or ""
+    baseline = result.baseline or run.baseline() or ""
     if baseline not in _in_repo(ctx.git_root, [baseline]):
         raise UsageError(f"Run {run.run_id} ran on commit {baseline[:7]}, which this repo does not have.",
                          "Fetch it first (git fetch / git pull), then rerun dvcray pull.")
-    run_mod.import_experiment(ctx.git_root, run.store, run.run_id, result["ref"])
-    exp_sha = result.get("exp_sha") or gitutil.git("rev-parse", result["ref"], cwd=ctx.git_root)
-    fetched = run_mod.pull_outputs(project, run.store, exp_sha)
+    import_experiment(ctx.git_root, run.store, run.run_id, ref)
+    exp_sha = result.exp_sha or gitutil.git("rev-parse", str(ref), cwd=ctx.git_root)
+    fetched = pull_outputs(project, run.store, exp_sha)
     if run.record:
-        records.update(ctx.git_root, run.run_id, state="SUCCEEDED", exp_name=result.get("exp_name"))
-    return PullResult(run.run_id, result.get("exp_name") or result["ref"].rsplit("/", 1)[-1], result["ref"],
-                      exp_sha, fetched, run.store.url, result.get("params") or {}, result.get("metrics") or {})
+        RunRecord.update(ctx.git_root, run.run_id, state=RunState.SUCCEEDED, exp_name=result.exp_name)
+    return PullResult(run.run_id, result.exp_name or ref.name, str(ref), exp_sha, fetched, run.store.url,
+                      result.params, result.metrics)

@@ -31,6 +31,7 @@ import pytest
 import yaml
 
 from conftest import REPO, free_port, run_dvcray, sh
+from dvcray_cli.errors import ClusterError, UsageError
 
 IN_NETNS_ENV = "DVCRAY_TEST_LOOPBACK_NETNS"
 CONFIGS = REPO / "cluster-configs"
@@ -95,21 +96,21 @@ def test_builtin_configs_pass_rays_schema(name):
     assert len(ray_starts) == 2 and all("RAY_AUTH_MODE=token" in c and "RAY_AUTH_TOKEN_PATH" in c
                                         for c in ray_starts)
     assert "--dashboard-host=127.0.0.1" in ray_starts[0]
-    assert any("dvcray_cli.idle aws" in c for c in prepared["head_start_ray_commands"])
+    assert any("dvcray_cli.clusters.idle aws" in c for c in prepared["head_start_ray_commands"])
     assert "~/.dvcray/auth_token" in prepared["file_mounts"]
 
 
 def test_loopback_endpoint_guard(monkeypatch):
-    from dvcray_cli import aws
+    from dvcray_cli.clusters.aws import account
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:5000")
-    assert aws.fake_endpoint() == "http://127.0.0.1:5000"
-    with pytest.raises(aws.ClusterError, match="Refusing to launch"):
-        aws.refuse_fake_endpoint()
+    assert account.fake_endpoint() == "http://127.0.0.1:5000"
+    with pytest.raises(ClusterError, match="Refusing to launch"):
+        account.refuse_fake_endpoint()
     monkeypatch.setenv("AWS_ENDPOINT_URL", "https://ec2.example.com")
-    assert aws.fake_endpoint() is None
+    assert account.fake_endpoint() is None
     monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", "http://localhost:4566")
-    assert aws.fake_endpoint() == "http://localhost:4566"
+    assert account.fake_endpoint() == "http://localhost:4566"
 
 
 # --------------------------------------------------------------------------- inside: fixtures
@@ -286,7 +287,7 @@ def test_dry_run_gpu_config(aws_project):
 
 
 def test_bootstrap_creates_roles_profiles_key_pair_security_group_and_no_instance(aws_project):
-    from dvcray_cli import aws
+    from dvcray_cli.clusters import aws
 
     before, caches = inventory(), _ray_caches()
     plan = aws.plan("aws", aws_project, idle_timeout_s=900)
@@ -348,7 +349,7 @@ def test_bootstrap_creates_roles_profiles_key_pair_security_group_and_no_instanc
     assert again.created == [] and inventory() == after
 
     # Launching is the step after bootstrap: it refuses against this machine's fake AWS.
-    with pytest.raises(aws.ClusterError, match="Refusing to launch"):
+    with pytest.raises(ClusterError, match="Refusing to launch"):
         aws.launch(plan, boot)
     assert inventory()["instances"] == []
 
@@ -390,7 +391,7 @@ def test_clear_errors_from_the_command_line_and_nothing_created(aws_project, tmp
     ("schema", "does not pass Ray's cluster config schema at max_workers"),
 ])
 def test_clear_errors_and_nothing_created(aws_project, tmp_path, case, message):
-    from dvcray_cli import aws
+    from dvcray_cli.clusters import aws
 
     edits = {
         "unknown region": lambda c: c["provider"].update(region="mars-east-1"),
@@ -405,7 +406,7 @@ def test_clear_errors_and_nothing_created(aws_project, tmp_path, case, message):
     if case == "not an S3 store":
         sh("dvc", "remote", "add", "-f", "-d", "store", str(tmp_path / "local-store"), cwd=aws_project)
     before = inventory()
-    with pytest.raises(aws.UsageError) as exc:
+    with pytest.raises(UsageError) as exc:
         aws.plan(config, aws_project)
     assert message in str(exc.value)
     assert inventory() == before
@@ -430,11 +431,11 @@ def _fake_nodes(cluster_name: str, kinds: list[str]) -> list[str]:
 
 
 def test_terminate_cluster_takes_only_its_own_instances(aws_env):
-    from dvcray_cli import aws
+    from dvcray_cli.clusters.aws import account
 
     mine = _fake_nodes("dvcray-mine", ["head", "worker", "worker"])
     other = _fake_nodes("someone-else", ["head"])
-    done = aws.terminate_cluster({"type": "aws", "region": "us-east-1", "cache_stopped_nodes": True}, "dvcray-mine")
+    done = account.terminate_cluster({"type": "aws", "region": "us-east-1", "cache_stopped_nodes": True}, "dvcray-mine")
     assert sorted(done) == sorted(mine)
     assert done[-1] == mine[0], "the head goes last"
     running = inventory()["instances"]
@@ -442,7 +443,8 @@ def test_terminate_cluster_takes_only_its_own_instances(aws_env):
 
 
 def test_status_shows_instances_age_and_cost_then_down_terminates(aws_project):
-    from dvcray_cli import aws
+    from dvcray_cli.clusters import aws
+    from dvcray_cli.clusters.aws import records
 
     plan = aws.plan("aws", aws_project)
     nodes = _fake_nodes(plan.cluster_name, ["head", "worker"])
@@ -450,7 +452,7 @@ def test_status_shows_instances_age_and_cost_then_down_terminates(aws_project):
                             token_path=plan.token_path, dashboard_url="http://127.0.0.1:9", forward_port=9,
                             forward_pid=0, head_ip="203.0.113.1", ssh_user="ubuntu", key_path="",
                             started_at="2026-01-01T00:00:00+00:00", idle_timeout_s=3600, node_types=[])
-    aws.write_record(record, aws_project / ".dvcray")
+    records.write_record(record, aws_project / ".dvcray")
 
     proc = run_dvcray("cluster", "status", "--json", cwd=aws_project)
     assert proc.returncode == 0, proc.stderr
@@ -471,49 +473,52 @@ def test_status_shows_instances_age_and_cost_then_down_terminates(aws_project):
 
 
 def test_status_says_when_the_cluster_went_away(aws_project):
-    from dvcray_cli import aws
+    from dvcray_cli.clusters import aws
+    from dvcray_cli.clusters.aws import records
 
     plan = aws.plan("aws", aws_project)
     record = aws.AwsCluster(name=plan.cluster_name, config_label="aws", config_path="", region="us-east-1",
                             token_path=plan.token_path, dashboard_url="http://127.0.0.1:9", forward_port=9,
                             forward_pid=0, head_ip="203.0.113.1", ssh_user="ubuntu", key_path="",
                             started_at="2026-01-01T00:00:00+00:00", idle_timeout_s=3600, node_types=[])
-    aws.write_record(record, aws_project / ".dvcray")
+    records.write_record(record, aws_project / ".dvcray")
     proc = run_dvcray("cluster", "status", cwd=aws_project)
     assert proc.returncode == 0
     assert "is gone" in proc.stderr and "idle watcher" in proc.stderr
-    assert aws.repo_records(aws_project) == []
+    assert records.repo_records(aws_project) == []
 
 
 def test_run_finds_the_repos_aws_cluster_and_its_token(aws_project, monkeypatch):
-    """``dvcray run`` (``_known_address``) submits to this repo's AWS cluster through
+    """``dvcray run`` (``clusters.known_address``) submits to this repo's AWS cluster through
     its port-forward, reopened when it died, and sends the cluster's own token."""
-    from dvcray_cli import aws, cluster, run
+    from dvcray_cli import clusters, ray_api
+    from dvcray_cli.clusters import aws
+    from dvcray_cli.clusters.aws import forward, records
 
     plan = aws.plan("aws", aws_project)
-    token = cluster.ensure_token(Path(plan.token_path))
+    token = ray_api.ensure_token(Path(plan.token_path))
     record = aws.AwsCluster(name=plan.cluster_name, config_label="aws", config_path="", region="us-east-1",
                             token_path=str(token), dashboard_url="http://127.0.0.1:9", forward_port=9,
                             forward_pid=0, head_ip="203.0.113.1", ssh_user="ubuntu", key_path="/nonexistent",
                             started_at="2026-01-01T00:00:00+00:00", idle_timeout_s=3600, node_types=[])
-    aws.write_record(record, aws_project / ".dvcray")
+    records.write_record(record, aws_project / ".dvcray")
     monkeypatch.chdir(aws_project / "")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     # The forward is dead: it is reopened (an ssh that cannot reach anything in this namespace).
-    assert run._known_address(None) == "http://127.0.0.1:9"
-    reopened = aws.repo_records(aws_project)[0]
+    assert clusters.known_address(None, aws_project) == "http://127.0.0.1:9"
+    reopened = records.repo_records(aws_project)[0]
     assert reopened.forward_pid > 0
-    assert cluster.client_token("http://127.0.0.1:9") == token.read_text()
-    assert cluster.client_token("http://127.0.0.1:10") != token.read_text()
-    aws.stop_forward(reopened)
+    assert clusters.token_for("http://127.0.0.1:9") == token.read_text()
+    assert clusters.token_for("http://127.0.0.1:10") != token.read_text()
+    forward.stop_forward(reopened)
 
 
 def test_idle_watcher_on_the_head_terminates_the_whole_cluster(aws_env, tmp_path, monkeypatch):
-    """What ``head_start_ray_commands`` starts on the head: ``python -m dvcray_cli.idle
+    """What ``head_start_ray_commands`` starts on the head: ``python -m dvcray_cli.clusters.idle
     aws --config ~/ray_bootstrap_config.yaml --timeout N --background``. It detaches,
     replaces a previous watcher, and once idle terminates every instance of the
     cluster, the head included (no job API answers here: counted as idle)."""
-    from dvcray_cli import idle
+    from dvcray_cli.clusters import idle
 
     nodes = _fake_nodes("dvcray-idle-test", ["head", "worker"])
     other = _fake_nodes("dvcray-not-idle", ["head"])
@@ -526,23 +531,23 @@ def test_idle_watcher_on_the_head_terminates_the_whole_cluster(aws_env, tmp_path
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
 
     def start(timeout: str) -> int:
-        proc = subprocess.run([sys.executable, "-m", "dvcray_cli.idle", "aws", "--config", str(config),
+        proc = subprocess.run([sys.executable, "-m", "dvcray_cli.clusters.idle", "aws", "--config", str(config),
                                "--timeout", timeout, "--poll", "0.5", "--background"],
                               capture_output=True, text=True, timeout=30)
         assert proc.returncode == 0, proc.stderr
         return json.loads((token.parent / "idle.json").read_text())["pid"]
 
     first = start("1h")
-    assert idle._is_watcher(first)
+    assert idle.is_watcher(first)
     second = start("2s")                      # a restart of Ray on the head replaces the watcher
-    assert second != first and not idle._is_watcher(first)
+    assert second != first and not idle.is_watcher(first)
     deadline = time.monotonic() + 60
     while set(nodes) & set(inventory()["instances"]) and time.monotonic() < deadline:
         time.sleep(0.5)
     running = inventory()["instances"]
     assert not set(nodes) & set(running), (token.parent / "idle.log").read_text()
     assert other[0] in running
-    while idle._is_watcher(second) and time.monotonic() < deadline:
+    while idle.is_watcher(second) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not idle._is_watcher(second), "the watcher exits once it took the cluster down"
+    assert not idle.is_watcher(second), "the watcher exits once it took the cluster down"
     assert "terminated 2 instance(s)" in (token.parent / "idle.log").read_text()

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from dvcray_cli.clusters import Shape
 from dvcray_cli.errors import UsageError
 
 # Ray's resource on the head node only (ray/_private/ray_constants.py: HEAD_NODE_RESOURCE_NAME).
@@ -60,18 +61,12 @@ class Placement:
         return options
 
 
-def _alive_nodes(address: str) -> list[dict[str, Any]]:
-    from dvcray_cli import cluster
-
-    return [n for n in cluster.list_nodes(address) if n["alive"]]
-
-
 def _total(nodes: list[dict[str, Any]], key: str) -> float:
     return sum(float(n["resources"].get(key, 0)) for n in nodes)
 
 
-def capacity(address: str, nodes: list[dict[str, Any]]) -> tuple[dict[str, float], bool]:
-    """The CPUs and GPUs the cluster at ``address`` has, or can grow to.
+def capacity(shape: Shape) -> tuple[dict[str, float], bool]:
+    """The CPUs and GPUs a cluster has, or can grow to.
 
     Returns:
         ``({"CPU": c, "GPU": g}, known)``: ``known`` when that is the most the
@@ -79,14 +74,10 @@ def capacity(address: str, nodes: list[dict[str, Any]]) -> tuple[dict[str, float
         autoscaling one whose config says its maximum); otherwise what is
         alive now (an autoscaler may add more).
     """
-    from dvcray_cli import cluster
-
-    record = cluster.recorded_at(address)
-    if record is not None and record.autoscaling_config:
-        most = cluster.max_resources(record) or {}
-        return {"CPU": float(most.get("CPU", 0)), "GPU": float(most.get("GPU", 0))}, True
-    now = {"CPU": _total(nodes, "CPU"), "GPU": _total(nodes, "GPU")}
-    return now, record is not None
+    if shape.most is not None:
+        return {"CPU": float(shape.most.get("CPU", 0)), "GPU": float(shape.most.get("GPU", 0))}, True
+    now = {"CPU": _total(shape.nodes, "CPU"), "GPU": _total(shape.nodes, "GPU")}
+    return now, shape.recorded
 
 
 def at_once(total: float, per_exp: float) -> int:
@@ -100,12 +91,15 @@ def at_once(total: float, per_exp: float) -> int:
     return max(1, math.floor(total / per_exp + 1e-9) - 1)
 
 
-def decide(address: str, cpus: float | None, gpus: float | None, store_is_local: bool,
+def decide(shape: Shape | None, cpus: float | None, gpus: float | None, store_is_local: bool,
            store_url: str, experiments: int = 1, jobs: int | None = None) -> Placement:
     """Decide how runners are submitted for ``--cpus-per-exp``/``--gpus-per-exp``.
 
+    A pure function of what the cluster has (``clusters.shape``) and what was asked.
+
     Args:
-        address: the cluster's job API.
+        shape: the cluster's nodes and the most it can grow to (None: nothing
+            was asked, so nothing was looked up).
         cpus, gpus: what the user asked each runner to reserve (None: nothing).
         store_is_local, store_url: the run's store (a local folder keeps runners on the head).
         experiments: how many experiments the run has (a note on the limit only when it bites).
@@ -114,15 +108,15 @@ def decide(address: str, cpus: float | None, gpus: float | None, store_is_local:
 
     Raises:
         UsageError: a negative request, or more than a cluster dvcray knows can ever have.
-        ClusterError: the cluster does not answer.
     """
     if cpus is None and gpus is None:
         return Placement()
     for flag, value in (("--cpus-per-exp", cpus), ("--gpus-per-exp", gpus)):
         if value is not None and value < 0:
             raise UsageError(f"{flag} must be 0 or more, not {value:g}.")
-    nodes = _alive_nodes(address)
-    cap, known = capacity(address, nodes)
+    shape = shape if shape is not None else Shape([])
+    nodes = shape.nodes
+    cap, known = capacity(shape)
     wanted = {"CPU": cpus or 0.0, "GPU": gpus or 0.0}
     if store_is_local:
         head = next((n for n in nodes if n["is_head"]), None)

@@ -72,9 +72,9 @@ def test_placed_runners_are_one_job_each(ray_cluster, make_dvc_project, tmp_path
     proc = run_dvcray("run", "-n", "placed", "-S", "x=1,2", "--cpus-per-exp", "1", "--store", str(tmp_path / "s"),
                       cwd=root)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    from dvcray_cli import cluster
+    from dvcray_cli import clusters
 
-    jobs = [j for j in cluster.job_client(ray_cluster.dashboard_url).list_jobs()
+    jobs = [j for j in clusters.connect(ray_cluster.dashboard_url).list_jobs()
             if (j.metadata or {}).get("exp_name", "").startswith("placed-")]
     assert len(jobs) == 2
     import requests
@@ -110,9 +110,9 @@ def test_ctrl_c_stops_every_experiment(ray_cluster, make_dvc_project, tmp_path):
     assert proc.returncode == 130, stderr
     results = [json.loads(p.read_text()) for p in (store / "dvcray" / "runs").glob("*/result.json")]
     assert sorted(r["status"] for r in results) == ["STOPPED", "STOPPED"]
-    from dvcray_cli import cluster
+    from dvcray_cli import clusters
 
-    client = cluster.job_client(ray_cluster.dashboard_url)
+    client = clusters.connect(ray_cluster.dashboard_url)
     running = [j for j in client.list_jobs() if str(j.status.value) in ("PENDING", "RUNNING")]
     assert not running
 

@@ -1,0 +1,423 @@
+"""The one cluster API that commands and runs call (DESIGN.md, "Clusters").
+
+Each operation is declared here once and routed by the kind of cluster: the
+built-ins ``local`` and ``local-multinode`` go to ``local``, ``aws``,
+``aws-gpu`` and YAML files whose provider is aws go to ``aws``. Around them
+this module arms and disarms the idle watchers (``idle``), finds the cluster a
+run goes to, and finds the token for an address over every kind of record.
+``local`` and ``aws`` never import each other (a test keeps it so).
+
+Importing this package imports nothing heavy: ``dvcray --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from dvcray_cli import ray_api
+from dvcray_cli.errors import UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ray.job_submission import JobSubmissionClient
+
+LOCAL = ("local", "local-multinode")
+AWS = ("aws", "aws-gpu")
+BUILT_INS = LOCAL + AWS
+UP_HINT = "Use: dvcray cluster up local"
+
+Say = Callable[[str], None]
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------- which kind
+
+
+def kind_of(config: str) -> str:
+    """``"local"`` or ``"aws"``: who handles the cluster ``config`` names.
+
+    Raises:
+        UsageError: an unknown name, a YAML file that cannot be read, or a YAML
+            config of a provider this version does not handle.
+    """
+    from dvcray_cli.clusters.aws.config import is_aws_config
+
+    name = config.strip()
+    if name in LOCAL:
+        return "local"
+    if is_aws_config(name):
+        return "aws"
+    if name.endswith((".yaml", ".yml")) and not Path(name).expanduser().exists():
+        raise UsageError(f"No cluster config at {name}.",
+                         f"Pass a built-in ({', '.join(BUILT_INS)}) or the path of a Ray cluster YAML.")
+    if name.endswith((".yaml", ".yml")) or os.sep in name or Path(name).exists():
+        raise UsageError(f"Cluster configs from YAML files ({name}) are supported for AWS only so far "
+                         "(provider.type: aws).", UP_HINT)
+    raise UsageError(f"Unknown cluster {name!r}. Built-ins: {', '.join(BUILT_INS)}, or a YAML path.", UP_HINT)
+
+
+def parse_duration(text: str | float | int | None) -> float:
+    """Seconds in ``90s``, ``30m``, ``1h``, ``1h30m`` or a number; 0 (``off``) turns a watcher off."""
+    from dvcray_cli.clusters.idle import parse_duration as parse
+
+    return parse(text)
+
+
+def format_duration(seconds: float) -> str:
+    from dvcray_cli.clusters.idle import format_duration as fmt
+
+    return fmt(seconds)
+
+
+# --------------------------------------------------------------------------- up
+
+
+@dataclass
+class LocalPlan:
+    """What ``up`` of a local cluster would do."""
+
+    name: str
+    idle_timeout_s: float | None
+    kind: str = "local"
+
+
+@dataclass
+class UpResult:
+    """A cluster after ``up``."""
+
+    name: str
+    kind: str
+    started: bool                  # False: it was already running
+    dashboard_url: str
+    started_at: str
+    num_cpus: float | None = None
+    autoscaling: bool = False
+    idle_timeout_s: float | None = None  # the watcher armed now (None: none)
+    head_ip: str = ""
+
+
+def plan(config: str, cwd: Path, idle_timeout_s: float | None = None) -> Any:
+    """What ``up`` would do, checked; creates nothing. An AWS plan is checked
+    read-only against the account and priced (``dvcray_cli.clusters.aws.Plan``).
+
+    Raises:
+        UsageError: a bad config name or file, or a project unfit for the cluster.
+        ClusterError: AWS credentials missing or refused.
+    """
+    if kind_of(config) == "local":
+        return LocalPlan(config.strip(), idle_timeout_s)
+    from dvcray_cli.clusters import aws
+
+    return aws.plan(config, cwd, idle_timeout_s)
+
+
+def up(planned: Any, say: Say = _quiet) -> UpResult:
+    """Start the planned cluster unless it runs, record it, arm its idle watcher.
+
+    Raises:
+        ClusterError: it did not start (names the log to read).
+    """
+    if planned.kind == "local":
+        from dvcray_cli.clusters import idle, local
+
+        cluster, started = local.up(planned.name)
+        watcher = None
+        if planned.idle_timeout_s is not None:
+            watcher = idle.arm(cluster.name, planned.idle_timeout_s)
+        return UpResult(cluster.name, "local", started, cluster.dashboard_url, cluster.started_at,
+                        cluster.num_cpus, bool(cluster.autoscaling_config),
+                        watcher["timeout_s"] if watcher else None)
+    from dvcray_cli.clusters import aws
+
+    aws.account.refuse_fake_endpoint()
+    say("Creating IAM roles, key pair and security group...")
+    boot = aws.bootstrap(planned)
+    for item in boot.created:
+        say(f"  created {item}")
+    say("Launching the head through Ray's cluster launcher (setup takes several minutes)...")
+    record = aws.launch(planned, boot)
+    return UpResult(record.name, "aws", True, record.dashboard_url, record.started_at,
+                    idle_timeout_s=record.idle_timeout_s or None, head_ip=record.head_ip)
+
+
+def refuse_fake_endpoint() -> None:
+    """Never launch instances against a fake AWS on this machine (moto): ClusterError."""
+    from dvcray_cli.clusters.aws.account import refuse_fake_endpoint as refuse
+
+    refuse()
+
+
+# --------------------------------------------------------------------------- down
+
+
+@dataclass
+class DownResult:
+    """What ``down`` did."""
+
+    name: str
+    kind: str
+    was_running: bool
+    stopped_runs: list[str] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)        # local: processes stopped
+    terminated: list[str] = field(default_factory=list)  # aws: instances terminated
+    region: str = ""
+
+
+def down(config: str, cwd: Path, yes: bool = False) -> DownResult:
+    """Stop the cluster ``config`` names, and its idle watcher; remove its record.
+
+    Runs still going on it are a reason to refuse, unless ``yes``: then they are
+    stopped first (their runners get SIGTERM and a grace period to save).
+
+    Raises:
+        UsageError: dvcray runs are in progress and ``yes`` is False.
+    """
+    if kind_of(config) == "local":
+        from dvcray_cli.clusters import idle, local
+
+        name = config.strip()
+        result = local.down(name, yes=yes)
+        idle.disarm(name)
+        return DownResult(name, "local", result.cluster is not None, result.stopped_runs, result.pids)
+    from dvcray_cli.clusters import aws
+
+    done = aws.down(config, cwd, yes=yes)
+    return DownResult(done.name, "aws", bool(done.terminated), done.stopped_runs,
+                      terminated=done.terminated, region=done.region)
+
+
+# --------------------------------------------------------------------------- status
+
+
+@dataclass
+class Status:
+    """Every cluster dvcray knows of, as ``cluster status`` shows them."""
+
+    local: list[dict[str, Any]]
+    aws: list[dict[str, Any]]
+    auto_downs: list[dict[str, Any]]   # local clusters their idle watcher took down
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return self.local + self.aws
+
+
+def status() -> Status:
+    """The recorded clusters with their nodes, runs in progress and idle timeouts;
+    AWS clusters with their instances and estimated cost so far."""
+    from dvcray_cli.clusters import aws, idle, local
+
+    found = local.status()
+    for entry in found:
+        watcher = idle.watcher(entry["name"])
+        entry["idle_timeout_s"] = watcher["timeout_s"] if watcher else None
+    running = {c["name"] for c in found}
+    notes = [n for n in idle.auto_downs() if n.get("name") not in running]
+    return Status(found, aws.status(), notes)
+
+
+# --------------------------------------------------------------------------- where runs go
+
+
+def token_for(address: str | None = None) -> str | None:
+    """The token a client sends to ``address``, in Ray's own order of precedence.
+
+    ``RAY_AUTH_TOKEN``, then the file named by ``RAY_AUTH_TOKEN_PATH``, then the
+    token file of a cluster recorded at ``address`` (local, or AWS through its
+    port-forward), then ``~/.ray/auth_token``.
+    """
+    token = ray_api.env_token()
+    if token:
+        return token
+    if address:
+        from dvcray_cli.clusters import local
+        from dvcray_cli.clusters.aws.records import token_for_address
+
+        for cluster in local.records():
+            if cluster.same_address(address):
+                token = cluster.token()
+                if token:
+                    return token
+        token = token_for_address(address)
+        if token:
+            return token
+    return ray_api.read_token(ray_api.default_token_path())
+
+
+def job_api(address: str) -> str:
+    """The job API of ``address``: a recorded local cluster's GCS address maps to its dashboard."""
+    from dvcray_cli.clusters import local
+
+    for cluster in local.records():
+        if address.strip() == cluster.gcs_address:
+            return cluster.dashboard_url
+    return ray_api.normalize(address)
+
+
+def connect(address: str) -> JobSubmissionClient:
+    """A job client for ``address`` that sends the token that belongs to it.
+
+    Raises:
+        ClusterError: nothing answers there, or it refused the token.
+    """
+    url = job_api(address)
+    return ray_api.client(url, token_for(url))
+
+
+def known_address(explicit: str | None, cwd: Path | None = None) -> str | None:
+    """Where runs go without starting anything: ``--address``, ``RAY_ADDRESS``,
+    this repo's AWS cluster (through its port-forward, reopened if it died), or
+    the recorded cluster on this machine (``local`` or ``local-multinode``, the
+    one started last). None: a cluster would have to be started."""
+    if explicit or os.environ.get("RAY_ADDRESS"):
+        return explicit or os.environ["RAY_ADDRESS"]
+    from dvcray_cli.clusters import aws, local
+
+    in_aws = aws.recorded_address(cwd or Path.cwd())
+    if in_aws:
+        return in_aws
+    current = local.current()
+    return current.dashboard_url if current else None
+
+
+def ensure_address(explicit: str | None, cwd: Path | None = None, say: Say = _quiet) -> tuple[str, bool]:
+    """``known_address``, else a local cluster started now (the embedded default).
+
+    Returns:
+        ``(address, started)``.
+    """
+    known = known_address(explicit, cwd)
+    if known:
+        return known, False
+    from dvcray_cli.clusters import local
+
+    say("No cluster configured: starting a local Ray cluster on this machine "
+        "(stop it with: dvcray cluster down local).")
+    cluster, _ = local.up("local")
+    return cluster.dashboard_url, True
+
+
+def fallback_addresses() -> list[str]:
+    """Where a run this clone has no record of may be: ``RAY_ADDRESS``, the local cluster."""
+    found = []
+    if os.environ.get("RAY_ADDRESS"):
+        found.append(os.environ["RAY_ADDRESS"])
+    from dvcray_cli.clusters import local
+
+    try:
+        current = local.current()
+    except Exception:  # noqa: BLE001 - only a hint of where to look
+        current = None
+    if current is not None:
+        found.append(current.dashboard_url)
+    return found
+
+
+def dead_at(address: str) -> str | None:
+    """The name of the cluster recorded on this machine at ``address`` if its GCS
+    is gone (it died, or was stopped by hand); None if it runs or is not dvcray's."""
+    from dvcray_cli.clusters import local
+
+    dead = local.dead_at(address)
+    return dead.name if dead is not None else None
+
+
+@dataclass
+class Shape:
+    """What a cluster has now, and the most it can grow to when dvcray knows it."""
+
+    nodes: list[dict[str, Any]]              # alive nodes (``ray_api.list_nodes``)
+    most: dict[str, float] | None = None     # the most it can ever have (None: unknown)
+    recorded: bool = False                   # a cluster dvcray started on this machine
+
+
+def shape(address: str) -> Shape:
+    """The alive nodes of the cluster at ``address`` and, for an autoscaling cluster
+    dvcray started, the resources it can grow to (for placement).
+
+    Raises:
+        ClusterError: the cluster does not answer.
+    """
+    from dvcray_cli.clusters import local
+
+    url = job_api(address)
+    nodes = [n for n in ray_api.list_nodes(url, token_for(url)) if n["alive"]]
+    record = local.recorded_at(address)
+    if record is None:
+        return Shape(nodes)
+    if record.autoscaling_config:
+        most = local.max_resources(record) or {}
+        return Shape(nodes, {"CPU": float(most.get("CPU", 0)), "GPU": float(most.get("GPU", 0))}, True)
+    return Shape(nodes, None, True)
+
+
+# --------------------------------------------------------------------------- the cluster's dvcray
+
+
+_PROBE = ("python -c \"import dvcray_cli; print('dvcray-version=' + dvcray_cli.__version__)\"")
+
+
+def cluster_dvcray_version(address: str, job_client: JobSubmissionClient | None = None) -> str | None:
+    """The dvcray version the cluster at ``address`` runs its runners with.
+
+    Asked once per cluster session and remembered (``~/.dvcray/clusters/versions.json``):
+    the head's ``dvcray-version`` label when dvcray started it, else a one-line
+    Ray Job on the head that imports dvcray and prints its version.
+
+    Returns:
+        The version, or None when the cluster's Python has no dvcray.
+
+    Raises:
+        ClusterError: the cluster does not answer.
+    """
+    from dvcray_cli import state
+    from dvcray_cli.clusters.local import VERSION_LABEL
+
+    url = job_api(address)
+    token = token_for(url)
+    session = str(ray_api.cluster_version(url, token).get("session_name") or "")
+    cache_path = state.clusters_dir() / "versions.json"
+    cache = state.read_json(cache_path) or {}
+    key = f"{url} {session}"
+    if session and isinstance(cache.get(key), str):
+        return cache[key]
+    found = None
+    for node in ray_api.list_nodes(url, token):
+        if node["is_head"] and node["alive"]:
+            found = (node.get("labels") or {}).get(VERSION_LABEL)
+    if found is None:
+        status, log = ray_api.probe(job_client or ray_api.client(url, token), _PROBE)
+        lines = [ln for ln in log.splitlines() if ln.startswith("dvcray-version=")]
+        if status != "SUCCEEDED" or not lines:
+            return None
+        found = lines[-1].split("=", 1)[1].strip()
+    if session:
+        cache = {k: v for k, v in cache.items() if not k.startswith(f"{url} ")}
+        cache[key] = found
+        state.private_dir(state.clusters_dir())
+        state.write_json(cache_path, cache)
+    return found
+
+
+def check_version(address: str, job_client: JobSubmissionClient | None = None) -> None:
+    """Refuse a cluster whose dvcray cannot run this client's runs.
+
+    Raises:
+        ClusterError: the cluster has no dvcray, or one of another major.minor version.
+    """
+    from dvcray_cli import __version__, compatible
+    from dvcray_cli.errors import ClusterError
+
+    theirs = cluster_dvcray_version(address, job_client)
+    if theirs is None:
+        raise ClusterError(f"The Ray cluster at {job_api(address)} has no dvcray installed: its runner "
+                           "cannot start.",
+                           f"Install dvcray {__version__} on the cluster's nodes (dvcray cluster up does it).")
+    if not compatible(theirs):
+        raise ClusterError(f"The Ray cluster at {job_api(address)} runs dvcray {theirs}, this client is "
+                           f"dvcray {__version__}: they cannot work together.",
+                           f"Install dvcray {__version__} on the cluster, or use dvcray {theirs} here.")

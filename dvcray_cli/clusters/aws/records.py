@@ -1,0 +1,103 @@
+"""Records of AWS clusters: ``<repo>/.dvcray/clusters/<cluster>.json``, and a
+pointer to each in ``~/.dvcray/aws/`` so ``cluster status`` lists them from anywhere."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from dvcray_cli import ray_api, state
+
+
+@dataclass
+class AwsCluster:
+    """A recorded AWS cluster (``.dvcray/clusters/<cluster_name>.json``)."""
+
+    name: str                  # Ray's cluster_name
+    config_label: str
+    config_path: str           # the rendered config, as launched
+    region: str
+    token_path: str
+    dashboard_url: str         # http://127.0.0.1:<forwarded port>
+    forward_port: int
+    forward_pid: int
+    head_ip: str
+    ssh_user: str
+    key_path: str
+    started_at: str
+    idle_timeout_s: float
+    node_types: list[dict[str, Any]]
+    kind: str = "aws"
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> AwsCluster | None:
+        return state.from_json(cls, data)
+
+    def token(self) -> str | None:
+        return ray_api.read_token(self.token_path)
+
+
+def write_record(record: AwsCluster, repo_state: Path) -> Path:
+    """``<repo>/.dvcray/clusters/<name>.json`` (``repo_state`` is ``<repo>/.dvcray``),
+    and a pointer to it in ``~/.dvcray/aws/`` so ``cluster status`` lists it from anywhere."""
+    folder = state.private_dir(Path(repo_state) / "clusters")
+    path = state.write_json(folder / f"{record.name}.json", record.to_json())
+    state.write_json(state.private_dir(state.aws_index_dir()) / f"{record.name}.json", {"record": str(path)})
+    return path
+
+
+def load(path: Path) -> AwsCluster | None:
+    return AwsCluster.from_json(state.read_json(path))
+
+
+def _pointed(pointer: Path) -> Path | None:
+    target = (state.read_json(pointer) or {}).get("record")
+    return Path(target) if isinstance(target, str) and target else None
+
+
+def remove_record(name: str, repo_state: Path | None) -> None:
+    pointer = state.aws_index_dir() / f"{name}.json"
+    path = _pointed(pointer)
+    if repo_state is not None:
+        (Path(repo_state) / "clusters" / f"{name}.json").unlink(missing_ok=True)
+    if path is not None:
+        path.unlink(missing_ok=True)
+    pointer.unlink(missing_ok=True)
+
+
+def records() -> Iterator[tuple[AwsCluster, Path]]:
+    """Every recorded AWS cluster of this user, with its record's path."""
+    index = state.aws_index_dir()
+    if not index.is_dir():
+        return
+    for pointer in sorted(index.glob("*.json")):
+        path = _pointed(pointer)
+        record = load(path) if path is not None else None
+        if record is not None:
+            yield record, path
+
+
+def repo_records(cwd: Path) -> list[AwsCluster]:
+    """The AWS clusters recorded in the repo around ``cwd``, newest first."""
+    from dvcray_cli.gitutil import git_root
+
+    root = git_root(Path(cwd))
+    folder = state.repo_clusters_dir(root, create=False) if root else None
+    if folder is None or not folder.is_dir():
+        return []
+    found = [r for r in (load(p) for p in folder.glob("*.json")) if r is not None and r.kind == "aws"]
+    return sorted(found, key=lambda r: r.started_at, reverse=True)
+
+
+def token_for_address(address: str) -> str | None:
+    """The token of the recorded AWS cluster whose forwarded job API is ``address``."""
+    url = ray_api.normalize(address)
+    for record, _path in records():
+        if record.dashboard_url == url:
+            return record.token()
+    return None

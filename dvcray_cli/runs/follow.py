@@ -1,0 +1,256 @@
+"""After submission: follow a run's log and state, stop it, bring it home.
+
+The log streams live from the cluster and a dropped connection resumes without
+lost or repeated lines; the run's state is polled so its end is seen at once;
+a cluster that stops answering ends the wait with a ClusterError. At the end
+the experiment comes home from the store: its ref (checked to be an
+experiment ref of the run's own baseline), and with ``--apply`` its outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+from dvcray_cli import clusters, ray_api
+from dvcray_cli.errors import ClusterError, ExperimentFailed, Interrupted
+from dvcray_cli.runs.model import RESULT, ExpRef, Outcome, RunRecord, RunResult, RunState
+from dvcray_cli.runs.project import import_experiment, open_repo, pull_outputs
+from dvcray_cli.runs.submit import STOP_GRACE_S, Submitted
+from dvcray_cli.store import Store
+
+# How long the client keeps trying to reach a cluster that stopped answering.
+RECONNECT_TIMEOUT_S = float(os.environ.get("DVCRAY_RECONNECT_TIMEOUT_S", "60"))
+# A job status that takes longer than this counts as no answer.
+STATUS_TIMEOUT_S = 10.0
+
+
+class JobLog:
+    """What of a job's log has been shown. Ray sends a job's log from the start
+    on every tail, so after a dropped connection the client reconnects and skips
+    what it has already shown: nothing is lost or repeated."""
+
+    def __init__(self, client, job_id: str, emit: Callable[[str], None]) -> None:
+        self.client, self.job_id, self.emit = client, job_id, emit
+        self.shown = 0
+
+    def _show(self, text: str, position: int) -> int:
+        end = position + len(text)
+        if end > self.shown:
+            self.emit(text[self.shown - position:] if self.shown > position else text)
+            self.shown = end
+        return end
+
+    async def tail_forever(self) -> None:
+        import asyncio
+
+        while True:
+            position = 0
+            try:
+                async for chunk in self.client.tail_job_logs(self.job_id):
+                    position = self._show(chunk, position)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                pass  # a dropped connection: reconnect and skip what was shown
+            await asyncio.sleep(0.5)
+
+    async def drain(self) -> None:
+        """Show the last lines, which the tail may not have delivered yet."""
+        import asyncio
+
+        try:
+            self._show(await asyncio.to_thread(self.client.get_job_logs, self.job_id), 0)
+        except Exception:
+            pass
+
+
+async def _call(func: Callable[..., Any], *args: Any, timeout: float) -> Any:
+    """``func(*args)`` in a daemon thread, given up after ``timeout`` (TimeoutError).
+
+    A dashboard whose GCS died answers a job's status only after the GCS RPC
+    times out (measured: 30 s); a daemon thread left waiting for it does not hold
+    up the exit, as a thread of ``asyncio.to_thread`` would.
+    """
+    import asyncio
+    import threading
+
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():
+            future.set_result(value) if ok else future.set_exception(value)
+
+    def work() -> None:
+        try:
+            outcome = (True, func(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting coroutine
+            outcome = (False, exc)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:
+            pass  # the loop is gone: nobody waits for this any more
+
+    threading.Thread(target=work, daemon=True).start()
+    return await asyncio.wait_for(future, timeout)
+
+
+class StatusWatch:
+    """Ray's tail notices the end of a job only after a second of sleep
+    (LOG_TAIL_SLEEP_S); polling the status ends the wait at once. A cluster
+    that stops answering for RECONNECT_TIMEOUT_S is a ClusterError."""
+
+    def __init__(self, client, hint: str) -> None:
+        self.client, self.hint = client, hint
+        self.lost_since: float | None = None
+
+    async def statuses(self, job_ids) -> dict[str, str] | None:
+        """``{job_id: status}``, or None while the cluster does not answer (wait and ask again)."""
+        import asyncio
+
+        try:
+            found = {j: ray_api.status_text(await _call(self.client.get_job_status, j, timeout=STATUS_TIMEOUT_S))
+                     for j in job_ids}
+        except Exception as exc:
+            self.lost_since = self.lost_since or time.time()
+            error = await asyncio.to_thread(lost_contact, self.client.get_address(), list(job_ids), exc,
+                                            self.lost_since)
+            if error is not None:
+                raise error from None
+            await asyncio.sleep(1.0)
+            return None
+        self.lost_since = None
+        return found
+
+
+def lost_contact(address: str, run_ids: list[str], exc: BaseException, since: float) -> ClusterError | None:
+    """The error to end on once the cluster stopped answering; None to keep trying.
+
+    At once when ``address`` is a cluster dvcray started on this machine and its
+    GCS is gone (it died: nothing will come back); otherwise after
+    ``DVCRAY_RECONNECT_TIMEOUT_S`` (default 60) without an answer.
+    """
+    runs = ", ".join(run_ids)
+    first = run_ids[0] if len(run_ids) == 1 else "RUN"
+    where = f"Its log up to then is in the store: dvcray logs {first}; dvcray runs shows what became of it."
+    dead = clusters.dead_at(address)
+    if dead is not None:
+        return ClusterError(f"The Ray cluster {dead!r} at {address} died during run {runs}: "
+                            "its GCS process is gone, and the run with it.", where)
+    if time.time() - since <= RECONNECT_TIMEOUT_S:
+        return None
+    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else type(exc).__name__
+    return ClusterError(f"Lost contact with the Ray cluster at {address} for {RECONNECT_TIMEOUT_S:.0f} s "
+                        f"while following run {runs} ({reason}). If the cluster died, the run is lost.",
+                        f"The run may still be going if the cluster comes back. {where}")
+
+
+def follow(client, run_id: str, emit: Callable[[str], None], stop_on_interrupt: bool = True) -> str:
+    """Stream the job's log until the job ends; return its final status.
+
+    Ctrl-C (or SIGTERM) stops the job and raises Interrupted once it has ended;
+    with ``stop_on_interrupt=False`` (``dvcray logs --follow``, which only
+    watches) it stops following and leaves the job be.
+    """
+    import asyncio
+
+    log = JobLog(client, run_id, emit)
+    watch = StatusWatch(client, f"The run may still be going: dvcray runs, dvcray logs {run_id}")
+
+    async def main() -> str:
+        tail = asyncio.create_task(log.tail_forever())
+        try:
+            while True:
+                found = await watch.statuses([run_id])
+                if found and ray_api.is_terminal(found[run_id]):
+                    break
+                await asyncio.sleep(0.2)
+        finally:
+            tail.cancel()
+        await log.drain()
+        return found[run_id]
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        if not stop_on_interrupt:
+            raise Interrupted(f"Stopped following run {run_id}; the run itself goes on.",
+                              f"Follow it again: dvcray logs {run_id} --follow") from None
+        stop_jobs(client, [run_id])
+        raise Interrupted(f"Interrupted: run {run_id} was stopped.",
+                          f"Its log and what it produced are in the store: dvcray logs {run_id}") from None
+
+
+def stop_jobs(client, job_ids: list[str]) -> None:
+    """Stop jobs and wait until each has ended (the runners save their work first)."""
+    import signal
+
+    # A second Ctrl-C while stopping should not leave a job running.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ray_api.stop_and_wait(client, job_ids, STOP_GRACE_S + 10)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# --------------------------------------------------------------------------- finish
+
+def fetch_result(store: Store, run_id: str, wait_s: float = 10) -> RunResult | None:
+    """The runner's result.json (it is written before the job ends)."""
+    deadline = time.time() + wait_s
+    while True:
+        result = RunResult.from_json(store.read_json(store.run_path(run_id, RESULT)))
+        if result is not None or time.time() > deadline:
+            return result
+        time.sleep(0.5)
+
+
+def finish(sub: Submitted, status: str, apply: bool = False) -> Outcome:
+    """Bring a finished run home: the experiment ref, and with ``apply`` its outputs too.
+
+    Args:
+        sub: the run.
+        status: its Ray job's final status.
+        apply: also fetch its outputs and ``dvc exp apply`` it.
+    """
+    project = sub.project
+    result = fetch_result(sub.store, sub.run_id, wait_s=10 if status == "SUCCEEDED" else 3)
+    outcome = Outcome(run_id=sub.run_id, status=status, exp_name=sub.exp_name, store=sub.store.url)
+    if result is not None:
+        outcome = Outcome(
+            run_id=sub.run_id, status=result.status.value, exp_name=result.exp_name, ref=result.ref,
+            exp_sha=result.exp_sha, params=result.params, metrics=result.metrics, error=result.error,
+            store=sub.store.url, timings=result.timings)
+    RunRecord.update(project.git_root, sub.run_id, state=outcome.status, exp_name=outcome.exp_name)
+    if status != "SUCCEEDED" or outcome.status != RunState.SUCCEEDED:
+        if result is None:
+            outcome.error = "the runner ended without a result (see the log above)"
+        return outcome
+    ref = ExpRef.parse(result.ref)
+    if ref is None or ref.baseline != sub.baseline:
+        outcome.status = RunState.FAILED.value
+        outcome.error = "the runner reported success but saved no experiment"
+        return outcome
+    import_experiment(project.git_root, sub.store, sub.run_id, ref)
+    if apply:
+        pull_outputs(project, sub.store, outcome.exp_sha or str(ref))
+        repo = open_repo(project, sub.store)
+        try:
+            repo.experiments.apply(outcome.exp_name)
+        finally:
+            repo.close()
+        outcome.applied = True
+    return outcome
+
+
+def raise_for(outcome: Outcome) -> None:
+    """Raise the error an outcome's exit code comes from (none when it succeeded)."""
+    if outcome.status == "SUCCEEDED":
+        return
+    if outcome.status == "STOPPED":
+        raise Interrupted(f"Run {outcome.run_id} was stopped.",
+                          f"Its log: dvcray logs {outcome.run_id}")
+    raise ExperimentFailed(f"The experiment failed: {outcome.error or 'see the log above'}",
+                           f"Its log stays in the store: dvcray logs {outcome.run_id}")

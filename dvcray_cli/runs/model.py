@@ -1,0 +1,389 @@
+"""dvcray's records of runs, each defined once with its own JSON I/O.
+
+- ``RunState``: where a run is (PENDING ... LOST), with ``is_terminal``.
+- ``ExpRef``: ``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>``, parsed and
+  formatted here only (as DVC's ``ExpRefInfo``).
+- ``Manifest``: what the runner needs to rebuild the workspace and run
+  (``manifest.json`` in the snapshot and in the store).
+- ``RunStatus``: the runner's heartbeat (``status.json`` in the store).
+- ``RunResult``: the runner's final word (``result.json`` in the store).
+- ``RunRecord``: what this clone remembers of a run it submitted
+  (``<repo>/.dvcray/runs/RUN_ID.json``).
+- ``RunOptions``, ``ExpSpec``, ``Outcome``: a run as asked for and as it ended.
+
+Records from a store are shared data: ``from_json`` never trusts a type, an
+unknown key is ignored, and anything unusable reads as None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from dvcray_cli import state
+
+# The files of a run in the store, under ``dvcray/runs/RUN_ID/``.
+MANIFEST = "manifest.json"
+STATUS = "status.json"
+RESULT = "result.json"
+LOG = "log.txt"
+BUNDLE = "exp.bundle"
+
+
+class RunState(str, Enum):
+    """Where a run is. The first five are also Ray's job statuses."""
+
+    WAITING = "WAITING"      # a sweep's experiment not submitted yet (the client's own)
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+    LOST = "LOST"            # no final result, and its cluster is gone or forgot it
+
+    def __str__(self) -> str:
+        return self.value
+
+    def is_terminal(self) -> bool:
+        """It ended, with an outcome (as Ray's ``JobStatus.is_terminal()``). LOST is
+        not: a lost run's cluster may still come back."""
+        return self in (RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED)
+
+    def is_active(self) -> bool:
+        """Submitted and not ended."""
+        return self in (RunState.PENDING, RunState.RUNNING)
+
+    @classmethod
+    def parse(cls, value: Any, default: RunState | None = None) -> RunState | None:
+        """``value`` as a RunState (Ray's ``JobStatus`` too); ``default`` when it is none."""
+        text = str(getattr(value, "value", value) or "").upper()
+        try:
+            return cls(text)
+        except ValueError:
+            return default
+
+
+# --------------------------------------------------------------------------- experiment refs
+
+
+_SHA = re.compile(r"[0-9a-f]{40}")
+# git check-ref-format, for one component: no control characters, space, ~ ^ : ? * [ \.
+_BAD_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+
+
+def valid_exp_name(name: str) -> bool:
+    """``name`` makes a valid experiment ref (git's ``check-ref-format`` rules for
+    one component, as DVC checks it): no ``/``, no control characters or ``~^:?*[\\``
+    or spaces, no ``..`` or ``@{``, not ``@``, not starting with ``.`` or ending in
+    ``.``/``.lock``."""
+    return bool(name) and "/" not in name and not _BAD_CHARS.search(name) and ".." not in name \
+        and "@{" not in name and name != "@" and not name.startswith(".") \
+        and not name.endswith((".", ".lock"))
+
+
+@dataclass(frozen=True)
+class ExpRef:
+    """An experiment's git ref, ``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>``.
+
+    Never DVC's internal refs (``refs/exps/stash``, ``exec``, ``celery``, ...):
+    those carry pickled run variables, a Studio token included.
+    """
+
+    baseline: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"refs/exps/{self.baseline[:2]}/{self.baseline[2:]}/{self.name}"
+
+    @classmethod
+    def parse(cls, ref: Any) -> ExpRef | None:
+        """The ExpRef ``ref`` spells, or None when it is anything else."""
+        if not isinstance(ref, str):
+            return None
+        parts = ref.split("/")
+        if len(parts) != 5 or parts[:2] != ["refs", "exps"]:
+            return None
+        baseline = parts[2] + parts[3]
+        if len(parts[2]) != 2 or not _SHA.fullmatch(baseline) or not valid_exp_name(parts[4]):
+            return None
+        return cls(baseline, parts[4])
+
+
+# --------------------------------------------------------------------------- what a run is asked to do
+
+
+@dataclass
+class RunOptions:
+    """``dvcray run``'s options, as the core takes them."""
+
+    targets: list[str] = field(default_factory=list)
+    exp_name: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    address: str | None = None
+    store: str | None = None
+    force: bool = False
+    downstream: bool = False
+    message: str | None = None
+    pull: bool = False
+    allow_missing: bool = False
+    copy_paths: list[str] = field(default_factory=list)
+    cpus_per_exp: float | None = None  # reserve for each runner: Ray places it where there is room
+    gpus_per_exp: float | None = None
+
+
+@dataclass
+class ExpSpec:
+    """One experiment of a run: its run id (its records' folder), name and overrides."""
+
+    run_id: str
+    exp_name: str | None
+    overrides: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "exp_name": self.exp_name, "overrides": list(self.overrides)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> ExpSpec | None:
+        spec = state.from_json(cls, data)
+        if spec is None or not isinstance(spec.run_id, str):
+            return None
+        return spec
+
+
+def new_run_id() -> str:
+    """``dvcray-YYYYmmdd-HHMMSS-xxxxxx``: sorts by submission time."""
+    return time.strftime("dvcray-%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(3)
+
+
+@dataclass
+class Manifest:
+    """What the runner needs to rebuild the workspace and run its experiments."""
+
+    run_id: str
+    baseline: str  # the user's HEAD sha
+    subdir: str = ""  # the DVC project's path inside the git repo ("" at the top)
+    exp_name: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)  # force, downstream, message, ...
+    copy_paths: list[str] = field(default_factory=list)
+    git_name: str = ""
+    git_email: str = ""
+    store: dict[str, Any] = field(default_factory=dict)  # Store.to_json(): no secrets
+    dvcray_version: str = ""
+    created: float = 0.0
+    address: str = ""  # the cluster it was submitted to, for clones that have no record of the run
+    # A sweep's experiments sharing this job: [{"run_id", "exp_name", "overrides"}], run
+    # at most `jobs` at once. Empty: the one experiment above.
+    experiments: list[dict[str, Any]] = field(default_factory=list)
+    jobs: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Manifest | None:
+        manifest = state.from_json(cls, data)
+        if manifest is None or not isinstance(manifest.run_id, str) or not isinstance(manifest.baseline, str):
+            return None
+        manifest.exp_name = _text(manifest.exp_name)
+        manifest.address = manifest.address if isinstance(manifest.address, str) else ""
+        manifest.created = _number(manifest.created) or 0.0
+        return manifest
+
+    def specs(self) -> list[ExpSpec]:
+        """The experiments this job runs: a sweep's, or the one of the manifest itself."""
+        if self.experiments:
+            return [s for s in (ExpSpec.from_json(e) for e in self.experiments) if s is not None]
+        return [ExpSpec(self.run_id, self.exp_name, list(self.overrides))]
+
+    def write(self, folder: Path) -> Path:
+        return state.write_json(Path(folder) / MANIFEST, self.to_json(), mode=0o644)
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        """The manifest in ``folder`` (a snapshot).
+
+        Raises:
+            ValueError: it is missing or not a manifest.
+        """
+        manifest = cls.from_json(state.read_json(Path(folder) / MANIFEST))
+        if manifest is None:
+            raise ValueError(f"no valid {MANIFEST} in {folder}")
+        return manifest
+
+
+# --------------------------------------------------------------------------- what the runner says
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+@dataclass
+class RunStatus:
+    """The runner's heartbeat, rewritten while the run goes (``status.json``)."""
+
+    state: RunState = RunState.PENDING
+    started: float | None = None
+    ended: float | None = None
+    node: str = ""
+    heartbeat: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = {"state": self.state.value, "started": self.started, "node": self.node}
+        if self.ended is not None:
+            data["ended"] = self.ended
+        if self.heartbeat is not None:
+            data["heartbeat"] = self.heartbeat
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> RunStatus | None:
+        if not isinstance(data, dict):
+            return None
+        return cls(RunState.parse(data.get("state"), RunState.PENDING), _number(data.get("started")),
+                   _number(data.get("ended")), str(data.get("node") or ""), _number(data.get("heartbeat")))
+
+
+@dataclass
+class RunResult:
+    """The runner's final word on one experiment (``result.json``)."""
+
+    run_id: str
+    status: RunState = RunState.FAILED
+    exp_name: str | None = None
+    baseline: str = ""
+    overrides: list[str] = field(default_factory=list)
+    node: str = ""
+    started: float | None = None
+    ended: float | None = None
+    dvcray_version: str = ""
+    exp_sha: str | None = None
+    ref: str | None = None
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    error: str | None = None
+    push_error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["status"] = self.status.value
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> RunResult | None:
+        """A result from the store, its fields checked one by one (never trusted)."""
+        if not isinstance(data, dict) or not isinstance(data.get("run_id"), str):
+            return None
+        overrides = data.get("overrides")
+        return cls(
+            run_id=data["run_id"], status=RunState.parse(data.get("status"), RunState.FAILED),
+            exp_name=_text(data.get("exp_name")), baseline=_text(data.get("baseline")) or "",
+            overrides=[o for o in overrides if isinstance(o, str)] if isinstance(overrides, list) else [],
+            node=str(data.get("node") or ""), started=_number(data.get("started")),
+            ended=_number(data.get("ended")), dvcray_version=str(data.get("dvcray_version") or ""),
+            exp_sha=_text(data.get("exp_sha")), ref=_text(data.get("ref")),
+            params=_mapping(data.get("params")), metrics=_mapping(data.get("metrics")),
+            error=_text(data.get("error")), push_error=_text(data.get("push_error")),
+            timings={k: v for k, v in _mapping(data.get("timings")).items() if _number(v) is not None})
+
+
+# --------------------------------------------------------------------------- what this clone remembers
+
+
+@dataclass
+class RunRecord:
+    """A run this clone submitted (``<repo>/.dvcray/runs/RUN_ID.json``)."""
+
+    run_id: str
+    job_id: str = ""               # the Ray Job that runs it (a sweep's experiments may share one)
+    address: str | None = None     # the cluster it went to
+    store: dict[str, Any] = field(default_factory=dict)  # Store.to_json()
+    exp_name: str | None = None
+    baseline: str = ""
+    submitted: float = 0.0
+    state: RunState = RunState.PENDING
+    started: float | None = None
+    ended: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = self.state.value
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> RunRecord | None:
+        record = state.from_json(cls, data)
+        if record is None or not isinstance(record.run_id, str):
+            return None
+        record.state = RunState.parse(record.state, RunState.PENDING)
+        record.store = _mapping(record.store)
+        record.metrics = _mapping(record.metrics)
+        record.submitted = _number(record.submitted) or 0.0
+        record.job_id = record.job_id if isinstance(record.job_id, str) and record.job_id else record.run_id
+        return record
+
+    def save(self, git_root: Path) -> Path:
+        return state.write_json(state.runs_dir(git_root, create=True) / f"{self.run_id}.json", self.to_json())
+
+    @classmethod
+    def load(cls, git_root: Path, run_id: str) -> RunRecord | None:
+        return cls.from_json(state.read_json(state.runs_dir(git_root, create=False) / f"{run_id}.json"))
+
+    @classmethod
+    def all(cls, git_root: Path) -> list[RunRecord]:
+        """Every record of this clone, newest first."""
+        folder = state.runs_dir(git_root, create=False)
+        if not folder.is_dir():
+            return []
+        found = [r for r in (cls.from_json(state.read_json(p)) for p in folder.glob("*.json")) if r is not None]
+        return sorted(found, key=lambda r: r.submitted, reverse=True)
+
+    @classmethod
+    def update(cls, git_root: Path, run_id: str, **changes: Any) -> None:
+        """Change fields of a saved record (None values leave a field as it is)."""
+        record = cls.load(git_root, run_id)
+        if record is None:
+            return
+        for key, value in changes.items():
+            if value is not None and key in {f.name for f in dataclasses.fields(cls)}:
+                setattr(record, key, RunState.parse(value) if key == "state" else value)
+        record.save(git_root)
+
+
+@dataclass
+class Outcome:
+    """How one experiment ended, as the client reports it."""
+
+    run_id: str
+    status: str
+    exp_name: str | None = None
+    ref: str | None = None
+    exp_sha: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    store: str = ""
+    applied: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)

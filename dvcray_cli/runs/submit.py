@@ -1,0 +1,198 @@
+"""``dvcray run`` up to the submission: preflight, snapshot, submit.
+
+Everything that can be checked is checked before anything is submitted or
+changed (DESIGN.md, "The run lifecycle"): the repo, the names, ``-S``, the
+store, the cluster and the dvcray version it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from dvcray_cli import __version__, clusters, params
+from dvcray_cli.errors import ClusterError, UsageError
+from dvcray_cli.runs import placement, snapshot
+from dvcray_cli.runs.model import MANIFEST, ExpSpec, Manifest, RunOptions, RunRecord, RunState, new_run_id
+from dvcray_cli.runs.project import (Project, check_exp_name, find_project, open_repo, push_inputs,
+                                     read_project)
+from dvcray_cli.store import Store
+
+# Seconds the runner gets after SIGTERM to push outputs, the log and result.json.
+STOP_GRACE_S = int(os.environ.get("DVCRAY_STOP_GRACE_S", "60"))
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class Submitted:
+    """One experiment submitted as a Ray Job of its own."""
+
+    run_id: str
+    address: str
+    store: Store
+    exp_name: str | None
+    baseline: str
+    started_cluster: bool = False
+    snapshot_bytes: int = 0
+    client: Any = field(default=None, repr=False)  # the JobSubmissionClient that submitted it
+    project: Project | None = field(default=None, repr=False)  # where it comes home
+
+
+@dataclass
+class Plan:
+    """What preflight found: everything needed to submit jobs."""
+
+    opts: RunOptions
+    project: Project
+    store: Store
+    address: str
+    client: Any
+    started_cluster: bool
+    experiments: list[ExpSpec]
+    snapshot_dir: Path
+    snapshot_bytes: int = 0
+    placement: placement.Placement | None = None  # how runners are submitted (--cpus-per-exp ...)
+
+    def manifest(self, job_id: str, specs: list[ExpSpec], jobs: int = 0) -> Manifest:
+        opts, project = self.opts, self.project
+        one = specs[0] if len(specs) == 1 else None
+        return Manifest(
+            run_id=one.run_id if one else job_id, baseline=project.baseline, subdir=project.subdir,
+            exp_name=one.exp_name if one else None, overrides=list(one.overrides) if one else [],
+            targets=list(opts.targets),
+            options={"force": opts.force, "downstream": opts.downstream, "message": opts.message,
+                     "pull": opts.pull, "allow_missing": opts.allow_missing},
+            copy_paths=list(opts.copy_paths), git_name=project.identity[0], git_email=project.identity[1],
+            store=self.store.to_json(), dvcray_version=__version__, created=time.time(), address=self.address,
+            experiments=[] if one else [s.to_json() for s in specs], jobs=jobs,
+        )
+
+
+def expand(opts: RunOptions, project: Project) -> list[ExpSpec]:
+    """One experiment per combination of a sweep (DVC's own sweep parser); names
+    NAME-1..NAME-k as DVC gives them. Every name is checked free."""
+    from dvc.utils.hydra import get_hydra_sweeps
+
+    grouped = params.check(project.dvc_root, opts.overrides)
+    base = new_run_id()
+    if not params.is_sweep(opts.overrides):
+        check_exp_name(project, opts.exp_name, opts.force)
+        return [ExpSpec(base, opts.exp_name, list(opts.overrides))]
+    combos = get_hydra_sweeps(grouped)
+    specs = []
+    for i, combo in enumerate(combos, 1):
+        overrides = [ov if path == "params.yaml" else f"{path}:{ov}" for path, ovs in combo.items() for ov in ovs]
+        params.check(project.dvc_root, overrides)
+        name = f"{opts.exp_name}-{i}" if opts.exp_name else None
+        check_exp_name(project, name, opts.force)
+        specs.append(ExpSpec(f"{base}-{i}", name, overrides))
+    return specs
+
+
+def connect(address: str) -> Any:
+    """A job client for the cluster at ``address``, once it is known to run a
+    dvcray that can run this client's runs.
+
+    Raises:
+        ClusterError: it does not answer, refuses the token, or its dvcray differs.
+    """
+    client = clusters.connect(address)
+    clusters.check_version(address, client)
+    return client
+
+
+def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int | None = None) -> Plan:
+    """Preflight (every check before anything is submitted), then snapshot the workspace.
+    ``jobs``: a sweep's ``--jobs``, for the placement of its runners."""
+    import concurrent.futures
+
+    known = clusters.known_address(opts.address, cwd)
+    early = None
+    if known:
+        # Importing Ray's SDK and asking the cluster take a second; do it while
+        # DVC reads the project. Its errors surface after DVC's, in the same order.
+        early = concurrent.futures.ThreadPoolExecutor(1).submit(connect, known)
+    project = find_project(cwd)
+    experiments = expand(opts, project)
+    store, has_inputs = read_project(project, opts.store)
+    store.check_writable()
+
+    if early is not None:
+        address, started, client = known, False, early.result()
+    else:
+        address, started = clusters.ensure_address(opts.address, cwd, say)
+        client = connect(address)
+
+    asked = opts.cpus_per_exp is not None or opts.gpus_per_exp is not None
+    where = placement.decide(clusters.shape(address) if asked else None, opts.cpus_per_exp, opts.gpus_per_exp,
+                             store.is_local, store.url, len(experiments), jobs)
+    if where.note:
+        say(where.note)
+    if has_inputs:
+        repo = open_repo(project, store)
+        try:
+            pushed = push_inputs(repo)
+        finally:
+            repo.close()
+        if pushed:
+            say(f"Pushed {pushed} input file(s) to the store {store.url}.")
+    sizes = snapshot.create(project.git_root, project.dvc_root, snapshot_dir, opts.copy_paths)
+    return Plan(opts, project, store, address, client, started, experiments, snapshot_dir,
+                sum(sizes.values()), where)
+
+
+def launch(plan: Plan, job_id: str, specs: list[ExpSpec], jobs: int = 0, placed: bool = False) -> None:
+    """Submit one Ray Job that runs ``specs`` (one experiment, or a sweep's on one node);
+    ``placed``: with the resources of ``plan.placement`` (``--cpus-per-exp`` ...).
+
+    Raises:
+        ClusterError: the cluster refused the job.
+    """
+    manifest = plan.manifest(job_id, specs, jobs)
+    folder = plan.snapshot_dir
+    manifest.write(folder)
+    data = (folder / MANIFEST).read_bytes()
+    for spec in specs:
+        plan.store.write(plan.store.run_path(spec.run_id, MANIFEST), data)
+    resources = plan.placement.submit_options() if placed and plan.placement is not None else {}
+    try:
+        plan.client.submit_job(
+            entrypoint="python -m dvcray_cli.runner",
+            submission_id=job_id,
+            runtime_env={
+                "working_dir": os.fspath(folder),
+                "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S), "PYTHONUNBUFFERED": "1"},
+            },
+            metadata={"dvcray_version": __version__, "baseline": plan.project.baseline, "run_id": job_id,
+                      "exp_name": ",".join(s.exp_name or "" for s in specs)},
+            **resources,
+        )
+    except Exception as exc:
+        raise ClusterError(f"Could not submit the run to the cluster at {plan.address}: {exc}",
+                           "Check the cluster: dvcray cluster status") from exc
+    for spec in specs:
+        RunRecord(run_id=spec.run_id, job_id=job_id, address=plan.address, store=plan.store.to_json(),
+                  exp_name=spec.exp_name, baseline=plan.project.baseline, submitted=time.time(),
+                  state=RunState.PENDING).save(plan.project.git_root)
+
+
+def submit(opts: RunOptions, cwd: Path, say: Say) -> Submitted:
+    """Preflight, then snapshot the workspace and submit one experiment as a Ray Job.
+
+    Raises:
+        UsageError: a sweep (those go through ``sweep.run_sweep``), or anything preflight refuses.
+        ClusterError, StoreError: the cluster or the store is unfit.
+    """
+    if params.is_sweep(opts.overrides):
+        raise UsageError("A sweep runs through run_sweep, not submit.")
+    with tempfile.TemporaryDirectory(prefix="dvcray-snapshot-") as tmp:
+        plan = prepare(opts, cwd, say, Path(tmp))
+        spec = plan.experiments[0]
+        launch(plan, spec.run_id, [spec], placed=True)
+    return Submitted(spec.run_id, plan.address, plan.store, spec.exp_name, plan.project.baseline,
+                     plan.started_cluster, plan.snapshot_bytes, plan.client, plan.project)

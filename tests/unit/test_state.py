@@ -1,0 +1,69 @@
+"""dvcray's own state (state.py): atomic writes, tolerant reads, the folders' places."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+
+import pytest
+
+from dvcray_cli import state
+
+
+def test_write_is_atomic_private_and_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "deep" / "record.json"
+    state.write_json(path, {"a": 1})
+    assert state.read_json(path) == {"a": 1}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    state.write_json(path, {"a": 2}, mode=0o644)
+    assert state.read_json(path) == {"a": 2} and stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert sorted(p.name for p in path.parent.iterdir()) == ["record.json"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "record.json"
+    state.write_json(path, {"a": 1})
+    with pytest.raises(TypeError):
+        state.write_bytes(path, "not bytes")  # type: ignore[arg-type]
+    assert state.read_json(path) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["record.json"]
+
+
+@pytest.mark.parametrize("content", [None, b"", b'{"a": 1', b"[1, 2]", b'"text"', b"\xff\xfe"])
+def test_reads_of_missing_torn_or_non_object_files_are_none(tmp_path, content):
+    path = tmp_path / "x.json"
+    if content is not None:
+        path.write_bytes(content)
+    assert state.read_json(path) is None
+    if content is not None:
+        assert state.parse_json_object(content) is None
+
+
+def test_repo_dir_hides_itself_from_git(tmp_path):
+    path = state.repo_dir(tmp_path)
+    assert path == tmp_path / ".dvcray"
+    assert (path / ".gitignore").read_text().splitlines()[-1] == "*"
+    assert state.runs_dir(tmp_path, create=True) == path / "runs" and (path / "runs").is_dir()
+    clusters = state.repo_clusters_dir(tmp_path, create=True)
+    assert stat.S_IMODE(clusters.stat().st_mode) == 0o700
+    assert not state.repo_dir(tmp_path / "elsewhere", create=False).exists()
+
+
+def test_home_folders_live_under_this_users_home(isolated_env):
+    assert state.home() == isolated_env / ".dvcray"
+    assert state.clusters_dir().parent == state.home() == state.default_store_dir().parent
+    folder = state.private_dir(state.clusters_dir())
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and stat.S_IMODE(state.home().stat().st_mode) == 0o700
+    assert os.path.isdir(folder)
+
+
+def test_from_json_ignores_unknown_keys_and_refuses_what_does_not_fit():
+    @dataclasses.dataclass
+    class Point:
+        x: int
+        y: int = 0
+
+    assert state.from_json(Point, {"x": 1, "z": 3}) == Point(1, 0)
+    assert state.from_json(Point, {"y": 1}) is None
+    assert state.from_json(Point, ["x"]) is None

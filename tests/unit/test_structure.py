@@ -1,0 +1,179 @@
+"""The architecture stays as DESIGN.md draws it (static: the source is read, nothing imported).
+
+- Imports go one way: ``cli`` -> ``runs | clusters | report | scaffold`` ->
+  ``ray_api | store | state | params | gitutil`` -> ``errors``.
+- Outside ``clusters/``, only its API (``dvcray_cli.clusters``) is used, never its modules.
+- Local and AWS cluster code never import each other.
+- No import cycle between modules, imports inside functions included.
+- No module over 700 lines.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+PACKAGE = REPO / "dvcray_cli"
+MAX_LINES = 700
+
+# Lower layers never import higher ones (0: imports no dvcray module at all).
+LAYERS = {
+    "dvcray_cli.errors": 0,
+    "dvcray_cli": 0,                 # the version
+    "dvcray_cli.state": 1, "dvcray_cli.ray_api": 1, "dvcray_cli.store": 1, "dvcray_cli.params": 1,
+    "dvcray_cli.gitutil": 1, "dvcray_cli.resources": 1,
+    "dvcray_cli.runs": 2, "dvcray_cli.clusters": 2, "dvcray_cli.report": 2, "dvcray_cli.scaffold": 2,
+    "dvcray_cli.runner": 2,
+    "dvcray_cli.cli": 3, "dvcray_cli.__main__": 3,
+}
+
+
+# Edges between groups of one layer that the design has: a run needs a cluster
+# (through the clusters API), the runner runs a run, ``python -m dvcray_cli`` is the command line.
+ALLOWED_ACROSS = {("dvcray_cli.runs", "dvcray_cli.clusters"), ("dvcray_cli.runner", "dvcray_cli.runs"),
+                  ("dvcray_cli.__main__", "dvcray_cli.cli")}
+
+
+def group(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def layer(module: str) -> int | None:
+    probe = module
+    while probe:
+        if probe in LAYERS:
+            return LAYERS[probe]
+        probe = probe.rpartition(".")[0]
+    return None
+
+
+def _type_checking_only(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
+    while node in parents:
+        node = parents[node]
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return True
+    return False
+
+
+def imports(module: str) -> set[str]:
+    """The dvcray modules ``module`` imports, anywhere in its code (functions too).
+
+    ``from a.b import c`` counts as an import of ``a.b.c`` when that is a module."""
+    tree = ast.parse(MODULES[module].read_text())
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if _type_checking_only(node, parents):
+            continue
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "dvcray_cli")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "dvcray_cli":
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in MODULES else node.module)
+    found.discard(module)
+    return found
+
+
+GRAPH = {m: imports(m) for m in MODULES}
+
+
+def test_every_module_has_a_layer():
+    assert [m for m in MODULES if layer(m) is None and not m.startswith("dvcray_cli.integrations")] == []
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_go_one_way(module):
+    mine = layer(module)
+    if module.startswith("dvcray_cli.integrations"):
+        # What users' stage scripts import: it stands alone.
+        assert all(t.startswith("dvcray_cli.integrations") for t in GRAPH[module]), GRAPH[module]
+        return
+    for target in GRAPH[module]:
+        if target.startswith("dvcray_cli.integrations"):
+            continue
+        assert layer(target) is not None, target
+        same_layer_ok = group(target) == group(module) or mine == 1 or \
+            (group(module), group(target)) in ALLOWED_ACROSS
+        assert layer(target) < mine or (layer(target) == mine and same_layer_ok), \
+            f"{module} imports {target}, a layer at or above its own"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if not m.startswith("dvcray_cli.clusters")))
+def test_outside_clusters_only_its_api_is_used(module):
+    inner = [t for t in GRAPH[module] if t.startswith("dvcray_cli.clusters.")]
+    assert inner == [], f"{module} reaches into {inner}: use dvcray_cli.clusters"
+
+
+def test_runs_and_clusters_stay_apart_from_the_command_line():
+    for module, targets in GRAPH.items():
+        if module.startswith(("dvcray_cli.runs", "dvcray_cli.clusters", "dvcray_cli.runner")):
+            assert not [t for t in targets if t.startswith("dvcray_cli.cli")], module
+        if module.startswith("dvcray_cli.clusters"):
+            assert not [t for t in targets if t.startswith(("dvcray_cli.runs", "dvcray_cli.runner"))], module
+
+
+def test_local_and_aws_never_import_each_other():
+    for module, targets in GRAPH.items():
+        if module.startswith("dvcray_cli.clusters.local"):
+            assert not [t for t in targets if t.startswith("dvcray_cli.clusters.aws")], module
+        if module.startswith("dvcray_cli.clusters.aws"):
+            assert not [t for t in targets if t.startswith("dvcray_cli.clusters.local")], module
+
+
+def test_no_import_cycles():
+    """Tarjan's strongly connected components over every import, in functions too."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in GRAPH.get(node, ()):
+            if target not in MODULES:
+                continue
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in MODULES:
+        if module not in index:
+            visit(module)
+    assert cycles == []
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_module_is_over_700_lines(module):
+    lines = len(MODULES[module].read_text().splitlines())
+    assert lines <= MAX_LINES, f"{module} has {lines} lines"
