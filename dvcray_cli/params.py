@@ -105,12 +105,18 @@ def check(root: Path, sets: list[str], flag: str = "-S", where: str | None = Non
 
 
 def is_sweep(sets: list[str]) -> bool:
-    """True when any override expands to several values (``a=1,2``, ``range(...)``)."""
+    """True when any override expands to several values (``a=1,2``, ``range(...)``).
+
+    An override that does not parse is no sweep: ``check`` says what is wrong with it.
+    """
     if not sets:
         return False
     from dvc.utils.hydra import to_hydra_overrides
 
-    return any(o.is_sweep_override() for ov in group(sets).values() for o in to_hydra_overrides(ov))
+    try:
+        return any(o.is_sweep_override() for ov in group(sets).values() for o in to_hydra_overrides(ov))
+    except Exception:  # noqa: BLE001 - hydra's parse errors: reported by check()
+        return False
 
 
 def apply(root: Path, grouped: dict[str, list[str]]) -> None:

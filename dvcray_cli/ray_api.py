@@ -29,6 +29,18 @@ UP_HINT = "Start one with: dvcray cluster up local (or check --address / RAY_ADD
 HTTP_TIMEOUT_S = 10.0
 
 
+def stop_grace_s() -> int:
+    """Seconds a stopped runner gets to save its work before Ray kills it
+    (``DVCRAY_STOP_GRACE_S``, default 60; given to Ray as ``RAY_JOB_STOP_WAIT_TIME_S``).
+
+    Raises:
+        UsageError: the variable is not a number of seconds.
+    """
+    from dvcray_cli import state
+
+    return int(state.env_seconds("DVCRAY_STOP_GRACE_S", 60))
+
+
 # --------------------------------------------------------------------------- addresses
 
 

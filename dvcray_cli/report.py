@@ -135,7 +135,7 @@ def _short_names(rows: list[Row]) -> None:
         row.values = renamed
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -154,7 +154,7 @@ def to_markdown(report: Report) -> str:
     def cells(row: Row, is_base: bool) -> list[str]:
         out = []
         for column in report.columns:
-            text = _cell(row.values.get(column)).replace("|", "\\|")
+            text = cell(row.values.get(column)).replace("|", "\\|")
             if not is_base and report.changed(row, column):
                 delta = report.delta(row, column)
                 text = f"**{text}**" + (f" ({delta:+.4g})" if delta is not None else "")

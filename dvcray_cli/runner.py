@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -24,14 +23,15 @@ from typing import Any
 
 from dvcray_cli.gitutil import git
 from dvcray_cli.runs import snapshot
+from dvcray_cli.runs.logtee import LogTee
+from dvcray_cli.runs.project import shown_files
 from dvcray_cli.runs.model import (BUNDLE, LOG, RESULT, STATUS, ExpRef, ExpSpec, Manifest, RunResult, RunState,
                                    RunStatus)
 from dvcray_cli.store import REMOTE_NAME, Store
 
-LOG_UPLOAD_EVERY_S = 1.0
-# status.json is rewritten this often while the run goes, so a run whose
-# cluster cannot be seen can still be told running from lost.
-HEARTBEAT_EVERY_S = 30.0
+# Each step of the end-of-run save is tried this often before it is reported as failed.
+SAVE_ATTEMPTS = 3
+BUNDLE_STEP = "the experiment's bundle"
 
 
 class Terminated(BaseException):
@@ -40,76 +40,6 @@ class Terminated(BaseException):
 
 def runner_dir() -> Path:
     return Path(os.environ.get("DVCRAY_RUNNER_DIR") or Path.home() / ".cache" / "dvcray")
-
-
-class LogTee:
-    """Send this process's fd 1 and 2 (and so every stage's output) both to the
-    job log and to a file that is uploaded to the store while it grows."""
-
-    def __init__(self, path: Path, store: Store, rel: str, prefix: str = "") -> None:
-        self.path, self.store, self.rel = path, store, rel
-        # In a sweep, experiments share one job log: each line there starts
-        # with "[NAME] ". The experiment's own log in the store stays plain.
-        self.prefix = prefix.encode()
-        self.partial = b""
-        self.heartbeat = None  # set by main(): rewrites status.json
-        self.real_out = os.dup(1)
-        read_fd, write_fd = os.pipe()
-        os.dup2(write_fd, 1)
-        os.dup2(write_fd, 2)
-        os.close(write_fd)
-        sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
-        sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
-        self.file = open(path, "ab", buffering=0)
-        self.reader = threading.Thread(target=self._pump, args=(read_fd,), daemon=True)
-        self.reader.start()
-        self.stop_upload = threading.Event()
-        self.uploaded = -1
-        self.uploader = threading.Thread(target=self._upload_loop, daemon=True)
-        self.uploader.start()
-
-    def _pump(self, fd: int) -> None:
-        while chunk := os.read(fd, 65536):
-            self.file.write(chunk)
-            if not self.prefix:
-                os.write(self.real_out, chunk)
-                continue
-            lines = (self.partial + chunk).split(b"\n")
-            self.partial = lines.pop()
-            if lines:
-                # One write per line: lines of experiments running at once do not interleave.
-                for line in lines:
-                    os.write(self.real_out, self.prefix + line + b"\n")
-        if self.partial:
-            os.write(self.real_out, self.prefix + self.partial + b"\n")
-
-    def upload(self) -> None:
-        size = self.path.stat().st_size
-        if size != self.uploaded:
-            self.store.upload(self.rel, self.path)
-            self.uploaded = size
-
-    def _upload_loop(self) -> None:
-        last_beat = time.time()
-        while not self.stop_upload.wait(LOG_UPLOAD_EVERY_S):
-            try:
-                self.upload()
-                if self.heartbeat and time.time() - last_beat >= HEARTBEAT_EVERY_S:
-                    self.heartbeat()
-                    last_beat = time.time()
-            except Exception as exc:  # keep running; the final upload reports
-                os.write(self.real_out, f"dvcray: log upload failed: {exc}\n".encode())
-
-    def close(self) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Closing our ends of the pipe lets the pump reach its end once the
-        # stages' processes are gone too.
-        os.dup2(self.real_out, 1)
-        os.dup2(self.real_out, 2)
-        self.reader.join(timeout=3)
-        self.stop_upload.set()
-        self.upload()
 
 
 def say(msg: str) -> None:
@@ -244,7 +174,7 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    tee = LogTee(work / LOG, store, store.run_path(run_id, LOG), prefix)
+    tee = LogTee(work / LOG, store, run_id, prefix)
 
     def _on_term(signum, frame):
         raise Terminated()
@@ -255,16 +185,10 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
                        dvcray_version=manifest.dvcray_version)
     repo = None
     ws = work / "repo"
-    status_lock = threading.Lock()
-
-    def write_status(status: RunStatus) -> None:
-        store.write(store.run_path(run_id, STATUS), json.dumps(status.to_json()).encode())
 
     def beat() -> None:
-        with status_lock:
-            if result.ended:
-                return
-            write_status(RunStatus(RunState.RUNNING, result.started, node=result.node, heartbeat=time.time()))
+        status = RunStatus(RunState.RUNNING, result.started, node=result.node, heartbeat=time.time())
+        store.write(store.run_path(run_id, STATUS), json.dumps(status.to_json()).encode())
 
     try:
         _check_version(manifest.dvcray_version)
@@ -315,47 +239,87 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
     finally:
         # Ignore further SIGTERMs while saving: Ray gives the job a grace period.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _save(repo, ws, store, manifest.baseline, exp_name, result)
-        with status_lock:
-            result.ended = time.time()
         try:
-            store.write(store.run_path(run_id, RESULT), json.dumps(result.to_json(), indent=2, default=str).encode())
-            write_status(RunStatus(result.status, result.started, result.ended, result.node))
+            _save(repo, ws, store, manifest.baseline, exp_name, result, tee)
         finally:
-            tee.close()
             if repo is not None:
                 repo.close()
             os.chdir(here)
-            shutil.rmtree(work, ignore_errors=True)
+            if result.workspace is None:
+                shutil.rmtree(work, ignore_errors=True)
     return {RunState.SUCCEEDED: 0, RunState.STOPPED: 143}.get(result.status, 1)
 
 
-def _save(repo, ws: Path, store: Store, baseline: str, exp_name: str | None, result: RunResult) -> None:
-    """Push outputs and run-cache, bundle the experiment ref: on success and failure alike."""
-    if repo is None:
-        return
-    t = time.time()
-    try:
-        pushed = repo.push(run_cache=True)
-        say(f"pushed {pushed} file(s) and the run-cache to the store")
-    except Exception as exc:
-        say(f"push incomplete: {exc}")
-        result.push_error = str(exc)
-    result.timings["push"] = time.time() - t
-    result.params = collect(repo, "params")
-    result.metrics = collect(repo, "metrics")
+def _attempt(what: str, step, errors: dict[str, str]) -> bool:
+    """Run one save step, retried; on failure record it in ``errors`` and say so. Never raises."""
+    for attempt in range(SAVE_ATTEMPTS):
+        try:
+            step()
+            return True
+        except Exception as exc:  # noqa: BLE001 - every step is tried, each failure reported
+            if attempt == SAVE_ATTEMPTS - 1:
+                errors[what] = f"{type(exc).__name__}: {exc}"
+                print(f"dvcray: could not save {what}: {errors[what]}", file=sys.stderr, flush=True)
+                return False
+            time.sleep(1.0 + attempt)
+    return False
+
+
+def _save(repo, ws: Path, store: Store, baseline: str, exp_name: str | None, result: RunResult,
+          tee: LogTee) -> None:
+    """Save what the run produced, on success and failure alike, each step on its
+    own (retried, and reported when it fails, so one failure never skips the rest):
+    outputs and run-cache, the experiment's bundle, ``result.json``, the final
+    ``status.json`` and the log. When the outputs did not reach the store, the
+    run's workspace stays on this node and the result says where."""
+    errors = result.save_errors
+    tee.stop_heartbeat()
+    if repo is not None:
+        t = time.time()
+
+        def push() -> None:
+            pushed = repo.push(run_cache=True)
+            say(f"pushed {pushed} file(s) and the run-cache to the store")
+
+        if not _attempt("outputs (dvc push)", push, errors):
+            result.push_error = errors["outputs (dvc push)"]
+            result.workspace = f"{result.node}:{ws}"
+            say(f"the outputs did not reach the store; the run's workspace stays at {result.workspace}")
+        result.timings["push"] = time.time() - t
+        result.params = collect(repo, "params")
+        result.metrics = collect(repo, "metrics")
+        try:
+            result.shown_files = shown_files(repo)
+        except Exception as exc:  # noqa: BLE001 - only a help for dvc exp show at home
+            say(f"could not list the metrics and plots inside outputs: {exc}")
     if result.status == RunState.SUCCEEDED:
         ref = experiment_ref(ws, baseline, result.exp_sha, exp_name)
-        if ref:
-            bundle = ws.parent / BUNDLE
-            git("bundle", "create", "-q", os.fspath(bundle), str(ref), f"^{baseline}", cwd=ws)
-            store.upload(store.run_path(result.run_id, BUNDLE), bundle)
-            result.ref = str(ref)
-            result.exp_name = ref.name
-            say(f"experiment {ref.name} saved ({ref})")
-        else:
+        if ref is None:
             result.status = RunState.FAILED
             result.error = "dvc exp run finished but made no experiment ref"
+        else:
+            bundle = ws.parent / BUNDLE
+
+            def save_bundle() -> None:
+                git("bundle", "create", "-q", os.fspath(bundle), str(ref), f"^{baseline}", cwd=ws)
+                store.upload(store.run_path(result.run_id, BUNDLE), bundle)
+
+            if _attempt(BUNDLE_STEP, save_bundle, errors):
+                result.ref = str(ref)
+                result.exp_name = ref.name
+                say(f"experiment {ref.name} saved ({ref})")
+            else:
+                result.status = RunState.FAILED
+                result.error = f"the experiment could not be saved to the store: {errors[BUNDLE_STEP]}"
+    result.ended = time.time()
+    # The log before the result: whoever sees result.json finds the whole log.
+    for problem in tee.close():
+        errors["log"] = problem
+        print(f"dvcray: could not save {problem}", file=sys.stderr, flush=True)
+    _attempt("result.json", lambda: store.write(store.run_path(result.run_id, RESULT),
+                                                json.dumps(result.to_json(), indent=2, default=str).encode()), errors)
+    _attempt("status.json", lambda: store.write(store.run_path(result.run_id, STATUS), json.dumps(
+        RunStatus(result.status, result.started, result.ended, result.node).to_json()).encode()), errors)
 
 
 if __name__ == "__main__":

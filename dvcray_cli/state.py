@@ -151,6 +151,24 @@ def parse_json_object(data: bytes | str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def env_seconds(name: str, default: float) -> float:
+    """A duration in seconds from the environment variable ``name``.
+
+    Raises:
+        UsageError: it is set to something that is not a number of seconds.
+    """
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise UsageError(f"{name}={raw} is not a number of seconds.", f"Set it to e.g. {name}={default:g}, or unset it.")
+    return value
+
+
 def from_json(cls: type, data: Any) -> Any:
     """An instance of dataclass ``cls`` from ``data``: unknown keys are ignored,
     and anything that is not a mapping with the required keys gives None."""

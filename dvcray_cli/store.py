@@ -8,6 +8,8 @@ store honours the same ``endpointurl``, region and credentials as ``dvc push``.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -85,10 +87,31 @@ class Store:
         self._call(f"write {rel}", do)
 
     def write(self, rel: str, data: bytes) -> None:
+        """Write ``data`` at ``rel`` atomically: a reader sees the old bytes or the new,
+        never a truncated file (a local store writes a temp file and renames it; on
+        S3 it is one PUT)."""
+        if self.is_local:
+            self._put(rel, lambda path: state.write_bytes(Path(path), data, mode=0o644))
+            return
         fs, _ = self._fs
         self._put(rel, lambda path: fs.pipe_file(path, data))
 
     def upload(self, rel: str, local: Path) -> None:
+        """Copy the file ``local`` to ``rel``, atomically as ``write``."""
+        if self.is_local:
+            def copy(path: str) -> None:
+                fd, tmp = tempfile.mkstemp(prefix=".upload.", dir=os.path.dirname(path))
+                os.close(fd)
+                try:
+                    shutil.copyfile(local, tmp)
+                    os.chmod(tmp, 0o644)
+                    os.replace(tmp, path)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+
+            self._put(rel, copy)
+            return
         fs, _ = self._fs
         self._put(rel, lambda path: fs.put_file(os.fspath(local), path))
 
@@ -98,10 +121,35 @@ class Store:
 
     def read_json(self, rel: str) -> dict[str, Any] | None:
         """The JSON object at ``rel``; None while it is missing, torn or not an object."""
+        return self.read_record(rel)[0]
+
+    def read_record(self, rel: str) -> tuple[dict[str, Any] | None, str | None]:
+        """The JSON object at ``rel`` and, when there is a file but no object in it,
+        what is wrong with it (a record is data: it is never trusted to be valid).
+
+        Returns:
+            ``(object, None)``, ``(None, None)`` when there is no file, or
+            ``(None, "REL in the store URL is not a JSON object")``.
+        """
         try:
-            return state.parse_json_object(self.read(rel))
+            data = self.read(rel)
         except FileNotFoundError:
-            return None
+            return None, None
+        found = state.parse_json_object(data)
+        if found is None:
+            return None, f"{rel} in the store {self.url} is not a JSON object"
+        return found, None
+
+    def list(self, rel: str) -> list[str]:
+        """The names in the folder ``rel``, sorted; empty when there is none."""
+        fs, _ = self._fs
+        try:
+            entries = fs.ls(self._path(rel), detail=False)
+        except FileNotFoundError:
+            return []
+        except Exception as exc:
+            raise StoreError(f"Could not list {rel} in the store {self.url}: {exc}") from exc
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
     def exists(self, rel: str) -> bool:
         fs, _ = self._fs
@@ -117,16 +165,7 @@ class Store:
 
     def run_ids(self) -> list[str]:
         """Every run recorded in the store (newest first by id)."""
-        fs, _ = self._fs
-        base = self._path(RUNS)
-        try:
-            entries = fs.ls(base, detail=False)
-        except FileNotFoundError:
-            return []
-        except Exception as exc:
-            raise StoreError(f"Could not list runs in the store {self.url}: {exc}") from exc
-        names = (e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
-        return sorted((n for n in names if not n.startswith(".")), reverse=True)
+        return sorted((n for n in self.list(RUNS) if not n.startswith(".")), reverse=True)
 
     def run_path(self, run_id: str, name: str) -> str:
         return f"{RUNS}/{run_id}/{name}"
@@ -150,6 +189,7 @@ def resolve(explicit: str | None, repo=None) -> Store:
     """
     remotes: dict[str, dict] = dict(repo.config.get("remote", {})) if repo else {}
     if explicit:
+        _check_url(explicit)
         url = explicit if "://" in explicit else os.path.abspath(os.path.expanduser(explicit))
         for conf in remotes.values():
             if conf.get("url", "").rstrip("/") == url.rstrip("/"):
@@ -162,6 +202,20 @@ def resolve(explicit: str | None, repo=None) -> Store:
     if default and default in remotes and str(remotes[default].get("url", "")).startswith("s3://"):
         return _from_remote(remotes[default])
     return Store(os.fspath(state.default_store_dir()))
+
+
+def _check_url(text: str) -> None:
+    """A store is ``s3://bucket[/prefix]`` or a folder; anything that looks like
+    another URL (``gs://``, ``s3:/bucket``, ``http:...``) is refused, not taken
+    for a folder name."""
+    import re
+
+    if text.startswith("s3://"):
+        if not text[len("s3://"):].split("/", 1)[0]:
+            raise UsageError(f"The store URL {text} names no bucket.", "Use s3://bucket/prefix.")
+        return
+    if "://" in text or re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", text):
+        raise UsageError(f"Unsupported store URL {text}.", "Use s3://bucket/prefix or a local folder.")
 
 
 def from_record(data: dict[str, Any], repo=None) -> Store:

@@ -6,6 +6,7 @@ Nothing here imports ray, dvc, boto3 or torch at module level: ``dvcray
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Optional
 
 import typer
@@ -50,4 +51,27 @@ for _module in (scaffold, run, runs, report, cluster):
 
 
 def main() -> None:
-    app(prog_name="dvcray")
+    import os
+
+    from dvcray_cli.cli._common import quiet_stdout
+
+    def stdout_is_null() -> bool:
+        try:
+            out, null = os.fstat(1), os.stat(os.devnull)
+        except OSError:
+            return False
+        return (out.st_dev, out.st_ino) == (null.st_dev, null.st_ino)
+
+    was_null = stdout_is_null()
+    try:
+        app(prog_name="dvcray")
+    except BrokenPipeError:
+        quiet_stdout()
+        raise SystemExit(0) from None
+    except SystemExit as exc:
+        # A reader that went away (`dvcray --help | head -1`): Rich and Click point
+        # stdout at /dev/null and exit 1. Ending early is no error: exit 0, quietly.
+        broken = type(sys.stdout).__name__ == "PacifyFlushWrapper" or (not was_null and stdout_is_null())
+        if exc.code not in (0, None) and broken:
+            raise SystemExit(0) from None
+        raise

@@ -22,9 +22,19 @@ def _in_ci() -> bool:
 
 # In CI no colour unless forced (FORCE_COLOR), and never a live display.
 _ci_style = {"color_system": None, "force_terminal": False} if _in_ci() and not os.environ.get("FORCE_COLOR") else {}
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # The reader went away (`dvcray runs | head -1`): end quietly with 0, as
+        # other command-line tools do (Rich's own handler exits 1).
+        quiet_stdout()
+        raise SystemExit(0)
+
+
 # Results (tables, --json) go to stdout; messages, progress and errors to stderr.
-out = Console(highlight=False, soft_wrap=True, **_ci_style)
-err = Console(stderr=True, highlight=False, soft_wrap=True, **_ci_style)
+out = _Console(highlight=False, soft_wrap=True, **_ci_style)
+err = _Console(stderr=True, highlight=False, soft_wrap=True, **_ci_style)
 
 state = {"verbose": False}
 
@@ -60,6 +70,10 @@ def boundary(func: F) -> F:
         except KeyboardInterrupt:
             err.print("Interrupted.")
             raise typer.Exit(130) from None
+        except BrokenPipeError:
+            # The reader went away (`dvcray runs | head -1`): end quietly, as other CLIs do.
+            quiet_stdout()
+            raise typer.Exit(0) from None
         except typer.Exit:
             raise
         except Exception as exc:
@@ -70,6 +84,17 @@ def boundary(func: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null once its reader is gone, so nothing more fails
+    (Python's own flush at exit included)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def write_json(data: Any) -> None:

@@ -177,11 +177,12 @@ def _nodes_table(c: dict):
                          else f"{k} {v / 2**30:.1f} GiB" if isinstance(v, (int, float)) else f"{k} {v}"
                          for k, v in sorted(resources.items()))
 
-    table = Table("Node", "Kind", "State", "Resources", title=f"Nodes of {c['name']}", title_justify="left")
+    table = Table("Node", "Kind", "State", "Resources", title=Text(f"Nodes of {c['name']}"), title_justify="left")
     for n in c["nodes"]:
-        table.add_row(str(n["node_id"])[-12:], "head" if n["is_head"] else "worker", "alive", shape(n["resources"]))
+        table.add_row(Text(str(n["node_id"])[-12:]), "head" if n["is_head"] else "worker", "alive",
+                      Text(shape(n["resources"])))
     for p in c.get("pending", []):
-        table.add_row("-", p["node_type"], p["state"], shape(p["resources"]))
+        table.add_row("-", Text(str(p["node_type"])), Text(str(p["state"])), Text(shape(p["resources"])))
     for w in c.get("waiting", []):
-        table.add_row("-", "demand", f"{w['count']} waiting", shape(w["resources"]))
+        table.add_row("-", "demand", f"{w['count']} waiting", Text(shape(w["resources"])))
     return table

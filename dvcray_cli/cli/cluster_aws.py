@@ -103,11 +103,12 @@ def status_rows(clusters: list[dict[str, Any]]) -> None:
     table = Table("AWS cluster", "Region", "Instances", "Age", "Cost so far (est.)", "Idle timeout", "Job API")
     for c in clusters:
         if c.get("error"):
-            table.add_row(c["name"], c["region"], "?", format_duration(c["age_s"]), "?",
-                          format_duration(c["idle_timeout_s"]), c["dashboard_url"])
+            table.add_row(Text(c["name"]), Text(c["region"]), "?", format_duration(c["age_s"]), "?",
+                          format_duration(c["idle_timeout_s"]), Text(c["dashboard_url"]))
             continue
         if not c["alive"]:
-            table.add_row(c["name"], c["region"], "gone", "-", "-", format_duration(c["idle_timeout_s"]), "-")
+            table.add_row(Text(c["name"]), Text(c["region"]), "none found", "-", "-",
+                          format_duration(c["idle_timeout_s"]), "-")
             continue
         kinds: dict[str, int] = {}
         for inst in c["instances"]:
@@ -118,15 +119,16 @@ def status_rows(clusters: list[dict[str, Any]]) -> None:
         spent = (_usd(cost["low"]) if cost["low"] == cost["high"] else f"{_usd(cost['low'])}-{_usd(cost['high'])}")
         if cost["unpriced"]:
             spent += f" (+ unpriced {', '.join(cost['unpriced'])})"
-        table.add_row(c["name"], c["region"], instances, format_duration(c["age_s"]), spent,
-                      format_duration(c["idle_timeout_s"]), c["dashboard_url"])
+        table.add_row(Text(c["name"]), Text(c["region"]), Text(instances), format_duration(c["age_s"]), Text(spent),
+                      format_duration(c["idle_timeout_s"]), Text(c["dashboard_url"]))
     out.print(table)
     for c in clusters:
         if c.get("error"):
             err.print(f"{c['name']}: {c['error']}", markup=False)
         elif not c["alive"]:
-            err.print(f"AWS cluster {c['name']} is gone: it has no running instances (its idle watcher took it "
-                      "down, or they were terminated). Its record was removed.", markup=False)
+            err.print(f"AWS cluster {c['name']} has no running instances that your AWS identity can see in "
+                      f"{c['region']} (its idle watcher may have taken it down, or they were terminated). Its "
+                      f"record is kept until: dvcray cluster down {c.get('config') or 'aws'}", markup=False)
     if any(c.get("cost_so_far_usd") for c in clusters):
         as_of = next(c["cost_so_far_usd"]["as_of"] for c in clusters if c.get("cost_so_far_usd"))
         err.print(f"Costs are estimates from dvcray's price table of {as_of} (instances only).", markup=False)

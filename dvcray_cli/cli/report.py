@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from rich.text import Text
+
 from dvcray_cli.cli._common import boundary, out, write_json
 
 
@@ -39,20 +41,24 @@ def report(
         sys.stdout.write(core.to_markdown(result))
         return
     # One row per metric or param, one column per experiment: wide projects stay readable.
-    table = Table(title=f"Experiments against {result.baseline.name} ({result.baseline.rev})", header_style="bold")
+    # Names and values are data (experiment names, param values): printed as text, never markup.
+    table = Table(title=Text(f"Experiments against {result.baseline.name} ({result.baseline.rev})"),
+                  header_style="bold")
     table.add_column("")
     table.add_column("")
-    table.add_column(f"{result.baseline.name}\n(baseline)", justify="right")
+    table.add_column(Text(f"{result.baseline.name}\n(baseline)"), justify="right")
     for row in result.experiments:
-        table.add_column(row.name, justify="right")
+        table.add_column(Text(row.name), justify="right")
     for column in result.columns:
         kind, name = column
-        cells = [core._cell(result.baseline.values.get(column))]
+        cells = [Text(core.cell(result.baseline.values.get(column)))]
         for row in result.experiments:
-            text = core._cell(row.values.get(column))
+            text = Text(core.cell(row.values.get(column)))
             if result.changed(row, column):
                 delta = result.delta(row, column)
-                text = f"[bold yellow]{text}[/]" + (f" ({delta:+.4g})" if delta is not None else "")
+                text.stylize("bold yellow")
+                if delta is not None:
+                    text.append(f" ({delta:+.4g})")
             cells.append(text)
-        table.add_row(f"[dim]{kind}[/]", name, *cells)
+        table.add_row(Text(kind, style="dim"), Text(name), *cells)
     out.print(table)

@@ -11,7 +11,7 @@ import typer
 from rich.text import Text
 
 from dvcray_cli.cli._common import boundary, err, out, plain_output, write_json
-from dvcray_cli.errors import ExperimentFailed, UsageError
+from dvcray_cli.errors import ExperimentFailed, Interrupted, StoreError, UsageError
 
 
 def register(app: typer.Typer) -> None:
@@ -64,6 +64,8 @@ def run(
         gpus_per_exp=gpus_per_exp,
     )
     where = cwd.resolve()
+    if jobs is not None and jobs < 1:
+        raise UsageError("--jobs must be at least 1.", "Example: --jobs 2 runs at most two experiments at once.")
     if params.is_sweep(opts.overrides):
         if detach:
             raise UsageError("--detach is not supported with a sweep yet: follow it, or run one value at a time.")
@@ -86,9 +88,16 @@ def run(
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         status = follow.follow(sub.client, sub.run_id, emit)
+        outcome = follow.finish(sub, status, apply=apply, force=force)
+    except (KeyboardInterrupt, Interrupted):
+        raise
+    except Exception:
+        # Whatever went wrong here, the run is the cluster's: say how to find it and bring it home.
+        err.print(f"Run {sub.run_id} is not lost: dvcray logs {sub.run_id} --follow shows it; once it has "
+                  f"ended, dvcray pull {sub.run_id} brings it home.", markup=False)
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-    outcome = follow.finish(sub, status, apply=apply)
     if json_:
         write_json(outcome.to_json())
     else:
@@ -100,11 +109,11 @@ def _summary(outcome, overrides: list[str]) -> None:
     """Metrics, and the params this run set with -S (dvc exp show has them all)."""
     from rich.table import Table
 
-    if outcome.status != "SUCCEEDED":
+    if outcome.status != "SUCCEEDED" or not outcome.home:
         return
     set_keys = {o.split("=", 1)[0].rsplit(":", 1)[-1].lstrip("+~") for o in overrides}
     params = {file: {k: v for k, v in values.items() if k in set_keys} for file, values in outcome.params.items()}
-    table = Table(title=f"Experiment {outcome.exp_name}", show_header=True, header_style="bold")
+    table = Table(title=Text(f"Experiment {outcome.exp_name}"), show_header=True, header_style="bold")
     table.add_column("kind")
     table.add_column("file")
     table.add_column("name")
@@ -112,7 +121,7 @@ def _summary(outcome, overrides: list[str]) -> None:
     for kind, data in (("metric", outcome.metrics), ("param", params)):
         for file, values in data.items():
             for key, value in values.items():
-                table.add_row(kind, file, key, f"{value:.6g}" if isinstance(value, float) else str(value))
+                table.add_row(kind, Text(file), Text(key), Text(f"{value:.6g}" if isinstance(value, float) else str(value)))
     out.print(table)
     err.print(f"The experiment is in your repo as {outcome.exp_name}. Next:", markup=False)
     err.print("  dvc exp show", markup=False)
@@ -166,6 +175,19 @@ def _sweep(opts, where: Path, jobs: int | None, json_: bool, apply: bool) -> Non
         names = ", ".join(o.exp_name or o.run_id for o in result.failed)
         raise ExperimentFailed(f"{len(result.failed)} of {len(result.outcomes)} experiments failed: {names}.",
                                "Read one's log with: dvcray logs NAME")
+    away = [o for o in result.outcomes if not o.home]
+    if away:
+        for o in away:
+            err.print(f"{o.error} {o.hint or ''}", markup=False)
+        raise UsageError(f"{len(away)} experiment(s) did not come home: their names are taken here "
+                         f"({', '.join(o.exp_name or o.run_id for o in away)}).",
+                         "Each one stays in the store; the lines above say how to keep both or replace yours.")
+    short = [o for o in result.outcomes if o.store_error]
+    if short:
+        for o in short:
+            err.print(f"{o.exp_name or o.run_id}: {o.store_error}", markup=False)
+        raise StoreError(f"{len(short)} experiment(s) did not save everything to the store.",
+                         "The lines above say what is missing and where it stays.")
 
 
 def _live_table(states):
@@ -195,9 +217,9 @@ def _sweep_summary(result) -> None:
     columns, rows = sweep.table_rows(result.outcomes)
     table = Table(show_header=True, header_style="bold")
     for column in columns:
-        table.add_column(column)
+        table.add_column(Text(column))
     for row in rows:
-        table.add_row(*("" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
+        table.add_row(*(Text("" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)) for v in row))
     out.print(table)
-    if not result.failed:
+    if not result.failed and all(o.home and not o.store_error for o in result.outcomes):
         err.print("Every experiment is in your repo. Next: dvc exp show", markup=False)

@@ -171,6 +171,8 @@ def stop(
 def pull(
     run_or_exp: Annotated[str, typer.Argument(metavar="RUN_OR_EXP_NAME", help="Experiment name or run id.")],
     store: Store = None,
+    as_name: Annotated[Optional[str], typer.Option("--as", metavar="NAME", help="Bring it home under this name (when its own is taken here).", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an experiment of the same name here.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print what was pulled as JSON on stdout.")] = False,
     cwd: Cwd = Path("."),
 ) -> None:
@@ -178,7 +180,8 @@ def pull(
 
     Needs nothing from the cluster, and leaves your DVC config and workspace as
     they are: afterwards dvc exp apply NAME restores the outputs. Works in any
-    clone of the repo that reaches the store.
+    clone of the repo that reaches the store. An experiment of the same name
+    here is never replaced: --as NAME keeps both, -f replaces yours.
 
     Example:
 
@@ -187,7 +190,7 @@ def pull(
     """
     from dvcray_cli.runs import history
 
-    result = history.pull(cwd.resolve(), run_or_exp, store=store)
+    result = history.pull(cwd.resolve(), run_or_exp, store=store, as_name=as_name, force=force)
     if json_:
         write_json(result.to_json())
     err.print(f"Experiment {result.exp_name} (run {result.run_id}) is in your repo; "

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
+from rich.text import Text
 
 from dvcray_cli.cli._common import boundary, err, out
 from dvcray_cli.errors import UsageError
@@ -37,7 +37,7 @@ def scaffold(
 
     if list_:
         for t in core.list_templates():
-            out.print(f"[bold]{escape(t.name):<10}[/] {escape(t.description)}")
+            out.print(Text.assemble((f"{t.name:<10}", "bold"), " ", t.description))
         return
     if not template:
         names = ", ".join(t.name for t in core.list_templates())
@@ -45,10 +45,10 @@ def scaffold(
                          "See them described with: dvcray scaffold --list")
 
     result = core.scaffold(template, dest, set_ or [], force)
-    err.print(f"Created [bold]{result.dest}[/] from template [bold]{result.template}[/] "
-              f"({len(result.files)} files).")
+    err.print(Text.assemble("Created ", (str(result.dest), "bold"), " from template ", (result.template, "bold"),
+                            f" ({len(result.files)} files)."))
     if result.overwritten:
-        err.print(f"Overwrote: {', '.join(result.overwritten)}")
+        err.print(f"Overwrote: {', '.join(result.overwritten)}", markup=False)
     if result.created_repo:
         err.print("Initialized git and DVC and committed the project.")
     elif result.dvc_initialized:

@@ -317,6 +317,37 @@ def fallback_addresses() -> list[str]:
     return found
 
 
+def on_this_machine(address: str) -> bool:
+    """Whether the cluster at ``address`` runs on this machine (so a folder here is
+    a store its runners reach). A cluster reached through a port-forward (AWS)
+    is elsewhere, although its job API answers on 127.0.0.1."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlparse
+
+    from dvcray_cli.clusters import local
+    from dvcray_cli.clusters.aws.records import records as aws_records
+
+    url = job_api(address)
+    if any(record.dashboard_url == url for record, _ in aws_records()):
+        return False
+    if any(cluster.same_address(address) for cluster in local.records()):
+        return True
+    host = (urlparse(url).hostname or "").lower()
+    if host in ("localhost", socket.gethostname().lower()):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if ip.is_loopback:
+        return True
+    import psutil
+
+    mine = {a.address.split("%", 1)[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
+    return str(ip) in mine
+
+
 def dead_at(address: str) -> str | None:
     """The name of the cluster recorded on this machine at ``address`` if its GCS
     is gone (it died, or was stopped by hand); None if it runs or is not dvcray's."""

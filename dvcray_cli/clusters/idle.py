@@ -96,8 +96,9 @@ def watch(is_busy: Callable[[], bool], take_down: Callable[[], bool], still_ther
 
     Args:
         is_busy: True while a dvcray run is pending or running. An exception
-            (job API unreachable) counts as idle: a cluster whose job API stays
-            down for the whole timeout is of no use and still costs money.
+            (the job API does not answer) counts as busy: runs may well go on
+            while the dashboard is down, and a cluster is never taken down on
+            an answer it did not get.
         take_down: takes the cluster down; False when it refused (a run started
             in the meantime), and the wait starts over.
         still_there: False once the cluster is gone by other means (``down``).
@@ -116,8 +117,8 @@ def watch(is_busy: Callable[[], bool], take_down: Callable[[], bool], still_ther
         try:
             busy = is_busy()
         except Exception as exc:  # noqa: BLE001 - see the docstring
-            log(f"job API unreachable ({type(exc).__name__}: {exc}); counted as idle")
-            busy = False
+            log(f"job API does not answer ({type(exc).__name__}: {exc}); runs may go on: not idle")
+            busy = True
         now = time.monotonic()
         if busy:
             idle_since = now
@@ -296,8 +297,8 @@ def watch_aws(config_path: Path, timeout_s: float, poll_s: float, job_api: str =
         try:
             if is_busy():
                 return False
-        except Exception:  # noqa: BLE001 - unreachable counts as idle (see watch)
-            pass
+        except Exception:  # noqa: BLE001 - no answer is no proof of idleness (see watch)
+            return False
         ids = terminate_cluster(config["provider"], config["cluster_name"])
         _log(f"terminated {len(ids)} instance(s): {', '.join(ids)}")
         return True

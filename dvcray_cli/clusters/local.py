@@ -36,8 +36,6 @@ START_TIMEOUT_S = 120.0
 # How long `up` waits for an autoscaling cluster's min_workers to join (a fake
 # node joins in about 4 s on an idle machine).
 WORKERS_TIMEOUT_S = 120.0
-# Runners get this long to save their work when `down --yes` stops them.
-STOP_RUNS_TIMEOUT_S = 10.0
 # The head's label that says which dvcray runs there (read by ``clusters.check_version``).
 VERSION_LABEL = "dvcray-version"
 
@@ -235,7 +233,7 @@ def _start_once(name: str, temp: Path, token_file: Path, num_cpus: float | None,
         partial = LocalCluster(name, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", str(temp),
                                str(token_file), _now(), num_cpus, session_id)
         partial.stop(timeout=5)
-        if re.search(r"already (in use|running)|Address already in use|is already running", text) \
+        if re.search(r"already (in use|running|occupied)|Address already in use|is already running", text) \
                 and not (gcs_port and dashboard_port):
             raise _PortClash()
         tail = "\n".join(text.strip().splitlines()[-5:])
@@ -599,7 +597,9 @@ def _down(name: str, yes: bool) -> DownResult:
                          f"Let them finish, or stop them with the cluster: dvcray cluster down {name} --yes")
     stopped_runs: list[str] = []
     if client is not None and runs:
-        stopped_runs = ray_api.stop_and_wait(client, [r["run_id"] for r in runs], STOP_RUNS_TIMEOUT_S)
+        # Every runner gets the whole grace it was promised to save its work (and Ray's
+        # kill after it), before the head's processes go.
+        stopped_runs = ray_api.stop_and_wait(client, [r["run_id"] for r in runs], ray_api.stop_grace_s() + 10)
     pids = cluster.stop()
     _remove_record(name)
     return DownResult(name, cluster, pids, stopped_runs)

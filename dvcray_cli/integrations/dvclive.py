@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 if TYPE_CHECKING:  # pragma: no cover
     from dvclive import Live
 
-__all__ = ["DVCLiveTrainCallback", "DVCLiveTuneCallback", "dvc_env_vars", "dvc_runtime_env"]
+__all__ = ["DVCLiveTrainCallback", "DVCLiveTuneCallback", "dvc_env_vars", "dvc_runtime_env"]  # noqa: F822
 
 # Variables DVC and DVCLive read: DVC_ROOT, DVC_EXP_NAME, DVC_EXP_BASELINE_REV,
 # DVC_STAGE, DVC_STUDIO_OFFLINE, DVCLIVE_LOGLEVEL, ...

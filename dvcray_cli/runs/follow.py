@@ -14,10 +14,10 @@ import time
 from typing import Any, Callable
 
 from dvcray_cli import clusters, ray_api
-from dvcray_cli.errors import ClusterError, ExperimentFailed, Interrupted
+from dvcray_cli.errors import ClusterError, ExperimentFailed, Interrupted, StoreError, UsageError
 from dvcray_cli.runs.model import RESULT, ExpRef, Outcome, RunRecord, RunResult, RunState
-from dvcray_cli.runs.project import import_experiment, open_repo, pull_outputs
-from dvcray_cli.runs.submit import STOP_GRACE_S, Submitted
+from dvcray_cli.runs.project import NameTaken, fetch_shown_files, import_experiment, open_repo, pull_outputs
+from dvcray_cli.runs.submit import Submitted
 from dvcray_cli.store import Store
 
 # How long the client keeps trying to reach a cluster that stopped answering.
@@ -190,7 +190,7 @@ def stop_jobs(client, job_ids: list[str]) -> None:
     # A second Ctrl-C while stopping should not leave a job running.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        ray_api.stop_and_wait(client, job_ids, STOP_GRACE_S + 10)
+        ray_api.stop_and_wait(client, job_ids, ray_api.stop_grace_s() + 10)
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -198,22 +198,39 @@ def stop_jobs(client, job_ids: list[str]) -> None:
 # --------------------------------------------------------------------------- finish
 
 def fetch_result(store: Store, run_id: str, wait_s: float = 10) -> RunResult | None:
-    """The runner's result.json (it is written before the job ends)."""
+    """The runner's result.json (it is written before the job ends); None when there
+    is none after ``wait_s``.
+
+    Raises:
+        StoreError: there is a file, but it is no result (names the file).
+    """
     deadline = time.time() + wait_s
     while True:
-        result = RunResult.from_json(store.read_json(store.run_path(run_id, RESULT)))
-        if result is not None or time.time() > deadline:
+        data, problem = store.read_record(store.run_path(run_id, RESULT))
+        result = RunResult.from_json(data)
+        if result is not None:
             return result
+        if time.time() > deadline:
+            if problem or data is not None:
+                raise StoreError(f"Run {run_id}: {problem or f'{RESULT} in the store {store.url} is not a result'}.",
+                                 f"Its log: dvcray logs {run_id}")
+            return None
         time.sleep(0.5)
 
 
-def finish(sub: Submitted, status: str, apply: bool = False) -> Outcome:
-    """Bring a finished run home: the experiment ref, and with ``apply`` its outputs too.
+def finish(sub: Submitted, status: str, apply: bool = False, force: bool = False) -> Outcome:
+    """Bring a finished run home: the experiment ref, what ``dvc exp show`` reads of
+    it, and with ``apply`` its outputs too.
+
+    The ref must be an experiment ref of the run's own baseline; an experiment of
+    the same name here is never replaced unless ``force`` (then the outcome says
+    so, and how to keep both).
 
     Args:
         sub: the run.
         status: its Ray job's final status.
         apply: also fetch its outputs and ``dvc exp apply`` it.
+        force: replace an experiment of the same name (``dvcray run -f``).
     """
     project = sub.project
     result = fetch_result(sub.store, sub.run_id, wait_s=10 if status == "SUCCEEDED" else 3)
@@ -223,6 +240,12 @@ def finish(sub: Submitted, status: str, apply: bool = False) -> Outcome:
             run_id=sub.run_id, status=result.status.value, exp_name=result.exp_name, ref=result.ref,
             exp_sha=result.exp_sha, params=result.params, metrics=result.metrics, error=result.error,
             store=sub.store.url, timings=result.timings)
+        if result.push_error:
+            where = f"; the run's workspace stays on its node at {result.workspace}" if result.workspace else ""
+            outcome.store_error = (f"its outputs did not reach the store {sub.store.url} "
+                                   f"({result.push_error}){where}")
+        elif result.save_errors:
+            outcome.store_error = "; ".join(f"{k}: {v}" for k, v in result.save_errors.items())
     RunRecord.update(project.git_root, sub.run_id, state=outcome.status, exp_name=outcome.exp_name)
     if status != "SUCCEEDED" or outcome.status != RunState.SUCCEEDED:
         if result is None:
@@ -231,14 +254,25 @@ def finish(sub: Submitted, status: str, apply: bool = False) -> Outcome:
     ref = ExpRef.parse(result.ref)
     if ref is None or ref.baseline != sub.baseline:
         outcome.status = RunState.FAILED.value
-        outcome.error = "the runner reported success but saved no experiment"
+        outcome.error = "the runner reported success but saved no experiment of this baseline"
         return outcome
-    import_experiment(project.git_root, sub.store, sub.run_id, ref)
-    if apply:
-        pull_outputs(project, sub.store, outcome.exp_sha or str(ref))
+    try:
+        target, sha = import_experiment(project.git_root, sub.store, sub.run_id, ref, force=force)
+    except NameTaken as exc:
+        outcome.home = False
+        outcome.error, outcome.hint = exc.message, exc.hint
+        return outcome
+    outcome.ref, outcome.exp_sha = str(target), sha
+    if result.shown_files and not result.push_error:
+        try:
+            fetch_shown_files(project, sub.store, sha, result.shown_files)
+        except StoreError as exc:
+            outcome.store_error = exc.message
+    if apply and not outcome.store_error:
+        pull_outputs(project, sub.store, sha)
         repo = open_repo(project, sub.store)
         try:
-            repo.experiments.apply(outcome.exp_name)
+            repo.experiments.apply(target.name)
         finally:
             repo.close()
         outcome.applied = True
@@ -246,8 +280,13 @@ def finish(sub: Submitted, status: str, apply: bool = False) -> Outcome:
 
 
 def raise_for(outcome: Outcome) -> None:
-    """Raise the error an outcome's exit code comes from (none when it succeeded)."""
+    """Raise the error an outcome's exit code comes from (none when it succeeded and is home)."""
     if outcome.status == "SUCCEEDED":
+        if not outcome.home:
+            raise UsageError(outcome.error or "The experiment could not come home.", outcome.hint)
+        if outcome.store_error:
+            raise StoreError(f"Experiment {outcome.exp_name} is in your repo, but {outcome.store_error}.",
+                             f"Its log: dvcray logs {outcome.run_id}")
         return
     if outcome.status == "STOPPED":
         raise Interrupted(f"Run {outcome.run_id} was stopped.",

@@ -19,19 +19,17 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from dvcray_cli import clusters, gitutil, ray_api
-from dvcray_cli.errors import ClusterError, ExperimentFailed, Interrupted, UsageError
+from dvcray_cli import clusters, gitutil, ray_api, state
+from dvcray_cli.errors import ClusterError, ExperimentFailed, Interrupted, StoreError, UsageError
 from dvcray_cli.runs import follow as following
-from dvcray_cli.runs.model import (LOG, MANIFEST, RESULT, STATUS, ExpRef, Manifest, RunRecord, RunResult,
-                                   RunState, RunStatus)
+from dvcray_cli.runs.logtee import StoreLog
+from dvcray_cli.runs.model import (MANIFEST, RESULT, STATUS, ExpRef, Manifest, RunRecord, RunResult, RunState,
+                                   RunStatus, valid_exp_name)
 from dvcray_cli.runs.project import find_project, import_experiment, pull_outputs
-from dvcray_cli.runs.submit import STOP_GRACE_S
 from dvcray_cli.store import Store
 
 # How many of a store's newest runs `runs` and `pull` look at beyond this clone's records.
 SCAN_LIMIT = 200
-# `logs --follow` from the store gives up after this long without any sign of life.
-STALE_S = float(os.environ.get("DVCRAY_STALE_S", "60"))
 LIST_HINT = "See this repo's runs with: dvcray runs"
 
 
@@ -113,10 +111,16 @@ class _Run:
     store: Store
     record: RunRecord | None = None
     _files: dict[str, dict[str, Any] | None] = field(default_factory=dict, repr=False)
+    problems: dict[str, str] = field(default_factory=dict, repr=False)  # file -> what is wrong with it
 
     def read(self, name: str) -> dict[str, Any] | None:
+        """A record of the run in the store; None when missing or unusable (then
+        ``problems`` says which file is bad)."""
         if name not in self._files:
-            self._files[name] = self.store.read_json(self.store.run_path(self.run_id, name))
+            data, problem = self.store.read_record(self.store.run_path(self.run_id, name))
+            self._files[name] = data
+            if problem:
+                self.problems[name] = problem
         return self._files[name]
 
     @property
@@ -141,10 +145,10 @@ class _Run:
 
     @property
     def address(self) -> str | None:
-        if self.record:
-            return self.record.address
-        manifest = self.manifest
-        return (manifest.address if manifest else None) or None
+        """Where this clone submitted it. A store's word is never an address to send
+        a token to: a run known only from the store has none (its state comes
+        from the store, or from a cluster configured here)."""
+        return self.record.address if self.record else None
 
     def exp_name(self) -> str | None:
         # The record first: it costs no read of the store. The runner's result
@@ -338,6 +342,10 @@ def _info(run: _Run, seen: _Clusters, fallbacks: list[str], git_root: Path) -> R
     elif record:
         # Submitted from here and the cluster is gone or forgot the job; no final result.
         info.state = RunState.LOST
+    elif status is not None and status.is_stale():
+        # Found only in the store, and its runner has not been heard of for long.
+        info.state = RunState.LOST
+        info.error = "no sign of life in the store for a while, and no cluster here knows it"
     else:
         # Found only in the store, from a clone that may use a cluster this one
         # cannot see: what the store last said.
@@ -352,6 +360,10 @@ def _info(run: _Run, seen: _Clusters, fallbacks: list[str], git_root: Path) -> R
         info.metrics = result.metrics
         info.error = result.error or info.error
         info.exp_name = result.exp_name or info.exp_name
+        if result.push_error and not info.error:
+            info.error = f"its outputs did not reach the store ({result.push_error})"
+    if run.problems:
+        info.error = "; ".join(run.problems.values())
     if record and info.state.is_terminal():
         RunRecord.update(git_root, run.run_id, state=info.state, exp_name=info.exp_name,
                          started=info.started, ended=info.ended or time.time(),
@@ -506,18 +518,20 @@ def logs(cwd: Path, key: str, emit: Callable[[str], None], follow: bool = False,
 
 
 def _store_log(run: _Run, emit: Callable[[str], None], follow: bool) -> RunState:
-    """The store's copy of the log; with ``follow``, poll it until the run's result appears."""
-    rel = run.store.run_path(run.run_id, LOG)
+    """The store's copy of the log; with ``follow``, poll it until the run's result appears.
+
+    A followed run whose log has not grown for ``DVCRAY_STALE_S`` and whose heartbeat
+    is stale (its cluster does not answer) is lost: that ends the wait with exit 3.
+    """
+    log = StoreLog(run.store, run.run_id)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     shown = 0
     last_change = time.monotonic()
+    stale_s = state.env_seconds("DVCRAY_STALE_S", 60)
 
     def show() -> bool:
         nonlocal shown
-        try:
-            data = run.store.read(rel)
-        except FileNotFoundError:
-            return False
+        data = log.read()
         if len(data) > shown:
             emit(decoder.decode(data[shown:]))
             shown = len(data)
@@ -530,16 +544,18 @@ def _store_log(run: _Run, emit: Callable[[str], None], follow: bool) -> RunState
             if show():
                 last_change = time.monotonic()
             if result is not None:
-                show()  # the runner uploads its last lines just before result.json
+                show()  # the runner's last lines are in the store before its result
                 emit(decoder.decode(b"", final=True))
                 return result.status
             if not follow:
                 status = run.status
                 return RunState.LOST if run.record else (status.state if status else RunState.PENDING)
-            if time.monotonic() - last_change > STALE_S:
+            status = RunStatus.from_json(run.store.read_json(run.store.run_path(run.run_id, STATUS)))
+            quiet = time.monotonic() - last_change > stale_s
+            if quiet and (status is None or status.is_stale() or status.state.is_terminal()):
                 raise ClusterError(
-                    f"Run {run.run_id}: its cluster does not answer and its log in the store has not "
-                    f"changed for {STALE_S:.0f}s; the run is probably lost.",
+                    f"Run {run.run_id}: its cluster does not answer, and neither its log nor its heartbeat in "
+                    f"the store has changed for {stale_s:.0f}s; the run is probably lost.",
                     f"Check the cluster (dvcray cluster status); what the run saved: dvcray logs {run.run_id}")
             time.sleep(1.0)
     except KeyboardInterrupt:
@@ -596,7 +612,7 @@ def stop(cwd: Path, key: str, store: str | None = None, timeout: float | None = 
         if run.job_id != run.run_id:
             say(f"It shares Ray Job {run.job_id} with the other experiments of its sweep: they stop too.")
         client.stop_job(run.job_id)
-        deadline = started + (timeout if timeout is not None else STOP_GRACE_S + 15)
+        deadline = started + (timeout if timeout is not None else ray_api.stop_grace_s() + 15)
         while not job_state.is_terminal():
             if time.monotonic() > deadline:
                 raise ClusterError(f"Run {run.run_id} did not end within {deadline - started:.0f}s of being stopped.",
@@ -619,41 +635,54 @@ def stop(cwd: Path, key: str, store: str | None = None, timeout: float | None = 
 # --------------------------------------------------------------------------- pull
 
 
-def pull(cwd: Path, key: str, store: str | None = None) -> PullResult:
+def pull(cwd: Path, key: str, store: str | None = None, as_name: str | None = None,
+         force: bool = False) -> PullResult:
     """Bring experiment ``key`` (a run id or an experiment name) into this repo
     from the store: its git ref and its outputs (into the local DVC cache).
 
     Nothing comes from the cluster, and the user's DVC config is not changed
     (the store is an in-memory remote). Afterwards ``dvc exp apply NAME``
-    restores the outputs in the workspace.
+    restores the outputs in the workspace. The store is data: only the ref
+    ``refs/exps/<baseline>/<name>`` of the run's own baseline is fetched from
+    its bundle, and an experiment of that name here is never replaced unless
+    ``force``; ``as_name`` brings it home under another name.
 
     Raises:
-        UsageError: no such run, the run has not ended, or its baseline commit
-            is not in this repo.
+        UsageError: no such run, the run has not ended, its baseline commit is
+            not in this repo, ``as_name`` is not a valid name, or the name is
+            taken (``NameTaken``).
         ExperimentFailed: the run ended without an experiment.
-        StoreError: the bundle or the outputs could not be read from the store.
+        StoreError: the run's records or bundle are not what a run saves.
     """
     project = find_project(cwd)
+    if as_name is not None and not valid_exp_name(as_name):
+        raise UsageError(f"'{as_name}' is not a valid experiment name.",
+                         "Use letters, digits, '-', '_' and '.'; no spaces or slashes.")
     ctx = _context(cwd, store)
     run = _locate(ctx, key, prefer_success=True)
     result = run.result
     if result is None:
+        if RESULT in run.problems:
+            raise StoreError(f"Run {run.run_id}: {run.problems[RESULT]}.", f"Its log: dvcray logs {run.run_id}")
         raise UsageError(f"Run {run.run_id} has not ended yet: there is nothing to pull.",
                          f"Wait for it: dvcray logs {run.run_id} --follow")
-    ref = ExpRef.parse(result.ref)
-    if result.status != RunState.SUCCEEDED or ref is None:
+    if result.status != RunState.SUCCEEDED or not result.ref:
         raise ExperimentFailed(
             f"Run {run.run_id} ended {result.status.value} and saved no experiment"
             + (f": {result.error}" if result.error else "."),
             f"Its log: dvcray logs {run.run_id}")
-    baseline = result.baseline or run.baseline() or ""
+    baseline = (run.record.baseline if run.record else "") or result.baseline or run.baseline() or ""
+    ref = ExpRef.parse(result.ref)
+    if ref is None or ref.baseline != baseline:
+        raise StoreError(f"Run {run.run_id}'s result in the store names {result.ref!r}, which is not an experiment "
+                         f"of its baseline {baseline[:7] or '(unknown)'}: nothing was fetched.",
+                         "The store holds records dvcray did not write; ask who writes to it.")
     if baseline not in _in_repo(ctx.git_root, [baseline]):
         raise UsageError(f"Run {run.run_id} ran on commit {baseline[:7]}, which this repo does not have.",
                          "Fetch it first (git fetch / git pull), then rerun dvcray pull.")
-    import_experiment(ctx.git_root, run.store, run.run_id, ref)
-    exp_sha = result.exp_sha or gitutil.git("rev-parse", str(ref), cwd=ctx.git_root)
+    target, exp_sha = import_experiment(ctx.git_root, run.store, run.run_id, ref, as_name=as_name, force=force)
     fetched = pull_outputs(project, run.store, exp_sha)
     if run.record:
-        RunRecord.update(ctx.git_root, run.run_id, state=RunState.SUCCEEDED, exp_name=result.exp_name)
-    return PullResult(run.run_id, result.exp_name or ref.name, str(ref), exp_sha, fetched, run.store.url,
+        RunRecord.update(ctx.git_root, run.run_id, state=RunState.SUCCEEDED, exp_name=target.name)
+    return PullResult(run.run_id, target.name, str(target), exp_sha, fetched, run.store.url,
                       result.params, result.metrics)

@@ -33,7 +33,12 @@ MANIFEST = "manifest.json"
 STATUS = "status.json"
 RESULT = "result.json"
 LOG = "log.txt"
+LOG_PARTS = "log.parts"   # the log while it grows: numbered pieces, each uploaded once
 BUNDLE = "exp.bundle"
+# The runner rewrites status.json this often; a run silent for STALE_AFTER_S
+# whose cluster does not answer is LOST, not RUNNING forever.
+HEARTBEAT_EVERY_S = 30.0
+STALE_AFTER_S = 3 * HEARTBEAT_EVERY_S
 
 
 class RunState(str, Enum):
@@ -183,6 +188,9 @@ class Manifest:
     # at most `jobs` at once. Empty: the one experiment above.
     experiments: list[dict[str, Any]] = field(default_factory=list)
     jobs: int = 0
+    # Tracked files git stops looking at, restored as they are locally:
+    # {"assume_unchanged": [...], "skip_worktree": [...], "absent": [...]}.
+    worktree_flags: dict[str, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -195,6 +203,8 @@ class Manifest:
         manifest.exp_name = _text(manifest.exp_name)
         manifest.address = manifest.address if isinstance(manifest.address, str) else ""
         manifest.created = _number(manifest.created) or 0.0
+        manifest.worktree_flags = {k: [p for p in v if isinstance(p, str)]
+                                   for k, v in _mapping(manifest.worktree_flags).items() if isinstance(v, list)}
         return manifest
 
     def specs(self) -> list[ExpSpec]:
@@ -252,6 +262,11 @@ class RunStatus:
             data["heartbeat"] = self.heartbeat
         return data
 
+    def is_stale(self, now: float | None = None) -> bool:
+        """A running run whose heartbeat (or start) is older than ``STALE_AFTER_S``."""
+        last = self.heartbeat or self.started
+        return self.state.is_active() and last is not None and (now or time.time()) - last > STALE_AFTER_S
+
     @classmethod
     def from_json(cls, data: Any) -> RunStatus | None:
         if not isinstance(data, dict):
@@ -278,7 +293,10 @@ class RunResult:
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
-    push_error: str | None = None
+    push_error: str | None = None   # the outputs did not reach the store
+    workspace: str | None = None    # "NODE:PATH" where the run's workspace stays when they did not
+    save_errors: dict[str, str] = field(default_factory=dict)  # what of the end-of-run save failed
+    shown_files: list[str] = field(default_factory=list)  # metrics/plots/params inside cached outputs
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -301,6 +319,10 @@ class RunResult:
             exp_sha=_text(data.get("exp_sha")), ref=_text(data.get("ref")),
             params=_mapping(data.get("params")), metrics=_mapping(data.get("metrics")),
             error=_text(data.get("error")), push_error=_text(data.get("push_error")),
+            workspace=_text(data.get("workspace")),
+            save_errors={k: v for k, v in _mapping(data.get("save_errors")).items() if isinstance(v, str)},
+            shown_files=[f for f in data.get("shown_files") or [] if isinstance(f, str)]
+            if isinstance(data.get("shown_files"), list) else [],
             timings={k: v for k, v in _mapping(data.get("timings")).items() if _number(v) is not None})
 
 
@@ -384,6 +406,9 @@ class Outcome:
     store: str = ""
     applied: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    home: bool = True                  # False: not brought home (its name is taken here)
+    hint: str | None = None            # what to do about ``error``
+    store_error: str | None = None     # it ran, but not everything reached the store or came home
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

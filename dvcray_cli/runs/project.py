@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dvcray_cli import gitutil
-from dvcray_cli.errors import StoreError, UsageError
+from dvcray_cli.errors import GitError, StoreError, UsageError
 from dvcray_cli.runs.model import BUNDLE, ExpRef, valid_exp_name
 from dvcray_cli.store import REMOTE_NAME, Store
 
@@ -83,14 +83,17 @@ def open_repo(project: Project, store: Store | None = None):
     return Repo(os.fspath(project.dvc_root), config=store.dvc_config() if store else None)
 
 
-def read_project(project: Project, store_url: str | None) -> tuple[Store, bool]:
-    """Load the pipeline as DVC sees it (a broken dvc.yaml fails here), pick the
-    store, and tell whether ``.dvc`` files track inputs that may need pushing.
+def read_project(project: Project, store_url: str | None, targets: list[str] = ()) -> tuple[Store, bool]:
+    """Load the pipeline as DVC sees it (a broken dvc.yaml fails here), check the
+    targets, pick the store, and tell whether ``.dvc`` files track inputs that may
+    need pushing.
 
     Raises:
-        UsageError: DVC cannot read the project, or it has no pipeline.
+        UsageError: DVC cannot read the project, it has no pipeline, a target is
+            no stage of it, or another DVC command holds the project's lock.
     """
     from dvc.exceptions import DvcException
+    from dvc.lock import LockError
 
     from dvcray_cli import store as store_mod
 
@@ -100,6 +103,18 @@ def read_project(project: Project, store_url: str | None) -> tuple[Store, bool]:
             if not repo.index.stages:
                 raise UsageError(f"The DVC project at {project.dvc_root} has no pipeline (no stages).",
                                  "Add one: dvc stage add -n train -d train.py python train.py")
+            for target in targets:
+                try:
+                    repo.stage.collect(target)
+                except DvcException as exc:
+                    raise UsageError(f"{target} is not a stage of this pipeline: {exc}",
+                                     "See the stages with: dvc stage list") from None
+            try:
+                with repo.lock:
+                    pass
+            except LockError:
+                raise UsageError("Another DVC command holds this project's lock (.dvc/tmp/lock): a dvc exp run "
+                                 "or dvc repro is going on here.", "Wait for it to finish, then rerun.") from None
             from dvc.stage import PipelineStage
 
             has_inputs = any(not isinstance(st, PipelineStage) and st.outs for st in repo.index.stages)
@@ -119,6 +134,7 @@ def push_inputs(repo) -> int:
         StoreError: the push failed.
     """
     from dvc.exceptions import UploadError
+    from dvc.lock import LockError
     from dvc.stage import PipelineStage
 
     targets = [s.addressing for s in repo.index.stages
@@ -126,7 +142,11 @@ def push_inputs(repo) -> int:
     if not targets:
         return 0
     # Cloud status: "missing" means neither the local cache nor the store has it.
-    status = repo.status(targets=targets, cloud=True, remote=REMOTE_NAME)
+    try:
+        status = repo.status(targets=targets, cloud=True, remote=REMOTE_NAME)
+    except LockError:
+        raise UsageError("Another DVC command holds this project's lock: the inputs cannot be pushed now.",
+                         "Wait for it to finish, then rerun.") from None
     missing = sorted(name for name, state in status.items() if state == "missing")
     if missing:
         raise UsageError(f"Input data is missing: {', '.join(missing)} is neither in your DVC cache "
@@ -134,16 +154,106 @@ def push_inputs(repo) -> int:
                          "Get it back (dvc pull, or dvc add it again), then rerun.")
     try:
         return repo.push(targets=targets, remote=REMOTE_NAME)
+    except LockError:
+        raise UsageError("Another DVC command holds this project's lock: the inputs cannot be pushed now.",
+                         "Wait for it to finish, then rerun.") from None
     except UploadError as exc:
         raise StoreError(f"Could not push input data to the store: {exc}") from exc
 
 
-def import_experiment(git_root: Path, store: Store, run_id: str, ref: ExpRef) -> None:
-    """Fetch the experiment ref from the bundle the runner saved (never DVC's internal refs)."""
+ZERO_SHA = "0" * 40
+
+
+def exp_sha_of(git_root: Path, ref: ExpRef) -> str | None:
+    """The commit ``ref`` points to in this repo, None when there is no such ref."""
+    return gitutil.git("rev-parse", "--verify", "-q", f"{ref}^{{commit}}", cwd=git_root, check=False) or None
+
+
+def import_experiment(git_root: Path, store: Store, run_id: str, ref: ExpRef, as_name: str | None = None,
+                      force: bool = False) -> tuple[ExpRef, str]:
+    """Bring the experiment ``ref`` home from the bundle the runner saved, as ``as_name``
+    when given. Only that ref is fetched (never DVC's internal refs), and an
+    existing experiment of the same name is never replaced unless ``force``
+    (``refs/exps`` has no reflog: a replaced experiment would be gone).
+
+    Returns:
+        The experiment's ref here and its commit.
+
+    Raises:
+        UsageError: the name is taken here by another experiment and not ``force``.
+        StoreError: the bundle is missing or does not hold the experiment.
+    """
+    target = ExpRef(ref.baseline, as_name or ref.name)
+    incoming = f"refs/dvcray/incoming/{run_id}"
     with tempfile.TemporaryDirectory(prefix="dvcray-bundle-") as tmp:
         bundle = Path(tmp) / BUNDLE
         store.download(store.run_path(run_id, BUNDLE), bundle)
-        gitutil.git("fetch", "-q", "--force", os.fspath(bundle), f"+{ref}:{ref}", cwd=git_root)
+        try:
+            gitutil.git("fetch", "-q", "--no-write-fetch-head", os.fspath(bundle), f"+{ref}:{incoming}", cwd=git_root)
+        except GitError as exc:
+            raise StoreError(f"The bundle of run {run_id} in the store {store.url} does not hold {ref}: {exc}",
+                             f"Its log says what happened: dvcray logs {run_id}") from None
+    try:
+        sha = gitutil.git("rev-parse", incoming, cwd=git_root)
+        existing = exp_sha_of(git_root, target)
+        if existing == sha:
+            return target, sha
+        if existing and not force:
+            raise NameTaken(target, existing, run_id, sha)
+        # Compare-and-swap: the ref must still be what was just looked at.
+        gitutil.git("update-ref", str(target), sha, existing or ZERO_SHA, cwd=git_root)
+        return target, sha
+    finally:
+        gitutil.git("update-ref", "-d", incoming, cwd=git_root, check=False)
+
+
+class NameTaken(UsageError):
+    """An experiment of that name exists here already; it is never replaced silently."""
+
+    def __init__(self, target: ExpRef, existing: str, run_id: str, sha: str) -> None:
+        super().__init__(
+            f"Experiment '{target.name}' already exists for baseline {target.baseline[:7]} (commit {existing[:7]}); "
+            f"run {run_id} made another one (commit {sha[:7]}), which stays in the store.",
+            f"Keep both: dvcray pull {run_id} --as {target.name}-2   Replace yours: dvcray pull {run_id} -f")
+        self.target, self.existing, self.run_id, self.sha = target, existing, run_id, sha
+
+
+def shown_files(repo) -> list[str]:
+    """What ``dvc exp show`` and ``dvc plots diff`` read of this workspace that is not
+    in git: metrics, plots and params files inside a cached output (e.g. an
+    ``eval/`` folder output holding ``metrics.json``). Empty in the common case,
+    where they are outputs of their own with ``cache: false``."""
+    index = repo.index
+    cached = [out.index_key[1] for out in index.outs if out.use_cache]
+    shown = set()
+    for keys in (index.metric_keys, index.plot_keys, index.param_keys):
+        shown.update(keys.get("repo", set()))
+    return sorted("/".join(key) for key in shown if any(key[:len(out)] == out for out in cached))
+
+
+def fetch_shown_files(project: Project, store: Store, exp_sha: str, files: list[str]) -> int:
+    """Bring ``files`` of an experiment (``shown_files``, as the runner found them)
+    into the local DVC cache, with their folders' ``.dir`` manifests, and nothing
+    else of its outputs. Without them ``dvc exp show`` reports
+    ``DataIndexDirError`` for the experiment (DESIGN.md, Facts).
+
+    Returns:
+        The files fetched.
+
+    Raises:
+        StoreError: DVC could not fetch them.
+    """
+    files = [f for f in files if isinstance(f, str) and f and not f.startswith("/") and ".." not in f.split("/")]
+    if not files:
+        return 0
+    repo = open_repo(project, store)
+    try:
+        return repo.fetch(targets=files, revs=[exp_sha], workspace=False, remote=REMOTE_NAME)
+    except Exception as exc:
+        raise StoreError(f"Could not fetch the experiment's metrics and plots from {store.url}: {exc}",
+                         "dvc exp show may not show this experiment until: dvcray pull NAME") from exc
+    finally:
+        repo.close()
 
 
 def pull_outputs(project: Project, store: Store, exp_sha: str) -> int:

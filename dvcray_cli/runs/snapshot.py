@@ -5,15 +5,25 @@ as files: a git bundle of HEAD's history, the binary diff of tracked changes
 (staged and unstaged) against HEAD, and a tar of the untracked files git does
 not ignore. Never ``.dvc/cache``, ``.dvc/tmp``, ``.dvc/config.local``, ``.dvcray/``
 or ignored files.
+
+The snapshot does not depend on the user's git settings: the diff is made with
+git's defaults forced (prefixes, no external diff drivers or textconv, no
+renames, no colour) and applied on the cluster with the node's settings kept
+out (autocrlf, LFS filters). Files marked assume-unchanged or skip-worktree,
+which ``git diff`` does not see, travel with their flags, so DVC's commit
+treats them on the cluster as it would locally. What cannot be reproduced
+(submodules, a merge or rebase in progress) is refused with a message.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import tarfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from dvcray_cli.errors import GitError
+from dvcray_cli.errors import GitError, UsageError
 from dvcray_cli.gitutil import git
 from dvcray_cli.runs.model import Manifest
 
@@ -24,52 +34,167 @@ UNTRACKED = "untracked.tar"
 # Relative to the DVC root. These never travel, even when git does not ignore them.
 NEVER = (".dvc/cache", ".dvc/tmp", ".dvc/config.local", ".dvcray")
 
+# git's defaults, whatever the user's config says: a patch made with other
+# prefixes (diff.noprefix, mnemonicPrefix, src/dstPrefix) can apply to the
+# wrong file without an error (DESIGN.md, Facts).
+_DIFF_CONFIG = ("diff.noprefix=false", "diff.mnemonicPrefix=false", "diff.relative=false",
+                "diff.suppressBlankEmpty=false", "core.quotePath=true", "diff.external=")
+_DIFF_ARGS = ("diff", "--binary", "--full-index", "--no-ext-diff", "--no-textconv", "--no-color", "--no-renames",
+              "--src-prefix=a/", "--dst-prefix=b/", "--ignore-submodules=all", "HEAD", "--")
+# What git's state files say is going on; a workspace in the middle of one is refused.
+_IN_PROGRESS = {"MERGE_HEAD": "a merge", "rebase-merge": "a rebase", "rebase-apply": "a rebase or git am",
+                "CHERRY_PICK_HEAD": "a cherry-pick", "REVERT_HEAD": "a revert"}
+
+
+@dataclass
+class Snapshot:
+    """What was packed: the parts' sizes and the worktree flags the runner restores."""
+
+    sizes: dict[str, int]
+    flags: dict[str, list[str]] = field(default_factory=dict)  # assume_unchanged, skip_worktree, absent
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
 
 def _excluded(rel_to_dvc_root: str) -> bool:
     return any(rel_to_dvc_root == n or rel_to_dvc_root.startswith(n + "/") for n in NEVER)
 
 
-def create(git_root: Path, dvc_root: Path, out: Path, copy_paths: list[str] = ()) -> dict[str, int]:
+def _run_bytes(args: list[str], cwd: Path, config: tuple[str, ...] = ()) -> bytes:
+    cmd = ["git"] + [part for c in config for part in ("-c", c)] + args
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True)
+    if proc.returncode != 0:
+        raise GitError(f"{' '.join(['git', *args])} failed: {proc.stderr.decode(errors='replace').strip()}")
+    return proc.stdout
+
+
+def _paths(raw: bytes) -> list[str]:
+    """NUL-separated paths from git, as the file system names them (non-UTF-8 names kept)."""
+    return [os.fsdecode(p) for p in raw.split(b"\0") if p]
+
+
+def check_workspace(git_root: Path) -> None:
+    """Refuse what a snapshot cannot reproduce on a cluster.
+
+    Raises:
+        UsageError: a merge, rebase, cherry-pick or revert in progress; submodules.
+    """
+    git_dir = Path(git("rev-parse", "--absolute-git-dir", cwd=git_root))
+    for name, what in _IN_PROGRESS.items():
+        if (git_dir / name).exists():
+            raise UsageError(f"The repository is in the middle of {what}: the workspace is not one an experiment "
+                             "can start from.", "Finish or abort it first (git status says how), then rerun.")
+    gitlinks = [line.split("\t", 1)[1] for line in
+                _run_bytes(["ls-files", "-s"], git_root).decode(errors="replace").splitlines()
+                if line.startswith("160000 ")]
+    if gitlinks:
+        raise UsageError(f"The repository has git submodules ({', '.join(gitlinks[:5])}), which dvcray cannot "
+                         "ship to a cluster.", "Run the experiment locally with dvc exp run, or vendor the submodules.")
+
+
+def check_copy_paths(dvc_root: Path, copy_paths: list[str]) -> None:
+    """``-C`` paths must exist inside the DVC project and be none of what never travels.
+
+    Raises:
+        UsageError: naming the path and why.
+    """
+    root = dvc_root.resolve()
+    for extra in copy_paths:
+        path = dvc_root / extra
+        if not path.exists() and not path.is_symlink():
+            raise UsageError(f"-C {extra}: no such file or folder in {dvc_root}.",
+                             "Give a path relative to the DVC project's root.")
+        resolved = path.parent.resolve() / path.name
+        if resolved != root and root not in resolved.parents:
+            raise UsageError(f"-C {extra} is outside the DVC project ({dvc_root}).",
+                             "Only files inside the project travel to the cluster.")
+        rel = resolved.relative_to(root).as_posix() if resolved != root else "."
+        if rel == "." or _excluded(rel):
+            raise UsageError(f"-C {extra} is never sent to a cluster: it is DVC's or dvcray's own state "
+                             "(cache, tmp, config.local with its credentials).",
+                             "Name the files the stage needs instead.")
+
+
+def _flagged(git_root: Path) -> dict[str, list[str]]:
+    """Tracked files git stops looking at: assume-unchanged (``h``), skip-worktree (``S``)."""
+    flags: dict[str, list[str]] = {"assume_unchanged": [], "skip_worktree": [], "absent": []}
+    for entry in _paths(_run_bytes(["ls-files", "-v", "-z"], git_root)):
+        tag, path = entry[:1], entry[2:]
+        if tag == "S":
+            flags["skip_worktree"].append(path)
+        elif tag.islower():
+            flags["assume_unchanged"].append(path)
+        else:
+            continue
+        if not os.path.lexists(git_root / path):
+            flags["absent"].append(path)  # e.g. outside a sparse checkout's cone
+    return {k: v for k, v in flags.items() if v}
+
+
+def create(git_root: Path, dvc_root: Path, out: Path, copy_paths: list[str] = ()) -> Snapshot:
     """Write the snapshot of the workspace at ``git_root`` into folder ``out``.
 
     ``copy_paths`` (relative to the DVC root) travel even when git ignores them,
-    as with ``dvc exp run -C``.
+    as with ``dvc exp run -C``; symbolic links travel as links, never followed.
 
     Returns:
-        Sizes in bytes of the parts, for reporting.
+        The parts' sizes, for reporting, and the worktree flags for the manifest.
+
+    Raises:
+        UsageError: the workspace cannot be reproduced (``check_workspace``,
+            ``check_copy_paths``).
     """
+    check_workspace(git_root)
+    check_copy_paths(dvc_root, list(copy_paths))
     out = out.absolute()
     out.mkdir(parents=True, exist_ok=True)
     git("bundle", "create", "-q", os.fspath(out / BUNDLE), "HEAD", cwd=git_root)
-    diff = _run_bytes(["git", "diff", "--binary", "--full-index", "--no-ext-diff", "--no-color",
-                       "HEAD"], git_root)
-    (out / PATCH).write_bytes(diff)
+    (out / PATCH).write_bytes(_run_bytes(list(_DIFF_ARGS), git_root, _DIFF_CONFIG))
 
     prefix = dvc_root.relative_to(git_root).as_posix()
     prefix = "" if prefix == "." else prefix + "/"
-    listed = _run_bytes(["git", "ls-files", "--others", "--exclude-standard", "-z"], git_root)
-    untracked = [p for p in listed.decode().split("\0") if p]
-    with tarfile.open(out / UNTRACKED, "w") as tar:
-        for rel in untracked:
-            inner = rel[len(prefix):] if rel.startswith(prefix) else None
-            if inner is not None and _excluded(inner):
+    untracked = _paths(_run_bytes(["ls-files", "--others", "--exclude-standard", "-z"], git_root))
+    flags = _flagged(git_root)
+    # git diff does not see edits to flagged files: their content travels as is.
+    present = [p for p in flags.get("assume_unchanged", []) + flags.get("skip_worktree", [])
+               if p not in flags.get("absent", [])]
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        inner = info.name[len(prefix):] if info.name.startswith(prefix) else None
+        return None if inner is not None and _excluded(inner) else info
+
+    with tarfile.open(out / UNTRACKED, "w", format=tarfile.PAX_FORMAT) as tar:
+        for rel in untracked + present:
+            info = keep(tar.gettarinfo(git_root / rel, arcname=rel))
+            if info is None:
                 continue
-            tar.add(git_root / rel, arcname=rel, recursive=False)
+            if info.isreg():
+                with open(git_root / rel, "rb") as f:
+                    tar.addfile(info, f)
+            else:
+                tar.addfile(info)
         for extra in copy_paths:
-            path = (dvc_root / extra)
-            if not path.exists():
-                continue
-            tar.add(path, arcname=prefix + Path(extra).as_posix())
-    return {name: (out / name).stat().st_size for name in (BUNDLE, PATCH, UNTRACKED)}
+            path = dvc_root / extra
+            tar.add(path, arcname=prefix + Path(extra).as_posix(), filter=keep)
+    sizes = {name: (out / name).stat().st_size for name in (BUNDLE, PATCH, UNTRACKED)}
+    return Snapshot(sizes, flags)
 
 
 def restore(folder: Path, dest: Path, manifest: Manifest) -> Path:
     """Rebuild the workspace from a snapshot: clone, check out the baseline,
-    apply the changes without committing. Returns the DVC root in ``dest``."""
-    import subprocess
+    apply the changes without committing. Returns the DVC root in ``dest``.
 
-    subprocess.run(["git", "clone", "-q", "--no-checkout", os.fspath(folder / BUNDLE), os.fspath(dest)],
+    The node's own git settings stay out: no line-ending conversion, and no LFS
+    filter (the files are what git has, as locally without git-lfs)."""
+    neutral = ["-c", "core.autocrlf=false", "-c", "core.eol=lf", "-c", "filter.lfs.smudge=cat",
+               "-c", "filter.lfs.process=", "-c", "filter.lfs.required=false"]
+    subprocess.run(["git", *neutral, "clone", "-q", "--no-checkout", os.fspath(folder / BUNDLE), os.fspath(dest)],
                    check=True, capture_output=True)
+    for setting in neutral[1::2]:
+        key, value = setting.split("=", 1)
+        git("config", key, value, cwd=dest)
     git("checkout", "-q", "--detach", manifest.baseline, cwd=dest)
     # The clone must commit as the user: DVC's experiment commit uses it.
     git("config", "user.name", manifest.git_name, cwd=dest)
@@ -78,16 +203,16 @@ def restore(folder: Path, dest: Path, manifest: Manifest) -> Path:
     git("remote", "remove", "origin", cwd=dest, check=False)
     patch = folder / PATCH
     if patch.stat().st_size:
-        git("apply", "--binary", "--whitespace=nowarn", os.fspath(patch), cwd=dest)
+        git("-c", "apply.whitespace=nowarn", "apply", "--binary", "--whitespace=nowarn", "-p1",
+            os.fspath(patch), cwd=dest)
     with tarfile.open(folder / UNTRACKED) as tar:
         tar.extractall(dest, filter="tar")
+    flags = manifest.worktree_flags or {}
+    for rel in flags.get("absent", []):
+        (dest / rel).unlink(missing_ok=True)
+    for flag, option in (("assume_unchanged", "--assume-unchanged"), ("skip_worktree", "--skip-worktree")):
+        paths = flags.get(flag, [])
+        if paths:
+            git("update-index", option, "-z", "--stdin", cwd=dest,
+                input=b"".join(os.fsencode(p) + b"\0" for p in paths))
     return dest / manifest.subdir if manifest.subdir else dest
-
-
-def _run_bytes(cmd: list[str], cwd: Path) -> bytes:
-    import subprocess
-
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True)
-    if proc.returncode != 0:
-        raise GitError(f"{' '.join(cmd)} failed: {proc.stderr.decode(errors='replace').strip()}")
-    return proc.stdout

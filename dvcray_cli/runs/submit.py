@@ -14,16 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from dvcray_cli import __version__, clusters, params
+from dvcray_cli import __version__, clusters, params, ray_api
 from dvcray_cli.errors import ClusterError, UsageError
 from dvcray_cli.runs import placement, snapshot
 from dvcray_cli.runs.model import MANIFEST, ExpSpec, Manifest, RunOptions, RunRecord, RunState, new_run_id
 from dvcray_cli.runs.project import (Project, check_exp_name, find_project, open_repo, push_inputs,
                                      read_project)
 from dvcray_cli.store import Store
-
-# Seconds the runner gets after SIGTERM to push outputs, the log and result.json.
-STOP_GRACE_S = int(os.environ.get("DVCRAY_STOP_GRACE_S", "60"))
 
 Say = Callable[[str], None]
 
@@ -57,6 +54,7 @@ class Plan:
     snapshot_dir: Path
     snapshot_bytes: int = 0
     placement: placement.Placement | None = None  # how runners are submitted (--cpus-per-exp ...)
+    worktree_flags: dict[str, list[str]] = field(default_factory=dict)  # snapshot.Snapshot.flags
 
     def manifest(self, job_id: str, specs: list[ExpSpec], jobs: int = 0) -> Manifest:
         opts, project = self.opts, self.project
@@ -70,6 +68,7 @@ class Plan:
             copy_paths=list(opts.copy_paths), git_name=project.identity[0], git_email=project.identity[1],
             store=self.store.to_json(), dvcray_version=__version__, created=time.time(), address=self.address,
             experiments=[] if one else [s.to_json() for s in specs], jobs=jobs,
+            worktree_flags=self.worktree_flags,
         )
 
 
@@ -111,6 +110,9 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
     ``jobs``: a sweep's ``--jobs``, for the placement of its runners."""
     import concurrent.futures
 
+    if jobs is not None and jobs < 1:
+        raise UsageError("--jobs must be at least 1.")
+    ray_api.stop_grace_s()  # a bad DVCRAY_STOP_GRACE_S is refused now, not at submission
     known = clusters.known_address(opts.address, cwd)
     early = None
     if known:
@@ -118,8 +120,15 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
         # DVC reads the project. Its errors surface after DVC's, in the same order.
         early = concurrent.futures.ThreadPoolExecutor(1).submit(connect, known)
     project = find_project(cwd)
+    snapshot.check_workspace(project.git_root)
+    snapshot.check_copy_paths(project.dvc_root, opts.copy_paths)
     experiments = expand(opts, project)
-    store, has_inputs = read_project(project, opts.store)
+    store, has_inputs = read_project(project, opts.store, opts.targets)
+    if store.is_local and known and not clusters.on_this_machine(known):
+        # Before the store is touched: the runner would write to its own node's disk.
+        raise UsageError(f"The store {store.url} is a folder on this machine, but the cluster at {known} runs "
+                         "elsewhere: its runners cannot reach it.",
+                         "Use a store every node reaches: --store s3://BUCKET/PREFIX (or an S3 default remote).")
     store.check_writable()
 
     if early is not None:
@@ -141,9 +150,9 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
             repo.close()
         if pushed:
             say(f"Pushed {pushed} input file(s) to the store {store.url}.")
-    sizes = snapshot.create(project.git_root, project.dvc_root, snapshot_dir, opts.copy_paths)
+    packed = snapshot.create(project.git_root, project.dvc_root, snapshot_dir, opts.copy_paths)
     return Plan(opts, project, store, address, client, started, experiments, snapshot_dir,
-                sum(sizes.values()), where)
+                packed.total, where, packed.flags)
 
 
 def launch(plan: Plan, job_id: str, specs: list[ExpSpec], jobs: int = 0, placed: bool = False) -> None:
@@ -166,7 +175,7 @@ def launch(plan: Plan, job_id: str, specs: list[ExpSpec], jobs: int = 0, placed:
             submission_id=job_id,
             runtime_env={
                 "working_dir": os.fspath(folder),
-                "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S), "PYTHONUNBUFFERED": "1"},
+                "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(ray_api.stop_grace_s()), "PYTHONUNBUFFERED": "1"},
             },
             metadata={"dvcray_version": __version__, "baseline": plan.project.baseline, "run_id": job_id,
                       "exp_name": ",".join(s.exp_name or "" for s in specs)},

@@ -57,8 +57,9 @@ class Sweep:
     """Submit a plan's experiments and follow them to the end from one process."""
 
     def __init__(self, plan: Plan, jobs: int | None, on_line: Callable[[str, str], None],
-                 on_change: Callable[[list[ExpState]], None]) -> None:
+                 on_change: Callable[[list[ExpState]], None], say: Callable[[str], None] = lambda m: None) -> None:
         self.plan = plan
+        self.say = say
         self.limit = max(1, jobs) if jobs else len(plan.experiments)
         self.on_line, self.on_change = on_line, on_change
         self.states = [ExpState(spec) for spec in plan.experiments]
@@ -129,7 +130,7 @@ class Sweep:
             return False
         sub = Submitted(state.spec.run_id, self.plan.address, store, state.spec.exp_name,
                         self.plan.project.baseline, client=self.plan.client, project=self.plan.project)
-        state.outcome = follow.finish(sub, result.status.value)
+        state.outcome = follow.finish(sub, result.status.value, force=self.plan.opts.force)
         state.state = RunState.parse(state.outcome.status, RunState.FAILED)
         state.ended = time.time()
         return True
@@ -189,6 +190,18 @@ class Sweep:
             follow.stop_jobs(self.plan.client, list(self.jobs))
             raise Interrupted("Interrupted: every experiment of the sweep was stopped.",
                               "Their logs and what they produced are in the store: dvcray runs") from None
+        except Exception:
+            # The client failed, not the experiments: they go on. Say exactly how to bring them home.
+            left = [s for s in self.states if s.outcome is None and s.state != RunState.WAITING]
+            never = [s for s in self.states if s.state == RunState.WAITING]
+            if left:
+                names = ", ".join(s.name for s in left)
+                self.say(f"dvcray stopped following the sweep, but {len(left)} experiment(s) go on on the cluster: "
+                         f"{names}. See them with: dvcray runs. Bring each home once it has ended: "
+                         f"dvcray pull NAME (or its run id).")
+            if never:
+                self.say(f"{len(never)} experiment(s) were not submitted: {', '.join(s.name for s in never)}.")
+            raise
         return SweepResult([s.outcome for s in self.states if s.outcome is not None])
 
 
@@ -202,7 +215,7 @@ def run_sweep(opts: RunOptions, cwd: Path, say: Callable[[str], None], jobs: int
         plan = prepare(opts, cwd, say, Path(tmp), jobs)
         say(f"Running {len(plan.experiments)} experiment(s) on {plan.address}"
             + (f", at most {jobs} at once." if jobs else "."))
-        return Sweep(plan, jobs, on_line, on_change).run()
+        return Sweep(plan, jobs, on_line, on_change, say).run()
 
 
 def table_rows(outcomes: list[Outcome]) -> tuple[list[str], list[list[Any]]]:

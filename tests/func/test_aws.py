@@ -318,7 +318,8 @@ def test_bootstrap_creates_roles_profiles_key_pair_security_group_and_no_instanc
     s3_resources = {r for doc in (worker_policy, head_policy) for s in doc["Statement"]
                     if any(a.startswith("s3:") for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"]))
                     for r in ([s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"])}
-    assert s3_resources == {"arn:aws:s3:::dvcray-test-store", "arn:aws:s3:::dvcray-test-store/*"}
+    # The store's prefix (s3://dvcray-test-store/store), not the whole bucket.
+    assert s3_resources == {"arn:aws:s3:::dvcray-test-store", "arn:aws:s3:::dvcray-test-store/store/*"}
     assert not any(a.startswith(("ec2:", "iam:")) for s in worker_policy["Statement"]
                    for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"]))
     terminate = [s for s in head_policy["Statement"] if "ec2:TerminateInstances" in s["Action"]]
@@ -472,7 +473,9 @@ def test_status_shows_instances_age_and_cost_then_down_terminates(aws_project):
     assert run_dvcray("cluster", "status", "--json", cwd=aws_project).stdout.strip() == "[]"
 
 
-def test_status_says_when_the_cluster_went_away(aws_project):
+def test_status_never_forgets_a_cluster_on_an_empty_answer(aws_project):
+    """No instances in the answer (another AWS_PROFILE, another region, or the idle
+    watcher took it down): the record stays until `down` (issue 10, item 14)."""
     from dvcray_cli.clusters import aws
     from dvcray_cli.clusters.aws import records
 
@@ -482,10 +485,49 @@ def test_status_says_when_the_cluster_went_away(aws_project):
                             forward_pid=0, head_ip="203.0.113.1", ssh_user="ubuntu", key_path="",
                             started_at="2026-01-01T00:00:00+00:00", idle_timeout_s=3600, node_types=[])
     records.write_record(record, aws_project / ".dvcray")
-    proc = run_dvcray("cluster", "status", cwd=aws_project)
-    assert proc.returncode == 0
-    assert "is gone" in proc.stderr and "idle watcher" in proc.stderr
+    for _ in range(2):
+        proc = run_dvcray("cluster", "status", cwd=aws_project)
+        assert proc.returncode == 0
+        assert "no running instances that your AWS identity can see" in proc.stderr and "idle watcher" in proc.stderr
+        assert "record is kept until: dvcray cluster down aws" in proc.stderr
+        assert [r.name for r in records.repo_records(aws_project)] == [plan.cluster_name]
+    assert run_dvcray("cluster", "down", "aws", "--yes", cwd=aws_project).returncode == 0
     assert records.repo_records(aws_project) == []
+
+
+def test_every_clone_names_and_finds_the_same_cluster(aws_project, tmp_path):
+    """The cluster's name comes from the project's first commit and the config, not
+    the repo's path: a second clone or a moved repo takes the same cluster down
+    (issue 10, item 13)."""
+    from dvcray_cli import clusters
+    from dvcray_cli.clusters import aws
+    from dvcray_cli.clusters.aws import records
+
+    plan = aws.plan("aws", aws_project)
+    clone = tmp_path / "second-clone"
+    sh("git", "clone", "-q", str(aws_project), str(clone), cwd=tmp_path)
+    moved = tmp_path / "moved"
+    shutil.copytree(aws_project, moved, symlinks=True)
+    assert aws.plan("aws", clone).cluster_name == aws.plan("aws", moved).cluster_name == plan.cluster_name
+    assert aws.plan("aws-gpu", clone).cluster_name != plan.cluster_name
+
+    # A cluster recorded by the first clone is found from the second (on this machine)...
+    record = aws.AwsCluster(name=plan.cluster_name, config_label="aws", config_path="", region="us-east-1",
+                            token_path=plan.token_path, dashboard_url="http://127.0.0.1:9", forward_port=9,
+                            forward_pid=0, head_ip="127.0.0.1", ssh_user="nobody", key_path="/nonexistent",
+                            started_at="2026-01-01T00:00:00+00:00", idle_timeout_s=3600, node_types=[])
+    records.write_record(record, aws_project / ".dvcray")
+    assert clusters.known_address(None, clone) == "http://127.0.0.1:9"
+    # ...and its instances are taken down from there by their tag, record or not.
+    nodes = _fake_nodes(plan.cluster_name, ["head", "worker"])
+    proc = run_dvcray("cluster", "down", "aws", "--yes", cwd=clone)
+    assert proc.returncode == 0, proc.stderr
+    assert "Terminated 2 instance(s)" in proc.stderr
+    assert not set(nodes) & set(inventory()["instances"])
+    for record, _ in records.records():
+        from dvcray_cli.clusters.aws import forward
+
+        forward.stop_forward(record)
 
 
 def test_run_finds_the_repos_aws_cluster_and_its_token(aws_project, monkeypatch):
@@ -517,18 +559,33 @@ def test_idle_watcher_on_the_head_terminates_the_whole_cluster(aws_env, tmp_path
     """What ``head_start_ray_commands`` starts on the head: ``python -m dvcray_cli.clusters.idle
     aws --config ~/ray_bootstrap_config.yaml --timeout N --background``. It detaches,
     replaces a previous watcher, and once idle terminates every instance of the
-    cluster, the head included (no job API answers here: counted as idle)."""
-    from dvcray_cli.clusters import idle
+    cluster, the head included. The head's job API is a real Ray head here, in the
+    loopback-only namespace, on the port a head's dashboard has (8265): it answers
+    that no dvcray run is going (one that does not answer never counts as idle)."""
+    from dvcray_cli import ray_api
+    from dvcray_cli.clusters import idle, local
 
     nodes = _fake_nodes("dvcray-idle-test", ["head", "worker"])
     other = _fake_nodes("dvcray-not-idle", ["head"])
     config = Path.home() / "ray_bootstrap_config.yaml"
     config.write_text(yaml.safe_dump({"cluster_name": "dvcray-idle-test",
                                       "provider": {"type": "aws", "region": "us-east-1"}}))
-    token = Path.home() / ".dvcray" / "auth_token"
-    token.parent.mkdir()
-    token.write_text("not-a-real-token")
+    token = ray_api.ensure_token(Path.home() / ".dvcray" / "auth_token")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    import uuid
+
+    temp = Path("/tmp") / f"dvcray-awshead-{uuid.uuid4().hex[:8]}"  # Ray's socket paths stay short
+    head = local.start_head("aws-head", num_cpus=1, temp_dir=temp, token_path=token,
+                            gcs_port=free_port(), dashboard_port=int(idle.HEAD_JOB_API.rsplit(":", 1)[1]))
+    try:
+        _watch_and_check(config, token, nodes, other)
+    finally:
+        head.stop()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _watch_and_check(config: Path, token: Path, nodes: list[str], other: list[str]) -> None:
+    from dvcray_cli.clusters import idle
 
     def start(timeout: str) -> int:
         proc = subprocess.run([sys.executable, "-m", "dvcray_cli.clusters.idle", "aws", "--config", str(config),

@@ -94,3 +94,52 @@ def test_down_stops_the_watcher_and_idle_timeout_zero_turns_it_off():
         assert local.recorded("local") is None
     finally:
         idle.disarm("local")
+
+
+SAVES_FOR_15_S = """
+import pathlib, signal, sys, time
+def save(*_):
+    time.sleep(15)   # a runner pushing its outputs after SIGTERM
+    pathlib.Path(sys.argv[1]).write_text("saved")
+    raise SystemExit(0)
+signal.signal(signal.SIGTERM, save)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_down_yes_gives_runners_the_whole_grace_they_were_promised(tmp_path, monkeypatch):
+    """Runners are submitted with ``RAY_JOB_STOP_WAIT_TIME_S`` = the stop grace
+    (``DVCRAY_STOP_GRACE_S``, 60 s by default); ``down --yes`` used to stop the head
+    10 s after stopping them (issue 10, item 11). Here the grace is 20 s and the
+    runner needs 15 s to save."""
+    import shlex
+
+    from dvcray_cli import clusters
+
+    monkeypatch.setenv("DVCRAY_STOP_GRACE_S", "20")
+    assert run_dvcray("cluster", "up", "local").returncode == 0
+    cluster = local.recorded("local")
+    marker = tmp_path / "saved"
+    (tmp_path / "runner.py").write_text(SAVES_FOR_15_S)
+    client = ray_api.client(cluster.dashboard_url, cluster.token())
+    job = client.submit_job(entrypoint=f"python {shlex.quote(str(tmp_path / 'runner.py'))} {shlex.quote(str(marker))}",
+                            runtime_env={"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "20"}},
+                            metadata={ray_api.RUN_MARKER: "test", "exp_name": "graceful"})
+    deadline = time.monotonic() + 60
+    while "ready" not in client.get_job_logs(job):
+        assert time.monotonic() < deadline, client.get_job_logs(job)
+        time.sleep(0.3)
+    waits = []
+    real = ray_api.stop_and_wait
+
+    def spy(job_client, job_ids, timeout):
+        stopped = real(job_client, job_ids, timeout)
+        waits.append((timeout, ray_api.job_status(job_client, job), marker.exists()))
+        return stopped
+
+    monkeypatch.setattr(ray_api, "stop_and_wait", spy)
+    result = clusters.down("local", tmp_path, yes=True)
+    assert result.stopped_runs == [job] and result.was_running
+    assert waits == [(30, "STOPPED", True)], "the head went before the runner had saved"
+    assert cluster.pids() == []

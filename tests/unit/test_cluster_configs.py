@@ -95,7 +95,8 @@ def test_structure_errors_name_the_key(edit, message, tmp_path):
 
 def test_node_policies_are_least_privilege():
     policies = aws_config.node_policies("dvcray-p-abc123", "us-east-1", "my-bucket", "123456789012",
-                                        "dvcray-p-abc123-worker")
+                                        "dvcray-p-abc123-worker", prefix="team/store",
+                                        instance_types=["m5.xlarge", "m5.large", "m5.xlarge"])
 
     def actions(doc):
         return {a for s in doc["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
@@ -106,7 +107,19 @@ def test_node_policies_are_least_privilege():
 
     worker, head = policies["worker"], policies["head"]
     assert {a.split(":")[0] for a in actions(worker)} == {"s3"}
-    assert s3_resources(worker) == s3_resources(head) == {"arn:aws:s3:::my-bucket", "arn:aws:s3:::my-bucket/*"}
+    # The store's prefix, not the whole bucket (issue 10, item 15).
+    assert s3_resources(worker) == s3_resources(head) == {"arn:aws:s3:::my-bucket",
+                                                          "arn:aws:s3:::my-bucket/team/store/*"}
+    listing = next(s for s in worker["Statement"] if s["Action"] == "s3:ListBucket")
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": ["team/store", "team/store/*"]}}
+    # Launch only this cluster's instances, of the config's types.
+    own = next(s for s in head["Statement"] if s["Sid"] == "AutoscalerLaunchOwn")
+    assert own["Resource"] == "arn:aws:ec2:us-east-1:123456789012:instance/*"
+    assert own["Condition"] == {"StringEquals": {"aws:RequestTag/ray-cluster-name": "dvcray-p-abc123",
+                                                 "ec2:InstanceType": ["m5.large", "m5.xlarge"]}}
+    launches = [s for s in head["Statement"] if s["Action"] == "ec2:RunInstances"]
+    assert all("*" != s["Resource"] and "instance/*" not in str(s.get("Resource")) for s in launches
+               if s["Sid"] != "AutoscalerLaunchOwn")
     terminate = next(s for s in head["Statement"] if "ec2:TerminateInstances" in s["Action"])
     assert terminate["Condition"] == {"StringEquals": {"ec2:ResourceTag/ray-cluster-name": "dvcray-p-abc123"}}
     passing = next(s for s in head["Statement"] if s["Action"] == "iam:PassRole")
@@ -114,10 +127,14 @@ def test_node_policies_are_least_privilege():
     assert "*" not in actions(head) and "s3:*" not in actions(head)
 
 
-def test_names_fit_aws_limits(tmp_path):
-    name = aws_config.default_cluster_name(tmp_path / "My Project!")
-    assert name.startswith("dvcray-my-project-") and len(name) <= 60
-    assert aws_config.default_cluster_name(tmp_path / "a") != aws_config.default_cluster_name(tmp_path / "b" / "a")
+def test_cluster_names_are_what_every_clone_shares():
+    """The project's first commit and the config: not the repo's path, which a second
+    clone or a moved repo does not share (issue 10, item 13)."""
+    sha = "3f2a1b9c" + "0" * 32
+    assert aws_config.default_cluster_name(sha, "aws") == "dvcray-3f2a1b9c00-aws"
+    assert aws_config.default_cluster_name(sha, "/some/where/My Lab.yaml") == "dvcray-3f2a1b9c00-my-lab"
+    assert aws_config.default_cluster_name(sha, "aws") != aws_config.default_cluster_name(sha, "aws-gpu")
+    assert len(aws_config.default_cluster_name(sha, "x" * 100)) <= 60
     long = aws_config.iam_name("x" * 100, "worker")
     assert len(long) <= 64 and long.endswith("-worker")
 
@@ -133,3 +150,21 @@ def test_cost_estimate_from_the_shipped_table():
     assert estimate.high == pytest.approx(pricing.on_demand("us-east-1", "m5.large")
                                           + 4 * pricing.on_demand("us-east-1", "m5.xlarge"))
     assert estimate.unpriced == ["zz.huge"]
+
+
+def test_a_bucket_wide_store_gets_the_bucket():
+    worker = aws_config.node_policies("c", "us-east-1", "b", "1", "c-worker")["worker"]
+    objects = next(s for s in worker["Statement"] if s["Sid"] == "StoreObjects")
+    assert objects["Resource"] == "arn:aws:s3:::b/*"
+    assert "Condition" not in next(s for s in worker["Statement"] if s["Action"] == "s3:ListBucket")
+
+
+def test_the_port_forward_pins_the_heads_host_key(tmp_path):
+    from dvcray_cli.clusters.aws import forward
+
+    cmd = forward.forward_command("198.51.100.7", "ubuntu", "~/.ssh/k.pem", 4321, tmp_path / "known_hosts")
+    options = [cmd[i + 1] for i, part in enumerate(cmd) if part == "-o"]
+    assert "StrictHostKeyChecking=accept-new" in options
+    assert f"UserKnownHostsFile={tmp_path / 'known_hosts'}" in options
+    assert not any(o in ("StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null") for o in options)
+    assert "127.0.0.1:4321:127.0.0.1:8265" in cmd and cmd[-1] == "ubuntu@198.51.100.7"

@@ -48,9 +48,30 @@ def test_watch_waits_for_busy_runs_and_starts_over_when_refused():
     assert events[:2] == ["busy", "busy"] and events.index("down?") >= 4
 
 
-def test_watch_counts_an_unreachable_job_api_as_idle_and_stops_when_gone():
+def test_a_job_api_that_does_not_answer_never_takes_the_cluster_down():
+    """Runs go on while a dashboard is down: no answer is no proof of idleness."""
+    calls = {"n": 0}
+
     def broken() -> bool:
+        calls["n"] += 1
         raise ConnectionError("refused")
 
-    assert idle.watch(broken, lambda: True, lambda: True, timeout_s=0.15, poll_s=0.05) == "down"
-    assert idle.watch(broken, lambda: pytest.fail("not taken down"), lambda: False, 10, 0.05) == "gone"
+    still = iter([True] * 12 + [False])
+    outcome = idle.watch(broken, lambda: pytest.fail("taken down on no answer"), lambda: next(still),
+                         timeout_s=0.1, poll_s=0.05)
+    assert outcome == "gone" and calls["n"] == 12  # 0.6 s of silence, six times the timeout
+
+
+def test_silence_then_idle_answers_take_it_down_after_the_full_timeout():
+    answers = iter([ConnectionError("refused")] * 3 + [False] * 50)
+    seen = []
+
+    def probe() -> bool:
+        answer = next(answers)
+        seen.append(answer)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert idle.watch(probe, lambda: True, lambda: True, timeout_s=0.2, poll_s=0.05) == "down"
+    assert sum(1 for a in seen if a is False) >= 4  # the idle time counts from the last silence

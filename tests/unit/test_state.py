@@ -67,3 +67,18 @@ def test_from_json_ignores_unknown_keys_and_refuses_what_does_not_fit():
     assert state.from_json(Point, {"x": 1, "z": 3}) == Point(1, 0)
     assert state.from_json(Point, {"y": 1}) is None
     assert state.from_json(Point, ["x"]) is None
+
+
+@pytest.mark.parametrize("raw, expected", [("", 60.0), ("12", 12.0), ("0.5", 0.5)])
+def test_durations_from_the_environment(monkeypatch, raw, expected):
+    monkeypatch.setenv("DVCRAY_TEST_S", raw)
+    assert state.env_seconds("DVCRAY_TEST_S", 60) == expected
+
+
+@pytest.mark.parametrize("raw", ["abc", "-1", "inf", "nan", "1s"])
+def test_a_bad_duration_in_the_environment_is_a_usage_error(monkeypatch, raw):
+    from dvcray_cli.errors import UsageError
+
+    monkeypatch.setenv("DVCRAY_TEST_S", raw)
+    with pytest.raises(UsageError, match=f"DVCRAY_TEST_S={raw} is not a number of seconds"):
+        state.env_seconds("DVCRAY_TEST_S", 60)

@@ -52,8 +52,6 @@ __all__ = ["BUILT_INS", "AwsCluster", "AwsDown", "Bootstrapped", "Check", "NodeT
 # Real AWS needs a few seconds before EC2 accepts a new instance profile (Ray waits 15 s).
 IAM_PROPAGATION_S = 10.0
 DEFAULT_IDLE_TIMEOUT_S = 3600.0
-# Runners get this long to save their work when `down --yes` stops them.
-STOP_RUNS_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -130,7 +128,7 @@ def plan(config: str, cwd: Path, idle_timeout_s: float | None = None) -> Plan:
     idle = DEFAULT_IDLE_TIMEOUT_S if idle_timeout_s is None else float(idle_timeout_s)
 
     cluster_name = cfg.render(raw.get("cluster_name", "{{ cluster_name }}"),
-                              {"cluster_name": cfg.default_cluster_name(repo_root)})
+                              {"cluster_name": cfg.default_cluster_name(first_commit(repo_root), config)})
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,59}", cluster_name):
         raise UsageError(f"Invalid cluster_name {cluster_name!r}.",
                          "Use letters, digits, '-', '_' and '.', 60 characters at most.")
@@ -172,7 +170,9 @@ def plan(config: str, cwd: Path, idle_timeout_s: float | None = None) -> Plan:
     cost = _cost(region, prepared, nodes)
     head_role, worker_role = cfg.iam_name(cluster_name, "head"), cfg.iam_name(cluster_name, "worker")
     iam = {"managed": any(managed.values()), "head_role": head_role, "worker_role": worker_role,
-           "policies": cfg.node_policies(cluster_name, region, bucket, account_id or "ACCOUNT", worker_role)}
+           "policies": cfg.node_policies(cluster_name, region, bucket, account_id or "ACCOUNT", worker_role,
+                                         prefix=store_url[len("s3://"):].partition("/")[2],
+                                         instance_types=[n.instance_type for n in nodes])}
     return Plan(config_label=config.strip(), source=str(source), cluster_name=cluster_name, region=region,
                 account=account_id, repo_root=str(repo_root), state_dir=str(repo_state), store_url=store_url,
                 store_bucket=bucket, idle_timeout_s=idle, token_path=str(token_path),
@@ -189,6 +189,31 @@ def _repo_root(cwd: Path) -> Path:
         raise UsageError(f"{cwd} is not inside a git repository.",
                          "Run `dvcray cluster up aws` from inside your project: the cluster belongs to it.")
     return root
+
+
+def first_commit(repo_root: Path) -> str:
+    """The project's first commit: what every clone of it shares (the oldest root
+    when histories were merged; the same in every clone).
+
+    Raises:
+        UsageError: the repository has no commit.
+    """
+    from dvcray_cli.gitutil import git
+
+    roots = sorted(git("rev-list", "--max-parents=0", "HEAD", cwd=repo_root, check=False).split())
+    if not roots:
+        raise UsageError("The repository has no commit yet: a cluster is named after the project's first commit.",
+                         "Commit your project first: git add -A && git commit -m 'start'")
+    return roots[0]
+
+
+def project_cluster_names(repo_root: Path) -> set[str]:
+    """The names the built-in configs give this project's clusters."""
+    try:
+        commit = first_commit(repo_root)
+    except UsageError:
+        return set()
+    return {cfg.default_cluster_name(commit, label) for label in BUILT_INS}
 
 
 def _store_bucket(repo_root: Path, cwd: Path) -> tuple[str, str]:
@@ -312,12 +337,14 @@ def launch(p: Plan, boot: Bootstrapped, forward_timeout: float = 300.0) -> AwsCl
     from dvcray_cli.clusters import procs
 
     port = procs.pick_port(None)
-    pid = forward.start_forward(head_ip, ssh_user, boot.key_path, port)
+    known_hosts = Path(p.state_dir) / "known_hosts"
+    forward.forget_host(head_ip, known_hosts)
+    pid = forward.start_forward(head_ip, ssh_user, boot.key_path, port, known_hosts)
     record = AwsCluster(name=p.cluster_name, config_label=p.config_label, config_path=boot.config_path,
                         region=p.region, token_path=p.token_path, dashboard_url=f"http://127.0.0.1:{port}",
                         forward_port=port, forward_pid=pid, head_ip=head_ip, ssh_user=ssh_user,
                         key_path=boot.key_path, started_at=_now(), idle_timeout_s=p.idle_timeout_s,
-                        node_types=[dataclasses.asdict(n) for n in p.node_types])
+                        node_types=[dataclasses.asdict(n) for n in p.node_types], known_hosts=str(known_hosts))
     records.write_record(record, Path(p.state_dir))
     forward.wait_job_api(record, forward_timeout)
     return record
@@ -344,7 +371,7 @@ def down(config: str, cwd: Path, yes: bool = False) -> AwsDown:
     cfg.check_structure(raw, source)
     repo_root = _repo_root(cwd)
     cluster_name = cfg.render(raw.get("cluster_name", "{{ cluster_name }}"),
-                              {"cluster_name": cfg.default_cluster_name(repo_root)})
+                              {"cluster_name": cfg.default_cluster_name(first_commit(repo_root), config)})
     provider_config = raw["provider"]
     repo_state = state.repo_dir(repo_root, create=False)
     record = records.load(repo_state / "clusters" / f"{cluster_name}.json")
@@ -370,14 +397,15 @@ def _stop_runs(record: AwsCluster, yes: bool, config: str) -> list[str]:
         ids = ", ".join(r["run_id"] for r in runs)
         raise UsageError(f"Cluster {record.name!r} has {len(runs)} run(s) in progress: {ids}.",
                          f"Let them finish, or stop them with the cluster: dvcray cluster down {config} --yes")
-    return ray_api.stop_and_wait(client, [r["run_id"] for r in runs], STOP_RUNS_TIMEOUT_S)
+    return ray_api.stop_and_wait(client, [r["run_id"] for r in runs], ray_api.stop_grace_s() + 10)
 
 
 def status() -> list[dict[str, Any]]:
     """Every recorded AWS cluster: its instances (type, spot, age), the cluster's
-    age and estimated cost so far. A cluster whose instances are all gone (its
-    idle watcher took it down, or someone terminated them) is reported once as
-    gone, and its record and port-forward removed."""
+    age and estimated cost so far. A cluster whose instances cannot be seen (its
+    idle watcher took it down, someone terminated them, or they are there but
+    not visible to this AWS identity or region) is reported as such; its record
+    stays until ``down`` (never forget a cluster on an empty answer)."""
     from dvcray_cli.clusters.aws import pricing
 
     entries = []
@@ -403,9 +431,7 @@ def status() -> list[dict[str, Any]]:
             entry["cost_so_far_usd"] = {"low": round(low, 2), "high": round(high, 2), "unpriced": unpriced,
                                         "as_of": pricing.table()["as_of"]}
         else:
-            entry["state"] = "gone"
-            forward.stop_forward(record)
-            records.remove_record(record.name, path.parent.parent)
+            entry["state"] = "no instances found"
         entries.append(entry)
     return entries
 
@@ -419,14 +445,22 @@ def _age_s(started_at: str) -> float:
 
 
 def recorded_address(cwd: Path) -> str | None:
-    """The job API of this repo's AWS cluster (through its port-forward), or None."""
-    found = records.repo_records(cwd)
-    if not found:
-        return None
+    """The job API of this project's AWS cluster (through its port-forward), or None:
+    one recorded in this clone, else one another clone of the project recorded
+    on this machine (clusters are named after the project's first commit)."""
     from dvcray_cli.gitutil import git_root
 
-    record = forward.ensure_forward(found[0], state.repo_dir(git_root(Path(cwd)), create=False))
-    return record.dashboard_url
+    root = git_root(Path(cwd))
+    if root is None:
+        return None
+    found = records.repo_records(cwd)
+    if found:
+        return forward.ensure_forward(found[0], state.repo_dir(root, create=False)).dashboard_url
+    names = project_cluster_names(root)
+    for record, path in sorted(records.records(), key=lambda item: item[0].started_at, reverse=True):
+        if record.name in names:
+            return forward.ensure_forward(record, path.parent.parent).dashboard_url
+    return None
 
 
 def _now() -> str:

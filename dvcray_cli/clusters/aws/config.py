@@ -8,7 +8,6 @@ least-privilege policies of the nodes' roles. Nothing here talks to AWS.
 from __future__ import annotations
 
 import copy
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,12 +142,12 @@ def validate_with_ray(config: dict[str, Any], source: Path) -> dict[str, Any]:
     return prepared
 
 
-def default_cluster_name(repo_root: Path) -> str:
-    """``dvcray-<folder>-<hash>``: one cluster per project, and two projects of
-    the same folder name never share one."""
-    slug = re.sub(r"[^a-z0-9-]+", "-", repo_root.name.lower()).strip("-")[:20] or "project"
-    digest = hashlib.sha256(str(repo_root.resolve()).encode()).hexdigest()[:6]
-    return f"dvcray-{slug}-{digest}"
+def default_cluster_name(first_commit: str, config_label: str) -> str:
+    """``dvcray-<first commit>-<config>``: what every clone of the project shares
+    (a second clone, a moved repo, a teammate's checkout name the same cluster),
+    and two configs of one project never share one."""
+    label = re.sub(r"[^a-z0-9-]+", "-", Path(config_label).stem.lower()).strip("-")[:24] or "cluster"
+    return f"dvcray-{first_commit[:10]}-{label}"
 
 
 def iam_name(cluster_name: str, role: str) -> str:
@@ -213,36 +212,53 @@ def node_type_plans(prepared: dict[str, Any], managed: dict[str, bool]) -> list[
     return plans
 
 
-def node_policies(cluster_name: str, region: str, bucket: str, account: str, worker_role: str) -> dict[str, Any]:
+def node_policies(cluster_name: str, region: str, bucket: str, account: str, worker_role: str,
+                  prefix: str = "", instance_types: list[str] | None = None) -> dict[str, Any]:
     """The inline policies of dvcray's node roles: least privilege.
 
-    - Both: the store bucket and nothing else in S3.
-    - The head, for Ray's autoscaler: describe EC2; launch instances in the
-      cluster's region; tag them at launch or when they already carry the
+    - Both: the store's prefix in its bucket and nothing else in S3.
+    - The head, for Ray's autoscaler: describe EC2; launch instances only when
+      they carry this cluster's tag and are of the config's instance types, in
+      the cluster's region; tag them at launch or when they already carry the
       cluster's tag; stop, start and terminate only instances tagged with this
       cluster's name (the idle watcher terminates the head itself this way);
       pass the worker role to the workers it launches; create EC2's spot
       service-linked role (the first spot request of an account needs it).
     """
     bucket_arn = f"arn:aws:s3:::{bucket}"
+    prefix = prefix.strip("/")
+    objects = f"{bucket_arn}/{prefix}/*" if prefix else f"{bucket_arn}/*"
+    listing: dict[str, Any] = {"Sid": "StoreList", "Effect": "Allow", "Action": "s3:ListBucket",
+                               "Resource": bucket_arn}
+    if prefix:
+        listing["Condition"] = {"StringLike": {"s3:prefix": [prefix, f"{prefix}/*"]}}
     s3 = [
         {"Sid": "StoreBucket", "Effect": "Allow",
-         "Action": ["s3:ListBucket", "s3:GetBucketLocation", "s3:ListBucketMultipartUploads"],
-         "Resource": bucket_arn},
+         "Action": ["s3:GetBucketLocation", "s3:ListBucketMultipartUploads"], "Resource": bucket_arn},
+        listing,
         {"Sid": "StoreObjects", "Effect": "Allow",
          "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload",
                     "s3:ListMultipartUploadParts"],
-         "Resource": f"{bucket_arn}/*"},
+         "Resource": objects},
     ]
     own_cluster = {"StringEquals": {f"ec2:ResourceTag/{CLUSTER_TAG}": cluster_name}}
+    launch_own: dict[str, Any] = {f"aws:RequestTag/{CLUSTER_TAG}": cluster_name}
+    if instance_types:
+        launch_own["ec2:InstanceType"] = sorted(set(instance_types))
     ec2 = [
         {"Sid": "AutoscalerDescribe", "Effect": "Allow",
          "Action": ["ec2:DescribeInstances", "ec2:DescribeInstanceStatus", "ec2:DescribeInstanceTypes",
                     "ec2:DescribeImages", "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups",
                     "ec2:DescribeKeyPairs", "ec2:DescribeVpcs", "ec2:DescribeAvailabilityZones"],
          "Resource": "*"},
-        {"Sid": "AutoscalerLaunch", "Effect": "Allow", "Action": "ec2:RunInstances", "Resource": "*",
-         "Condition": {"StringEquals": {"aws:RequestedRegion": region}}},
+        # The instance itself: only with this cluster's tag, of the config's types.
+        {"Sid": "AutoscalerLaunchOwn", "Effect": "Allow", "Action": "ec2:RunInstances",
+         "Resource": f"arn:aws:ec2:{region}:{account}:instance/*", "Condition": {"StringEquals": launch_own}},
+        # What a launch also touches, in this region only.
+        {"Sid": "AutoscalerLaunchWith", "Effect": "Allow", "Action": "ec2:RunInstances",
+         "Resource": [f"arn:aws:ec2:{region}:{account}:{kind}/*" for kind in
+                      ("volume", "network-interface", "subnet", "security-group", "key-pair",
+                       "spot-instances-request")] + [f"arn:aws:ec2:{region}::image/*"]},
         {"Sid": "AutoscalerTagAtLaunch", "Effect": "Allow", "Action": "ec2:CreateTags", "Resource": "*",
          "Condition": {"StringEquals": {"ec2:CreateAction": "RunInstances"}}},
         {"Sid": "AutoscalerTagOwn", "Effect": "Allow", "Action": "ec2:CreateTags", "Resource": "*",

@@ -30,6 +30,7 @@ class AwsCluster:
     idle_timeout_s: float
     node_types: list[dict[str, Any]]
     kind: str = "aws"
+    known_hosts: str = ""      # where the head's SSH host key is pinned (<repo>/.dvcray/known_hosts)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
