@@ -10,6 +10,7 @@ experiment ref and ``result.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dvcray_cli.gitutil import git
-from dvcray_cli.runs import snapshot
+from dvcray_cli.runs import live, snapshot
 from dvcray_cli.runs.model import (BUNDLE, LOG, RESULT, STATUS, ExpRef, ExpSpec, Manifest, RunResult, RunState,
                                    RunStatus)
 from dvcray_cli.store import REMOTE_NAME, Store
@@ -240,6 +241,10 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
     """Rebuild the workspace, run one experiment, save everything; return an exit code."""
     store = Store.from_json(manifest.store)
     run_id, exp_name, overrides = spec.run_id, spec.exp_name, spec.overrides
+    if spec.own_workspace:  # from DVC's queue: its own baseline, changes and dvc exp run options
+        manifest = dataclasses.replace(manifest, baseline=spec.baseline or manifest.baseline,
+                                       targets=list(spec.options.get("targets") or manifest.targets),
+                                       options={**manifest.options, **spec.options})
     work = runner_dir() / "runs" / run_id
     if work.exists():
         shutil.rmtree(work)
@@ -254,6 +259,7 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
                        status=RunState.FAILED, node=socket.gethostname(), started=time.time(),
                        dvcray_version=manifest.dvcray_version)
     repo = None
+    capture = None
     ws = work / "repo"
     status_lock = threading.Lock()
 
@@ -271,7 +277,7 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         beat()
         tee.heartbeat = beat
         t = time.time()
-        dvc_root = snapshot.restore(here, ws, manifest)
+        dvc_root = snapshot.restore(here, ws, manifest, spec.patch)
         configure_dvc(dvc_root, store)
         result.timings["restore"] = time.time() - t
         say(f"workspace ready at baseline {manifest.baseline[:7]} ({result.timings['restore']:.1f}s)")
@@ -279,6 +285,9 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         os.environ["DVCRAY_WORKSPACE"] = os.fspath(dvc_root)
         os.environ["RAY_RUNTIME_ENV_HOOK"] = "dvcray_cli.integrations.runtime_env.hook"
         os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+        # DVC and DVCLive post their live updates to the runner, as they would to Studio (runs/live.py).
+        capture = live.Capture(store, run_id)
+        os.environ.update(capture.env())
         os.chdir(dvc_root)
 
         from dvc.repo import Repo
@@ -316,6 +325,11 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         # Ignore further SIGTERMs while saving: Ray gives the job a grace period.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _save(repo, ws, store, manifest.baseline, exp_name, result)
+        if capture is not None:
+            try:
+                capture.close()  # the last live updates, before result.json
+            except Exception as exc:
+                say(f"live updates incomplete: {exc}")
         with status_lock:
             result.ended = time.time()
         try:

@@ -143,3 +143,52 @@ def s3_bucket(moto_server, monkeypatch):
     name = f"dvcray-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=name)
     return moto_server, name
+
+
+class StudioCapture:
+    """A stand-in for DVC Studio's ``api/live`` on 127.0.0.1: it keeps every post."""
+
+    def __init__(self) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.posts: list[dict] = []  # {"path", "authorization", "body"}
+        lock = threading.Lock()
+        posts = self.posts
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with lock:
+                    posts.append({"path": self.path, "authorization": self.headers.get("Authorization"),
+                                  "body": json.loads(body)})
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def env(self, token: str) -> dict[str, str]:
+        """What makes DVC, DVCLive and dvcray post here with ``token`` (never to a real Studio)."""
+        return {"DVC_STUDIO_TOKEN": token, "DVC_STUDIO_URL": self.url, "DVC_STUDIO_OFFLINE": "false"}
+
+    def take(self) -> list[dict]:
+        taken = list(self.posts)
+        self.posts.clear()
+        return taken
+
+
+@pytest.fixture
+def studio_capture():
+    capture = StudioCapture()
+    try:
+        yield capture
+    finally:
+        capture.server.shutdown()
+        capture.server.server_close()

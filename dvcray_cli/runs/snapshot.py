@@ -63,9 +63,10 @@ def create(git_root: Path, dvc_root: Path, out: Path, copy_paths: list[str] = ()
     return {name: (out / name).stat().st_size for name in (BUNDLE, PATCH, UNTRACKED)}
 
 
-def restore(folder: Path, dest: Path, manifest: Manifest) -> Path:
+def restore(folder: Path, dest: Path, manifest: Manifest, patch: str = "") -> Path:
     """Rebuild the workspace from a snapshot: clone, check out the baseline,
-    apply the changes without committing. Returns the DVC root in ``dest``."""
+    apply the changes (``patch``: another file of the snapshot than the workspace's,
+    e.g. a queued experiment's) without committing. Returns the DVC root in ``dest``."""
     import subprocess
 
     subprocess.run(["git", "clone", "-q", "--no-checkout", os.fspath(folder / BUNDLE), os.fspath(dest)],
@@ -76,9 +77,9 @@ def restore(folder: Path, dest: Path, manifest: Manifest) -> Path:
     git("config", "user.email", manifest.git_email, cwd=dest)
     # The bundle's remote is of no use on the cluster, and DVC would try to fetch from it.
     git("remote", "remove", "origin", cwd=dest, check=False)
-    patch = folder / PATCH
-    if patch.stat().st_size:
-        git("apply", "--binary", "--whitespace=nowarn", os.fspath(patch), cwd=dest)
+    changes = folder / (patch or PATCH)
+    if changes.stat().st_size:
+        git("apply", "--binary", "--whitespace=nowarn", os.fspath(changes), cwd=dest)
     with tarfile.open(folder / UNTRACKED) as tar:
         tar.extractall(dest, filter="tar")
     return dest / manifest.subdir if manifest.subdir else dest
@@ -91,3 +92,37 @@ def _run_bytes(cmd: list[str], cwd: Path) -> bytes:
     if proc.returncode != 0:
         raise GitError(f"{' '.join(cmd)} failed: {proc.stderr.decode(errors='replace').strip()}")
     return proc.stdout
+
+
+def create_queued(git_root: Path, dvc_root: Path, out: Path, entries: list[tuple[str, str, str]]) -> dict[str, int]:
+    """Write a snapshot of experiments queued with ``dvc exp run --queue`` into ``out``.
+
+    Each entry ``(patch file, baseline, stash commit)`` travels as the changes of
+    its stash commit against its baseline: the workspace it was queued with
+    (uncommitted edits and ``-S`` values included), never DVC's internal stash
+    commit itself, and never ``.dvc/tmp`` (where ``repro.dat`` holds DVC's pickled
+    run variables, a Studio token included). The bundle holds HEAD and every
+    baseline; the workspace's own changes and untracked files do not travel (as
+    with DVC's queue).
+
+    Returns:
+        Sizes in bytes of the parts, for reporting.
+    """
+    out = out.absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    bases = sorted({base for _, base, _ in entries})
+    git("bundle", "create", "-q", os.fspath(out / BUNDLE), "HEAD", *bases, cwd=git_root)
+    (out / PATCH).write_bytes(b"")
+    with tarfile.open(out / UNTRACKED, "w"):
+        pass
+    prefix = dvc_root.relative_to(git_root).as_posix()
+    prefix = "" if prefix == "." else prefix + "/"
+    never = [f":(exclude){prefix}{n}" for n in NEVER] + [":(exclude,glob)**/.dvc/tmp/**"]
+    sizes = {name: (out / name).stat().st_size for name in (BUNDLE, PATCH, UNTRACKED)}
+    for name, base, rev in entries:
+        # diff-tree is plumbing: no diff.noprefix, external drivers or textconv can change it.
+        diff = _run_bytes(["git", "diff-tree", "-r", "-p", "--binary", "--full-index", "--no-color",
+                           "--no-renames", base, rev, "--", ".", *never], git_root)
+        (out / name).write_bytes(diff)
+        sizes[name] = len(diff)
+    return sizes
