@@ -149,8 +149,9 @@ class Progress:
 
 
 def progress_of(event: dict[str, Any]) -> Progress | None:
-    """The step and scalar metrics of a ``data`` event (DVCLive's), else None."""
-    if event.get("type") != "data" or not isinstance(event.get("step"), int):
+    """The step and scalar metrics of a ``data`` event (DVCLive's), else None (a post
+    of plots alone, too: dvc-studio-client sends them apart from the metrics)."""
+    if event.get("type") != "data" or not isinstance(event.get("step"), int) or not event.get("metrics"):
         return None
     metrics: dict[str, float] = {}
     for entry in (event.get("metrics") or {}).values():

@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 # a token?) before the real URL is looked up in git.
 _ANY_REPO = "dvcray://probe"
 POST_WAIT_S = 30.0
+# How long a data post waits for its plots before it goes alone.
+HOLD_S = 1.0
+HELD_TOO_LONG = object()
 
 
 def config(project: Project) -> dict[str, Any]:
@@ -63,6 +66,13 @@ def post(settings: dict[str, Any], event: dict[str, Any]) -> bool | None:
         studio_token=settings["token"], studio_url=settings["url"], studio_repo_url=settings["repo_url"])
 
 
+def _completes(head: dict[str, Any], event: dict[str, Any]) -> bool:
+    """Whether ``event`` is the plots of ``head``: dvc-studio-client sends a data post
+    with plots as two (metrics and params, then plots); posted again, they are one."""
+    return (event["type"] == "data" and "plots" in event and "metrics" not in event and "params" not in event
+            and all(event.get(k) == head.get(k) for k in ("baseline_sha", "name", "step")))
+
+
 class Poster:
     """Posts events to DVC Studio in order, from a thread of its own (as DVCLive does),
     so a slow Studio never holds up the run's display. An experiment whose ``start``
@@ -80,17 +90,38 @@ class Poster:
             self.queue.put(event)
 
     def _loop(self) -> None:
-        while (event := self.queue.get()) is not None:
-            key = (event["baseline_sha"], event["name"])
-            if key in self.refused:
-                continue
+        held = None  # a data post whose plots may follow in a post of their own
+        while True:
             try:
-                ok = post(self.settings, event)
-            except Exception as exc:  # noqa: BLE001 - Studio is a display: never fail the run
-                logger.warning("Failed to post to DVC Studio: %s", exc)
-                ok = False
-            if not ok and event["type"] == "start":
-                self.refused.add(key)
+                event = self.queue.get(timeout=HOLD_S)
+            except queue.Empty:
+                event = HELD_TOO_LONG
+            if held is not None:
+                if isinstance(event, dict) and _completes(held, event):
+                    event = {**held, "plots": event["plots"]}
+                else:
+                    self._send(held)
+                held = None
+            if event is None:
+                return
+            if event is HELD_TOO_LONG:
+                continue
+            if event["type"] == "data" and "plots" not in event:
+                held = event
+            else:
+                self._send(event)
+
+    def _send(self, event: dict[str, Any]) -> None:
+        key = (event["baseline_sha"], event["name"])
+        if key in self.refused:
+            return
+        try:
+            ok = post(self.settings, event)
+        except Exception as exc:  # noqa: BLE001 - Studio is a display: never fail the run
+            logger.warning("Failed to post to DVC Studio: %s", exc)
+            ok = False
+        if not ok and event["type"] == "start":
+            self.refused.add(key)
 
     def close(self, wait_s: float = POST_WAIT_S) -> None:
         """Send what is queued (at most ``wait_s`` more), then stop."""
