@@ -137,15 +137,17 @@ class Capture:
 
 @dataclass
 class Progress:
-    """The latest DVCLive step of an experiment, for the terminal."""
+    """The latest DVCLive step of an experiment, for the terminal: which DVCLive folder
+    (a stage may log several, e.g. one per Tune trial), its step and metrics."""
 
     step: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    folder: str = ""
 
     def text(self, limit: int = 4) -> str:
         shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in list(self.metrics.items())[:limit])
-        return f"step {self.step}  {shown}".rstrip() if self.step is not None else shown
+        return " ".join(p for p in (self.folder, f"step {self.step}", shown) if p)
 
 
 def progress_of(event: dict[str, Any]) -> Progress | None:
@@ -154,10 +156,12 @@ def progress_of(event: dict[str, Any]) -> Progress | None:
     if event.get("type") != "data" or not isinstance(event.get("step"), int) or not event.get("metrics"):
         return None
     metrics: dict[str, float] = {}
-    for entry in (event.get("metrics") or {}).values():
+    folders = []
+    for path, entry in event["metrics"].items():
         data = entry.get("data") if isinstance(entry, dict) else None
         _scalars("", data if isinstance(data, dict) else {}, metrics)
-    return Progress(event["step"], metrics)
+        folders.append(str(path).rsplit("/", 2)[-2] if "/" in str(path) else "")
+    return Progress(event["step"], metrics, folders[0] if len(folders) == 1 else "")
 
 
 def _scalars(prefix: str, data: dict[str, Any], into: dict[str, float]) -> None:

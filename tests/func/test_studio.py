@@ -80,7 +80,7 @@ def test_studio_gets_the_same_posts_as_from_a_local_run_and_the_token_stays_home
     assert remote[-1]["body"]["experiment_rev"] == exp_sha
 
     # The terminal (not a tty here: CI mode) showed the latest step.
-    assert re.search(r"^live: step 2 +acc=0\.93 +loss=0\.3333$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^live: dvclive step 2 +acc=0\.93 +loss=0\.3333$", proc.stdout, re.M), proc.stdout
 
     # The token is nowhere on the cluster's side: store, job records, Ray's session (logs, packages).
     files = [p for p in [*store.rglob("*"), *Path(ray_cluster.temp_dir).rglob("*")] if p.is_file()]
@@ -102,8 +102,8 @@ def test_a_fast_loop_stays_calm_and_no_token_sends_nothing(ray_cluster, make_dvc
              for name in ("calm-1", "calm-2")}
     # One line per experiment at most once a second, however fast its loop; the last one its last step.
     assert lines["calm-1"] and len(lines["calm-1"]) < 40, lines["calm-1"]
-    assert lines["calm-1"][-1].startswith("[calm-1] live: step 399 ")
-    assert lines["calm-2"][-1].startswith("[calm-2] live: step 2 ")
+    assert lines["calm-1"][-1].startswith("[calm-1] live: dvclive step 399 ")
+    assert lines["calm-2"][-1].startswith("[calm-2] live: dvclive step 2 ")
     assert studio_capture.take() == []
 
 
