@@ -175,6 +175,8 @@ def follow_many(start, json_: bool) -> None:
 
             with Live(_live_table([]), console=err, refresh_per_second=4, transient=False) as live:
                 result = start(lambda m: live.console.print(m, markup=False), on_line, on_change, on_progress)
+                if result is None:
+                    live.update(Text(""))  # nothing ran: no empty table left behind
     finally:
         signal.signal(signal.SIGTERM, previous)
     if result is None:
