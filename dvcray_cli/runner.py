@@ -10,6 +10,7 @@ experiment ref and ``result.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dvcray_cli.gitutil import git
-from dvcray_cli.runs import snapshot
+from dvcray_cli.runs import live, snapshot
 from dvcray_cli.runs.logtee import LogTee
 from dvcray_cli.runs.project import shown_files
 from dvcray_cli.runs.model import (BUNDLE, LOG, RESULT, STATUS, ExpRef, ExpSpec, Manifest, RunResult, RunState,
@@ -170,6 +171,10 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
     """Rebuild the workspace, run one experiment, save everything; return an exit code."""
     store = Store.from_json(manifest.store)
     run_id, exp_name, overrides = spec.run_id, spec.exp_name, spec.overrides
+    if spec.own_workspace:  # from DVC's queue: its own baseline, changes and dvc exp run options
+        manifest = dataclasses.replace(manifest, baseline=spec.baseline or manifest.baseline,
+                                       targets=list(spec.options.get("targets") or manifest.targets),
+                                       options={**manifest.options, **spec.options})
     work = runner_dir() / "runs" / run_id
     if work.exists():
         shutil.rmtree(work)
@@ -184,6 +189,7 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
                        status=RunState.FAILED, node=socket.gethostname(), started=time.time(),
                        dvcray_version=manifest.dvcray_version)
     repo = None
+    capture = None
     ws = work / "repo"
 
     def beat() -> None:
@@ -195,7 +201,7 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         beat()
         tee.heartbeat = beat
         t = time.time()
-        dvc_root = snapshot.restore(here, ws, manifest)
+        dvc_root = snapshot.restore(here, ws, manifest, spec.patch)
         configure_dvc(dvc_root, store)
         result.timings["restore"] = time.time() - t
         say(f"workspace ready at baseline {manifest.baseline[:7]} ({result.timings['restore']:.1f}s)")
@@ -203,6 +209,9 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         os.environ["DVCRAY_WORKSPACE"] = os.fspath(dvc_root)
         os.environ["RAY_RUNTIME_ENV_HOOK"] = "dvcray_cli.integrations.runtime_env.hook"
         os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+        # DVC and DVCLive post their live updates to the runner, as they would to Studio (runs/live.py).
+        capture = live.Capture(store, run_id)
+        os.environ.update(capture.env())
         os.chdir(dvc_root)
 
         from dvc.repo import Repo
@@ -240,7 +249,7 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         # Ignore further SIGTERMs while saving: Ray gives the job a grace period.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            _save(repo, ws, store, manifest.baseline, exp_name, result, tee)
+            _save(repo, ws, store, manifest.baseline, exp_name, result, tee, capture)
         finally:
             if repo is not None:
                 repo.close()
@@ -266,7 +275,7 @@ def _attempt(what: str, step, errors: dict[str, str]) -> bool:
 
 
 def _save(repo, ws: Path, store: Store, baseline: str, exp_name: str | None, result: RunResult,
-          tee: LogTee) -> None:
+          tee: LogTee, capture=None) -> None:
     """Save what the run produced, on success and failure alike, each step on its
     own (retried, and reported when it fails, so one failure never skips the rest):
     outputs and run-cache, the experiment's bundle, ``result.json``, the final
@@ -311,6 +320,11 @@ def _save(repo, ws: Path, store: Store, baseline: str, exp_name: str | None, res
             else:
                 result.status = RunState.FAILED
                 result.error = f"the experiment could not be saved to the store: {errors[BUNDLE_STEP]}"
+    if capture is not None:
+        try:
+            capture.close()  # the last live updates, before result.json
+        except Exception as exc:  # noqa: BLE001 - live updates are a view; the run's record is not
+            say(f"live updates incomplete: {exc}")
     result.ended = time.time()
     # The log before the result: whoever sees result.json finds the whole log.
     for problem in tee.close():

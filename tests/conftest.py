@@ -190,3 +190,33 @@ def capture_server():
         yield server
     finally:
         server.close()
+
+
+class StudioCapture(CaptureServer):
+    """A stand-in for DVC Studio's ``api/live`` on 127.0.0.1: it keeps every post."""
+
+    @property
+    def posts(self) -> list[dict]:
+        """``{"path", "authorization", "body"}`` of each POST, in order."""
+        import json
+
+        return [{"path": r["path"], "authorization": r["headers"].get("Authorization"), "body": json.loads(r["body"])}
+                for r in list(self.requests) if r["method"] == "POST"]
+
+    def env(self, token: str) -> dict[str, str]:
+        """What makes DVC, DVCLive and dvcray post here with ``token`` (never to a real Studio)."""
+        return {"DVC_STUDIO_TOKEN": token, "DVC_STUDIO_URL": self.url, "DVC_STUDIO_OFFLINE": "false"}
+
+    def take(self) -> list[dict]:
+        taken = self.posts
+        self.requests.clear()
+        return taken
+
+
+@pytest.fixture
+def studio_capture():
+    capture = StudioCapture()
+    try:
+        yield capture
+    finally:
+        capture.close()

@@ -44,9 +44,9 @@ def _root(
 
 # Each command module adds its commands to the app; the modules keep their heavy
 # imports inside the command bodies.
-from dvcray_cli.cli import cluster, report, run, runs, scaffold  # noqa: E402
+from dvcray_cli.cli import cluster, queue, report, run, runs, scaffold  # noqa: E402
 
-for _module in (scaffold, run, runs, report, cluster):
+for _module in (scaffold, run, queue, runs, report, cluster):
     _module.register(app)
 
 

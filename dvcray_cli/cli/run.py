@@ -54,7 +54,7 @@ def run(
         dvcray run --exp-name lr-01 -S train.lr=0.1
     """
     from dvcray_cli import params
-    from dvcray_cli.runs import follow, submit
+    from dvcray_cli.runs import follow, live, submit
     from dvcray_cli.runs.model import RunOptions
 
     opts = RunOptions(
@@ -85,9 +85,13 @@ def run(
         stream.write(text)
         stream.flush()
 
+    def progress(run_id: str, latest) -> None:
+        (err if json_ else out).print(Text(f"live: {latest.text()}", style="dim"))
+
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
-        status = follow.follow(sub.client, sub.run_id, emit)
+        with live.relayed(sub.store, sub.project, [sub.run_id], progress):
+            status = follow.follow(sub.client, sub.run_id, emit)
         outcome = follow.finish(sub, status, apply=apply, force=force)
     except (KeyboardInterrupt, Interrupted):
         raise
@@ -135,6 +139,17 @@ def _sweep(opts, where: Path, jobs: int | None, json_: bool, apply: bool) -> Non
 
     if apply:
         raise UsageError("--apply takes one experiment: run the sweep, then dvc exp apply the one you want.")
+    follow_many(lambda say, on_line, on_change, on_progress:
+                sweep.run_sweep(opts, where, say, jobs, on_line, on_change, on_progress), json_)
+
+
+def follow_many(start, json_: bool) -> None:
+    """Follow several experiments to their end and report them (sweeps, DVC's queue).
+
+    ``start(say, on_line, on_change, on_progress)`` runs them and returns a SweepResult.
+    In a terminal a live table (state, elapsed, latest step or line); elsewhere plain
+    lines prefixed with the experiment's name, one per state change and per live step.
+    """
     plain = plain_output() or json_
     stream = sys.stderr if json_ else sys.stdout
     live = None
@@ -142,6 +157,11 @@ def _sweep(opts, where: Path, jobs: int | None, json_: bool, apply: bool) -> Non
     def on_line(name: str, text: str) -> None:
         if plain:
             stream.write(f"[{name}] {text}\n")
+            stream.flush()
+
+    def on_progress(name: str, text: str) -> None:
+        if plain:
+            stream.write(f"[{name}] live: {text}\n")
             stream.flush()
 
     def on_change(states) -> None:
@@ -158,15 +178,18 @@ def _sweep(opts, where: Path, jobs: int | None, json_: bool, apply: bool) -> Non
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         if plain:
-            result = sweep.run_sweep(opts, where, lambda m: err.print(m, markup=False), jobs, on_line, on_change)
+            result = start(lambda m: err.print(m, markup=False), on_line, on_change, on_progress)
         else:
             from rich.live import Live
 
             with Live(_live_table([]), console=err, refresh_per_second=4, transient=False) as live:
-                result = sweep.run_sweep(opts, where, lambda m: live.console.print(m, markup=False), jobs,
-                                         on_line, on_change)
+                result = start(lambda m: live.console.print(m, markup=False), on_line, on_change, on_progress)
+                if result is None:
+                    live.update(Text(""))  # nothing ran: no empty table left behind
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if result is None:
+        return
     if json_:
         write_json([o.to_json() for o in result.outcomes])
     else:
@@ -201,7 +224,7 @@ def _live_table(states):
     now = time.time()
     for st in states:
         elapsed = f"{(st.ended or now) - st.started:.0f}s" if st.started else ""
-        latest = st.last_line
+        latest = st.progress or st.last_line
         if st.outcome and st.outcome.metrics:
             first = next(iter(st.outcome.metrics.values()), {})
             latest = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(first.items())[:3])

@@ -192,6 +192,10 @@ def _start_once(name: str, temp: Path, token_file: Path, num_cpus: float | None,
     head_env["RAY_AUTH_TOKEN_PATH"] = str(token_file)
     for var in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         head_env.pop(var, None)
+    # A DVC Studio token stays with the client, which relays runs' live updates itself
+    # (runs/studio.py): no process of the cluster, runners included, ever has it.
+    for var in ("DVC_STUDIO_TOKEN", "STUDIO_TOKEN"):
+        head_env.pop(var, None)
 
     ray_bin = Path(bindir) / "ray"
     cmd = [str(ray_bin) if ray_bin.exists() else "ray", "start", "--head",

@@ -13,11 +13,33 @@ script.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import Any
 
 WORKSPACE_VAR = "DVCRAY_WORKSPACE"
+
+# What Ray's packaging says when it ships a working_dir: that it skips .git, follows
+# the .gitignore files, zips and pushes. Shipping the run's clone is dvcray's doing,
+# not the user's: their stage's log should not carry it (Ray's loggers, Ray 2.60).
+_SHIPPING_LOGGERS = ("ray._private.worker", "ray._private.runtime_env.packaging",
+                     "ray._private.runtime_env.working_dir")
+_SHIPPING_LINES = ("Ignoring upload to cluster for these files", "Creating a file package for local module",
+                   "Pushing file package", "Successfully pushed file package",
+                   "Directory '.git' is now ignored by default")
+
+
+class _QuietShipping(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_SHIPPING_LINES)
+
+
+def _quiet_shipping() -> None:
+    for name in _SHIPPING_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietShipping) for f in logger.filters):
+            logger.addFilter(_QuietShipping())
 
 
 def _job_working_dir() -> Any:
@@ -45,6 +67,7 @@ def hook(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
         return env
     if env.get("working_dir") in (None, _job_working_dir()):
         env["working_dir"] = root
+        _quiet_shipping()
         # Folders of the workspace on the driver's sys.path (python src/train.py
         # puts src/ there) go on the workers' path too, relative to their copy.
         extra = []

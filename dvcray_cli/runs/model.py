@@ -78,6 +78,8 @@ class RunState(str, Enum):
 
 
 _SHA = re.compile(r"[0-9a-f]{40}")
+# A file name inside a snapshot folder: no path separators, not hidden.
+_SAFE_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # git check-ref-format, for one component: no control characters, space, ~ ^ : ? * [ \.
 _BAD_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
 
@@ -144,21 +146,42 @@ class RunOptions:
 
 @dataclass
 class ExpSpec:
-    """One experiment of a run: its run id (its records' folder), name and overrides."""
+    """One experiment of a run: its run id (its records' folder), name and overrides.
+
+    An experiment taken from DVC's queue brings its own workspace: ``baseline`` (the
+    commit it was queued on, when not the run's), ``patch`` (a file of the snapshot
+    holding its changes, instead of the workspace's) and ``options`` (``dvc exp run``
+    options it was queued with: targets, force, message, ...).
+    """
 
     run_id: str
     exp_name: str | None
     overrides: list[str] = field(default_factory=list)
+    baseline: str = ""
+    patch: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "exp_name": self.exp_name, "overrides": list(self.overrides)}
+        data: dict[str, Any] = {"run_id": self.run_id, "exp_name": self.exp_name,
+                                "overrides": list(self.overrides)}
+        data.update({k: v for k, v in (("baseline", self.baseline), ("patch", self.patch),
+                                       ("options", self.options)) if v})
+        return data
 
     @classmethod
     def from_json(cls, data: Any) -> ExpSpec | None:
         spec = state.from_json(cls, data)
         if spec is None or not isinstance(spec.run_id, str):
             return None
+        spec.baseline = spec.baseline if isinstance(spec.baseline, str) and _SHA.fullmatch(spec.baseline) else ""
+        spec.patch = spec.patch if isinstance(spec.patch, str) and _SAFE_FILE.fullmatch(spec.patch) else ""
+        spec.options = _mapping(spec.options)
         return spec
+
+    @property
+    def own_workspace(self) -> bool:
+        """Whether it runs a workspace of its own (a queued experiment), not the run's."""
+        return bool(self.baseline or self.patch or self.options)
 
 
 def new_run_id() -> str:

@@ -182,9 +182,10 @@ def create(git_root: Path, dvc_root: Path, out: Path, copy_paths: list[str] = ()
     return Snapshot(sizes, flags)
 
 
-def restore(folder: Path, dest: Path, manifest: Manifest) -> Path:
+def restore(folder: Path, dest: Path, manifest: Manifest, patch: str = "") -> Path:
     """Rebuild the workspace from a snapshot: clone, check out the baseline,
-    apply the changes without committing. Returns the DVC root in ``dest``.
+    apply the changes (``patch``: another file of the snapshot than the workspace's,
+    e.g. a queued experiment's) without committing. Returns the DVC root in ``dest``.
 
     The node's own git settings stay out: no line-ending conversion, and no LFS
     filter (the files are what git has, as locally without git-lfs)."""
@@ -201,10 +202,10 @@ def restore(folder: Path, dest: Path, manifest: Manifest) -> Path:
     git("config", "user.email", manifest.git_email, cwd=dest)
     # The bundle's remote is of no use on the cluster, and DVC would try to fetch from it.
     git("remote", "remove", "origin", cwd=dest, check=False)
-    patch = folder / PATCH
-    if patch.stat().st_size:
+    changes = folder / (patch or PATCH)
+    if changes.stat().st_size:
         git("-c", "apply.whitespace=nowarn", "apply", "--binary", "--whitespace=nowarn", "-p1",
-            os.fspath(patch), cwd=dest)
+            os.fspath(changes), cwd=dest)
     with tarfile.open(folder / UNTRACKED) as tar:
         tar.extractall(dest, filter="tar")
     flags = manifest.worktree_flags or {}
@@ -216,3 +217,37 @@ def restore(folder: Path, dest: Path, manifest: Manifest) -> Path:
             git("update-index", option, "-z", "--stdin", cwd=dest,
                 input=b"".join(os.fsencode(p) + b"\0" for p in paths))
     return dest / manifest.subdir if manifest.subdir else dest
+
+
+def create_queued(git_root: Path, dvc_root: Path, out: Path, entries: list[tuple[str, str, str]]) -> Snapshot:
+    """Write a snapshot of experiments queued with ``dvc exp run --queue`` into ``out``.
+
+    Each entry ``(patch file, baseline, stash commit)`` travels as the changes of
+    its stash commit against its baseline: the workspace it was queued with
+    (uncommitted edits and ``-S`` values included), never DVC's internal stash
+    commit itself, and never ``.dvc/tmp`` (where ``repro.dat`` holds DVC's pickled
+    run variables, a Studio token included). The bundle holds HEAD and every
+    baseline; the workspace's own changes and untracked files do not travel (as
+    with DVC's queue).
+
+    Returns:
+        The parts' sizes, for reporting.
+    """
+    out = out.absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    bases = sorted({base for _, base, _ in entries})
+    git("bundle", "create", "-q", os.fspath(out / BUNDLE), "HEAD", *bases, cwd=git_root)
+    (out / PATCH).write_bytes(b"")
+    with tarfile.open(out / UNTRACKED, "w"):
+        pass
+    prefix = dvc_root.relative_to(git_root).as_posix()
+    prefix = "" if prefix == "." else prefix + "/"
+    never = [f":(exclude){prefix}{n}" for n in NEVER] + [":(exclude,glob)**/.dvc/tmp/**"]
+    sizes = {name: (out / name).stat().st_size for name in (BUNDLE, PATCH, UNTRACKED)}
+    for name, base, rev in entries:
+        # diff-tree is plumbing: no diff.noprefix, external drivers or textconv can change it.
+        diff = _run_bytes(["diff-tree", "-r", "-p", "--binary", "--full-index", "--no-color", "--no-renames",
+                           "--src-prefix=a/", "--dst-prefix=b/", base, rev, "--", ".", *never], git_root)
+        (out / name).write_bytes(diff)
+        sizes[name] = len(diff)
+    return Snapshot(sizes)

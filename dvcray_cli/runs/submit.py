@@ -12,7 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from dvcray_cli import __version__, clusters, params, ray_api
 from dvcray_cli.errors import ClusterError, UsageError
@@ -58,7 +58,7 @@ class Plan:
 
     def manifest(self, job_id: str, specs: list[ExpSpec], jobs: int = 0) -> Manifest:
         opts, project = self.opts, self.project
-        one = specs[0] if len(specs) == 1 else None
+        one = specs[0] if len(specs) == 1 and not specs[0].own_workspace else None
         return Manifest(
             run_id=one.run_id if one else job_id, baseline=project.baseline, subdir=project.subdir,
             exp_name=one.exp_name if one else None, overrides=list(one.overrides) if one else [],
@@ -105,9 +105,20 @@ def connect(address: str) -> Any:
     return client
 
 
-def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int | None = None) -> Plan:
+class Source(Protocol):
+    """Where a run's experiments come from, when not from the workspace and ``-S``
+    (e.g. DVC's queue): their specs, and the snapshot that carries them."""
+
+    def experiments(self, project: Project) -> list[ExpSpec]: ...
+
+    def snapshot(self, project: Project, folder: Path) -> snapshot.Snapshot: ...
+
+
+def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int | None = None,
+            source: Source | None = None) -> Plan:
     """Preflight (every check before anything is submitted), then snapshot the workspace.
-    ``jobs``: a sweep's ``--jobs``, for the placement of its runners."""
+    ``jobs``: a sweep's ``--jobs``, for the placement of its runners; ``source``: where
+    the experiments come from (default: the workspace, with ``opts.overrides``)."""
     import concurrent.futures
 
     if jobs is not None and jobs < 1:
@@ -122,7 +133,7 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
     project = find_project(cwd)
     snapshot.check_workspace(project.git_root)
     snapshot.check_copy_paths(project.dvc_root, opts.copy_paths)
-    experiments = expand(opts, project)
+    experiments = source.experiments(project) if source else expand(opts, project)
     store, has_inputs = read_project(project, opts.store, opts.targets)
     if store.is_local and known and not clusters.on_this_machine(known):
         # Before the store is touched: the runner would write to its own node's disk.
@@ -150,7 +161,10 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
             repo.close()
         if pushed:
             say(f"Pushed {pushed} input file(s) to the store {store.url}.")
-    packed = snapshot.create(project.git_root, project.dvc_root, snapshot_dir, opts.copy_paths)
+    if source:
+        packed = source.snapshot(project, snapshot_dir)
+    else:
+        packed = snapshot.create(project.git_root, project.dvc_root, snapshot_dir, opts.copy_paths)
     return Plan(opts, project, store, address, client, started, experiments, snapshot_dir,
                 packed.total, where, packed.flags)
 
@@ -186,7 +200,7 @@ def launch(plan: Plan, job_id: str, specs: list[ExpSpec], jobs: int = 0, placed:
                            "Check the cluster: dvcray cluster status") from exc
     for spec in specs:
         RunRecord(run_id=spec.run_id, job_id=job_id, address=plan.address, store=plan.store.to_json(),
-                  exp_name=spec.exp_name, baseline=plan.project.baseline, submitted=time.time(),
+                  exp_name=spec.exp_name, baseline=spec.baseline or plan.project.baseline, submitted=time.time(),
                   state=RunState.PENDING).save(plan.project.git_root)
 
 

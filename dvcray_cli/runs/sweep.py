@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from dvcray_cli import ray_api
 from dvcray_cli.errors import Interrupted, UsageError
-from dvcray_cli.runs import follow
+from dvcray_cli.runs import follow, live
 from dvcray_cli.runs.model import RESULT, STATUS, ExpSpec, Outcome, RunOptions, RunResult, RunState, RunStatus
 from dvcray_cli.runs.submit import Plan, Submitted, launch, prepare
 
@@ -37,6 +37,7 @@ class ExpState:
     started: float | None = None
     ended: float | None = None
     last_line: str = ""
+    progress: str = ""  # the latest DVCLive step and metrics
     outcome: Outcome | None = None
 
     @property
@@ -57,9 +58,13 @@ class Sweep:
     """Submit a plan's experiments and follow them to the end from one process."""
 
     def __init__(self, plan: Plan, jobs: int | None, on_line: Callable[[str, str], None],
-                 on_change: Callable[[list[ExpState]], None], say: Callable[[str], None] = lambda m: None) -> None:
+                 on_change: Callable[[list[ExpState]], None],
+                 on_progress: Callable[[str, str], None] | None = None,
+                 say: Callable[[str], None] = lambda m: None) -> None:
         self.plan = plan
         self.say = say
+        self.on_progress = on_progress
+        self.drained: set[str] = set()
         self.limit = max(1, jobs) if jobs else len(plan.experiments)
         self.on_line, self.on_change = on_line, on_change
         self.states = [ExpState(spec) for spec in plan.experiments]
@@ -129,7 +134,8 @@ class Sweep:
                 self.on_change(self.states)
             return False
         sub = Submitted(state.spec.run_id, self.plan.address, store, state.spec.exp_name,
-                        self.plan.project.baseline, client=self.plan.client, project=self.plan.project)
+                        state.spec.baseline or self.plan.project.baseline, client=self.plan.client,
+                        project=self.plan.project)
         state.outcome = follow.finish(sub, result.status.value, force=self.plan.opts.force)
         state.state = RunState.parse(state.outcome.status, RunState.FAILED)
         state.ended = time.time()
@@ -182,9 +188,32 @@ class Sweep:
             for task in tails.values():
                 task.cancel()
 
+    # ------------------------------------------------------------------ live metrics
+
+    def _live(self) -> list[str]:
+        """The runs whose live updates to read now: those going, and once more those
+        that just ended (their runner wrote its last updates before its result)."""
+        ids = []
+        for state in self.states:
+            if state.state.is_active():
+                ids.append(state.spec.run_id)
+            elif state.outcome is not None and state.spec.run_id not in self.drained:
+                self.drained.add(state.spec.run_id)
+                ids.append(state.spec.run_id)
+        return ids
+
+    def _progress(self, run_id: str, progress: live.Progress) -> None:
+        for state in self.states:
+            if state.spec.run_id == run_id:
+                state.progress = progress.text()
+                if self.on_progress is not None:
+                    self.on_progress(state.name, state.progress)
+        self.on_change(self.states)
+
     def run(self) -> SweepResult:
-        self._submit_next()
+        relay = live.Relay(self.plan.store, self.plan.project, self._live, self._progress)
         try:
+            self._submit_next()
             asyncio.run(self._watch())
         except KeyboardInterrupt:
             follow.stop_jobs(self.plan.client, list(self.jobs))
@@ -202,20 +231,25 @@ class Sweep:
             if never:
                 self.say(f"{len(never)} experiment(s) were not submitted: {', '.join(s.name for s in never)}.")
             raise
+        finally:
+            relay.close([s.spec.run_id for s in self.states if s.job_id])
         return SweepResult([s.outcome for s in self.states if s.outcome is not None])
 
 
 def run_sweep(opts: RunOptions, cwd: Path, say: Callable[[str], None], jobs: int | None,
               on_line: Callable[[str, str], None],
-              on_change: Callable[[list[ExpState]], None]) -> SweepResult:
-    """Preflight, then run every experiment of ``opts`` and bring each home as it ends."""
+              on_change: Callable[[list[ExpState]], None],
+              on_progress: Callable[[str, str], None] | None = None) -> SweepResult:
+    """Preflight, then run every experiment of ``opts`` and bring each home as it ends.
+    ``on_line(name, line)``: a line of an experiment's log; ``on_change(states)``: a state
+    changed; ``on_progress(name, text)``: an experiment's latest DVCLive step."""
     if jobs is not None and jobs < 1:
         raise UsageError("--jobs must be at least 1.")
     with tempfile.TemporaryDirectory(prefix="dvcray-snapshot-") as tmp:
         plan = prepare(opts, cwd, say, Path(tmp), jobs)
         say(f"Running {len(plan.experiments)} experiment(s) on {plan.address}"
             + (f", at most {jobs} at once." if jobs else "."))
-        return Sweep(plan, jobs, on_line, on_change, say).run()
+        return Sweep(plan, jobs, on_line, on_change, on_progress, say).run()
 
 
 def table_rows(outcomes: list[Outcome]) -> tuple[list[str], list[list[Any]]]:

@@ -143,10 +143,16 @@ def test_job_inside_the_cluster_calls_ray_init_with_auth_on(ray_cluster):
     assert "42" in client.get_job_logs(job).split()
 
 
+STUDIO_TOKEN = "isat_cluster-planted-token-1234567890"
+
+
 def test_local_cluster_lifecycle(ray_head, isolated_env):
+    # Offline stays on (conftest): nothing is posted anywhere, the URL is loopback regardless.
+    studio_env = {"DVC_STUDIO_TOKEN": STUDIO_TOKEN, "DVC_STUDIO_URL": "http://127.0.0.1:9"}
     # --- up: a real head, its dashboard URL, how to stop it. Two at once start one head.
     with ThreadPoolExecutor(2) as pool:
-        procs = list(pool.map(lambda _: run_dvcray("cluster", "up", "local", timeout=300), range(2)))
+        procs = list(pool.map(lambda _: run_dvcray("cluster", "up", "local", timeout=300, env=studio_env),
+                              range(2)))
     assert [p.returncode for p in procs] == [0, 0], [p.stderr for p in procs]
     assert sorted("already running" in p.stderr for p in procs) == [False, True]
     proc = next(p for p in procs if "Started" in p.stderr)
@@ -160,6 +166,8 @@ def test_local_cluster_lifecycle(ray_head, isolated_env):
     assert head.token_path == str(isolated_env / ".ray" / "auth_token")
     core = {n: named(head.pids(), n) for n in ("gcs_server", "raylet")}
     assert all(len(v) == 1 for v in core.values()), core
+    # The client's Studio token stays with the client: no process of the cluster has it.
+    assert not [p for p in head.pids() if STUDIO_TOKEN in str(psutil.Process(p).environ())]
 
     # Two clusters on one machine never share a process.
     assert not set(head.pids()) & set(ray_head.pids())

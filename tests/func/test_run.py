@@ -164,6 +164,9 @@ def test_workers_import_the_runs_code(ray_cluster, make_dvc_project, store):
     proc = run_dvcray("run", "-n", "code", "--store", str(store), cwd=root)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert exp_metrics(root, "code", "out.json") == {"value": "edited", "env": "yes"}
+    # No packaging chatter from Ray about the clone dvcray shipped (.git skipped, .gitignore followed, pushed).
+    chatter = ("Ignoring upload to cluster", "is now ignored by default", "file package")
+    assert not [ln for ln in (proc.stdout + proc.stderr).splitlines() if any(c in ln for c in chatter)]
 
 
 def test_subdir_project(ray_cluster, tmp_path, store):

@@ -77,7 +77,7 @@ def _idx_gz(array: np.ndarray) -> bytes:
 def fake_mnist(tmp_path):
     """Tiny MNIST-shaped idx.gz files, served over HTTP on 127.0.0.1.
 
-    Yields (base URL, data.mnist.files as params.yaml lists them, arrays in that order).
+    Yields (base URL, files as src/mnist_download.yaml lists them, arrays in that order).
     """
     root = tmp_path / "mirror"
     (root / "mnist").mkdir(parents=True)
@@ -117,13 +117,11 @@ def _closed_port() -> int:
 
 
 def _use_mirrors(project: Path, mirrors: list[str], files: list | None = None) -> None:
-    def edit(params):
-        params["data"]["source"] = "mnist"
-        params["data"]["mnist"]["mirrors"] = mirrors
-        params["data"]["mnist"]["timeout"] = 5
-        if files is not None:
-            params["data"]["mnist"]["files"] = files
-    _edit_params(project, edit)
+    _edit_params(project, lambda params: params["data"].update(source="mnist"))
+    path = project / "src" / "mnist_download.yaml"   # where MNIST comes from: configuration, not params
+    download = yaml.safe_load(path.read_text())
+    download.update(mirrors=mirrors, timeout=5, **({"files": files} if files is not None else {}))
+    path.write_text(yaml.safe_dump(download, sort_keys=False))
 
 
 @pytest.fixture
@@ -177,6 +175,20 @@ def test_prepare_rejects_a_wrong_checksum(project, fake_mnist):
     assert "data.source=digits" in proc.stderr
     assert not (dest / "data/raw" / files[1]["name"]).exists()
     assert not (dest / "data/prepared/data.npz").exists()
+
+
+def test_params_hold_what_one_tunes(project):
+    """dvc exp show in a new project is params and metrics, not download settings."""
+    dest, env = project
+    params = (dest / "params.yaml").read_text()
+    assert "http" not in params and "md5" not in params
+    # Where MNIST comes from is configuration, read by prepare, and no stage's dependency.
+    download = yaml.safe_load((dest / "src" / "mnist_download.yaml").read_text())
+    assert download["mirrors"] and len(download["files"]) == 4
+    stages = yaml.safe_load((dest / "dvc.yaml").read_text())["stages"]
+    assert not [s for s in stages.values() if "src/mnist_download.yaml" in s.get("deps", [])]
+    columns = _run(["dvc", "exp", "show", "--csv"], dest, env).stdout.splitlines()[0].split(",")
+    assert not [c for c in columns if "mirrors" in c or "files" in c or "mnist" in c], columns
 
 
 # --- the whole pipeline -----------------------------------------------------------------------

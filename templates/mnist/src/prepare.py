@@ -1,7 +1,8 @@
 """Stage `prepare`: get the images and split them into train, validation and test sets.
 
 data.source: mnist downloads the real MNIST (numpy + urllib only, every file
-checked against its checksum in params.yaml); data.source: digits uses
+checked against its checksum; mirrors and checksums in src/mnist_download.yaml);
+data.source: digits uses
 scikit-learn's bundled 8x8 digits, scaled to 28x28, with no network at all.
 Writes data/prepared/data.npz: x_train, y_train, x_val, y_val, x_test, y_test.
 """
@@ -17,12 +18,16 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import PREPARED, load_params  # noqa: E402
 
 RAW = Path("data/raw")
-# What the entries of data.mnist.files are, in order.
+# Where MNIST comes from: configuration, not a parameter (and not a dependency: the
+# data is the same from every mirror, each file checked against its checksum).
+DOWNLOAD = Path(__file__).parent / "mnist_download.yaml"
+# What the entries of its files are, in order.
 MNIST_FILES = ("train_images", "train_labels", "test_images", "test_labels")
 OFFLINE_HINT = ("Offline? Use scikit-learn's bundled digits instead: "
                 "dvc exp run -S data.source=digits (or scaffold with --set data.source=digits).")
@@ -38,7 +43,7 @@ def checksum_matches(data: bytes, spec: dict) -> tuple[bool, str]:
         if spec.get(algorithm):
             got = hashlib.new(algorithm, data).hexdigest()
             return got == str(spec[algorithm]).lower(), f"{algorithm} {got}"
-    raise PrepareError(f"the data.mnist.files entry for {spec.get('name')} has no md5 or sha256.")
+    raise PrepareError(f"the {DOWNLOAD.name} files entry for {spec.get('name')} has no md5 or sha256.")
 
 
 def fetch(spec: dict, mirrors: list[str], timeout: float) -> bytes:
@@ -69,7 +74,7 @@ def fetch(spec: dict, mirrors: list[str], timeout: float) -> bytes:
         partial.replace(cached)
         print(f"downloaded {url}")
         return data
-    tried = "; ".join(failures) or "no mirrors in data.mnist.mirrors"
+    tried = "; ".join(failures) or f"no mirrors in {DOWNLOAD.name}"
     raise PrepareError(f"could not download MNIST file {name} ({tried}). {OFFLINE_HINT}")
 
 
@@ -87,10 +92,10 @@ def parse_idx(data: bytes, name: str) -> np.ndarray:
 
 
 def load_mnist(params: dict) -> dict[str, np.ndarray]:
-    cfg = params["mnist"]
+    cfg = yaml.safe_load(DOWNLOAD.read_text())
     files = cfg["files"]
     if len(files) != len(MNIST_FILES) or not all(isinstance(f, dict) and f.get("name") for f in files):
-        raise PrepareError("data.mnist.files must list 4 files ({name: ..., md5: ...}): "
+        raise PrepareError(f"files in {DOWNLOAD.name} must list 4 files ({{name: ..., md5: ...}}): "
                            "training images, training labels, test images, test labels.")
     arrays = {key: parse_idx(fetch(spec, cfg["mirrors"], cfg["timeout"]), spec["name"])
               for key, spec in zip(MNIST_FILES, files)}

@@ -1,0 +1,221 @@
+"""``dvcray queue start``: the experiments waiting in DVC's own queue, run on a Ray cluster.
+
+DVC runs its queue (``dvc exp run --queue``, VS Code's DVC extension, DVC Studio)
+only on the machine it sits on. Here each queued experiment leaves DVC's queue
+through DVC's own API (as ``dvc queue remove`` takes it) and runs on the cluster
+with exactly the workspace it was queued with: the changes of its stash commit
+against its baseline (the uncommitted edits and ``-S`` values of that moment), with
+its queued name and ``dvc exp run`` options. Never the stash commit itself, and
+never ``.dvc/tmp/repro.dat``: DVC pickles the run's variables there, a Studio token
+included (DESIGN.md). The experiments then run and come home as a sweep's do
+(``runs/sweep.py``). One that does not succeed is recorded as DVC's queue records
+a failed experiment (``stash_failed``: ``refs/exps/celery/failed``), so the
+workspace it was queued with is kept.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from dvcray_cli import gitutil
+from dvcray_cli.errors import UsageError
+from dvcray_cli.runs import snapshot
+from dvcray_cli.runs.model import ExpRef, ExpSpec, RunOptions, new_run_id, valid_exp_name
+from dvcray_cli.runs.project import Project, find_project, open_repo
+from dvcray_cli.runs.submit import prepare
+from dvcray_cli.runs.sweep import ExpState, Sweep, SweepResult
+
+# The ``dvc exp run`` options of a queued experiment that the runner applies (DVC packs
+# them with the run's variables into repro.dat; only these leave this machine).
+CARRIED = ("force", "downstream", "pull", "allow_missing")
+
+
+@dataclass
+class Queued:
+    """An experiment waiting in DVC's queue."""
+
+    stash_rev: str          # its stash commit: the workspace it was queued with
+    baseline: str
+    name: str | None
+    options: dict[str, Any] = field(default_factory=dict)  # targets, force, message, ...
+    entry: Any = field(default=None, repr=False)           # DVC's QueueEntry
+
+
+def read_queue(project: Project, names: list[str]) -> list[Queued]:
+    """The experiments waiting in DVC's queue (all, or ``names`` in that order), each
+    checked: a valid name that is still free for its baseline (unless queued with ``-f``).
+
+    Raises:
+        UsageError: a name is not in the queue, or is taken; nothing is changed.
+    """
+    repo = open_repo(project)
+    try:
+        celery = repo.experiments.celery_queue
+        waiting = _waiting(celery)
+        if not waiting:
+            return []
+        entries = [entry for entry, _ in waiting]
+        if names:
+            found = celery.match_queue_entry_by_name(names, entries)
+            missing = [n for n, e in found.items() if e is None]
+            if missing:
+                queued = ", ".join(e.name or e.stash_rev[:7] for e in entries)
+                raise UsageError(f"Not in DVC's queue: {', '.join(missing)}.",
+                                 f"Queued now: {queued} (dvc queue status shows them).")
+            chosen = [found[n].stash_rev for n in names]
+            waiting = [w for rev in dict.fromkeys(chosen) for w in waiting if w[0].stash_rev == rev]
+        picked = [Queued(entry.stash_rev, entry.baseline_rev, entry.name,
+                         _options(repo, project, entry, message_args), entry)
+                  for entry, message_args in waiting]
+    finally:
+        repo.close()
+    _check_names(project, picked)
+    return picked
+
+
+def _waiting(celery) -> list[tuple[Any, dict[str, Any]]]:
+    """DVC's queued entries, oldest first, with the arguments of their task message
+    (``-m`` message, ``--copy-paths``)."""
+    try:
+        return [(entry, msg.decode()[1] or {}) for msg, entry in celery._iter_queued()]
+    except AttributeError:  # a DVC without it: the entries alone
+        return [(entry, {}) for entry in celery.iter_queued()]
+
+
+def _options(repo, project: Project, entry, message_args: dict[str, Any]) -> dict[str, Any]:
+    """The ``dvc exp run`` options ``entry`` was queued with, read on this machine from
+    its repro.dat (with DVC's own reader); the run variables beside them stay here."""
+    from dvc.repo.experiments.executor.base import BaseExecutor
+
+    rel = "/".join(p for p in (project.subdir, ".dvc", "tmp", BaseExecutor.PACKED_ARGS_FILE) if p)
+    options: dict[str, Any] = {}
+    try:
+        data = repo.scm.get_fs(entry.stash_rev).read_bytes(rel)
+    except (FileNotFoundError, OSError):
+        data = None
+    if data:
+        with tempfile.TemporaryDirectory(prefix="dvcray-queue-") as tmp:
+            path = Path(tmp) / BaseExecutor.PACKED_ARGS_FILE
+            path.write_bytes(data)
+            args, kwargs = BaseExecutor.unpack_repro_args(os.fspath(path))
+        targets = args[0] if args else kwargs.get("targets")
+        if targets:
+            options["targets"] = [targets] if isinstance(targets, str) else list(targets)
+        options.update({k: True for k in CARRIED if kwargs.get(k)})
+    if message_args.get("message"):
+        options["message"] = str(message_args["message"])
+    return options
+
+
+def _check_names(project: Project, picked: list[Queued]) -> None:
+    seen: set[tuple[str, str]] = set()
+    for q in picked:
+        if q.name is None:
+            continue
+        if not valid_exp_name(q.name):
+            raise UsageError(f"The queued experiment '{q.name}' has a name git refuses.",
+                             f"Remove it (dvc queue remove {q.stash_rev[:7]}) and queue it again with -n NAME.")
+        key = (q.baseline, q.name)
+        if key in seen:
+            raise UsageError(f"Two queued experiments are named '{q.name}'.",
+                             "Remove one (dvc queue remove REV; dvc queue status lists them), then rerun.")
+        seen.add(key)
+        taken = gitutil.git("rev-parse", "--verify", "-q", str(ExpRef(q.baseline, q.name)),
+                            cwd=project.git_root, check=False)
+        if taken and not q.options.get("force"):
+            others = [o.name for o in picked if o is not q and o.name]
+            raise UsageError(
+                f"The queued experiment '{q.name}' cannot run: an experiment of that name now exists "
+                f"for its baseline ({q.baseline[:7]}).",
+                f"Remove the old one (dvc exp remove {q.name}) or the queued one (dvc queue remove {q.name})"
+                + (f", or start the others: dvcray queue start {' '.join(others)}" if others else "") + ".")
+
+
+@dataclass
+class QueueSource:
+    """The picked experiments as a run's experiments (``submit.Source``): each with its
+    own baseline, changes and options; its snapshot holds one patch per experiment."""
+
+    picked: list[Queued]
+    specs: list[ExpSpec] = field(default_factory=list)
+
+    def experiments(self, project: Project) -> list[ExpSpec]:
+        base = new_run_id()
+        self.specs = [ExpSpec(f"{base}-{i}", q.name, [], baseline=q.baseline, patch=f"queued-{i}.patch",
+                              options=q.options) for i, q in enumerate(self.picked, 1)]
+        return self.specs
+
+    def snapshot(self, project: Project, folder: Path) -> snapshot.Snapshot:
+        return snapshot.create_queued(project.git_root, project.dvc_root, folder,
+                                      [(s.patch, q.baseline, q.stash_rev) for s, q in zip(self.specs, self.picked)])
+
+
+def take(project: Project, picked: list[Queued]) -> None:
+    """Take the experiments out of DVC's queue, with DVC's own ``dvc queue remove``.
+
+    Raises:
+        UsageError: one left the queue meanwhile (a local ``dvc queue start``?); none is taken.
+    """
+    from dvc.repo.experiments.exceptions import UnresolvedExpNamesError
+
+    repo = open_repo(project)
+    try:
+        repo.experiments.celery_queue.remove([q.stash_rev for q in picked])
+    except UnresolvedExpNamesError:
+        raise UsageError("An experiment left DVC's queue while dvcray prepared to run it "
+                         "(is a local dvc queue worker running?).",
+                         "See dvc queue status, then rerun dvcray queue start.") from None
+    finally:
+        repo.close()
+
+
+def record_failures(project: Project, picked: list[Queued], states: list[ExpState]) -> list[str]:
+    """Record the experiments that did not succeed as DVC's queue records a failed one
+    (``refs/exps/celery/failed``); returns their names."""
+    failed = [q for q, st in zip(picked, states) if st.outcome is None or st.outcome.status != "SUCCEEDED"]
+    if not failed:
+        return []
+    repo = open_repo(project)
+    try:
+        for q in failed:
+            repo.experiments.celery_queue.stash_failed(q.entry)
+    finally:
+        repo.close()
+    return [q.name or q.stash_rev[:7] for q in failed]
+
+
+def start(opts: RunOptions, names: list[str], cwd: Path, say: Callable[[str], None], jobs: int | None,
+          on_line: Callable[[str, str], None], on_change: Callable[[list[ExpState]], None],
+          on_progress: Callable[[str, str], None] | None = None) -> SweepResult | None:
+    """Run the experiments waiting in DVC's queue (all, or ``names``) on the cluster,
+    each home as it ends; None when the queue is empty.
+
+    Raises:
+        UsageError: bad names or options, before anything changes.
+        ClusterError, StoreError: as ``dvcray run``.
+    """
+    if jobs is not None and jobs < 1:
+        raise UsageError("--jobs must be at least 1.")
+    picked = read_queue(find_project(cwd), names)
+    if not picked:
+        say("DVC's queue has no experiments waiting. Queue one with: dvc exp run --queue -S KEY=VALUE")
+        return None
+    source = QueueSource(picked)
+    with tempfile.TemporaryDirectory(prefix="dvcray-snapshot-") as tmp:
+        plan = prepare(opts, cwd, say, Path(tmp), jobs, source=source)
+        take(plan.project, picked)
+        say(f"Took {len(picked)} experiment(s) from DVC's queue "
+            f"({', '.join(q.name or q.stash_rev[:7] for q in picked)}); running them on {plan.address}"
+            + (f", at most {jobs} at once." if jobs else "."))
+        sweep = Sweep(plan, jobs, on_line, on_change, on_progress, say)
+        try:
+            return sweep.run()
+        finally:
+            failed = record_failures(plan.project, picked, sweep.states)
+            if failed:
+                say(f"Recorded as failed in DVC's queue: {', '.join(failed)} (their workspaces are kept in "
+                    "refs/exps/celery/failed).")
