@@ -580,6 +580,9 @@ def test_idle_watcher_on_the_head_terminates_the_whole_cluster(aws_env, tmp_path
     try:
         _watch_and_check(config, token, nodes, other)
     finally:
+        watcher = json.loads((token.parent / "idle.json").read_text()) if (token.parent / "idle.json").exists() else {}
+        if watcher.get("pid") and idle.is_watcher(int(watcher["pid"])):
+            os.kill(int(watcher["pid"]), 9)  # a failed test leaves no watcher behind
         head.stop()
         shutil.rmtree(temp, ignore_errors=True)
 
