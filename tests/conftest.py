@@ -82,6 +82,16 @@ def sh(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> st
     return proc.stdout.strip()
 
 
+def store_log(run_dir: Path) -> str:
+    """A run's log as a local store holds it: ``log.txt`` once the runner finished
+    it, else the pieces uploaded so far (``log.parts/``), in order."""
+    whole = run_dir / "log.txt"
+    if whole.exists():
+        return whole.read_text(errors="replace")
+    parts = sorted((run_dir / "log.parts").glob("[0-9]*")) if (run_dir / "log.parts").is_dir() else []
+    return b"".join(p.read_bytes() for p in parts).decode(errors="replace")
+
+
 def build_file_tree(root: Path, spec: dict[str, str]) -> None:
     """Write ``{relative path: text}`` under ``root`` (text is dedented)."""
     for rel, text in spec.items():

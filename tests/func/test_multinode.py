@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from conftest import sh
+from conftest import sh, store_log
 from test_run import exp_metrics
 from test_run_s3 import bucket_objects
 
@@ -237,16 +237,16 @@ def test_a_cluster_that_dies_mid_run_is_exit_3_and_the_run_lost(on_multinode, ma
                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        log = None
+        run_dir = None
         while time.monotonic() < deadline:
-            logs = list((store / "dvcray" / "runs").glob("*/log.txt"))
-            if logs and "STAGE-STARTED" in logs[0].read_text(errors="replace"):
-                log = logs[0]
+            dirs = list((store / "dvcray" / "runs").glob("dvcray-*"))
+            if dirs and "STAGE-STARTED" in store_log(dirs[0]):
+                run_dir = dirs[0]
                 break
             assert run.poll() is None, run.communicate()
             time.sleep(0.5)
-        assert log is not None, "the stage did not start"
-        run_id = log.parent.name
+        assert run_dir is not None, "the stage did not start"
+        run_id = run_dir.name
 
         victims = [p for p in head.pids() if psutil.Process(p).name() in ("gcs_server", "raylet")]
         assert sum(psutil.Process(p).name() == "raylet" for p in victims) >= 2, victims  # head and a worker
@@ -262,7 +262,7 @@ def test_a_cluster_that_dies_mid_run_is_exit_3_and_the_run_lost(on_multinode, ma
     assert run.returncode == 3, out + err
     assert "died" in err and run_id in err and "Traceback" not in err
     assert ended_s < 30, f"the client took {ended_s:.0f} s to notice"
-    assert "STAGE-STARTED" in log.read_text(errors="replace")  # the store kept the log up to then
+    assert "STAGE-STARTED" in store_log(run_dir)  # the store kept the log up to then
 
     runs = _dvcray("runs", "--json", cwd=root, env=env, timeout=120)
     assert runs.returncode == 0, runs.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_dvcray, sh
+from conftest import run_dvcray, sh, store_log
 
 TRAIN_PY = """\
 import json, time, yaml
@@ -133,8 +133,7 @@ def test_stop_a_running_run(ray_cluster, make_dvc_project, store):
     _, record = the_record(root)
     run_id = record["run_id"]
     run_dir = store / "dvcray" / "runs" / run_id
-    log = run_dir / "log.txt"
-    wait_for(lambda: log.exists() and "STAGE-START" in log.read_text(), 90, "the stage to start")
+    wait_for(lambda: "STAGE-START" in store_log(run_dir), 90, "the stage to start")
     assert runs_json(root)[0]["state"] == "RUNNING"
 
     # Someone follows the log meanwhile; it ends when the run does.
@@ -155,7 +154,7 @@ def test_stop_a_running_run(ray_cluster, make_dvc_project, store):
 
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "STOPPED"
-    text = log.read_text()
+    text = (run_dir / "log.txt").read_text()
     assert "STAGE-START lr=0.1" in text and "STAGE-END" not in text
     (entry,) = runs_json(root)
     assert entry["state"] == "STOPPED" and entry["exp_name"] == "sleepy"
@@ -213,7 +212,9 @@ def test_store_runs_of_other_repos_are_not_listed(make_dvc_project, store):
         run_dir.mkdir(parents=True)
         (run_dir / "manifest.json").write_text(json.dumps({"run_id": run_id, "baseline": baseline,
                                                            "exp_name": "theirs", "created": 1735732800}))
-        (run_dir / "status.json").write_text(json.dumps({"state": "RUNNING", "started": 1735732805}))
+        # A heartbeat of a minute ago: alive, on a cluster this clone cannot see.
+        (run_dir / "status.json").write_text(json.dumps({"state": "RUNNING", "started": time.time() - 600,
+                                                         "heartbeat": time.time() - 60}))
     # Submitted from another clone, to a cluster this one does not know: the store's word.
     (entry,) = runs_json(root, "--store", str(store))
     assert entry["run_id"] == "dvcray-20250101-120000-aaaaaa"
