@@ -256,9 +256,11 @@ def watch_local(name: str, timeout_s: float, poll_s: float, session: int | None 
     return outcome
 
 
-def _busy_probe(locate: Callable[[], tuple[str, str] | None]) -> Callable[[], bool]:
+def _busy_probe(locate: Callable[[], tuple[str, str] | None], launching: bool = False) -> Callable[[], bool]:
     """Whether dvcray runs are active on the cluster ``locate`` gives as (job API,
-    token), None when it is gone. One client, made again after an error."""
+    token), None when it is gone; with ``launching``, also while its autoscaler is
+    setting nodes up (taking a cluster down under a node's setup would leave that
+    node's Ray running). One client, made again after an error."""
     client = None
 
     def is_busy() -> bool:
@@ -269,7 +271,12 @@ def _busy_probe(locate: Callable[[], tuple[str, str] | None]) -> Callable[[], bo
         if client is None:
             client = ray_api.client(found[0], found[1])
         try:
-            return bool(ray_api.active_runs(client))
+            if ray_api.active_runs(client):
+                return True
+            if launching:
+                alive = [n for n in ray_api.list_nodes(found[0], found[1]) if n["alive"]]
+                return bool((ray_api.autoscaler_status(found[0], found[1], alive=alive) or {}).get("pending"))
+            return False
         except Exception:
             client = None
             raise
@@ -314,7 +321,7 @@ def watch_launcher(config_path: Path, timeout_s: float, poll_s: float, job_api: 
     token_path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(state.home() / "auth_token")
     token = ray_api.read_token(token_path) or ""
 
-    is_busy = _busy_probe(lambda: (job_api, token))
+    is_busy = _busy_probe(lambda: (job_api, token), launching=True)
 
     def down() -> bool:
         try:

@@ -128,6 +128,10 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
         address, started = clusters.ensure_address(opts.address, cwd, say)
         client = connect(address)
 
+    if store.is_local and clusters.is_remote(address):
+        raise UsageError(f"The store {store.url} is a folder on this machine, and the cluster at {address} runs "
+                         "on other machines, which cannot reach it.",
+                         "Use an S3 store: dvc remote add -d store s3://BUCKET/PREFIX (or --store s3://...).")
     asked = opts.cpus_per_exp is not None or opts.gpus_per_exp is not None
     where = placement.decide(clusters.shape(address) if asked else None, opts.cpus_per_exp, opts.gpus_per_exp,
                              store.is_local, store.url, len(experiments), jobs)

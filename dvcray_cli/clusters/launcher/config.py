@@ -22,7 +22,9 @@ Nothing here runs Ray's launcher or opens a connection.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import re
 import shlex
 from pathlib import Path
@@ -98,8 +100,14 @@ def validate_with_ray(config: dict[str, Any], source: Path | str) -> dict[str, A
         raise UsageError(f"{source} has no provider.type.",
                          "Name the provider, e.g. provider: {type: local, head_ip: ..., worker_ips: [...]}.")
     try:
-        prepared = prepare_config(copy.deepcopy(config))
-        validate_config(prepared)
+        # The schema first, on the config as written: Ray's provider code (on-prem's
+        # min/max workers) reads it before its own schema check.
+        jsonschema.validate(config, _ray_schema())
+        # Ray's launcher prints its notes (a file mount that is not a folder, min_workers
+        # capped at the machines listed) to stdout; what refuses a config raises.
+        with contextlib.redirect_stdout(io.StringIO()):
+            prepared = prepare_config(copy.deepcopy(config))
+            validate_config(prepared)
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
         raise UsageError(f"{source} does not pass Ray's cluster config schema at {where}: {exc.message}",
@@ -107,9 +115,17 @@ def validate_with_ray(config: dict[str, Any], source: Path | str) -> dict[str, A
     except click.ClickException as exc:
         raise UsageError(f"{source} is not a valid Ray cluster config: {exc.format_message()}",
                          f"See {DOCS}") from None
-    except (ValueError, KeyError, AssertionError, NotImplementedError) as exc:
+    except (ValueError, KeyError, TypeError, AssertionError, NotImplementedError) as exc:
         raise UsageError(f"{source} is not a valid Ray cluster config: {exc}") from None
     return prepared
+
+
+def _ray_schema() -> dict[str, Any]:
+    import json
+
+    import ray.autoscaler
+
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
 
 
 def check_name(name: str) -> str:
@@ -221,7 +237,9 @@ def with_additions(raw: dict[str, Any], *, token_path: str, wheel_path: str, ray
     wheel_name = Path(wheel_path).name
     mounts = dict(config.get("file_mounts") or {})
     mounts.setdefault(TOKEN_REMOTE, token_path)
-    mounts[wheel_remote(wheel_name)] = wheel_path
+    # The folder, not the file: Ray hashes a folder's contents, so new code of the same
+    # version reaches the nodes on the next `up` (and Ray warns about file mounts).
+    mounts[DIST_REMOTE] = str(Path(wheel_path).parent)
     config["file_mounts"] = mounts
     setup = list(config.get("setup_commands") or [])
     setup.append(node_setup_command(wheel_name, ray_version))
