@@ -485,8 +485,9 @@ def _wait_ssh(bed: Bed, node: Node, timeout: float) -> None:
 # ---------------------------------------------------------------------- stale beds
 
 
-def sweep_stale() -> list[str]:
-    """Tear down beds whose owner process is gone (a test run that was killed)."""
+def sweep_stale(owner: int | None = None) -> list[str]:
+    """Tear down beds whose owner process is gone (a test run that was killed), and
+    those of ``owner`` (a session ending: nothing it built outlives it)."""
     swept = []
     if not BEDS.is_dir():
         return swept
@@ -495,7 +496,7 @@ def sweep_stale() -> list[str]:
             bed = Bed.load(folder)
         except (OSError, ValueError, TypeError, KeyError):
             continue
-        if _alive(bed.owner_pid):
+        if _alive(bed.owner_pid) and bed.owner_pid != owner:
             continue
         bed.teardown()
         swept.append(bed.id)

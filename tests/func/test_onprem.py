@@ -370,6 +370,10 @@ def test_run_puts_its_runner_on_a_worker_and_its_tasks_on_the_other(bed, client,
     result = next(json.loads(v) for k, v in objects.items() if k.endswith("/result.json"))
     assert result["node"] == out["driver_host"] and result["status"] == "SUCCEEDED"
 
+    # A folder on this machine cannot be the store of machines elsewhere: refused before anything runs.
+    proc = _dvcray("run", "-n", "nowhere", "--store", str(client.root / "local-store"), env=client.env, cwd=project)
+    assert proc.returncode == 2 and "is a folder on this machine" in proc.stderr, _out(proc)
+
     assert not (project / "result.txt").exists()
     proc = _dvcray("pull", "onbed", env=client.env, cwd=project)
     assert proc.returncode == 0, _out(proc)

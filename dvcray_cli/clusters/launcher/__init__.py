@@ -21,7 +21,6 @@ launcher with dvcray's additions, untested here.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -38,7 +37,9 @@ from dvcray_cli.errors import ClusterError, DvcrayError, UsageError
 __all__ = ["Check", "LauncherCluster", "LauncherDown", "Plan", "down", "plan", "recorded_address", "status",
            "stop_runs", "up"]
 
-DEFAULT_IDLE_TIMEOUT_S = 0.0
+# Your own machines cost nothing idle; a cloud's do (as on AWS).
+DEFAULT_IDLE_TIMEOUT_S = {"local": 0.0}
+CLOUD_IDLE_TIMEOUT_S = 3600.0
 # Runners get this long to save their work when `down --yes` stops them.
 STOP_RUNS_TIMEOUT_S = 10.0
 # How long `up` waits for on-prem workers to join (each runs the setup commands first).
@@ -137,7 +138,8 @@ def plan(config: str, cwd: Path, idle_timeout_s: float | None = None, probe: boo
     if not Path(key).expanduser().is_file():
         raise UsageError(f"{source}: the SSH key {key} (auth.ssh_private_key) does not exist.",
                          "Point auth.ssh_private_key at the private key the machines accept.")
-    idle = DEFAULT_IDLE_TIMEOUT_S if idle_timeout_s is None else float(idle_timeout_s)
+    idle = DEFAULT_IDLE_TIMEOUT_S.get(provider, CLOUD_IDLE_TIMEOUT_S) if idle_timeout_s is None \
+        else float(idle_timeout_s)
     ray_version = version("ray")
     # dvcray's additions go into the config as written (Ray merges setup_commands into the
     # head's and workers' own when it prepares a config), with Ray's default start commands
@@ -224,6 +226,7 @@ def up(p: Plan, say: Say = lambda _m: None) -> LauncherCluster:
     """
     from dvcray_cli.clusters.launcher import wheel
 
+    _refuse_restart_under_runs(p)
     state.private_dir(records.folder())
     ray_api.ensure_token(Path(p.token_path))
     os.chmod(p.token_path, 0o600)
@@ -260,6 +263,29 @@ def up(p: Plan, say: Say = lambda _m: None) -> LauncherCluster:
     if p.on_prem and p.min_workers:
         wait_workers(record, p.min_workers, WORKERS_TIMEOUT_S, say)
     return record
+
+
+def _refuse_restart_under_runs(p: Plan) -> None:
+    """``up`` of a running cluster restarts Ray on its head (Ray's launcher always does):
+    refused while dvcray runs are in progress there.
+
+    Raises:
+        UsageError: runs are in progress.
+    """
+    record = records.load(p.cluster_name)
+    if record is None:
+        return
+    try:
+        ssh.ensure_forward(record, records.write)
+        if not ssh.head_answers(record, settle_s=2):
+            return
+        runs = ray_api.active_runs(ray_api.client(record.dashboard_url, record.token()))
+    except (ClusterError, OSError):
+        return
+    if runs:
+        raise UsageError(f"Cluster {p.cluster_name!r} runs {len(runs)} dvcray run(s) "
+                         f"({', '.join(r['run_id'] for r in runs)}): `up` would restart Ray on its head and "
+                         "stop them.", "Let them finish (dvcray runs), then run `dvcray cluster up` again.")
 
 
 def write_config(path: Path, data: dict[str, Any]) -> None:
@@ -437,6 +463,8 @@ def recorded_address(cwd: Path) -> str | None:
     launcher cluster of the project around ``cwd``, in any clone of it."""
     from dvcray_cli.gitutil import git_root, root_commit
 
+    if not any(True for _ in records.records()):
+        return None
     root = git_root(Path(cwd))
     found = records.for_project(root_commit(root) if root else None)
     if not found:
@@ -455,6 +483,3 @@ def ensure_reachable(address: str) -> None:
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
-
-def as_json(record: LauncherCluster) -> dict[str, Any]:
-    return dataclasses.asdict(record)

@@ -104,8 +104,8 @@ def validate_with_ray(config: dict[str, Any], source: Path | str) -> dict[str, A
         # min/max workers) reads it before its own schema check.
         jsonschema.validate(config, _ray_schema())
         # Ray's launcher prints its notes (a file mount that is not a folder, min_workers
-        # capped at the machines listed) to stdout; what refuses a config raises.
-        with contextlib.redirect_stdout(io.StringIO()):
+        # capped at the machines listed) and its refusals; what refuses a config raises too.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             prepared = prepare_config(copy.deepcopy(config))
             validate_config(prepared)
     except jsonschema.ValidationError as exc:
