@@ -7,13 +7,11 @@ from typing import Any
 
 from rich.text import Text
 
-from dvcray_cli.cli._common import err, out
+from dvcray_cli.cli._common import err, out, print_idle_timeout
 
 
 def show_plan(p: Any, dry_run: bool) -> None:
     """The plan, on stdout: where Ray starts, what runs on each node, what dvcray adds."""
-    from dvcray_cli.clusters import format_duration
-
     out.print(Text.assemble(("Ray cluster " + p.cluster_name, "bold"), f" from {p.config_label} ({p.source})"))
     out.print(f"  Provider:      {p.provider}" + (" (on-prem machines over SSH)" if p.on_prem else
                                                    " (through Ray's launcher; not tested by dvcray)"), markup=False)
@@ -41,10 +39,7 @@ def show_plan(p: Any, dry_run: bool) -> None:
     out.print("  dvcray adds:", markup=False)
     for line in p.additions:
         out.print(f"    - {line}", markup=False)
-    idle = format_duration(p.idle_timeout_s)
-    out.print(f"  Idle timeout:  {idle} (Ray stops on every node after {idle} without a dvcray run)"
-              if p.idle_timeout_s > 0 else "  Idle timeout:  off (the cluster runs until `dvcray cluster down`)",
-              markup=False)
+    print_idle_timeout(p.idle_timeout_s, "Ray stops on every node after {idle} without a dvcray run")
     out.print(f"  Auth token:    {p.token_path} (mode 0600), shipped to every node", markup=False)
     for check in p.checks:
         mark = "ok" if check.ok else "warning"

@@ -477,7 +477,7 @@ def ensure_reachable(address: str) -> None:
     record = records.at_address(address)
     if record is not None:
         ssh.ensure_forward(record, records.write)
-        ssh.wait_job_api(record, 15, hint=f"Is the cluster up? dvcray cluster status")
+        ssh.wait_job_api(record, 15, hint="Is the cluster up? dvcray cluster status")
 
 
 def _now() -> str:

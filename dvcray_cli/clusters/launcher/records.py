@@ -16,14 +16,14 @@ from dvcray_cli import ray_api, state
 
 
 @dataclass
-class LauncherCluster:
-    """A cluster started through Ray's launcher (any provider but AWS)."""
+class Record:
+    """What every record of a launcher cluster (``LauncherCluster``, ``AwsCluster``) holds
+    and does: the head, the SSH user and key, the port-forward (``launcher.ssh``), the
+    token; its JSON, read tolerantly."""
 
-    name: str                  # Ray's cluster_name: <the YAML's>-<first commit[:8]>
-    provider: str              # provider.type: local, gcp, azure, ...
-    project: str               # the project's first commit
-    config_label: str          # what the user typed (the YAML's path)
-    config_path: str           # the config as launched (~/.dvcray/launcher/<name>.yaml)
+    name: str                  # Ray's cluster_name
+    config_label: str          # what the user typed
+    config_path: str           # the config as launched
     token_path: str
     dashboard_url: str         # http://127.0.0.1:<forwarded port>
     forward_port: int
@@ -33,18 +33,27 @@ class LauncherCluster:
     key_path: str
     started_at: str
     idle_timeout_s: float
-    worker_ips: list[str] = field(default_factory=list)   # provider local: the machines
-    kind: str = "launcher"
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: Any) -> LauncherCluster | None:
+    def from_json(cls, data: Any) -> Any:
         return state.from_json(cls, data)
 
     def token(self) -> str | None:
         return ray_api.read_token(self.token_path)
+
+
+@dataclass
+class LauncherCluster(Record):
+    """A cluster started through Ray's launcher (any provider but AWS): its name is
+    <the YAML's cluster_name>-<first commit[:8]>, its config ``~/.dvcray/launcher/<name>.yaml``."""
+
+    provider: str              # provider.type: local, gcp, azure, ...
+    project: str               # the project's first commit
+    worker_ips: list[str] = field(default_factory=list)   # provider local: the machines
+    kind: str = "launcher"
 
 
 def folder() -> Path:
