@@ -405,15 +405,17 @@ def stop_machines(p: Plan, record: LauncherCluster | None) -> tuple[list[str], l
     Returns:
         ``(stopped, unreachable)`` addresses.
     """
+    # What was started (the record) wins over what the YAML says now.
     head = record.head_ip if record is not None else p.head_ip
+    workers = record.worker_ips if record is not None else p.worker_ips
     done = ssh.run(head, p.ssh_user, p.key_path, DOWN_NOW, timeout=300)
     if done.returncode == 0:
         lines = [ln.split("=", 1)[1] for ln in done.stdout.splitlines() if ln.startswith("dvcray-unreachable=")]
         unreachable = [ip for ln in lines for ip in ln.split(",") if ip]
-        return [ip for ip in [head, *p.worker_ips] if ip not in unreachable], unreachable
+        return [ip for ip in [head, *workers] if ip not in unreachable], unreachable
     from concurrent.futures import ThreadPoolExecutor
 
-    hosts = [*p.worker_ips, head]
+    hosts = [*workers, head]
     with ThreadPoolExecutor(max(1, len(hosts))) as pool:
         answers = list(pool.map(lambda ip: ssh.run(ip, p.ssh_user, p.key_path, "ray stop", timeout=120), hosts))
     stopped = [ip for ip, a in zip(hosts, answers) if a.returncode == 0]
