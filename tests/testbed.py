@@ -463,7 +463,10 @@ def _node_dirs(bed: Bed, node: Node) -> None:
     (root / ".ssh" / "authorized_keys").write_text(pub)
     os.chmod(root / ".ssh" / "authorized_keys", 0o600)
     # The machine's Python: login shells (Ray runs every command in one) put the image first.
-    (root / ".profile").write_text(f"export PATH={bed.venv}/bin:$PATH\n")
+    # No tool on a node phones home (nothing could leave the bridge anyway).
+    (root / ".profile").write_text(f"export PATH={bed.venv}/bin:$PATH\n"
+                                   "export DVC_NO_ANALYTICS=1 DVC_STUDIO_OFFLINE=true RAY_USAGE_STATS_ENABLED=0\n")
+    (root / ".bashrc").write_text("")
     # Nothing on a node may reach a package index: pip installs from files only.
     pip = root / ".config" / "pip"
     pip.mkdir(parents=True)
