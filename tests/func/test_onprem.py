@@ -505,6 +505,7 @@ def test_a_lost_worker_ends_its_run_lost_with_its_log_and_the_next_run_works(bed
 
 
 def test_down_leaves_no_ray_process_on_any_node(bed, client, lab):
+    caches = set(Path("/tmp").glob("ray-config-*"))
     started = time.monotonic()
     proc = _dvcray("cluster", "down", str(lab.config), env=client.env, cwd=lab.project)
     TIMES["cluster down"] = time.monotonic() - started
@@ -512,6 +513,9 @@ def test_down_leaves_no_ray_process_on_any_node(bed, client, lab):
     assert f"Ray stopped on {bed.node('n0').ip}" in proc.stderr, _out(proc)
     assert _no_ray_anywhere(bed) == {}
     assert not (client.home / ".dvcray" / "launcher" / f"{lab.name}.json").exists()
+    assert set(Path("/tmp").glob("ray-config-*")) == caches, "no resolved-config cache left under /tmp"
+    state = json.loads(Path(f"/tmp/ray/cluster-{lab.name}.state").read_text())
+    assert {ip: s["state"] for ip, s in state.items()} == {bed.node(n).ip: "terminated" for n in ("n0", "n1", "n2")}
 
 
 def test_idle_timeout_takes_the_cluster_down(bed, client, lab):

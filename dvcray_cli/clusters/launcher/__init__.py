@@ -14,9 +14,10 @@ launcher with dvcray's additions, untested here.
 2. ``up``: the token and the wheel on this machine, Ray's ``create_or_update_cluster``
    in a process of its own (``launch``), the SSH port-forward to the head's job API,
    the record (``records``), and for on-prem machines a wait until every worker joined.
-3. ``down``: stop dvcray runs (with ``--yes``), Ray on every node (the head stops its
-   workers over SSH, then itself: ``idle launcher --down-now``), Ray's teardown, the
-   forward and the record.
+3. ``down``: stop dvcray runs (with ``--yes``); on-prem, Ray on every node (the head
+   stops its workers over SSH, then itself: ``idle launcher --down-now``) and the
+   machines marked free in Ray's state file; elsewhere Ray's teardown; the forward
+   and the record.
 """
 
 from __future__ import annotations
@@ -376,16 +377,16 @@ def down(config: str, cwd: Path, yes: bool = False) -> LauncherDown:
     if not config_path.is_file():
         write_config(config_path, p.config)
     if p.on_prem:
+        from dvcray_cli.clusters.launcher.provider import terminate_cluster
+
         result.nodes, result.unreachable = stop_machines(p, record)
-    env = {"RAY_UP_enable_autoscaler_v2": "0"} if p.on_prem else {}
-    try:
-        launch.run("down", config_path, records.log_path(p.cluster_name, "down"), env=env,
-                   what="Ray's teardown", timeout=900)
-    except ClusterError:
-        if not p.on_prem:
-            raise
-        # On-prem, Ray is already stopped on every machine that answered; Ray's
-        # teardown only marks them free in its state file.
+        # What Ray's teardown would do next on-prem: mark the machines free in the
+        # launcher's state file here (without its ``ray stop`` on the head again, and
+        # without the resolved-config cache it leaves under /tmp).
+        terminate_cluster(p.config["provider"], p.cluster_name)
+    else:
+        launch.run("down", config_path, records.log_path(p.cluster_name, "down"), what="Ray's teardown",
+                   timeout=900)
     if record is not None:
         ssh.stop_forward(record)
     records.remove(p.cluster_name)
