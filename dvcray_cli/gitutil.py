@@ -46,6 +46,21 @@ def git_root(path: Path) -> Path | None:
     return Path(proc.stdout.strip()).resolve()
 
 
+def root_commit(path: Path) -> str | None:
+    """The first commit of the repository around ``path`` (the oldest root, when
+    there are several): the same in every clone of a project. None without one."""
+    proc = subprocess.run(["git", "rev-list", "--max-parents=0", "HEAD"], cwd=path, capture_output=True,
+                          text=True)
+    roots = sorted(proc.stdout.split()) if proc.returncode == 0 else []
+    if not roots:
+        return None
+    if len(roots) == 1:
+        return roots[0]
+    dated = subprocess.run(["git", "log", "--no-walk", "--format=%ct %H", *roots], cwd=path,
+                           capture_output=True, text=True).stdout.split("\n")
+    return min((line.split() for line in dated if line.strip()), key=lambda p: (int(p[0]), p[1]))[1]
+
+
 def identity(cwd: Path) -> tuple[str, str]:
     """The user's git name and email, as a commit made in ``cwd`` would use.
 

@@ -188,6 +188,29 @@ def is_terminal(status: str) -> bool:
     return status in ("SUCCEEDED", "FAILED", "STOPPED")
 
 
+def node_died(job_client: JobSubmissionClient, job_id: str) -> str | None:
+    """Why a FAILED job ended, when the reason is that its node died (a machine lost,
+    its raylet killed), not its entrypoint: Ray's own message, in one line; else None."""
+    try:
+        info = job_client.get_job_info(job_id)
+    except Exception:  # noqa: BLE001 - the cluster forgot it, or does not answer
+        return None
+    return node_died_of(info)
+
+
+def node_died_of(info: Any) -> str | None:
+    """``node_died`` for a job's info (``JobDetails``) already at hand."""
+    if status_text(getattr(info, "status", "")) != "FAILED":
+        return None
+    message = str(getattr(info, "message", "") or "")
+    error_type = str(getattr(info, "error_type", "") or "")
+    if "node has died" in message or "node was terminated" in message or error_type == "JOB_SUPERVISOR_ACTOR_DIED":
+        lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+        ip = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("ip:")), "")
+        return f"its node{(' ' + ip) if ip else ''} died (Ray: {lines[0] if lines else error_type})"
+    return None
+
+
 def active_runs(job_client: JobSubmissionClient) -> list[dict[str, Any]]:
     """dvcray's runs that are pending or running on the cluster (jobs tagged ``dvcray_version``).
 

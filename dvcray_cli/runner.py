@@ -62,6 +62,20 @@ def configure_dvc(ws: Path, store: Store) -> None:
         conf["cache"]["shared"] = "group"
 
 
+def storage_env(store: Store) -> None:
+    """Tell stages where Ray Tune and Train may keep checkpoints that every node reaches:
+    the store, when it is not a folder on one machine (``dvcray_cli.integrations.storage``),
+    and its S3 endpoint, if it has its own, where pyarrow (Ray's storage) looks for it."""
+    from dvcray_cli.integrations.storage import STORE_VAR
+
+    if store.is_local:
+        return
+    os.environ.setdefault(STORE_VAR, f"{store.url.rstrip('/')}/dvcray/ray")
+    endpoint = str(store.options.get("endpointurl") or "")
+    if endpoint and store.url.startswith("s3://"):
+        os.environ.setdefault("AWS_ENDPOINT_URL_S3", endpoint)
+
+
 def experiment_ref(ws: Path, baseline: str, exp_sha: str | None, name: str | None) -> ExpRef | None:
     """The experiment ``dvc exp run`` made: ``refs/exps/XX/SHA/NAME`` of ``baseline``.
 
@@ -212,6 +226,7 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         # DVC and DVCLive post their live updates to the runner, as they would to Studio (runs/live.py).
         capture = live.Capture(store, run_id)
         os.environ.update(capture.env())
+        storage_env(store)
         os.chdir(dvc_root)
 
         from dvc.repo import Repo

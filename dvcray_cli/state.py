@@ -4,7 +4,10 @@ Two places, each spelled here only:
 
 - ``~/.dvcray/`` (``home()``): machine-wide state of this user: the clusters
   dvcray started on this machine (``clusters/``), pointers to AWS clusters
-  (``aws/``), the default local store (``store/``), cached cluster facts.
+  (``aws/``), clusters started through Ray's launcher from any YAML, with their
+  tokens (``launcher/``: any clone of a project finds its clusters there), the
+  wheel of this dvcray that nodes install (``dist/``), the default local store
+  (``store/``), cached cluster facts.
 - ``<git root>/.dvcray/`` (``repo_dir()``): state of one project: the runs this
   clone submitted (``runs/``) and the clusters it started in the cloud
   (``clusters/``). It holds a ``.gitignore`` of ``*`` (as ``.pytest_cache``
@@ -45,6 +48,17 @@ def clusters_dir() -> Path:
 def aws_index_dir() -> Path:
     """``~/.dvcray/aws``: pointers to the records of AWS clusters, wherever their repo is."""
     return home() / "aws"
+
+
+def launcher_dir() -> Path:
+    """``~/.dvcray/launcher``: clusters started through Ray's cluster launcher from a YAML,
+    keyed by a name every clone of their project computes alike."""
+    return home() / "launcher"
+
+
+def dist_dir() -> Path:
+    """``~/.dvcray/dist``: the wheel of this dvcray that ``cluster up`` ships to nodes."""
+    return home() / "dist"
 
 
 def default_store_dir() -> Path:

@@ -43,6 +43,16 @@ def isolated_env(tmp_path_factory, monkeypatch):
     return home
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_test_bed_outlives_the_session():
+    """The namespace test bed (tests/testbed.py) is torn down by the module that builds
+    it; whatever a failed teardown left of this session's beds goes here, by the names
+    and pids the bed recorded. Beds of sessions that were killed go at the next build."""
+    yield
+    if "testbed" in sys.modules:
+        sys.modules["testbed"].sweep_stale(owner=os.getpid())
+
+
 @pytest.fixture(autouse=True)
 def _unit_tests_start_nothing(request, monkeypatch):
     """tests/unit is the fast level: no Ray cluster, no subprocess, no network. A

@@ -39,6 +39,15 @@ err = _Console(stderr=True, highlight=False, soft_wrap=True, **_ci_style)
 state = {"verbose": False}
 
 
+def print_idle_timeout(seconds: float, effect: str) -> None:
+    """The plan's idle-timeout line: ``effect`` (with ``{idle}``) after that long, or off."""
+    from dvcray_cli.clusters import format_duration
+
+    idle = format_duration(seconds)
+    out.print(f"  Idle timeout:  {idle} ({effect.format(idle=idle)})" if seconds > 0
+              else "  Idle timeout:  off (the cluster runs until `dvcray cluster down`)", markup=False)
+
+
 def plain_output() -> bool:
     """No spinners or live tables: CI, or stderr is not a terminal."""
     return _in_ci() or not err.is_terminal

@@ -13,7 +13,8 @@ from dvcray_cli.cli._common import boundary, err, out, plain_output, write_json
 
 ConfigArg = Annotated[str, typer.Argument(
     metavar="[CONFIG]",
-    help="A built-in cluster (local, local-multinode, aws, aws-gpu) or a Ray cluster YAML path.")]
+    help="A built-in cluster (local, local-multinode, aws, aws-gpu) or the path of any Ray cluster-launcher "
+         "YAML (on-prem machines over SSH, AWS, other clouds).")]
 
 
 def register(app: typer.Typer) -> None:
@@ -39,18 +40,22 @@ def up(
     config: ConfigArg = "local",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the plan (and, for AWS, the cost); create nothing.")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before creating cloud resources.")] = False,
-    idle_timeout: Annotated[Optional[str], typer.Option("--idle-timeout", metavar="DURATION", help="Take the whole cluster down after this long with no dvcray run, e.g. 30m, 90s, 1h; 0 = never. Default: 60m on AWS, never for local.", show_default=False)] = None,
+    idle_timeout: Annotated[Optional[str], typer.Option("--idle-timeout", metavar="DURATION", help="Take the whole cluster down after this long with no dvcray run, e.g. 30m, 90s, 1h; 0 = never. Default: 60m on AWS, never otherwise.", show_default=False)] = None,
 ) -> None:
     """Start a Ray cluster and wait until it takes jobs; a no-op if it already runs.
 
     The local cluster runs on this machine with token authentication on; its
-    dashboard and job API listen on 127.0.0.1 only. `aws` and `aws-gpu` (or a
-    YAML file whose provider is aws) start a cluster on AWS through Ray's
-    cluster launcher: run `--dry-run` first to see the plan and its cost.
+    dashboard and job API listen on 127.0.0.1 only. Any Ray cluster-launcher YAML
+    starts a cluster through Ray's launcher: your own machines over SSH (provider
+    local), AWS (`aws`, `aws-gpu`, or a YAML whose provider is aws: run `--dry-run`
+    first to see the plan and its cost), other clouds. dvcray ships its auth token
+    and its own dvcray to every node and reaches the head's job API through an SSH
+    port-forward.
 
     Example:
 
         dvcray cluster up local --idle-timeout 30m
+        dvcray cluster up lab.yaml --dry-run
         dvcray cluster up aws --dry-run
     """
     from dvcray_cli import clusters
@@ -61,6 +66,15 @@ def up(
         from dvcray_cli.cli import cluster_aws
 
         cluster_aws.up(planned, dry_run=dry_run, yes=yes)
+        return
+    if planned.kind == "launcher":
+        from dvcray_cli.cli import cluster_launcher
+
+        cluster_launcher.show_plan(planned, dry_run)
+        if dry_run:
+            return
+        result = clusters.up(planned, say=lambda m: err.print(m, markup=False))
+        cluster_launcher.up_result(result)
         return
     if dry_run:
         err.print(f"Dry run: would start Ray cluster {planned.name} on this machine unless it runs"
@@ -93,16 +107,19 @@ def down(
     """Stop a Ray cluster: every process it started, nothing else.
 
     Refuses while dvcray runs are in progress on it, unless --yes (then they get
-    SIGTERM and a few seconds to save their results first).
+    SIGTERM and a few seconds to save their results first). On-prem machines keep
+    running: Ray stops on each of them.
 
     Example:
 
         dvcray cluster down local --yes
+        dvcray cluster down lab.yaml
     """
     from dvcray_cli import clusters
 
     kind = clusters.kind_of(config)
     message = (f"Terminating the instances of AWS cluster {config}..." if kind == "aws"
+               else f"Stopping Ray on every node of {config.strip()}..." if kind == "launcher"
                else f"Stopping Ray cluster {config.strip()}...")
     with _working(message):
         result = clusters.down(config, Path.cwd(), yes=yes)
@@ -112,6 +129,11 @@ def down(
         from dvcray_cli.cli import cluster_aws
 
         cluster_aws.down_result(result)
+        return
+    if kind == "launcher":
+        from dvcray_cli.cli import cluster_launcher
+
+        cluster_launcher.down_result(result)
         return
     if not result.was_running:
         err.print(Text.assemble("Ray cluster ", (result.name, "bold"), " is not running; nothing to stop."))
@@ -124,7 +146,8 @@ def status(
     json_: Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")] = False,
 ) -> None:
     """Show the clusters dvcray started: nodes, CPUs, runs in progress, addresses;
-    for AWS clusters, their instances, age and estimated cost so far.
+    for AWS clusters, their instances, age and estimated cost so far; for clusters
+    from other YAMLs (on-prem machines), their head and nodes.
 
     Example:
 
@@ -133,7 +156,7 @@ def status(
     from rich.table import Table
 
     from dvcray_cli import clusters
-    from dvcray_cli.cli import cluster_aws
+    from dvcray_cli.cli import cluster_aws, cluster_launcher
 
     found = clusters.status()
     if json_:
@@ -146,7 +169,9 @@ def status(
     if not found.local:
         if found.aws:
             cluster_aws.status_rows(found.aws)
-        else:
+        if found.launcher:
+            cluster_launcher.status_rows(found.launcher)
+        if not found.aws and not found.launcher:
             err.print("No Ray cluster is running. Start one with: dvcray cluster up local")
         return
     table = Table("Cluster", "Nodes", "CPUs", "Runs", "Dashboard", "GCS")
@@ -166,6 +191,8 @@ def status(
             err.print(f"{c['name']}: the autoscaler reports: {c['autoscaler_error']}", markup=False)
     if found.aws:
         cluster_aws.status_rows(found.aws)
+    if found.launcher:
+        cluster_launcher.status_rows(found.launcher)
 
 
 def _nodes_table(c: dict):

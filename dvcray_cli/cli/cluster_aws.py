@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.text import Text
 
-from dvcray_cli.cli._common import err, out
+from dvcray_cli.cli._common import err, out, print_idle_timeout
 from dvcray_cli.errors import UsageError
 
 
@@ -18,8 +18,6 @@ def _usd(value: float) -> str:
 
 def show_plan(p: Any, dry_run: bool) -> None:
     """The plan, on stdout: what would be created, where, and what it costs."""
-    from dvcray_cli.clusters import format_duration
-
     out.print(Text.assemble(("AWS cluster " + p.cluster_name, "bold"), f" from {p.config_label} ({p.source})"))
     out.print(f"  Region:        {p.region} (account {p.account})", markup=False)
     for n in p.node_types:
@@ -37,10 +35,7 @@ def show_plan(p: Any, dry_run: bool) -> None:
         out.print(f"                 not in the price table, so not counted: {', '.join(cost['unpriced'])}",
                   markup=False)
     out.print(f"                 {cost['note']}", markup=False)
-    idle = format_duration(p.idle_timeout_s)
-    out.print(f"  Idle timeout:  {idle} (the head takes the whole cluster down after {idle} without a dvcray run)"
-              if p.idle_timeout_s > 0 else "  Idle timeout:  off (the cluster runs until `dvcray cluster down`)",
-              markup=False)
+    print_idle_timeout(p.idle_timeout_s, "the head takes the whole cluster down after {idle} without a dvcray run")
     out.print(f"  Store:         {p.store_url} (the nodes' only S3 access)", markup=False)
     verb = "Would create" if dry_run else "Creates"
     if p.iam["managed"]:

@@ -2,10 +2,12 @@
 
 Each operation is declared here once and routed by the kind of cluster: the
 built-ins ``local`` and ``local-multinode`` go to ``local``, ``aws``,
-``aws-gpu`` and YAML files whose provider is aws go to ``aws``. Around them
-this module arms and disarms the idle watchers (``idle``), finds the cluster a
-run goes to, and finds the token for an address over every kind of record.
-``local`` and ``aws`` never import each other (a test keeps it so).
+``aws-gpu`` and YAML files whose provider is aws go to ``aws``, any other Ray
+cluster-launcher YAML (on-prem machines over SSH, other clouds) to ``launcher``,
+whose shared pieces ``aws`` builds on. Around them this module arms and disarms
+the idle watchers of local clusters (``idle``), finds the cluster a run goes to,
+and finds the token for an address over every kind of record. ``local`` and
+``aws`` never import each other, and ``launcher`` imports neither (a test keeps it so).
 
 Importing this package imports nothing heavy: ``dvcray --help`` stays fast.
 """
@@ -39,11 +41,10 @@ def _quiet(_message: str) -> None:
 
 
 def kind_of(config: str) -> str:
-    """``"local"`` or ``"aws"``: who handles the cluster ``config`` names.
+    """``"local"``, ``"aws"`` or ``"launcher"``: who handles the cluster ``config`` names.
 
     Raises:
-        UsageError: an unknown name, a YAML file that cannot be read, or a YAML
-            config of a provider this version does not handle.
+        UsageError: an unknown name, or a YAML file that does not exist or cannot be read.
     """
     from dvcray_cli.clusters.aws.config import is_aws_config
 
@@ -56,8 +57,9 @@ def kind_of(config: str) -> str:
         raise UsageError(f"No cluster config at {name}.",
                          f"Pass a built-in ({', '.join(BUILT_INS)}) or the path of a Ray cluster YAML.")
     if name.endswith((".yaml", ".yml")) or os.sep in name or Path(name).exists():
-        raise UsageError(f"Cluster configs from YAML files ({name}) are supported for AWS only so far "
-                         "(provider.type: aws).", UP_HINT)
+        if not Path(name).expanduser().is_file():
+            raise UsageError(f"No cluster config at {name}.", "Pass the path of a Ray cluster YAML.")
+        return "launcher"
     raise UsageError(f"Unknown cluster {name!r}. Built-ins: {', '.join(BUILT_INS)}, or a YAML path.", UP_HINT)
 
 
@@ -99,18 +101,28 @@ class UpResult:
     autoscaling: bool = False
     idle_timeout_s: float | None = None  # the watcher armed now (None: none)
     head_ip: str = ""
+    config_label: str = ""         # launcher clusters: the YAML's path, as typed
+    workers: list[str] = field(default_factory=list)   # launcher clusters: workers that joined
 
 
 def plan(config: str, cwd: Path, idle_timeout_s: float | None = None) -> Any:
     """What ``up`` would do, checked; creates nothing. An AWS plan is checked
-    read-only against the account and priced (``dvcray_cli.clusters.aws.Plan``).
+    read-only against the account and priced (``dvcray_cli.clusters.aws.Plan``); an
+    on-prem plan logs in to each machine and checks its Ray
+    (``dvcray_cli.clusters.launcher.Plan``).
 
     Raises:
         UsageError: a bad config name or file, or a project unfit for the cluster.
-        ClusterError: AWS credentials missing or refused.
+        ClusterError: AWS credentials missing or refused; a machine unreachable,
+            refusing the key, or running another Ray version.
     """
-    if kind_of(config) == "local":
+    kind = kind_of(config)
+    if kind == "local":
         return LocalPlan(config.strip(), idle_timeout_s)
+    if kind == "launcher":
+        from dvcray_cli.clusters import launcher
+
+        return launcher.plan(config, cwd, idle_timeout_s)
     from dvcray_cli.clusters import aws
 
     return aws.plan(config, cwd, idle_timeout_s)
@@ -132,6 +144,15 @@ def up(planned: Any, say: Say = _quiet) -> UpResult:
         return UpResult(cluster.name, "local", started, cluster.dashboard_url, cluster.started_at,
                         cluster.num_cpus, bool(cluster.autoscaling_config),
                         watcher["timeout_s"] if watcher else None)
+    if planned.kind == "launcher":
+        from dvcray_cli.clusters import launcher
+
+        record = launcher.up(planned, say)
+        workers = [n["ip"] for n in ray_api.list_nodes(record.dashboard_url, record.token())
+                   if n["alive"] and not n["is_head"]]
+        return UpResult(record.name, "launcher", True, record.dashboard_url, record.started_at,
+                        idle_timeout_s=record.idle_timeout_s or None, head_ip=record.head_ip,
+                        config_label=record.config_label, workers=sorted(workers))
     from dvcray_cli.clusters import aws
 
     aws.account.refuse_fake_endpoint()
@@ -166,6 +187,9 @@ class DownResult:
     pids: list[int] = field(default_factory=list)        # local: processes stopped
     terminated: list[str] = field(default_factory=list)  # aws: instances terminated
     region: str = ""
+    nodes: list[str] = field(default_factory=list)        # launcher (on-prem): machines Ray stopped on
+    unreachable: list[str] = field(default_factory=list)  # launcher (on-prem): machines SSH did not reach
+    provider: str = ""
 
 
 def down(config: str, cwd: Path, yes: bool = False) -> DownResult:
@@ -177,13 +201,20 @@ def down(config: str, cwd: Path, yes: bool = False) -> DownResult:
     Raises:
         UsageError: dvcray runs are in progress and ``yes`` is False.
     """
-    if kind_of(config) == "local":
+    kind = kind_of(config)
+    if kind == "local":
         from dvcray_cli.clusters import idle, local
 
         name = config.strip()
         result = local.down(name, yes=yes)
         idle.disarm(name)
         return DownResult(name, "local", result.cluster is not None, result.stopped_runs, result.pids)
+    if kind == "launcher":
+        from dvcray_cli.clusters import launcher
+
+        gone = launcher.down(config, cwd, yes=yes)
+        return DownResult(gone.name, "launcher", gone.recorded or bool(gone.nodes), gone.stopped_runs,
+                          nodes=gone.nodes, unreachable=gone.unreachable, provider=gone.provider)
     from dvcray_cli.clusters import aws
 
     done = aws.down(config, cwd, yes=yes)
@@ -201,15 +232,17 @@ class Status:
     local: list[dict[str, Any]]
     aws: list[dict[str, Any]]
     auto_downs: list[dict[str, Any]]   # local clusters their idle watcher took down
+    launcher: list[dict[str, Any]] = field(default_factory=list)   # clusters from any other YAML
 
     def to_json(self) -> list[dict[str, Any]]:
-        return self.local + self.aws
+        return self.local + self.aws + self.launcher
 
 
 def status() -> Status:
     """The recorded clusters with their nodes, runs in progress and idle timeouts;
-    AWS clusters with their instances and estimated cost so far."""
-    from dvcray_cli.clusters import aws, idle, local
+    AWS clusters with their instances and estimated cost so far; launcher clusters
+    (on-prem, other clouds) with their nodes."""
+    from dvcray_cli.clusters import aws, idle, launcher, local
 
     found = local.status()
     for entry in found:
@@ -217,7 +250,7 @@ def status() -> Status:
         entry["idle_timeout_s"] = watcher["timeout_s"] if watcher else None
     running = {c["name"] for c in found}
     notes = [n for n in idle.auto_downs() if n.get("name") not in running]
-    return Status(found, aws.status(), notes)
+    return Status(found, aws.status(), notes, launcher.status())
 
 
 # --------------------------------------------------------------------------- where runs go
@@ -227,8 +260,8 @@ def token_for(address: str | None = None) -> str | None:
     """The token a client sends to ``address``, in Ray's own order of precedence.
 
     ``RAY_AUTH_TOKEN``, then the file named by ``RAY_AUTH_TOKEN_PATH``, then the
-    token file of a cluster recorded at ``address`` (local, or AWS through its
-    port-forward), then ``~/.ray/auth_token``.
+    token file of a cluster recorded at ``address`` (local, or AWS or another
+    launcher cluster through its port-forward), then ``~/.ray/auth_token``.
     """
     token = ray_api.env_token()
     if token:
@@ -245,6 +278,11 @@ def token_for(address: str | None = None) -> str | None:
         token = token_for_address(address)
         if token:
             return token
+        from dvcray_cli.clusters.launcher import records
+
+        record = records.at_address(address)
+        if record is not None and record.token():
+            return record.token()
     return ray_api.read_token(ray_api.default_token_path())
 
 
@@ -259,27 +297,36 @@ def job_api(address: str) -> str:
 
 
 def connect(address: str) -> JobSubmissionClient:
-    """A job client for ``address`` that sends the token that belongs to it.
+    """A job client for ``address`` that sends the token that belongs to it (the
+    port-forward of a recorded launcher cluster is reopened first if it died).
 
     Raises:
         ClusterError: nothing answers there, or it refused the token.
     """
     url = job_api(address)
+    from dvcray_cli.clusters import launcher
+
+    launcher.ensure_reachable(url)
     return ray_api.client(url, token_for(url))
 
 
 def known_address(explicit: str | None, cwd: Path | None = None) -> str | None:
     """Where runs go without starting anything: ``--address``, ``RAY_ADDRESS``,
-    this repo's AWS cluster (through its port-forward, reopened if it died), or
-    the recorded cluster on this machine (``local`` or ``local-multinode``, the
-    one started last). None: a cluster would have to be started."""
+    this repo's AWS cluster, this project's newest launcher cluster (on-prem or
+    another cloud, recorded by any clone of the project; both through their
+    port-forward, reopened if it died), or the recorded cluster on this machine
+    (``local`` or ``local-multinode``, the one started last). None: a cluster
+    would have to be started."""
     if explicit or os.environ.get("RAY_ADDRESS"):
         return explicit or os.environ["RAY_ADDRESS"]
-    from dvcray_cli.clusters import aws, local
+    from dvcray_cli.clusters import aws, launcher, local
 
     in_aws = aws.recorded_address(cwd or Path.cwd())
     if in_aws:
         return in_aws
+    launched = launcher.recorded_address(cwd or Path.cwd())
+    if launched:
+        return launched
     current = local.current()
     return current.dashboard_url if current else None
 
@@ -320,16 +367,17 @@ def fallback_addresses() -> list[str]:
 def on_this_machine(address: str) -> bool:
     """Whether the cluster at ``address`` runs on this machine (so a folder here is
     a store its runners reach). A cluster reached through a port-forward (AWS)
-    is elsewhere, although its job API answers on 127.0.0.1."""
+    (AWS, any launcher cluster) is elsewhere, although its job API answers on 127.0.0.1."""
     import ipaddress
     import socket
     from urllib.parse import urlparse
 
     from dvcray_cli.clusters import local
     from dvcray_cli.clusters.aws.records import records as aws_records
+    from dvcray_cli.clusters.launcher import records as launcher_records
 
     url = job_api(address)
-    if any(record.dashboard_url == url for record, _ in aws_records()):
+    if launcher_records.at_address(url) is not None or any(r.dashboard_url == url for r, _ in aws_records()):
         return False
     if any(cluster.same_address(address) for cluster in local.records()):
         return True
@@ -348,6 +396,11 @@ def on_this_machine(address: str) -> bool:
     return str(ip) in mine
 
 
+def is_remote(address: str) -> bool:
+    """The cluster at ``address`` runs on other machines: a folder here is out of its nodes' reach."""
+    return not on_this_machine(address)
+
+
 def dead_at(address: str) -> str | None:
     """The name of the cluster recorded on this machine at ``address`` if its GCS
     is gone (it died, or was stopped by hand); None if it runs or is not dvcray's."""
@@ -363,7 +416,8 @@ class Shape:
 
     nodes: list[dict[str, Any]]              # alive nodes (``ray_api.list_nodes``)
     most: dict[str, float] | None = None     # the most it can ever have (None: unknown)
-    recorded: bool = False                   # a cluster dvcray started on this machine
+    recorded: bool = False                   # a cluster dvcray started on this machine, or on-prem machines
+    remote: bool = False                     # its nodes are other machines (nothing on this disk reaches them)
 
 
 def shape(address: str) -> Shape:
@@ -374,12 +428,17 @@ def shape(address: str) -> Shape:
         ClusterError: the cluster does not answer.
     """
     from dvcray_cli.clusters import local
+    from dvcray_cli.clusters.launcher import records
 
     url = job_api(address)
     nodes = [n for n in ray_api.list_nodes(url, token_for(url)) if n["alive"]]
+    launched = records.at_address(url)
+    if launched is not None:
+        # On-prem machines are all there is (a worker that is down now may come back).
+        return Shape(nodes, None, launched.provider == "local", remote=True)
     record = local.recorded_at(address)
     if record is None:
-        return Shape(nodes)
+        return Shape(nodes, remote=is_remote(url))
     if record.autoscaling_config:
         most = local.max_resources(record) or {}
         return Shape(nodes, {"CPU": float(most.get("CPU", 0)), "GPU": float(most.get("GPU", 0))}, True)

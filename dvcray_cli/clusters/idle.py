@@ -11,10 +11,13 @@ PENDING or RUNNING, read through the job API with the cluster's token.
   ``~/.dvcray/clusters/<name>.idle.json`` with its pid. When the time is up it
   calls ``local.down(name)``, which refuses if a run started meanwhile, and
   leaves ``<name>.idle-down.json`` behind so ``cluster status`` can say what happened.
-- AWS clusters: ``head_start_ray_commands`` start it on the head
-  (``python -m dvcray_cli.clusters.idle aws --config ~/ray_bootstrap_config.yaml
-  --timeout N --background``); it terminates every instance tagged with the
-  cluster's name through Ray's node provider, the head last (``terminate_cluster``).
+- Clusters from Ray's launcher (any YAML, AWS included): ``head_start_ray_commands``
+  start it on the head (``python -m dvcray_cli.clusters.idle launcher --config
+  ~/ray_bootstrap_config.yaml --timeout N --background``; ``aws`` is the same). On a
+  cloud it terminates every node of the cluster through Ray's node provider, the head
+  last; on on-prem machines (provider ``local``) it stops Ray on every worker over
+  SSH, then on the head (``take_down``). ``--down-now`` does that at once: ``dvcray
+  cluster down`` runs it on an on-prem head.
 
 Local and AWS code never import each other, nor this module: ``clusters``
 arms and disarms watchers around their ``up`` and ``down``.
@@ -254,9 +257,11 @@ def watch_local(name: str, timeout_s: float, poll_s: float, session: int | None 
     return outcome
 
 
-def _busy_probe(locate: Callable[[], tuple[str, str] | None]) -> Callable[[], bool]:
+def _busy_probe(locate: Callable[[], tuple[str, str] | None], launching: bool = False) -> Callable[[], bool]:
     """Whether dvcray runs are active on the cluster ``locate`` gives as (job API,
-    token), None when it is gone. One client, made again after an error."""
+    token), None when it is gone; with ``launching``, also while its autoscaler is
+    setting nodes up (taking a cluster down under a node's setup would leave that
+    node's Ray running). One client, made again after an error."""
     client = None
 
     def is_busy() -> bool:
@@ -267,7 +272,12 @@ def _busy_probe(locate: Callable[[], tuple[str, str] | None]) -> Callable[[], bo
         if client is None:
             client = ray_api.client(found[0], found[1])
         try:
-            return bool(ray_api.active_runs(client))
+            if ray_api.active_runs(client):
+                return True
+            if launching:
+                alive = [n for n in ray_api.list_nodes(found[0], found[1]) if n["alive"]]
+                return bool((ray_api.autoscaler_status(found[0], found[1], alive=alive) or {}).get("pending"))
+            return False
         except Exception:
             client = None
             raise
@@ -275,35 +285,63 @@ def _busy_probe(locate: Callable[[], tuple[str, str] | None]) -> Callable[[], bo
     return is_busy
 
 
-# --------------------------------------------------------------------------- AWS (on the head)
+# --------------------------------------------------------------------------- launcher clusters (on the head)
 
 
 HEAD_JOB_API = "http://127.0.0.1:8265"
 
 
-def watch_aws(config_path: Path, timeout_s: float, poll_s: float, job_api: str = HEAD_JOB_API) -> str:
-    """The watcher's body on an AWS head: terminate the cluster after ``timeout_s`` idle."""
-    import yaml
+def take_down(config: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Take the whole cluster described by the head's bootstrap config down, head last.
 
-    from dvcray_cli.clusters.aws.account import terminate_cluster
+    On-prem machines (provider ``local``) keep running: Ray stops on each of them.
+    Clouds: Ray's node provider terminates every node (AWS through dvcray's AWS code,
+    which turns AWS errors into messages).
+
+    Returns:
+        ``(done, unreachable)``: nodes taken down, and on-prem machines SSH did not reach.
+    """
+    from dvcray_cli.clusters.launcher import provider as launcher_provider
+
+    kind = str(config["provider"].get("type", "")).lower()
+    if kind == "local":
+        stopped, unreachable = launcher_provider.stop_machines_from_head(config)
+        return [*stopped, str(config["provider"].get("head_ip", "head"))], unreachable
+    if kind == "aws":
+        from dvcray_cli.clusters.aws.account import terminate_cluster
+
+        return terminate_cluster(config["provider"], config["cluster_name"]), []
+    return launcher_provider.terminate_cluster(config["provider"], config["cluster_name"]), []
+
+
+def watch_launcher(config_path: Path, timeout_s: float, poll_s: float, job_api: str = HEAD_JOB_API) -> str:
+    """The watcher's body on a launcher cluster's head: take the cluster down after ``timeout_s`` idle."""
+    import yaml
 
     config = yaml.safe_load(Path(config_path).expanduser().read_text())
     token_path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(state.home() / "auth_token")
     token = ray_api.read_token(token_path) or ""
 
-    is_busy = _busy_probe(lambda: (job_api, token))
+    is_busy = _busy_probe(lambda: (job_api, token), launching=True)
 
-    def take_down() -> bool:
+    def down() -> bool:
         try:
             if is_busy():
                 return False
         except Exception:  # noqa: BLE001 - no answer is no proof of idleness (see watch)
             return False
-        ids = terminate_cluster(config["provider"], config["cluster_name"])
-        _log(f"terminated {len(ids)} instance(s): {', '.join(ids)}")
+        done, unreachable = take_down(config)
+        what = "stopped Ray on {} machine(s)" if config["provider"].get("type") == "local" \
+            else "terminated {} instance(s)"
+        _log(what.format(len(done)) + f": {', '.join(done)}"
+             + (f"; unreachable: {', '.join(unreachable)}" if unreachable else ""))
         return True
 
-    return watch(is_busy, take_down, lambda: True, timeout_s, poll_s, log=_log)
+    return watch(is_busy, down, lambda: True, timeout_s, poll_s, log=_log)
+
+
+# The name of the head's watcher before it served every provider.
+watch_aws = watch_launcher
 
 
 def _log(message: str) -> None:
@@ -322,15 +360,18 @@ def main(argv: list[str] | None = None) -> int:
     local.add_argument("--timeout", required=True)
     local.add_argument("--poll", type=float)
     local.add_argument("--session", type=int)
-    remote = sub.add_parser("aws", help="watch the AWS cluster this head belongs to")
-    remote.add_argument("--config", default="~/ray_bootstrap_config.yaml")
-    remote.add_argument("--timeout", default=str(DEFAULT_AWS_TIMEOUT_S))
-    remote.add_argument("--poll", type=float)
-    remote.add_argument("--background", action="store_true",
-                        help="start detached (replacing a previous watcher) and return at once")
+    for name in ("launcher", "aws"):  # aws: the name in configs written before every provider had one
+        remote = sub.add_parser(name, help="watch the launcher cluster this head belongs to")
+        remote.add_argument("--config", default="~/ray_bootstrap_config.yaml")
+        remote.add_argument("--timeout", default=str(DEFAULT_AWS_TIMEOUT_S))
+        remote.add_argument("--poll", type=float)
+        remote.add_argument("--background", action="store_true",
+                            help="start detached (replacing a previous watcher) and return at once")
+        remote.add_argument("--down-now", action="store_true",
+                            help="stop the watcher and take the whole cluster down now (dvcray cluster down)")
     args = parser.parse_args(argv)
     try:
-        timeout_s = parse_duration(args.timeout)
+        timeout_s = 0.0 if getattr(args, "down_now", False) else parse_duration(args.timeout)
     except UsageError as exc:
         parser.error(exc.message)
     poll = args.poll if args.poll else _default_poll(timeout_s)
@@ -340,6 +381,17 @@ def main(argv: list[str] | None = None) -> int:
         watch_local(args.name, timeout_s, poll, args.session)
         return 0
     pidfile = state.home() / "idle.json"
+    if args.down_now:
+        previous = state.read_json(pidfile)
+        if previous and previous.get("pid"):
+            _stop_watcher(int(previous["pid"]))
+        pidfile.unlink(missing_ok=True)
+        import yaml
+
+        done, unreachable = take_down(yaml.safe_load(Path(args.config).expanduser().read_text()))
+        print(f"dvcray-down={','.join(done)}")
+        print(f"dvcray-unreachable={','.join(unreachable)}")
+        return 0
     if args.background:
         previous = state.read_json(pidfile)
         if previous and previous.get("pid"):
@@ -348,14 +400,14 @@ def main(argv: list[str] | None = None) -> int:
         if timeout_s <= 0:
             print("dvcray idle watcher: off")
             return 0
-        pid = _spawn(["aws", "--config", args.config, "--timeout", f"{timeout_s:g}", "--poll", f"{poll:g}"],
+        pid = _spawn(["launcher", "--config", args.config, "--timeout", f"{timeout_s:g}", "--poll", f"{poll:g}"],
                      state.home() / "idle.log")
         state.write_json(pidfile, {"pid": pid, "timeout_s": timeout_s, "started_at": _now()})
         print(f"dvcray idle watcher started (pid {pid}, timeout {format_duration(timeout_s)})")
         return 0
     if timeout_s <= 0:
         return 0
-    watch_aws(Path(args.config), timeout_s, poll)
+    watch_launcher(Path(args.config), timeout_s, poll)
     return 0
 
 

@@ -6,8 +6,8 @@ the project's own module would fail there (DESIGN.md). The runner points
 ``RAY_RUNTIME_ENV_HOOK`` here, so a stage's plain ``ray.init()`` ships the
 clone as ``working_dir`` (Ray follows its .gitignore, so DVC outputs and data
 stay behind) and DVC's variables as ``env_vars`` (without secrets:
-``dvcray_cli.integrations.dvclive.dvc_env_vars``), with no change to the user's
-script.
+``dvcray_cli.integrations.dvclive.dvc_env_vars``; with the store's S3 endpoint when
+it has its own), with no change to the user's script.
 """
 
 from __future__ import annotations
@@ -60,6 +60,11 @@ def hook(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
     from dvcray_cli.integrations.dvclive import dvc_env_vars
 
     dvc_vars = dvc_env_vars()
+    # The store's own S3 endpoint (set by the runner): Ray Train's workers write
+    # checkpoints there from other machines. A URL, not a credential: it travels in
+    # the run's manifest already.
+    if os.environ.get("AWS_ENDPOINT_URL_S3"):
+        dvc_vars["AWS_ENDPOINT_URL_S3"] = os.environ["AWS_ENDPOINT_URL_S3"]
     if dvc_vars:
         env["env_vars"] = {**dvc_vars, **(env.get("env_vars") or {})}
     root = os.environ.get(WORKSPACE_VAR)

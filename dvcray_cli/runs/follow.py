@@ -246,9 +246,14 @@ def finish(sub: Submitted, status: str, apply: bool = False, force: bool = False
                                    f"({result.push_error}){where}")
         elif result.save_errors:
             outcome.store_error = "; ".join(f"{k}: {v}" for k, v in result.save_errors.items())
+    died = ray_api.node_died(sub.client, sub.run_id) if result is None and status == "FAILED" and sub.client \
+        else None
+    if died:
+        # Not the experiment's failure: the machine it ran on went away. Its log stays in the store.
+        outcome.status, outcome.error = RunState.LOST.value, died
     RunRecord.update(project.git_root, sub.run_id, state=outcome.status, exp_name=outcome.exp_name)
     if status != "SUCCEEDED" or outcome.status != RunState.SUCCEEDED:
-        if result is None:
+        if result is None and not died:
             outcome.error = "the runner ended without a result (see the log above)"
         return outcome
     ref = ExpRef.parse(result.ref)
@@ -291,5 +296,8 @@ def raise_for(outcome: Outcome) -> None:
     if outcome.status == "STOPPED":
         raise Interrupted(f"Run {outcome.run_id} was stopped.",
                           f"Its log: dvcray logs {outcome.run_id}")
+    if outcome.status == RunState.LOST.value:
+        raise ClusterError(f"Run {outcome.run_id} is LOST: {outcome.error or 'its cluster lost it'}.",
+                           f"Its log so far stays in the store: dvcray logs {outcome.run_id}; run it again.")
     raise ExperimentFailed(f"The experiment failed: {outcome.error or 'see the log above'}",
                            f"Its log stays in the store: dvcray logs {outcome.run_id}")

@@ -334,6 +334,9 @@ def _info(run: _Run, seen: _Clusters, fallbacks: list[str], git_root: Path) -> R
         info.state = result.status
     elif job is not None and _status(job).is_active():
         info.state = _status(job)
+    elif job is not None and ray_api.node_died_of(job):  # its machine went away mid-run
+        info.state = RunState.LOST
+        info.error = ray_api.node_died_of(job)
     elif job is not None:  # ended without a result: the runner was killed before it could save
         info.state = _status(job)
         info.error = "the runner ended without saving a result"
@@ -505,14 +508,21 @@ def logs(cwd: Path, key: str, emit: Callable[[str], None], follow: bool = False,
         if follow and not ray_api.is_terminal(job_state):
             job_state = following.follow(client, run.run_id, emit, stop_on_interrupt=False)
         else:
-            emit(client.get_job_logs(run.run_id))
+            try:
+                text = client.get_job_logs(run.run_id)
+            except Exception:  # noqa: BLE001 - the log lived on a node that is gone
+                note(f"The cluster at {address} could not give run {run.run_id}'s log (the node that held it "
+                     "is gone): showing the copy of the log in the store.")
+                break
+            emit(text)
         result = run.result if ray_api.is_terminal(job_state) else None
         final = result.status if result else RunState.parse(job_state, RunState.PENDING)
         return LogsResult(run.run_id, final, "cluster", empty=not shown)
 
-    if candidates and run.address:
-        why = seen.errors.get(run.address) or f"The cluster at {run.address} does not know run {run.run_id}"
-        note(f"{why.rstrip('.')}: showing the copy of the log in the store.")
+    else:
+        if candidates and run.address:
+            why = seen.errors.get(run.address) or f"The cluster at {run.address} does not know run {run.run_id}"
+            note(f"{why.rstrip('.')}: showing the copy of the log in the store.")
     final = _store_log(run, emit, follow)
     return LogsResult(run.run_id, final, "store", empty=not shown)
 

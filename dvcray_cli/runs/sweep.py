@@ -122,10 +122,11 @@ class Sweep:
         result = RunResult.from_json(store.read_json(store.run_path(state.spec.run_id, RESULT)))
         if result is None:
             if ray_api.is_terminal(job_status):
-                state.state = RunState.LOST if job_status == "SUCCEEDED" else RunState(job_status)
+                died = ray_api.node_died(self.plan.client, state.job_id) if job_status == "FAILED" else None
+                state.state = RunState.LOST if job_status == "SUCCEEDED" or died else RunState(job_status)
                 state.outcome = Outcome(run_id=state.spec.run_id, status=state.state.value,
                                         exp_name=state.spec.exp_name,
-                                        error="the runner ended without a result", store=store.url)
+                                        error=died or "the runner ended without a result", store=store.url)
                 state.ended = time.time()
                 return True
             status = RunStatus.from_json(store.read_json(store.run_path(state.spec.run_id, STATUS)))

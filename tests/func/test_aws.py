@@ -189,7 +189,6 @@ def aws_env(moto_aws, monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("DVCRAY_NODE_REQUIREMENT", "dvcray==0.0.0.test")
     return moto_aws
 
 
@@ -341,7 +340,14 @@ def test_bootstrap_creates_roles_profiles_key_pair_security_group_and_no_instanc
     for node_type in resolved["available_node_types"].values():
         assert node_type["node_config"]["IamInstanceProfile"]["Name"] in (head, worker)
     assert "--timeout 900" in " ".join(resolved["head_start_ray_commands"])
-    assert any("dvcray==0.0.0.test" in c for c in resolved["setup_commands"])
+    # dvcray on the nodes: the wheel of this dvcray (built by bootstrap), shipped and installed
+    # after the config's own setup; never a package of that name from an index.
+    from dvcray_cli.clusters.launcher import wheel
+
+    assert wheel.default_path().is_file()
+    assert resolved["file_mounts"]["~/.dvcray/dist"] == str(wheel.default_path().parent)
+    assert f"install -q ~/.dvcray/dist/{wheel.wheel_name()}" in resolved["setup_commands"][-1]
+    assert not any("dvcray==" in c for c in resolved["setup_commands"])
     written = yaml.safe_load(Path(boot.config_path).read_text())
     assert written["cluster_name"] == plan.cluster_name and "{{" not in json.dumps(written)
 
@@ -525,9 +531,9 @@ def test_every_clone_names_and_finds_the_same_cluster(aws_project, tmp_path):
     assert "Terminated 2 instance(s)" in proc.stderr
     assert not set(nodes) & set(inventory()["instances"])
     for record, _ in records.records():
-        from dvcray_cli.clusters.aws import forward
+        from dvcray_cli.clusters.launcher import ssh
 
-        forward.stop_forward(record)
+        ssh.stop_forward(record)
 
 
 def test_run_finds_the_repos_aws_cluster_and_its_token(aws_project, monkeypatch):
@@ -535,7 +541,8 @@ def test_run_finds_the_repos_aws_cluster_and_its_token(aws_project, monkeypatch)
     its port-forward, reopened when it died, and sends the cluster's own token."""
     from dvcray_cli import clusters, ray_api
     from dvcray_cli.clusters import aws
-    from dvcray_cli.clusters.aws import forward, records
+    from dvcray_cli.clusters.aws import records
+    from dvcray_cli.clusters.launcher import ssh
 
     plan = aws.plan("aws", aws_project)
     token = ray_api.ensure_token(Path(plan.token_path))
@@ -552,7 +559,7 @@ def test_run_finds_the_repos_aws_cluster_and_its_token(aws_project, monkeypatch)
     assert reopened.forward_pid > 0
     assert clusters.token_for("http://127.0.0.1:9") == token.read_text()
     assert clusters.token_for("http://127.0.0.1:10") != token.read_text()
-    forward.stop_forward(reopened)
+    ssh.stop_forward(reopened)
 
 
 def test_idle_watcher_on_the_head_terminates_the_whole_cluster(aws_env, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from conftest import REPO
 from dvcray_cli.clusters import local
 from dvcray_cli.clusters.aws import config as aws_config
 from dvcray_cli.clusters.aws import pricing
+from dvcray_cli.clusters.launcher import config as launcher_config
 from dvcray_cli.errors import UsageError
 
 CONFIGS = REPO / "cluster-configs"
@@ -64,9 +65,12 @@ def _aws(name: str = "aws") -> dict:
 def test_builtin_aws_configs_have_what_dvcray_needs(name):
     raw = _aws(name)
     aws_config.check_structure(raw, CONFIGS / f"{name}.yaml")
-    placeholders = {m.group(1) for m in aws_config.PLACEHOLDER.finditer(yaml.safe_dump(raw))}
+    text = yaml.safe_dump(raw)
+    placeholders = {m.group(1) for m in launcher_config.PLACEHOLDER.finditer(text)}
     assert placeholders <= set(aws_config.PLACEHOLDERS)
-    assert {"cluster_name", "auth_token_file", "dvcray_requirement", "idle_timeout_seconds"} <= placeholders
+    assert {"cluster_name", "auth_token_file", "idle_timeout_seconds"} <= placeholders
+    # dvcray comes from the client's own wheel (launcher_config.with_additions), never from an index.
+    assert "dvcray==" not in text and "dvcray_requirement" not in text
     assert aws_config.is_aws_config(name)
 
 
@@ -160,9 +164,9 @@ def test_a_bucket_wide_store_gets_the_bucket():
 
 
 def test_the_port_forward_pins_the_heads_host_key(tmp_path):
-    from dvcray_cli.clusters.aws import forward
+    from dvcray_cli.clusters.launcher import ssh
 
-    cmd = forward.forward_command("198.51.100.7", "ubuntu", "~/.ssh/k.pem", 4321, tmp_path / "known_hosts")
+    cmd = ssh.forward_command("198.51.100.7", "ubuntu", "~/.ssh/k.pem", 4321, tmp_path / "known_hosts")
     options = [cmd[i + 1] for i, part in enumerate(cmd) if part == "-o"]
     assert "StrictHostKeyChecking=accept-new" in options
     assert f"UserKnownHostsFile={tmp_path / 'known_hosts'}" in options

@@ -3,7 +3,8 @@
 - Imports go one way: ``cli`` -> ``runs | clusters | report | scaffold`` ->
   ``ray_api | store | state | params | gitutil`` -> ``errors``.
 - Outside ``clusters/``, only its API (``dvcray_cli.clusters``) is used, never its modules.
-- Local and AWS cluster code never import each other.
+- Local and AWS cluster code never import each other; the launcher (any YAML) imports
+  neither, and AWS builds on it.
 - No import cycle between modules, imports inside functions included.
 - No module over 700 lines.
 """
@@ -134,6 +135,15 @@ def test_local_and_aws_never_import_each_other():
             assert not [t for t in targets if t.startswith("dvcray_cli.clusters.aws")], module
         if module.startswith("dvcray_cli.clusters.aws"):
             assert not [t for t in targets if t.startswith("dvcray_cli.clusters.local")], module
+
+
+def test_the_launcher_is_shared_and_imports_no_provider():
+    """Any YAML goes through ``clusters.launcher``; AWS builds on it, never the other way."""
+    for module, targets in GRAPH.items():
+        if module.startswith("dvcray_cli.clusters.launcher"):
+            assert not [t for t in targets if t.startswith(("dvcray_cli.clusters.aws", "dvcray_cli.clusters.local",
+                                                            "dvcray_cli.clusters.idle"))], module
+    assert any(t.startswith("dvcray_cli.clusters.launcher") for t in GRAPH["dvcray_cli.clusters.aws"])
 
 
 def test_no_import_cycles():

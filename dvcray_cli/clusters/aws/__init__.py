@@ -12,8 +12,9 @@
    ``config.node_policies``), then Ray's ``bootstrap_config(no_config_cache=True)``,
    which makes the key pair, picks subnets and makes the security group.
    No instance is created here.
-3. ``launch``: Ray's ``create_or_update_cluster(no_config_cache=True)``, the
-   SSH port-forward to the head's job API, and the record in ``.dvcray/``.
+3. ``launch``: Ray's ``create_or_update_cluster(no_config_cache=True)`` in a process
+   of its own (``launcher.launch``, as for every launcher cluster), the SSH
+   port-forward to the head's job API (``launcher.ssh``), and the record in ``.dvcray/``.
    Refuses to run when ``AWS_ENDPOINT_URL`` points at this machine: a fake
    endpoint (moto) hands out public IP addresses, and Ray would open SSH
    connections to them.
@@ -22,8 +23,14 @@ For the same reason as ``no_config_cache`` (see ``account``), ``down`` does not
 use ``sdk.teardown_cluster`` (which bootstraps with the cache on) but Ray's node
 provider directly.
 
-Modules: ``config`` (YAML, schema, placeholders, policies), ``account`` (boto3,
-IAM, instances), ``records``, ``forward`` (the SSH port-forward), ``pricing``.
+What every launcher cluster gets (the token, dvcray's own wheel installed on every
+node, the dashboard on the head's 127.0.0.1, the idle watcher) comes from
+``dvcray_cli.clusters.launcher.config.with_additions``; the built-in AWS configs
+spell some of it out themselves.
+
+Modules: ``config`` (the structure AWS needs, names, policies), ``account`` (boto3,
+IAM, instances), ``records``, ``pricing``; the launcher's ``config`` (YAML, schema,
+placeholders, additions), ``ssh`` (the port-forward) and ``launch``.
 boto3 and Ray are imported inside the functions that need them.
 """
 
@@ -40,8 +47,9 @@ from pathlib import Path
 from typing import Any
 
 from dvcray_cli import ray_api, state
-from dvcray_cli.clusters.aws import account, config as cfg, forward, records
-from dvcray_cli.clusters.aws.account import Check
+from dvcray_cli.clusters import launcher
+from dvcray_cli.clusters.aws import account, config as cfg, records
+from dvcray_cli.clusters.launcher import Check, config as launcher_config, launch as launcher_launch, ssh
 from dvcray_cli.clusters.aws.config import BUILT_INS, NodeTypePlan, is_aws_config
 from dvcray_cli.clusters.aws.records import AwsCluster
 from dvcray_cli.errors import ClusterError, DvcrayError, UsageError
@@ -138,7 +146,6 @@ def plan(config: str, cwd: Path, idle_timeout_s: float | None = None) -> Plan:
         else repo_state / "clusters" / f"{cluster_name}.requirements.txt"
     values = {
         "cluster_name": cluster_name,
-        "dvcray_requirement": _dvcray_requirement(),
         "ray_version": _ray_version(),
         "auth_token_file": str(token_path),
         "requirements_file": str(requirements),
@@ -161,6 +168,12 @@ def plan(config: str, cwd: Path, idle_timeout_s: float | None = None) -> Plan:
         else:
             managed[type_name] = cfg.uses(raw_config.get("IamInstanceProfile"), "head_instance_profile") \
                 or cfg.uses(raw_config.get("IamInstanceProfile"), "worker_instance_profile")
+    from dvcray_cli import __version__
+    from dvcray_cli.clusters.launcher import wheel
+
+    rendered = launcher_config.with_additions(rendered, token_path=str(token_path),
+                                              wheel_path=str(wheel.default_path()), ray_version=values["ray_version"],
+                                              dvcray_version=__version__, idle_timeout_s=idle)
     prepared = cfg.validate_with_ray(rendered, source)
 
     region = str(prepared["provider"]["region"])
@@ -241,12 +254,6 @@ def _store_bucket(repo_root: Path, cwd: Path) -> tuple[str, str]:
     return url, bucket
 
 
-def _dvcray_requirement() -> str:
-    from dvcray_cli import __version__
-
-    return os.environ.get("DVCRAY_NODE_REQUIREMENT", "").strip() or f"dvcray=={__version__}"
-
-
 def _ray_version() -> str:
     from importlib.metadata import version
 
@@ -277,10 +284,12 @@ def bootstrap(p: Plan, iam_wait_s: float = IAM_PROPAGATION_S) -> Bootstrapped:
         p: the plan (``plan``).
         iam_wait_s: seconds to let a new instance profile propagate to EC2.
     """
+    from dvcray_cli.clusters.launcher import wheel
+
     folder = state.repo_clusters_dir(Path(p.repo_root), create=True)
     ray_api.ensure_token(Path(p.token_path))
     os.chmod(p.token_path, 0o600)
-    os.chmod(p.token_path, 0o600)
+    wheel.build()
     if not p.project_requirements and not Path(p.requirements_path).exists():
         Path(p.requirements_path).write_text("# This project has no requirements.txt.\n")
 
@@ -319,16 +328,12 @@ def launch(p: Plan, boot: Bootstrapped, forward_timeout: float = 300.0) -> AwsCl
     """Start the head through Ray's launcher (the autoscaler on the head starts
     workers), open the port-forward to its job API and record the cluster."""
     account.refuse_fake_endpoint()
-    from ray.autoscaler import sdk
-
+    log = Path(boot.config_path).with_suffix(".up.log")
     try:
-        sdk.create_or_update_cluster(copy.deepcopy(p.config), no_config_cache=True)
-    except Exception as exc:
-        if not account.is_ray_abort(exc):
-            raise
-        raise ClusterError(f"Ray's cluster launcher failed: {exc}",
-                           f"Inspect: ray attach {boot.config_path}; stop everything: "
-                           f"dvcray cluster down {p.config_label} --yes") from None
+        launcher_launch.run("up", Path(boot.config_path), log)
+    except ClusterError as exc:
+        raise ClusterError(exc.message, f"Inspect: ray attach {boot.config_path}; stop everything: "
+                                        f"dvcray cluster down {p.config_label} --yes") from None
     head_ip = account.head_ip(p.config)
     if not head_ip:
         raise ClusterError("The head node has no public IP address.",
@@ -338,15 +343,15 @@ def launch(p: Plan, boot: Bootstrapped, forward_timeout: float = 300.0) -> AwsCl
 
     port = procs.pick_port(None)
     known_hosts = Path(p.state_dir) / "known_hosts"
-    forward.forget_host(head_ip, known_hosts)
-    pid = forward.start_forward(head_ip, ssh_user, boot.key_path, port, known_hosts)
+    ssh.forget_host(head_ip, known_hosts)
+    pid = ssh.start_forward(head_ip, ssh_user, boot.key_path, port, known_hosts)
     record = AwsCluster(name=p.cluster_name, config_label=p.config_label, config_path=boot.config_path,
                         region=p.region, token_path=p.token_path, dashboard_url=f"http://127.0.0.1:{port}",
                         forward_port=port, forward_pid=pid, head_ip=head_ip, ssh_user=ssh_user,
                         key_path=boot.key_path, started_at=_now(), idle_timeout_s=p.idle_timeout_s,
                         node_types=[dataclasses.asdict(n) for n in p.node_types], known_hosts=str(known_hosts))
     records.write_record(record, Path(p.state_dir))
-    forward.wait_job_api(record, forward_timeout)
+    ssh.wait_job_api(record, forward_timeout)
     return record
 
 
@@ -377,27 +382,14 @@ def down(config: str, cwd: Path, yes: bool = False) -> AwsDown:
     record = records.load(repo_state / "clusters" / f"{cluster_name}.json")
     stopped: list[str] = []
     if record is not None:
-        stopped = _stop_runs(forward.ensure_forward(record, repo_state), yes, config)
+        opened = ssh.ensure_forward(record, lambda r: records.write_record(r, repo_state))
+        stopped = launcher.stop_runs(opened, yes, config)
     ids = account.terminate_cluster(provider_config, cluster_name)
     if record is not None:
-        forward.stop_forward(record)
+        ssh.stop_forward(record)
     records.remove_record(cluster_name, repo_state)
     return AwsDown(name=cluster_name, region=str(provider_config["region"]), terminated=ids,
                    stopped_runs=stopped, recorded=record is not None)
-
-
-def _stop_runs(record: AwsCluster, yes: bool, config: str) -> list[str]:
-    try:
-        forward.wait_job_api(record, timeout=10, reopen=False)
-        client = ray_api.client(record.dashboard_url, record.token())
-        runs = ray_api.active_runs(client)
-    except (ClusterError, OSError):
-        return []  # the head does not answer (gone, or unreachable): its instances go anyway
-    if runs and not yes:
-        ids = ", ".join(r["run_id"] for r in runs)
-        raise UsageError(f"Cluster {record.name!r} has {len(runs)} run(s) in progress: {ids}.",
-                         f"Let them finish, or stop them with the cluster: dvcray cluster down {config} --yes")
-    return ray_api.stop_and_wait(client, [r["run_id"] for r in runs], ray_api.stop_grace_s() + 10)
 
 
 def status() -> list[dict[str, Any]]:
@@ -455,11 +447,12 @@ def recorded_address(cwd: Path) -> str | None:
         return None
     found = records.repo_records(cwd)
     if found:
-        return forward.ensure_forward(found[0], state.repo_dir(root, create=False)).dashboard_url
+        repo_state = state.repo_dir(root, create=False)
+        return ssh.ensure_forward(found[0], lambda r: records.write_record(r, repo_state)).dashboard_url
     names = project_cluster_names(root)
     for record, path in sorted(records.records(), key=lambda item: item[0].started_at, reverse=True):
         if record.name in names:
-            return forward.ensure_forward(record, path.parent.parent).dashboard_url
+            return ssh.ensure_forward(record, lambda r, where=path.parent.parent: records.write_record(r, where)).dashboard_url
     return None
 
 

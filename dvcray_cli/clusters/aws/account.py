@@ -12,22 +12,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlparse
 
 from dvcray_cli.clusters.aws.config import CLUSTER_TAG, TRUST_POLICY, NodeTypePlan
+from dvcray_cli.clusters.launcher import Check
 from dvcray_cli.errors import ClusterError, DvcrayError, UsageError
-
-
-@dataclass
-class Check:
-    """One read-only check of the plan."""
-
-    name: str
-    ok: bool
-    detail: str
 
 
 def aws_error(exc: Exception, what: str) -> DvcrayError:
@@ -246,14 +237,10 @@ def is_ray_abort(exc: BaseException) -> bool:
     return isinstance(exc, (click.ClickException, AssertionError))
 
 
-def node_provider(provider_config: dict[str, Any], cluster_name: str):
-    from ray.autoscaler._private.providers import _get_node_provider
-
-    return _get_node_provider(provider_config, cluster_name, use_cache=False)
-
-
 def head_ip(config: dict[str, Any]) -> str | None:
     from ray.autoscaler.tags import NODE_KIND_HEAD, TAG_RAY_NODE_KIND
+
+    from dvcray_cli.clusters.launcher.provider import node_provider
 
     provider = node_provider(config["provider"], config["cluster_name"])
     heads = provider.non_terminated_nodes({TAG_RAY_NODE_KIND: NODE_KIND_HEAD})
@@ -265,34 +252,20 @@ def head_ip(config: dict[str, Any]) -> str | None:
 
 
 def terminate_cluster(provider_config: dict[str, Any], cluster_name: str) -> list[str]:
-    """Terminate every instance tagged with ``cluster_name``, workers first and
-    the head last, as Ray's teardown does, through Ray's node provider.
-
-    ``cache_stopped_nodes`` is forced off: down means terminate (a stopped
-    instance still bills its disk). Skips Ray's ``ray stop`` over SSH: the
-    instances go anyway.
+    """Terminate every instance tagged with ``cluster_name``, workers first and the
+    head last (``launcher.provider.terminate_cluster``), AWS errors as messages.
 
     Returns:
         The instance ids it asked to terminate.
     """
     from botocore.exceptions import BotoCoreError, ClientError
-    from ray.autoscaler.tags import NODE_KIND_HEAD, NODE_KIND_WORKER, TAG_RAY_NODE_KIND
 
-    provider_config = {**provider_config, "cache_stopped_nodes": False}
+    from dvcray_cli.clusters.launcher.provider import terminate_cluster as terminate
+
     try:
-        provider = node_provider(provider_config, cluster_name)
-        done: list[str] = []
-        for kind in (NODE_KIND_WORKER, NODE_KIND_HEAD, None):
-            for _attempt in range(3):
-                nodes = provider.non_terminated_nodes({TAG_RAY_NODE_KIND: kind} if kind else {})
-                nodes = [n for n in nodes if n not in done] if kind is None else nodes
-                if not nodes:
-                    break
-                provider.terminate_nodes(nodes)
-                done.extend(n for n in nodes if n not in done)
+        return terminate(provider_config, cluster_name)
     except (BotoCoreError, ClientError) as exc:
         raise aws_error(exc, f"terminate the instances of cluster {cluster_name}") from None
-    return done
 
 
 def instances(region: str, cluster_name: str) -> list[dict[str, Any]]:

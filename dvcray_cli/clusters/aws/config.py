@@ -1,24 +1,28 @@
 """AWS cluster configs: Ray cluster-launcher YAMLs with dvcray's ``{{ placeholders }}``.
 
-Loading, the structure dvcray needs, Ray's own schema check, rendering the
-placeholders, the names dvcray gives clusters and IAM roles, and the
-least-privilege policies of the nodes' roles. Nothing here talks to AWS.
+Loading, the structure dvcray needs, the names dvcray gives clusters and IAM
+roles, and the least-privilege policies of the nodes' roles. Reading YAML, Ray's
+own schema check and rendering placeholders are the launcher's, shared with every
+provider (``dvcray_cli.clusters.launcher.config``). Nothing here talks to AWS.
 """
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dvcray_cli.clusters.launcher.config import read_yaml, render as render_any, uses, validate_with_ray
 from dvcray_cli.errors import UsageError
+
+__all__ = ["BUILT_INS", "CLUSTER_TAG", "NodeTypePlan", "PLACEHOLDERS", "TRUST_POLICY", "check_structure",
+           "default_cluster_name", "iam_name", "is_aws_config", "load_config", "node_policies",
+           "node_type_plans", "profile_name", "read_yaml", "render", "uses", "validate_with_ray"]
 
 BUILT_INS = ("aws", "aws-gpu")
 CLUSTER_TAG = "ray-cluster-name"          # Ray tags every node with it (ray/autoscaler/tags.py)
-PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-PLACEHOLDERS = ("cluster_name", "dvcray_requirement", "ray_version", "auth_token_file",
+PLACEHOLDERS = ("cluster_name", "ray_version", "auth_token_file",
                 "requirements_file", "head_instance_profile", "worker_instance_profile",
                 "idle_timeout_seconds")
 TRUST_POLICY = {
@@ -61,22 +65,6 @@ def is_aws_config(config: str) -> bool:
     return False
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise UsageError(f"Cannot read the cluster config {path}: {exc.strerror}.") from None
-    except yaml.YAMLError as exc:
-        raise UsageError(f"The cluster config {path} is not valid YAML: {exc}",
-                         "Fix the file (a YAML linter shows where).") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"The cluster config {path} is not a YAML mapping.",
-                         "Start from a built-in: dvcray_cli/cluster_configs/aws.yaml.")
-    return data
-
-
 def load_config(config: str) -> tuple[dict[str, Any], Path]:
     """The raw config named ``config`` and the file it came from."""
     from dvcray_cli.resources import cluster_configs_dir
@@ -113,35 +101,6 @@ def check_structure(raw: dict[str, Any], source: Path) -> None:
                          f"({', '.join(types)}).", "Name the head's node type exactly as listed.")
 
 
-def validate_with_ray(config: dict[str, Any], source: Path) -> dict[str, Any]:
-    """Ray's own schema check (``ray/autoscaler/ray-schema.json``) on the config
-    with Ray's defaults filled in, as ``ray up`` does it.
-
-    Returns:
-        The prepared config (defaults filled in).
-
-    Raises:
-        UsageError: the schema refuses it; names the key.
-    """
-    import logging
-
-    import jsonschema
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    # Ray logs "setting max workers for head node type to 0" at INFO on every call.
-    logging.getLogger("ray.autoscaler._private.util").setLevel(logging.WARNING)
-    try:
-        prepared = prepare_config(copy.deepcopy(config))
-        validate_config(prepared)
-    except jsonschema.ValidationError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
-        raise UsageError(f"{source} does not pass Ray's cluster config schema at {where}: {exc.message}",
-                         "See https://docs.ray.io/en/latest/cluster/vms/references/ray-cluster-configuration.html") from None
-    except (ValueError, KeyError, AssertionError) as exc:
-        raise UsageError(f"{source} is not a valid Ray cluster config: {exc}") from None
-    return prepared
-
-
 def default_cluster_name(first_commit: str, config_label: str) -> str:
     """``dvcray-<first commit>-<config>``: what every clone of the project shares
     (a second clone, a moved repo, a teammate's checkout name the same cluster),
@@ -158,34 +117,12 @@ def iam_name(cluster_name: str, role: str) -> str:
 
 
 def render(value: Any, values: dict[str, str]) -> Any:
-    """``value`` with every ``{{ name }}`` replaced.
+    """``value`` with every ``{{ name }}`` replaced (``launcher.config.render``).
 
     Raises:
         UsageError: a placeholder dvcray does not know.
     """
-    if isinstance(value, dict):
-        return {render(k, values): render(v, values) for k, v in value.items()}
-    if isinstance(value, list):
-        return [render(v, values) for v in value]
-    if not isinstance(value, str):
-        return value
-
-    def sub(match: re.Match[str]) -> str:
-        key = match.group(1)
-        if key not in values:
-            raise UsageError(f"Unknown placeholder {{{{ {key} }}}} in the cluster config.",
-                             f"dvcray fills in: {', '.join(PLACEHOLDERS)}.")
-        return str(values[key])
-
-    return PLACEHOLDER.sub(sub, value)
-
-
-def uses(value: Any, placeholder: str) -> bool:
-    if isinstance(value, dict):
-        return any(uses(v, placeholder) for v in value.values())
-    if isinstance(value, list):
-        return any(uses(v, placeholder) for v in value)
-    return isinstance(value, str) and any(m.group(1) == placeholder for m in PLACEHOLDER.finditer(value))
+    return render_any(value, values, PLACEHOLDERS)
 
 
 def profile_name(node_config: dict[str, Any]) -> str:

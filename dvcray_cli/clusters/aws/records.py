@@ -3,44 +3,22 @@ pointer to each in ``~/.dvcray/aws/`` so ``cluster status`` lists them from anyw
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from dvcray_cli import ray_api, state
+from dvcray_cli.clusters.launcher.records import Record
 
 
 @dataclass
-class AwsCluster:
+class AwsCluster(Record):
     """A recorded AWS cluster (``.dvcray/clusters/<cluster_name>.json``)."""
 
-    name: str                  # Ray's cluster_name
-    config_label: str
-    config_path: str           # the rendered config, as launched
     region: str
-    token_path: str
-    dashboard_url: str         # http://127.0.0.1:<forwarded port>
-    forward_port: int
-    forward_pid: int
-    head_ip: str
-    ssh_user: str
-    key_path: str
-    started_at: str
-    idle_timeout_s: float
     node_types: list[dict[str, Any]]
     kind: str = "aws"
     known_hosts: str = ""      # where the head's SSH host key is pinned (<repo>/.dvcray/known_hosts)
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Any) -> AwsCluster | None:
-        return state.from_json(cls, data)
-
-    def token(self) -> str | None:
-        return ray_api.read_token(self.token_path)
 
 
 def write_record(record: AwsCluster, repo_state: Path) -> Path:

@@ -34,11 +34,16 @@ def start_ray() -> None:
         ray.init(runtime_env=dvc_runtime_env())
 
 
-def storage_path(path: str) -> str:
-    """Ray's storage_path: URLs (s3://...) as they are, local paths made absolute."""
-    if "://" in path:
-        return path
-    return str(Path(path).expanduser().resolve())
+def storage_path(path: str | None) -> str:
+    """Ray's storage_path (params.yaml: ray.storage_path), after start_ray().
+
+    A URL (s3://...) as it is. Empty: under `dvcray run` with an S3 store, the run's
+    store; otherwise .ray_results in the project. A folder is made absolute, and
+    refused when the cluster's nodes are several machines that share no disk.
+    """
+    from dvcray_cli.integrations.storage import storage_path as resolve
+
+    return resolve(path or None, default=".ray_results")
 
 
 def run_name(stage: str) -> str:

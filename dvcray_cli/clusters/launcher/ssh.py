@@ -1,0 +1,198 @@
+"""SSH to a cluster's nodes: the port-forward to the head's job API, commands on
+nodes, and the read-only probe ``plan`` makes of each node before ``up``.
+
+The dashboard and job API of every launcher cluster (AWS included) listen on the
+head's 127.0.0.1 only: ``ssh -N -L 127.0.0.1:PORT:127.0.0.1:8265``, as ``ray
+dashboard`` does, is how the client reaches them. A record (``LauncherCluster``,
+``AwsCluster``) names the head, user, key, port and the forward's pid.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from dvcray_cli import state
+from dvcray_cli.clusters import procs
+from dvcray_cli.errors import ClusterError
+
+HEAD_DASHBOARD_PORT = 8265
+OPTIONS = ("-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+           "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR")
+
+
+def base_command(host: str, user: str, key_path: str, connect_timeout: float = 10) -> list[str]:
+    return ["ssh", "-i", os.path.expanduser(key_path), *OPTIONS, "-o", f"ConnectTimeout={int(connect_timeout)}",
+            f"{user}@{host}"]
+
+
+def run(host: str, user: str, key_path: str, command: str, timeout: float = 120,
+        connect_timeout: float = 10) -> subprocess.CompletedProcess:
+    """``command`` on ``host`` in a login shell (as Ray's launcher runs commands, so the
+    node's PATH and environment are the ones Ray gets)."""
+    import shlex
+
+    cmd = base_command(host, user, key_path, connect_timeout) + [f"bash --login -c {shlex.quote(command)}"]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        return subprocess.CompletedProcess(cmd, 124, exc.stdout or "", f"timed out after {timeout:.0f} s")
+
+
+# --------------------------------------------------------------------------- the probe
+
+
+PROBE = ('for p in python python3; do if "$p" -c "import ray" >/dev/null 2>&1; then '
+         '"$p" -c "import ray, sys; print(\'dvcray-probe ray=\' + ray.__version__ + \' python=\' + '
+         'sys.version.split()[0])"; exit 0; fi; done; echo "dvcray-probe ray= python="')
+
+
+@dataclass
+class Probe:
+    """What a node said to the probe (or why it could not be asked)."""
+
+    host: str
+    role: str                  # "head" or "worker"
+    reachable: bool
+    error: str = ""            # why not, in words
+    auth_refused: bool = False
+    ray_version: str = ""      # "" when no Python there imports ray
+    python_version: str = ""
+
+
+def probe(host: str, role: str, user: str, key_path: str, timeout: float = 60) -> Probe:
+    """Log in to ``host`` and ask which Ray and Python its login shell has. Read-only."""
+    proc = run(host, user, key_path, PROBE, timeout=timeout)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("dvcray-probe ")), None)
+    if line is None:
+        text = (proc.stderr or proc.stdout).strip().splitlines()
+        reason = text[-1] if text else f"ssh exited {proc.returncode}"
+        refused = "Permission denied" in (proc.stderr or "") or "publickey" in (proc.stderr or "")
+        return Probe(host, role, False, reason, auth_refused=refused)
+    fields = dict(part.split("=", 1) for part in line.split()[1:] if "=" in part)
+    return Probe(host, role, True, ray_version=fields.get("ray", ""), python_version=fields.get("python", ""))
+
+
+def probe_all(nodes: list[tuple[str, str]], user: str, key_path: str) -> list[Probe]:
+    """``probe`` each ``(host, role)`` at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, min(16, len(nodes)))) as pool:
+        return list(pool.map(lambda n: probe(n[0], n[1], user, key_path), nodes))
+
+
+# --------------------------------------------------------------------------- the port-forward
+
+
+def known_hosts_file(record_known_hosts: str = "") -> Path:
+    """Where a head's SSH host key is pinned: the record's file, else ``~/.dvcray/known_hosts``."""
+    return Path(record_known_hosts) if record_known_hosts else state.home() / "known_hosts"
+
+
+def forward_command(head_ip: str, ssh_user: str, key_path: str, port: int, known_hosts: Path) -> list[str]:
+    """``ssh -N -L 127.0.0.1:PORT:127.0.0.1:8265``, as ``ray dashboard`` does: the job
+    API is never open to the network. The token travels through this tunnel, so
+    the head's host key is pinned on first contact (``accept-new``) and checked
+    on every later one."""
+    return ["ssh", "-N", "-i", os.path.expanduser(key_path),
+            "-o", "StrictHostKeyChecking=accept-new", "-o", f"UserKnownHostsFile={known_hosts}",
+            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR",
+            "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=30", "-o", "ConnectTimeout=15",
+            "-L", f"127.0.0.1:{port}:127.0.0.1:{HEAD_DASHBOARD_PORT}", f"{ssh_user}@{head_ip}"]
+
+
+def start_forward(head_ip: str, ssh_user: str, key_path: str, port: int, known_hosts: Path | None = None) -> int:
+    """Start the port-forward in the background; returns its pid."""
+    known_hosts = known_hosts or known_hosts_file()
+    known_hosts.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(forward_command(head_ip, ssh_user, key_path, port, known_hosts),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    return proc.pid
+
+
+def forget_host(head_ip: str, known_hosts: Path) -> None:
+    """Drop a pinned key for ``head_ip``: a freshly started head may be a new machine
+    with a new key at an address an old one had (``up`` calls this, nothing else)."""
+    if known_hosts.exists():
+        subprocess.run(["ssh-keygen", "-R", head_ip, "-f", os.fspath(known_hosts)], capture_output=True)
+
+
+def _reopen(record: Any) -> int:
+    return start_forward(record.head_ip, record.ssh_user, record.key_path, record.forward_port,
+                         known_hosts_file(getattr(record, "known_hosts", "")))
+
+
+def _marker(record: Any) -> str:
+    return f"127.0.0.1:{record.forward_port}:"
+
+
+def forward_alive(record: Any) -> bool:
+    """The recorded ssh process runs and forwards the recorded port."""
+    cmdline = procs.cmdline(record.forward_pid) if record.forward_pid else ""
+    return "ssh" in cmdline and _marker(record) in cmdline
+
+
+def stop_forward(record: Any) -> None:
+    if forward_alive(record):
+        procs.stop_pid(record.forward_pid, _marker(record), timeout=2)
+
+
+def ensure_forward(record: Any, save: Callable[[Any], Any]) -> Any:
+    """Reopen the port-forward when it died (the laptop slept, the network changed);
+    ``save`` writes the record with its new pid."""
+    if forward_alive(record):
+        return record
+    record.forward_pid = _reopen(record)
+    save(record)
+    return record
+
+
+def wait_job_api(record: Any, timeout: float, reopen: bool = True, hint: str = "") -> None:
+    """Wait until the head's job API answers through the forward (reopened when it dies).
+
+    Raises:
+        ClusterError: it did not answer within ``timeout``.
+    """
+    import requests
+
+    token = record.token()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            r = requests.get(f"{record.dashboard_url}/api/version",
+                             headers={"Authorization": f"Bearer {token}"}, timeout=5)
+            if r.status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if not forward_alive(record):
+            if not reopen:
+                break
+            time.sleep(2)
+            record.forward_pid = _reopen(record)
+        time.sleep(1)
+    raise ClusterError(f"The head's job API did not answer through the port-forward at {record.dashboard_url} "
+                       f"(head {record.head_ip}).", hint or f"Look at the head: ray attach {record.config_path}")
+
+
+def head_answers(record: Any, settle_s: float = 3.0) -> bool | None:
+    """Whether Ray's job API answers on the head: True; False when SSH reaches the
+    head but nothing listens there (Ray is not running); None when SSH does not
+    reach the head at all."""
+    import requests
+
+    deadline = time.monotonic() + settle_s
+    while True:
+        try:
+            requests.get(f"{record.dashboard_url}/api/version", timeout=5)
+            return True
+        except requests.RequestException:
+            pass
+        if time.monotonic() >= deadline:
+            return False if forward_alive(record) else None
+        time.sleep(0.5)

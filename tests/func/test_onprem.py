@@ -1,0 +1,538 @@
+"""Real machines, made of namespaces: ``dvcray cluster up lab.yaml`` with Ray's on-prem
+provider over SSH, end to end (``tests/testbed.py``: what a node is, how the bed is built
+and torn down).
+
+Four nodes on a private bridge, each with its own address, disk (/root, /tmp, its own
+writable copy of a Python image with Ray and DVC but no dvcray), processes and sshd. The
+cluster is n0 (head) and n1, n2 (workers); n3 stands in for machines that are down or run
+another Ray. S3 is a moto server on the host's bridge address; each node has credentials
+of its own for it, as an instance profile would give it. The client (this process and the
+``dvcray`` commands it runs) reaches nodes only through SSH and the port-forward that
+``cluster up`` opens, as a laptop would.
+
+Everything runs through the real ``dvcray`` command line, Ray's real launcher, real SSH
+and rsync, real ``dvc exp run`` on the nodes. The tests of the lab cluster run in order:
+the last ones take it down (``cluster down``, then ``--idle-timeout``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+import testbed
+from conftest import REPO, free_port, sh
+from test_run import exp_metrics, exp_refs
+from test_run_s3 import bucket_objects
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "lab-store"
+_DROP = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE",
+         "DVC_STUDIO_TOKEN", "CI", "PYTEST_ADDOPTS")
+TIMES: dict[str, float] = {}
+
+
+def _dvcray(*args: str, env: dict, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "dvcray_cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    print(f"dvcray {' '.join(args)}: exit {proc.returncode} in {time.monotonic() - started:.1f} s")
+    return proc
+
+
+def _out(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\nstdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-6000:]}"
+
+
+# --------------------------------------------------------------------------- the bed
+
+
+@pytest.fixture(scope="module")
+def bed():
+    """Four machines; torn down (by pid and namespace name) whatever happens."""
+    started = time.monotonic()
+    try:
+        made = testbed.build(4)
+    except testbed.BedUnavailable as exc:
+        pytest.skip(str(exc))
+    TIMES["bed build"] = time.monotonic() - started
+    print(f"\ntest bed {made.id} built in {made.built_s:.1f} s: host {made.host_ip}, nodes "
+          f"{', '.join(n.ip for n in made.nodes)}")
+    try:
+        for node in made.nodes:
+            aws = node.root / ".aws"
+            aws.mkdir()
+            (aws / "credentials").write_text("[default]\naws_access_key_id = node-key\n"
+                                             "aws_secret_access_key = node-secret\n")
+            (aws / "config").write_text("[default]\nregion = us-east-1\n")
+        yield made
+    finally:
+        problems = made.teardown()
+        print("test bed times: " + ", ".join(f"{k} {v:.1f} s" for k, v in TIMES.items()))
+        assert not problems, problems
+
+
+@pytest.fixture(scope="module")
+def s3(bed):
+    """S3 on the host's bridge address (where the nodes reach it), with the store's bucket."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address=bed.host_ip, port=port, verbose=False)
+    server.start()
+    url = f"http://{bed.host_ip}:{port}"
+    try:
+        boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
+        yield url
+    finally:
+        server.stop()
+
+
+def _lab_yaml(bed, path: Path, workers: list[str], key: Path | None = None, name: str = "lab",
+              head: str = "n0") -> Path:
+    """Ray's on-prem config, as a user writes it: nothing dvcray-specific in it."""
+    config = {
+        "cluster_name": name,
+        "provider": {"type": "local", "head_ip": bed.node(head).ip, "worker_ips": [bed.node(w).ip for w in workers]},
+        "auth": {"ssh_user": "root", "ssh_private_key": str(key or bed.key)},
+        "head_start_ray_commands": [
+            "ray stop",
+            "ray start --head --port=6379 --num-cpus=0 --autoscaling-config=~/ray_bootstrap_config.yaml "
+            "--object-store-memory=200000000 --disable-usage-stats"],
+        # Two CPUs each, whatever this machine has: placement is the same on every CI host.
+        "worker_start_ray_commands": [
+            "ray stop",
+            "ray start --address=$RAY_HEAD_IP:6379 --num-cpus=2 --object-store-memory=200000000 "
+            "--disable-usage-stats"],
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def client(bed, s3, tmp_path_factory):
+    """This machine as a user's laptop: a HOME of its own, a project (first commit shared by
+    every clone) whose DVC default remote is the bucket, credentials for it."""
+    home = tmp_path_factory.mktemp("lab-home")
+    env = {k: v for k, v in os.environ.items() if k not in _DROP and not k.startswith("AWS_")}
+    env.update({
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), "XDG_CACHE_HOME": str(home / ".cache"),
+        "RAY_USAGE_STATS_ENABLED": "0", "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "true",
+        "GIT_CONFIG_NOSYSTEM": "1", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1", "GIT_AUTHOR_NAME": "Lab User", "GIT_AUTHOR_EMAIL": "lab@example.com",
+        "GIT_COMMITTER_NAME": "Lab User", "GIT_COMMITTER_EMAIL": "lab@example.com",
+    })
+    root = tmp_path_factory.mktemp("lab-projects")
+    origin = root / "origin"
+    origin.mkdir()
+    sh("git", "init", "-q", "-b", "main", cwd=origin, env=env)
+    sh("git", "commit", "-q", "--allow-empty", "-m", "the project's first commit", cwd=origin, env=env)
+    return SimpleNamespace(home=home, env=env, root=root, origin=origin, s3=s3)
+
+
+def _clone(client, name: str) -> Path:
+    """A clone of the project: it shares the first commit, so it finds the project's cluster."""
+    dest = client.root / name
+    sh("git", "clone", "-q", str(client.origin), str(dest), cwd=client.root, env=client.env)
+    return dest
+
+
+def _with_store(client, project: Path) -> None:
+    sh("dvc", "remote", "add", "-q", "-d", "store", f"s3://{BUCKET}/dvc", cwd=project, env=client.env)
+    sh("dvc", "remote", "modify", "store", "endpointurl", client.s3, cwd=project, env=client.env)
+
+
+def _no_ray_anywhere(bed, nodes=("n0", "n1", "n2", "n3")) -> dict[str, list[str]]:
+    return {n: bed.ray_processes(n) for n in nodes if bed.ray_processes(n)}
+
+
+# --------------------------------------------------------------------------- before any cluster
+
+
+def test_the_nodes_are_machines_of_their_own_without_dvcray(bed):
+    marker = f"marker-{os.getpid()}"
+    assert bed.ssh("n0", f"touch /tmp/{marker} /root/{marker}").returncode == 0
+    for node in bed.nodes:
+        proc = bed.ssh(node, "hostname; ip -4 -o addr show dev eth0; ip route show default; "
+                             f"ls /tmp/{marker} /root/{marker} 2>/dev/null; ls {REPO} | wc -l; "
+                             "python -c 'import ray, dvc; print(ray.__version__)'; "
+                             "python -c 'import dvcray_cli' 2>&1 | tail -1; ps -e --no-headers | wc -l")
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert lines[0] == node.hostname
+        assert f"inet {node.ip}/24" in lines[1]
+        assert lines[2].startswith("default dev eth0") and " via " not in lines[2], "on-link, no gateway"
+        sees_marker = any(marker in ln for ln in lines)
+        assert sees_marker == (node.name == "n0"), "/tmp and /root are each node's own"
+        assert "0" in lines, "this checkout is hidden from nodes"
+        assert any(ln.startswith("2.") for ln in lines), "the image has Ray"
+        assert any("No module named 'dvcray_cli'" in ln for ln in lines), "the image has no dvcray"
+        assert int(lines[-1]) < 15, "a PID namespace of its own: only the node's processes"
+
+
+def test_bad_config_files_are_usage_errors_and_start_nothing(bed, client, tmp_path):
+    project = _clone(client, "bad-configs")
+    cases = {
+        "not yaml": ("cluster_name: [lab\n", "is not valid YAML"),
+        "schema": (yaml.safe_dump({"cluster_name": "lab", "max_workers": "many",
+                                   "provider": {"type": "local", "head_ip": bed.node("n0").ip, "worker_ips": []},
+                                   "auth": {"ssh_user": "root", "ssh_private_key": str(bed.key)}}),
+                   "does not pass Ray's cluster config schema at max_workers"),
+        "no key file": (yaml.safe_dump({"cluster_name": "lab",
+                                        "provider": {"type": "local", "head_ip": bed.node("n0").ip,
+                                                     "worker_ips": []},
+                                        "auth": {"ssh_user": "root", "ssh_private_key": str(tmp_path / "nokey")}}),
+                        "does not exist"),
+        "no head": (yaml.safe_dump({"cluster_name": "lab", "provider": {"type": "local", "worker_ips": []},
+                                    "auth": {"ssh_user": "root", "ssh_private_key": str(bed.key)}}),
+                    "head_ip"),
+    }
+    for case, (text, message) in cases.items():
+        config = tmp_path / f"{case.replace(' ', '-')}.yaml"
+        config.write_text(text)
+        proc = _dvcray("cluster", "up", str(config), env=client.env, cwd=project)
+        assert proc.returncode == 2, f"{case}: {_out(proc)}"
+        assert message in proc.stderr and "Traceback" not in proc.stderr, f"{case}: {_out(proc)}"
+    assert not (client.home / ".dvcray" / "launcher").exists() or \
+        not list((client.home / ".dvcray" / "launcher").glob("*.json"))
+    assert _no_ray_anywhere(bed) == {}
+
+
+def test_unreachable_machine_wrong_key_and_other_ray_are_refused_naming_the_node(bed, client, tmp_path):
+    project = _clone(client, "refusals")
+    n3 = bed.node("n3")
+
+    other_key = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other_key)], check=True)
+    proc = _dvcray("cluster", "up", str(_lab_yaml(bed, tmp_path / "key.yaml", ["n1"], key=other_key)),
+                   env=client.env, cwd=project)
+    assert proc.returncode == 3, _out(proc)
+    assert f"refused the SSH key {other_key}" in proc.stderr and "Nothing was started" in proc.stderr
+
+    bed.kill(n3)    # the machine is off
+    try:
+        proc = _dvcray("cluster", "up", str(_lab_yaml(bed, tmp_path / "down.yaml", ["n1", "n3"])),
+                       env=client.env, cwd=project)
+        assert proc.returncode == 3, _out(proc)
+        assert f"Cannot reach the worker {n3.ip} over SSH" in proc.stderr, _out(proc)
+    finally:
+        bed.start(n3)
+
+    # n3's Python image gets another Ray version (its own disk: the others keep theirs).
+    version_py = next(Path(bed.venv).glob("lib/python3*/site-packages/ray/_version.py"))
+    target = n3.upper / version_py.relative_to(bed.venv)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(version_py.read_text().replace('version = "', 'version = "0.', 1))
+    proc = _dvcray("cluster", "up", str(_lab_yaml(bed, tmp_path / "ray.yaml", ["n1", "n3"])),
+                   env=client.env, cwd=project)
+    assert proc.returncode == 3, _out(proc)
+    assert f"The worker {n3.ip} runs Ray 0.2" in proc.stderr and "the same version" in proc.stderr, _out(proc)
+
+    assert _no_ray_anywhere(bed) == {}, "nothing started on any machine"
+    assert not list((client.home / ".dvcray" / "launcher").glob("*.json"))
+
+
+def test_dry_run_prints_what_runs_where_and_starts_nothing(bed, client, tmp_path):
+    project = _clone(client, "dry-run")
+    config = _lab_yaml(bed, tmp_path / "lab.yaml", ["n1", "n2"])
+    proc = _dvcray("cluster", "up", str(config), "--dry-run", env=client.env, cwd=project)
+    assert proc.returncode == 0, _out(proc)
+    text = proc.stdout
+    for expected in (f"Head:          {bed.node('n0').ip}", f"{bed.node('n1').ip}, {bed.node('n2').ip}",
+                     "RAY_AUTH_MODE=token", "--dashboard-host=127.0.0.1", "dvcray-0.1.0-py3-none-any.whl",
+                     "pip install", f"Check head {bed.node('n0').ip}: ok: SSH ok, Ray 2.", "SSH port-forward",
+                     "-> ~/.dvcray/auth_token"):
+        assert expected in text, f"{expected!r} not in the plan:\n{text}"
+    assert "nothing was started" in proc.stderr
+    assert _no_ray_anywhere(bed) == {}
+    assert not list((client.home / ".dvcray" / "launcher").glob("*.json"))
+
+
+# --------------------------------------------------------------------------- the lab cluster
+
+
+@pytest.fixture(scope="module")
+def lab(bed, client):
+    """``dvcray cluster up lab.yaml`` from a clone of the project: head n0, workers n1 and n2.
+    Taken down at the end whatever happened, and checked to leave no Ray process anywhere."""
+    project = _clone(client, "lab")
+    config = _lab_yaml(bed, client.root / "lab.yaml", ["n1", "n2"])
+    started = time.monotonic()
+    up = _dvcray("cluster", "up", str(config), env=client.env, cwd=project, timeout=900)
+    TIMES["cluster up"] = time.monotonic() - started
+    records = list((client.home / ".dvcray" / "launcher").glob("*.json"))
+    record = json.loads(records[0].read_text()) if records else {}
+    try:
+        assert up.returncode == 0, _out(up)
+        yield SimpleNamespace(project=project, config=config, up=up, record=record, name=record.get("name"))
+    finally:
+        if (client.home / ".dvcray" / "launcher" / f"{record.get('name')}.json").exists():
+            _dvcray("cluster", "down", str(config), "--yes", env=client.env, cwd=project)
+        if record.get("forward_pid"):
+            from dvcray_cli.clusters.launcher import ssh
+
+            ssh.stop_forward(SimpleNamespace(**record))
+        for name in ("state", "lock"):
+            Path(f"/tmp/ray/cluster-{record.get('name')}.{name}").unlink(missing_ok=True)
+        left = _no_ray_anywhere(bed)
+        for node in left:   # never leave Ray running for the bed's teardown to find
+            bed.kill(node)
+        assert left == {}, f"Ray processes left behind: {left}"
+
+
+def _status(client) -> list[dict]:
+    proc = _dvcray("cluster", "status", "--json", env=client.env)
+    assert proc.returncode == 0, _out(proc)
+    return [c for c in json.loads(proc.stdout) if c.get("kind") == "launcher"]
+
+
+def test_up_starts_the_head_and_workers_and_installs_this_dvcray_on_each(bed, client, lab):
+    assert f"worker {bed.node('n1').ip} joined" in lab.up.stderr and f"worker {bed.node('n2').ip} joined" in \
+        lab.up.stderr, _out(lab.up)
+    assert lab.name.startswith("lab-") and lab.name.endswith(sh("git", "rev-list", "--max-parents=0", "HEAD",
+                                                                   cwd=lab.project)[:8])
+    mine = hashlib.sha256((REPO / "dvcray_cli" / "runner.py").read_bytes()).hexdigest()
+    for name in ("n0", "n1", "n2"):
+        proc = bed.ssh(name, "python -c 'import dvcray_cli, hashlib, pathlib, importlib.metadata as m; "
+                             "print(dvcray_cli.__file__); "
+                             "print(hashlib.sha256((pathlib.Path(dvcray_cli.__file__).parent / \"runner.py\")"
+                             ".read_bytes()).hexdigest()); print(m.distribution(\"dvcray\").read_text(\"direct_url.json\"))'")
+        assert proc.returncode == 0, proc.stderr
+        where, digest, origin = proc.stdout.splitlines()[:3]
+        assert where.startswith(bed.venv) and "site-packages" in where, where
+        assert digest == mine, f"{name} runs other dvcray code"
+        assert "/root/.dvcray/dist/dvcray-0.1.0-py3-none-any.whl" in origin, origin
+    [entry] = _status(client)
+    assert entry["alive"] and len(entry["nodes"]) == 3 and entry["cpus"] == 4, entry
+    heads = [n for n in entry["nodes"] if n["is_head"]]
+    assert [n["ip"] for n in heads] == [bed.node("n0").ip]
+    assert heads[0]["labels"].get("dvcray-version") == "0.1.0"
+    # The job API answers through the forward only with the cluster's token.
+    import requests
+
+    assert requests.get(f"{entry['dashboard_url']}/api/jobs/", timeout=10).status_code == 401
+
+
+STAGE = """\
+import json, socket, ray
+import extra
+ray.init()
+@ray.remote(num_cpus=2)   # more than the runner's node has left: it runs on the other worker
+def probe():
+    import helper
+    return {"value": helper.VALUE, "task_host": socket.gethostname()}
+got = ray.get(probe.remote())
+json.dump({**got, "extra": extra.EXTRA, "driver_host": socket.gethostname()}, open("out.json", "w"))
+open("result.txt", "w").write(f"made by {got['value']} on {got['task_host']}\\n")
+"""
+
+
+def test_run_puts_its_runner_on_a_worker_and_its_tasks_on_the_other(bed, client, lab):
+    project = _clone(client, "first-run")
+    sh("dvc", "init", "-q", cwd=project, env=client.env)
+    _with_store(client, project)
+    (project / "src").mkdir()
+    (project / "src" / "helper.py").write_text('VALUE = "committed"\n')
+    (project / "src" / "stage.py").write_text(STAGE)
+    (project / "dvc.yaml").write_text("stages:\n  s:\n    cmd: python src/stage.py\n    deps: [src]\n"
+                                      "    outs: [result.txt]\n    metrics: [{out.json: {cache: false}}]\n")
+    sh("git", "add", "-A", cwd=project, env=client.env)
+    sh("git", "commit", "-qm", "a stage that starts Ray tasks", cwd=project, env=client.env)
+    (project / "src" / "helper.py").write_text('VALUE = "edited"\n')      # uncommitted
+    (project / "src" / "extra.py").write_text('EXTRA = "untracked"\n')    # untracked
+
+    started = time.monotonic()
+    proc = _dvcray("run", "-n", "onbed", "--cpus-per-exp", "1", env=client.env, cwd=project)
+    TIMES["dvcray run"] = time.monotonic() - started
+    assert proc.returncode == 0, _out(proc)
+    out = exp_metrics(project, "onbed", "out.json")
+    workers = {bed.node("n1").hostname, bed.node("n2").hostname}
+    assert out["value"] == "edited" and out["extra"] == "untracked", "the exact workspace ran"
+    assert out["driver_host"] in workers, "the runner (and the stage) ran on a worker"
+    assert out["task_host"] in workers and out["task_host"] != out["driver_host"], "the task ran on the other"
+    assert any(r.endswith("/onbed") for r in exp_refs(project)), "the experiment is home"
+    objects = bucket_objects(client.s3, BUCKET)
+    assert any(k.startswith("dvc/files/md5/") for k in objects), "outputs are in the S3 store"
+    result = next(json.loads(v) for k, v in objects.items() if k.endswith("/result.json"))
+    assert result["node"] == out["driver_host"] and result["status"] == "SUCCEEDED"
+
+    # A folder on this machine cannot be the store of machines elsewhere: refused before anything runs.
+    proc = _dvcray("run", "-n", "nowhere", "--store", str(client.root / "local-store"), env=client.env, cwd=project)
+    assert proc.returncode == 2 and "is a folder on this machine" in proc.stderr, _out(proc)
+
+    assert not (project / "result.txt").exists()
+    proc = _dvcray("pull", "onbed", env=client.env, cwd=project)
+    assert proc.returncode == 0, _out(proc)
+    sh("dvc", "exp", "apply", "onbed", cwd=project, env=client.env)
+    assert (project / "result.txt").read_text() == f"made by edited on {out['task_host']}\n"
+
+
+def test_mnist_across_the_machines_keeps_ray_train_checkpoints_in_the_store(bed, client, lab):
+    project = _clone(client, "mnist")
+    proc = _dvcray("scaffold", "mnist", str(project), "--set", "data.source=digits", env=client.env,
+                   cwd=client.root)
+    assert proc.returncode == 0, _out(proc)
+    assert yaml.safe_load((project / "params.yaml").read_text())["ray"]["storage_path"] == "", \
+        "the template leaves storage_path to dvcray"
+    _with_store(client, project)
+    sh("git", "add", "-A", cwd=project, env=client.env)
+    sh("git", "commit", "-qm", "mnist", cwd=project, env=client.env)
+    started = time.monotonic()
+    proc = _dvcray("run", "-n", "mnist", "-S", "tune.num_samples=2", "-S", "tune.max_epochs=2",
+                   "-S", "tune.grace_period=1", "-S", "train.epochs=2", env=client.env, cwd=project, timeout=900)
+    TIMES["mnist run"] = time.monotonic() - started
+    assert proc.returncode == 0, _out(proc)
+    ref = next(r for r in exp_refs(project) if r.endswith("/mnist"))
+
+    # Tune's trials and Train's workers ran on the workers; the driver's DVCLive callbacks
+    # wrote every epoch into the experiment, and the model came from the checkpoint in S3.
+    trials = sh("git", "show", f"{ref}:tune/trials.csv", cwd=project).splitlines()
+    assert len(trials) == 3, trials
+    train = sh("git", "show", f"{ref}:dvclive/train/plots/metrics/accuracy.tsv", cwd=project).splitlines()
+    assert [line.split("\t")[0] for line in train[1:]] == ["1", "2"], train
+    assert exp_metrics(project, "mnist", "dvclive/evaluate/metrics.json")["test_accuracy"] > 0.5
+    keys = list(bucket_objects(client.s3, BUCKET))
+    checkpoints = [k for k in keys if k.startswith("dvc/dvcray/ray/train-") and "/checkpoint_" in k]
+    assert checkpoints, "Ray Train's checkpoints are in the store"
+    assert any(k.startswith("dvc/dvcray/ray/tune-") for k in keys), "Ray Tune's results are in the store"
+    proc = _dvcray("pull", "mnist", env=client.env, cwd=project)
+    assert proc.returncode == 0, _out(proc)
+
+
+SWEEP_STAGE = """\
+import json, socket, time, yaml, ray
+x = yaml.safe_load(open("params.yaml"))["x"]
+ray.init()
+@ray.remote(num_cpus=1)
+def times_ten(v):
+    time.sleep(3)
+    return v * 10
+json.dump({"z": ray.get(times_ten.remote(x)), "host": socket.gethostname()}, open("m.json", "w"))
+"""
+
+
+def test_sweep_spreads_its_runners_over_both_workers(bed, client, lab):
+    project = _clone(client, "sweep")
+    sh("dvc", "init", "-q", cwd=project, env=client.env)
+    _with_store(client, project)
+    (project / "params.yaml").write_text("x: 0\n")
+    (project / "stage.py").write_text(SWEEP_STAGE)
+    (project / "dvc.yaml").write_text("stages:\n  s:\n    cmd: python stage.py\n    deps: [stage.py]\n"
+                                      "    params: [x]\n    metrics: [{m.json: {cache: false}}]\n")
+    sh("git", "add", "-A", cwd=project, env=client.env)
+    sh("git", "commit", "-qm", "sweep", cwd=project, env=client.env)
+    started = time.monotonic()
+    proc = _dvcray("run", "-n", "sw", "-S", "x=101,102,103,104", "--cpus-per-exp", "1", env=client.env,
+                   cwd=project)
+    TIMES["sweep of 4"] = time.monotonic() - started
+    assert proc.returncode == 0, _out(proc)
+    # 4 CPUs on the workers, 1 per runner plus 1 per stage's task: at most 3 at once.
+    assert "At most 3 experiment(s) at once" in proc.stderr, _out(proc)
+    results = [exp_metrics(project, f"sw-{i}", "m.json") for i in range(1, 5)]
+    assert [r["z"] for r in results] == [1010, 1020, 1030, 1040]
+    hosts = {r["host"] for r in results}
+    assert hosts == {bed.node("n1").hostname, bed.node("n2").hostname}, hosts
+
+
+DOOMED_STAGE = """\
+import socket, time
+print("STAGE-STARTED on", socket.gethostname(), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_lost_worker_ends_its_run_lost_with_its_log_and_the_next_run_works(bed, client, lab):
+    project = _clone(client, "doomed")
+    sh("dvc", "init", "-q", cwd=project, env=client.env)
+    _with_store(client, project)
+    (project / "stage.py").write_text(DOOMED_STAGE)
+    (project / "dvc.yaml").write_text("stages:\n  s:\n    cmd: python stage.py\n    deps: [stage.py]\n")
+    sh("git", "add", "-A", cwd=project, env=client.env)
+    sh("git", "commit", "-qm", "a long stage", cwd=project, env=client.env)
+    run = subprocess.Popen([sys.executable, "-m", "dvcray_cli", "run", "-n", "doomed", "--cpus-per-exp", "1"],
+                           cwd=project, env=client.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = None
+    try:
+        deadline = time.monotonic() + 180
+        while victim is None and time.monotonic() < deadline:
+            assert run.poll() is None, run.communicate()
+            for key, data in bucket_objects(client.s3, BUCKET).items():
+                if key.endswith("/log.txt") and b"STAGE-STARTED on" in data:
+                    host = data.split(b"STAGE-STARTED on ", 1)[1].split()[0].decode()
+                    victim = bed.node(host)
+                    run_id = key.split("/")[-2]
+            time.sleep(1)
+        assert victim is not None and victim.name in ("n1", "n2"), "the stage did not start on a worker"
+        started = time.monotonic()
+        bed.kill(victim)          # the machine dies: every process on it, at once
+        stdout, stderr = run.communicate(timeout=300)
+        TIMES["run ends after its worker died"] = time.monotonic() - started
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert run.returncode == 3, f"exit {run.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    assert "LOST" in stderr and f"its node {victim.ip} died" in stderr, stderr[-3000:]
+    runs = json.loads(_dvcray("runs", "--json", env=client.env, cwd=project).stdout)
+    mine = next(r for r in runs if r["run_id"] == run_id)
+    assert mine["state"] == "LOST", mine
+    logs = _dvcray("logs", run_id, env=client.env, cwd=project)
+    assert logs.returncode == 0, _out(logs)
+    assert f"STAGE-STARTED on {victim.hostname}" in logs.stdout, "the log is kept (in the store)"
+
+    # The machine comes back (a reboot: its disk stays, its /tmp is empty); the next run works.
+    bed.start(victim)
+    (project / "stage.py").write_text('import json, socket\njson.dump({"host": socket.gethostname()}, '
+                                      'open("after.json", "w"))\n')
+    (project / "dvc.yaml").write_text("stages:\n  s:\n    cmd: python stage.py\n    deps: [stage.py]\n"
+                                      "    metrics: [{after.json: {cache: false}}]\n")
+    proc = _dvcray("run", "-n", "after", "--cpus-per-exp", "1", env=client.env, cwd=project)
+    assert proc.returncode == 0, _out(proc)
+    assert exp_metrics(project, "after", "after.json")["host"] in {bed.node("n1").hostname, bed.node("n2").hostname}
+
+
+def test_down_leaves_no_ray_process_on_any_node(bed, client, lab):
+    caches = set(Path("/tmp").glob("ray-config-*"))
+    started = time.monotonic()
+    proc = _dvcray("cluster", "down", str(lab.config), env=client.env, cwd=lab.project)
+    TIMES["cluster down"] = time.monotonic() - started
+    assert proc.returncode == 0, _out(proc)
+    assert f"Ray stopped on {bed.node('n0').ip}" in proc.stderr, _out(proc)
+    assert _no_ray_anywhere(bed) == {}
+    assert not (client.home / ".dvcray" / "launcher" / f"{lab.name}.json").exists()
+    assert set(Path("/tmp").glob("ray-config-*")) == caches, "no resolved-config cache left under /tmp"
+    state = json.loads(Path(f"/tmp/ray/cluster-{lab.name}.state").read_text())
+    assert {ip: s["state"] for ip, s in state.items()} == {bed.node(n).ip: "terminated" for n in ("n0", "n1", "n2")}
+
+
+def test_idle_timeout_takes_the_cluster_down(bed, client, lab):
+    started = time.monotonic()
+    proc = _dvcray("cluster", "up", str(lab.config), "--idle-timeout", "20s", env=client.env, cwd=lab.project,
+                   timeout=900)
+    assert proc.returncode == 0, _out(proc)
+    assert "Idle timeout: 20s" in proc.stderr
+    up_done = time.monotonic()
+    assert not _no_ray_anywhere(bed, ("n0",)) == {}, "the head runs"
+    deadline = up_done + 20 + 90
+    while _no_ray_anywhere(bed, ("n0", "n1", "n2")) and time.monotonic() < deadline:
+        time.sleep(2)
+    TIMES["idle down after up"] = time.monotonic() - up_done
+    assert _no_ray_anywhere(bed) == {}, "the idle watcher stopped Ray on every node"
+    assert time.monotonic() - up_done >= 15, "it went down before its idle timeout"
+    [entry] = _status(client)
+    assert entry["state"] == "gone", entry
+    assert _status(client) == []
+    TIMES["idle test"] = time.monotonic() - started
