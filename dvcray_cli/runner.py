@@ -201,7 +201,8 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         beat()
         tee.heartbeat = beat
         t = time.time()
-        dvc_root = snapshot.restore(here, ws, manifest, spec.patch)
+        cache = snapshot.cache_path(runner_dir(), manifest.repo_root) if manifest.repo_root else None
+        dvc_root = snapshot.restore(here, ws, manifest, spec.patch, cache)
         configure_dvc(dvc_root, store)
         result.timings["restore"] = time.time() - t
         say(f"workspace ready at baseline {manifest.baseline[:7]} ({result.timings['restore']:.1f}s)")

@@ -54,7 +54,7 @@ def run(
         dvcray run --exp-name lr-01 -S train.lr=0.1
     """
     from dvcray_cli import params
-    from dvcray_cli.runs import follow, live, submit
+    from dvcray_cli.runs import follow, live, submit, warm
     from dvcray_cli.runs.model import RunOptions
 
     opts = RunOptions(
@@ -91,7 +91,10 @@ def run(
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         with live.relayed(sub.store, sub.project, [sub.run_id], progress):
-            status = follow.follow(sub.client, sub.run_id, emit)
+            if sub.service is not None:
+                status = warm.follow(sub.service, sub.address, sub.run_id, emit)
+            else:
+                status = follow.follow(sub.client, sub.run_id, emit)
         outcome = follow.finish(sub, status, apply=apply, force=force)
     except (KeyboardInterrupt, Interrupted):
         raise

@@ -214,6 +214,10 @@ class Manifest:
     # Tracked files git stops looking at, restored as they are locally:
     # {"assume_unchanged": [...], "skip_worktree": [...], "absent": [...]}.
     worktree_flags: dict[str, list[str]] = field(default_factory=dict)
+    # The project's first commit, when the history comes from the node's repository
+    # cache of the project (the runner service): the snapshot's bundle, if any, holds
+    # only what the cache lacked. Empty: the bundle holds the whole history.
+    repo_root: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -225,6 +229,8 @@ class Manifest:
             return None
         manifest.exp_name = _text(manifest.exp_name)
         manifest.address = manifest.address if isinstance(manifest.address, str) else ""
+        manifest.repo_root = manifest.repo_root if isinstance(manifest.repo_root, str) and \
+            _SHA.fullmatch(manifest.repo_root) else ""
         manifest.created = _number(manifest.created) or 0.0
         manifest.worktree_flags = {k: [p for p in v if isinstance(p, str)]
                                    for k, v in _mapping(manifest.worktree_flags).items() if isinstance(v, list)}
@@ -368,6 +374,7 @@ class RunRecord:
     ended: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    service: str = ""              # the runner service that runs it (its Ray Job id); "": a Ray Job of its own
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -384,6 +391,7 @@ class RunRecord:
         record.metrics = _mapping(record.metrics)
         record.submitted = _number(record.submitted) or 0.0
         record.job_id = record.job_id if isinstance(record.job_id, str) and record.job_id else record.run_id
+        record.service = record.service if isinstance(record.service, str) else ""
         return record
 
     def save(self, git_root: Path) -> Path:
