@@ -189,19 +189,46 @@ def is_terminal(status: str) -> bool:
 
 
 def active_runs(job_client: JobSubmissionClient) -> list[dict[str, Any]]:
-    """dvcray's runs that are pending or running on the cluster (jobs tagged ``dvcray_version``).
+    """dvcray's runs that are pending or running on the cluster: jobs tagged
+    ``dvcray_version``, and the runs of its runner service (``service_api``).
+
+    A runner service that cannot be asked from here counts as a run itself: it may
+    have some, and no answer is no proof of idleness.
 
     Returns:
-        ``[{"run_id", "status", "exp_name"}]``.
+        ``[{"run_id", "status", "exp_name", "job_id"}]``: ``job_id`` is the Ray Job to stop
+        to stop the run (the service's, for its runs: they save their work when it stops).
     """
+    from dvcray_cli import service_api
+
     runs = []
     for job in job_client.list_jobs():
         status = status_text(job.status)
         meta = job.metadata or {}
-        if RUN_MARKER in meta and not is_terminal(status) and job.submission_id:
-            runs.append({"run_id": job.submission_id, "status": status,
+        if is_terminal(status) or not job.submission_id:
+            continue
+        if service_api.SERVICE_MARKER in meta:
+            token = (getattr(job_client, "_headers", None) or {}).get("Authorization", "").removeprefix("Bearer ")
+            found = service_api.active_runs(job_client.get_address(), token or None, job.submission_id,
+                                            job_client.get_job_logs(job.submission_id))
+            runs += found if found is not None else [{"run_id": job.submission_id, "status": status,
+                                                      "exp_name": "(dvcray's runner service)",
+                                                      "job_id": job.submission_id}]
+        elif RUN_MARKER in meta:
+            runs.append({"run_id": job.submission_id, "status": status, "job_id": job.submission_id,
                          "exp_name": meta.get("exp_name") or meta.get("dvcray_exp_name")})
     return runs
+
+
+def stop_runs(job_client: JobSubmissionClient, runs: list[dict[str, Any]], timeout: float) -> list[str]:
+    """Stop the Ray Jobs that run ``runs`` (``active_runs``) and wait until each has ended.
+
+    Returns:
+        The run ids that were asked to stop.
+    """
+    jobs = list(dict.fromkeys(r.get("job_id") or r["run_id"] for r in runs))
+    stopped = set(stop_and_wait(job_client, jobs, timeout))
+    return [r["run_id"] for r in runs if (r.get("job_id") or r["run_id"]) in stopped]
 
 
 def stop_and_wait(job_client: JobSubmissionClient, job_ids: list[str], timeout: float) -> list[str]:

@@ -118,6 +118,9 @@ def reach(address: str, say: Callable[[str], None] = lambda m: None) -> Service 
             if service is not None:
                 break
         if service is None:
+            # A service runs the cluster's own dvcray: refuse another version before
+            # anything starts there (the head's label; a probe job otherwise).
+            clusters.check_version(address)
             service = _start(url, token, host, say)
         if service is not None:
             cache = {k: v for k, v in (state.read_json(_cache_path()) or {}).items() if k != url}
@@ -356,3 +359,30 @@ def runs_of(service: Service) -> dict[str, dict[str, Any]]:
     """Every run the service knows: ``{run_id: {"state", "node", "started", "ended", ...}}``."""
     runs = service.call("GET", RUNS).get("runs") or []
     return {r["run_id"]: r for r in runs if isinstance(r, dict) and isinstance(r.get("run_id"), str)}
+
+
+def as_job(info: dict[str, Any] | None) -> Any:
+    """A service run as ``dvcray runs`` reads a Ray job (``status``, ``start_time`` and
+    ``end_time`` in ms); None for None."""
+    from types import SimpleNamespace
+
+    if not info:
+        return None
+    ms = {k: int(info[k] * 1000) if isinstance(info.get(k), (int, float)) else None for k in ("started", "ended")}
+    return SimpleNamespace(status=str(info.get("state") or "PENDING"), start_time=ms["started"],
+                           end_time=ms["ended"], node=info.get("node"))
+
+
+def show_log(service: Service, address: str, run_id: str, emit: Callable[[str], None], follow_: bool) -> str:
+    """Write a service run's log to ``emit``: what there is, or with ``follow_`` until it
+    ends. Returns its state then."""
+    if follow_:
+        return follow(service, address, run_id, emit, stop_on_interrupt=False)
+    watch = Watch(service, address, [run_id])
+    while True:
+        _, text, unknown = watch.poll([run_id], [run_id], wait=0)
+        if unknown:
+            return RunState.LOST.value
+        if not text.get(run_id):
+            return watch.state(run_id)
+        emit(text[run_id])

@@ -110,11 +110,9 @@ def test_ctrl_c_stops_every_experiment(ray_cluster, make_dvc_project, tmp_path):
     assert proc.returncode == 130, stderr
     results = [json.loads(p.read_text()) for p in (store / "dvcray" / "runs").glob("*/result.json")]
     assert sorted(r["status"] for r in results) == ["STOPPED", "STOPPED"]
-    from dvcray_cli import clusters
+    from dvcray_cli import clusters, ray_api
 
-    client = clusters.connect(ray_cluster.dashboard_url)
-    running = [j for j in client.list_jobs() if str(j.status.value) in ("PENDING", "RUNNING")]
-    assert not running
+    assert ray_api.active_runs(clusters.connect(ray_cluster.dashboard_url)) == []
 
 
 def test_a_taken_name_in_the_grid_is_refused_first(ray_cluster, make_dvc_project, tmp_path):
