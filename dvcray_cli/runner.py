@@ -260,6 +260,35 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
     return {RunState.SUCCEEDED: 0, RunState.STOPPED: 143}.get(result.status, 1)
 
 
+def push_run_cache(repo, since: float) -> int:
+    """Push the run-cache entries made since ``since`` (this run's; a sibling's on this
+    node at most). ``dvc push --run-cache`` sends every entry of the cache each time
+    (``StageCache.transfer(force=True)``): with one cache shared by a node's runs,
+    that grows with every run the node ever made."""
+    from dvc.fs import generic
+
+    legacy = repo.cache.legacy
+    runs = os.path.join(legacy.path, "runs")
+    if not os.path.isdir(runs):
+        return 0
+    fresh = []
+    for folder, _, files in os.walk(runs):
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                if os.stat(path).st_mtime >= since - 1:
+                    fresh.append(path)
+            except OSError:
+                continue
+    if not fresh:
+        return 0
+    dest = repo.cloud.get_remote_odb(None, "push --run-cache", hash_name="md5-dos2unix")
+    for src in fresh:
+        rel = os.path.relpath(src, legacy.path).replace(os.sep, "/")
+        generic.copy(legacy.fs, src, dest.fs, dest.fs.join(dest.path, *rel.split("/")))
+    return len(fresh)
+
+
 def _attempt(what: str, step, errors: dict[str, str]) -> bool:
     """Run one save step, retried; on failure record it in ``errors`` and say so. Never raises."""
     for attempt in range(SAVE_ATTEMPTS):
@@ -288,8 +317,9 @@ def _save(repo, ws: Path, store: Store, baseline: str, exp_name: str | None, res
         t = time.time()
 
         def push() -> None:
-            pushed = repo.push(run_cache=True)
-            say(f"pushed {pushed} file(s) and the run-cache to the store")
+            pushed = repo.push()
+            entries = push_run_cache(repo, result.started or 0.0)
+            say(f"pushed {pushed} file(s) and {entries} run-cache entr{'y' if entries == 1 else 'ies'} to the store")
 
         if not _attempt("outputs (dvc push)", push, errors):
             result.push_error = errors["outputs (dvc push)"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -285,8 +286,12 @@ def cache_fetch(cache: Path, bundle: Path | None, head: str) -> list[str]:
             subprocess.run(["git", "init", "-q", "--bare", os.fspath(cache)], check=True, capture_output=True)
             git("config", "gc.auto", "0", cwd=cache)
         if bundle is not None and bundle.exists():
+            # The client's bundle names HEAD; one made from another node's cache, its kept ref.
+            heads = subprocess.run(["git", "bundle", "list-heads", os.fspath(bundle)], cwd=cache,
+                                   capture_output=True, text=True).stdout.split()
+            ref = "HEAD" if "HEAD" in heads or len(heads) < 2 else heads[1]
             proc = subprocess.run(["git", "fetch", "-q", "--no-write-fetch-head", os.fspath(bundle),
-                                   f"+HEAD:{_KEEP}{head}"], cwd=cache, capture_output=True, text=True)
+                                   f"+{ref}:{_KEEP}{head}"], cwd=cache, capture_output=True, text=True)
             if proc.returncode != 0:
                 missing = [w for w in proc.stderr.split() if len(w) == 40 and not cache_has(cache, [w])]
                 if missing or "prerequisite" in proc.stderr:
@@ -297,6 +302,14 @@ def cache_fetch(cache: Path, bundle: Path | None, head: str) -> list[str]:
         if bundle is None:
             git("update-ref", f"{_KEEP}{head}", head, cwd=cache)
     return []
+
+
+def cache_bundle(cache: Path, head: str) -> bytes:
+    """A bundle of ``head``'s whole history from a cache (for a node whose cache lacks it)."""
+    with tempfile.TemporaryDirectory(prefix="dvcray-bundle-") as tmp:
+        out = Path(tmp) / BUNDLE
+        git("bundle", "create", "-q", os.fspath(out), f"{_KEEP}{head}", cwd=cache)
+        return out.read_bytes()
 
 
 def restore(folder: Path, dest: Path, manifest: Manifest, patch: str = "", cache: Path | None = None) -> Path:

@@ -109,14 +109,14 @@ def connect(address: str) -> Any:
     return client
 
 
-def reach(address: str, say: Say, placed: bool = False) -> tuple[Service | None, Any]:
+def reach(address: str, say: Say) -> tuple[Service | None, Any]:
     """The cluster's runner service (started if needed) and None, or where there is
     none, None and a job client (runs go as Ray Jobs of their own).
 
     Raises:
         ClusterError: the cluster does not answer, refuses the token, or its dvcray differs.
     """
-    service = None if placed else warm.reach(address, say)
+    service = warm.reach(address, say)
     return (service, None) if service is not None else (None, connect(address))
 
 
@@ -145,7 +145,7 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
     if known:
         # Reaching the cluster (its runner service, or Ray's SDK) takes a while the first
         # time; do it while DVC reads the project. Its errors surface after DVC's.
-        early = concurrent.futures.ThreadPoolExecutor(1).submit(reach, known, say, asked)
+        early = concurrent.futures.ThreadPoolExecutor(1).submit(reach, known, say)
     project = find_project(cwd)
     snapshot.check_workspace(project.git_root)
     snapshot.check_copy_paths(project.dvc_root, opts.copy_paths)
@@ -163,7 +163,7 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
         service, client = early.result()
     else:
         address, started = clusters.ensure_address(opts.address, cwd, say)
-        service, client = reach(address, say, asked)
+        service, client = reach(address, say)
 
     where = placement.decide(clusters.shape(address) if asked else None, opts.cpus_per_exp, opts.gpus_per_exp,
                              store.is_local, store.url, len(experiments), jobs)
@@ -220,8 +220,8 @@ def _send(plan: Plan, folder: Path, placed: bool) -> None:
     """Hand the snapshot to the runner service; with the whole history when the cluster's
     copy of the repository lacks what the bundle was made against (wiped, rewritten)."""
     where = plan.placement if placed and plan.placement is not None and plan.placement.placed else None
-    shape = ",".join(f"{k}={v:g}" for k, v in (("CPU", where.num_cpus), ("GPU", where.num_gpus))
-                     if v is not None) if where else ""
+    shape = ",".join(f"{k}={v:g}" for k, v in (("CPU", where.num_cpus), ("GPU", where.num_gpus),
+                                               *(where.resources or {}).items()) if v is not None) if where else ""
     try:
         try:
             warm.send(plan.service, folder, shape)

@@ -39,6 +39,8 @@ from dvcray_cli.service import forks
 
 # Finished runs (and their log files) the service remembers, beyond those still going.
 KEEP_FINISHED = 1000
+# Snapshots of finished submissions kept on the node.
+KEEP_SNAPSHOTS = 20
 # A log is read at most this much per run per poll.
 LOG_CHUNK = 1 << 20
 TICK_S = 0.2
@@ -198,7 +200,6 @@ class RunnerService:
                 self.start(batch, entry)
         if not batch.pending and batch.running <= 0:
             self.batches.pop(batch.job_id, None)
-            shutil.rmtree(batch.folder, ignore_errors=True)
             self.prune()
 
     def stop_entry(self, entry: Entry) -> None:
@@ -225,15 +226,22 @@ class RunnerService:
             entry.handle.kill()
 
     def prune(self) -> None:
+        """Forget the oldest finished runs and their logs; keep the snapshots of the last
+        submissions (as Ray keeps a job's package on its node: what a run received can
+        be looked at afterwards)."""
+        done = sorted((p for p in self.snapshots.iterdir() if not p.name.startswith(".")
+                       and p.name not in self.batches), key=lambda p: p.stat().st_mtime)
+        for old in done[:max(0, len(done) - KEEP_SNAPSHOTS)]:
+            shutil.rmtree(old, ignore_errors=True)
         finished = [e for e in self.entries.values() if e.state.is_terminal()]
         for entry in sorted(finished, key=lambda e: e.ended or 0)[:max(0, len(finished) - KEEP_FINISHED)]:
             self.entries.pop(entry.run_id, None)
             if entry.log_path is not None:
                 entry.log_path.unlink(missing_ok=True)
 
-    def read_log(self, entry: Entry, offset: int) -> bytes:
+    async def read_log(self, entry: Entry, offset: int) -> bytes:
         if entry.placed:
-            return self.placer.read_log(entry, offset, LOG_CHUNK)
+            return await self.placer.read_log(entry, offset, LOG_CHUNK)
         if entry.log_path is None or offset >= entry.log_size:
             return b""
         try:
@@ -341,7 +349,7 @@ class RunnerService:
             logs = {}
             for run_id, offset in offsets.items():
                 entry = self.entries.get(run_id)
-                data = self.read_log(entry, offset) if entry is not None else b""
+                data = await self.read_log(entry, offset) if entry is not None else b""
                 if data:
                     logs[run_id] = {"offset": offset, "data": base64.b64encode(data).decode()}
             if runs or logs or unknown or time.monotonic() >= deadline:
@@ -366,7 +374,8 @@ class RunnerService:
 
 
 def _resources(text: str | None) -> dict[str, float]:
-    """``CPU=1,GPU=0.5`` -> ``{"CPU": 1.0, "GPU": 0.5}``."""
+    """``CPU=1,GPU=0.5`` -> ``{"CPU": 1.0, "GPU": 0.5}``: what each placed experiment
+    reserves (CPUs, GPUs, and the head pin a local store needs)."""
     found: dict[str, float] = {}
     for part in (text or "").split(","):
         if "=" in part:
@@ -375,7 +384,8 @@ def _resources(text: str | None) -> dict[str, float]:
                 found[key.strip()] = float(value)
             except ValueError:
                 continue
-    return {k: v for k, v in found.items() if k in ("CPU", "GPU") and v >= 0}
+    allowed = ("CPU", "GPU", "node:__internal_head__")
+    return {k: v for k, v in found.items() if k in allowed and v > 0}
 
 
 def _unpack(tar_path: Path, dest: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import run_dvcray, sh
 from test_run import exp_metrics, project_spec
+from ray_fixtures import node_files
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +100,11 @@ def test_s3_store_from_dvc_default_remote_and_no_secret_reaches_ray(s3_head, s3_
     logs = "".join(client.get_job_logs(j.submission_id) for j in jobs)
     haystacks = {"job records": job_text.encode(), "job logs": logs.encode(),
                  **{f"s3:{k}": v for k, v in objects.items()}}
-    node_home = Path(s3_head.token_path).parents[1]
-    for path in [*Path(s3_head.temp_dir).rglob("*"), *(node_home / ".cache" / "dvcray").rglob("*")]:
-        if path.is_file() and not path.is_symlink():
-            try:
-                haystacks[str(path)] = path.read_bytes()
-            except OSError:
-                continue
+    for path in node_files(s3_head):
+        try:
+            haystacks[str(path)] = path.read_bytes()
+        except OSError:
+            continue
     assert any(b"DRIVER_RUNTIME_ENV" in data for data in haystacks.values()), "the run's log was not searched"
     assert any("runtime_resources" in k or "/service/logs/" in k for k in haystacks), \
         "what the run brought to the node was not searched"
