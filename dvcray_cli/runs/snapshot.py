@@ -235,18 +235,16 @@ def check_untracked_sizes(git_root: Path, untracked: list[str]) -> None:
 _KEEP = "refs/dvcray/have/"
 
 
-def root_commit(git_root: Path) -> str:
-    """The project's first commit: the key of its repository cache on the nodes
-    (every clone of the project shares it)."""
-    return min(git("rev-list", "--max-parents=0", "HEAD", cwd=git_root).split())
-
-
-def history_samples(git_root: Path, depth: int = 16) -> list[str]:
-    """HEAD and its first-parent ancestors 1, 2, 4, ... commits back: what a client asks a
-    cluster about (a commit it has is a base the bundle can leave out)."""
-    revs = ["HEAD"] + [f"HEAD~{2 ** k}" for k in range(depth)]
-    out = subprocess.run(["git", "rev-parse", "--verify", "-q", *revs], cwd=git_root, capture_output=True, text=True)
-    return [line for line in out.stdout.split() if len(line) == 40]
+def history(git_root: Path, depth: int = 16) -> tuple[str, list[str]]:
+    """``(root, samples)``: the first commit of HEAD's first-parent history (the key of the
+    project's repository cache on the nodes, which every clone shares), and HEAD with its
+    first-parent ancestors 1, 2, 4, ... commits back: what a client asks a cluster about
+    (a commit it has is a base the bundle can leave out). One walk of the history."""
+    out = subprocess.run(["git", "rev-list", "--first-parent", "HEAD"], cwd=git_root, capture_output=True,
+                         text=True).stdout.split()
+    if not out:
+        raise GitError("git rev-list HEAD found no commit")
+    return out[-1], [out[i] for i in [0] + [2 ** k for k in range(depth)] if i < len(out)]
 
 
 def cache_path(base: Path, root: str) -> Path:

@@ -185,8 +185,8 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
         if service is not None:
             # Only what the cluster's copy of the repository lacks travels (DESIGN.md,
             # "Snapshot"): ask it which of HEAD's ancestors it has.
-            root = snapshot.root_commit(project.git_root)
-            against = warm.have(service, root, snapshot.history_samples(project.git_root))
+            root, samples = snapshot.history(project.git_root)
+            against = warm.have(service, root, samples)
         packed = snapshot.create(project.git_root, project.dvc_root, snapshot_dir, opts.copy_paths, against)
     return Plan(opts, project, store, address, client, started, experiments, snapshot_dir,
                 packed.total, where, packed.flags, service, root)
