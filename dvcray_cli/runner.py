@@ -187,6 +187,7 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
     signal.signal(signal.SIGTERM, _on_term)
     result = RunResult(run_id=run_id, exp_name=exp_name, baseline=manifest.baseline, overrides=overrides,
                        status=RunState.FAILED, node=socket.gethostname(), started=time.time(),
+                       ray_node=os.environ.get("DVCRAY_RAY_NODE", ""),
                        dvcray_version=manifest.dvcray_version)
     repo = None
     capture = None

@@ -318,6 +318,7 @@ class RunResult:
     ended: float | None = None
     dvcray_version: str = ""
     exp_sha: str | None = None
+    ray_node: str = ""   # the Ray node it ran on, when the runner service placed it (``--cpus-per-exp``)
     ref: str | None = None
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -343,7 +344,8 @@ class RunResult:
             run_id=data["run_id"], status=RunState.parse(data.get("status"), RunState.FAILED),
             exp_name=_text(data.get("exp_name")), baseline=_text(data.get("baseline")) or "",
             overrides=[o for o in overrides if isinstance(o, str)] if isinstance(overrides, list) else [],
-            node=str(data.get("node") or ""), started=_number(data.get("started")),
+            node=str(data.get("node") or ""), ray_node=str(data.get("ray_node") or ""),
+            started=_number(data.get("started")),
             ended=_number(data.get("ended")), dvcray_version=str(data.get("dvcray_version") or ""),
             exp_sha=_text(data.get("exp_sha")), ref=_text(data.get("ref")),
             params=_mapping(data.get("params")), metrics=_mapping(data.get("metrics")),

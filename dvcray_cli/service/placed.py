@@ -151,7 +151,7 @@ class Placer:
                 code = 143
                 return
             node_id = placement_group_table(group)["bundles_to_node_id"][0]
-            env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+            env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address, "DVCRAY_RAY_NODE": node_id}
             if batch.resources.get("GPU"):
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, await self._gpu_ids(group, batch.resources["GPU"])))
             actor = self.runner(node_id)
