@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from dvcray_cli.errors import ClusterError
 
@@ -259,6 +259,43 @@ def stop_and_wait(job_client: JobSubmissionClient, job_ids: list[str], timeout: 
         if pending:
             time.sleep(0.3)
     return stopped
+
+
+def keep_jobs() -> int:
+    """How many of dvcray's finished Ray Jobs a cluster keeps on record (``DVCRAY_KEEP_JOBS``,
+    default 100): Ray keeps every job forever (ray-project/ray#35202), and its dashboard
+    and job API slow down, then fail, after hundreds.
+
+    Raises:
+        UsageError: the variable is not a number.
+    """
+    from dvcray_cli import state
+
+    return int(state.env_number("DVCRAY_KEEP_JOBS", 100, "jobs"))
+
+
+def prune_jobs(job_client: JobSubmissionClient, keep: int, saved: Callable[[Any], bool]) -> list[str]:
+    """Delete the records of dvcray's finished Ray Jobs beyond the ``keep`` newest, each
+    only once ``saved(job)`` says its runs' results are in the store (their logs live on
+    there). Never a job that has not ended, never one that is not dvcray's.
+
+    Returns:
+        The deleted jobs' ids.
+    """
+    from dvcray_cli.service_api import SERVICE_MARKER
+
+    ours = [j for j in job_client.list_jobs()
+            if j.submission_id and is_terminal(status_text(j.status))
+            and ({RUN_MARKER, SERVICE_MARKER, "dvcray_probe"} & set(j.metadata or {}))]
+    ours.sort(key=lambda j: j.end_time or j.start_time or 0, reverse=True)
+    deleted = []
+    for job in ours[keep:]:
+        try:
+            if saved(job) and job_client.delete_job(job.submission_id):
+                deleted.append(job.submission_id)
+        except Exception:  # noqa: BLE001 - left for the next time
+            continue
+    return deleted
 
 
 # --------------------------------------------------------------------------- the dashboard

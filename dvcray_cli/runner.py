@@ -185,6 +185,7 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         raise Terminated()
 
     signal.signal(signal.SIGTERM, _on_term)
+    parent = os.getppid()
     result = RunResult(run_id=run_id, exp_name=exp_name, baseline=manifest.baseline, overrides=overrides,
                        status=RunState.FAILED, node=socket.gethostname(), started=time.time(),
                        ray_node=os.environ.get("DVCRAY_RAY_NODE", ""),
@@ -236,9 +237,15 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         result.exp_sha = next(iter(results), None)
         result.status = RunState.SUCCEEDED
     except Terminated:
-        result.status = RunState.STOPPED
-        result.error = "stopped (SIGTERM)"
-        say("stopped: saving what the run produced")
+        if os.getppid() != parent:
+            # Nobody stopped it: the process it ran under (the runner service, or a node's
+            # warm runner) died, and took it down with it (forks.die_with_parent).
+            result.error = "dvcray's runner on this node went away mid-run (its process was killed)"
+            say(f"{result.error}: saving what the run produced")
+        else:
+            result.status = RunState.STOPPED
+            result.error = "stopped (SIGTERM)"
+            say("stopped: saving what the run produced")
     except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         cause = exc.__cause__

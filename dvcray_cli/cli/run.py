@@ -96,6 +96,8 @@ def run(
             else:
                 status = follow.follow(sub.client, sub.run_id, emit)
         outcome = follow.finish(sub, status, apply=apply, force=force)
+        if sub.client is not None:
+            follow.prune_jobs(sub.client, sub.store)
     except (KeyboardInterrupt, Interrupted):
         raise
     except Exception:

@@ -171,6 +171,25 @@ def stop_jobs(client, job_ids: list[str]) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
+def prune_jobs(client, store: Store) -> list[str]:
+    """Delete the records of dvcray's finished Ray Jobs beyond ``DVCRAY_KEEP_JOBS``, those
+    whose results are in ``store`` (``ray_api.prune_jobs``); a cluster that does not answer
+    keeps them for the next time."""
+    from dvcray_cli.service_api import SERVICE_MARKER
+
+    def saved(job) -> bool:
+        meta = job.metadata or {}
+        if SERVICE_MARKER in meta or "dvcray_probe" in meta:
+            return True
+        runs = [r for r in str(meta.get("run_ids") or job.submission_id).split(",") if r]
+        return all(store.exists(store.run_path(r, RESULT)) for r in runs)
+
+    try:
+        return ray_api.prune_jobs(client, ray_api.keep_jobs(), saved)
+    except Exception:  # noqa: BLE001 - housekeeping: never the reason a run fails
+        return []
+
+
 # --------------------------------------------------------------------------- finish
 
 def fetch_result(store: Store, run_id: str, wait_s: float = 10) -> RunResult | None:

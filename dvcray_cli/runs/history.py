@@ -274,6 +274,11 @@ class _Clusters:
             return None, None
         if address not in self._services:
             service, runs = None, None
+            dead = clusters.dead_at(address)
+            if dead is not None:  # its service may linger a while, but its runs are gone
+                self.errors[address] = f"the Ray cluster {dead!r} died (its GCS process is gone)"
+                self._services[address] = (None, None)
+                return None, None
             try:
                 service = warm.find(address)
                 runs = warm.runs_of(service) if service is not None else None

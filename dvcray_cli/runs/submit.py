@@ -139,6 +139,7 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
     if jobs is not None and jobs < 1:
         raise UsageError("--jobs must be at least 1.")
     ray_api.stop_grace_s()  # a bad DVCRAY_STOP_GRACE_S is refused now, not at submission
+    ray_api.keep_jobs()
     known = clusters.known_address(opts.address, cwd)
     asked = opts.cpus_per_exp is not None or opts.gpus_per_exp is not None
     early = None
@@ -246,7 +247,8 @@ def _submit_job(plan: Plan, job_id: str, specs: list[ExpSpec], placed: bool) -> 
                 "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(ray_api.stop_grace_s()), "PYTHONUNBUFFERED": "1"},
             },
             metadata={"dvcray_version": __version__, "baseline": plan.project.baseline, "run_id": job_id,
-                      "exp_name": ",".join(s.exp_name or "" for s in specs)},
+                      "exp_name": ",".join(s.exp_name or "" for s in specs),
+                      "run_ids": ",".join(s.run_id for s in specs)},
             **resources,
         )
     except Exception as exc:

@@ -282,6 +282,8 @@ class Sweep:
             raise
         finally:
             relay.close([s.spec.run_id for s in self.states if s.job_id])
+        if self.plan.client is not None:
+            follow.prune_jobs(self.plan.client, self.plan.store)
         return SweepResult([s.outcome for s in self.states if s.outcome is not None])
 
 

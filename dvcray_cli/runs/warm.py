@@ -29,6 +29,8 @@ from dvcray_cli.service_api import ENTRYPOINT, POLL, RUNS, SERVICE_MARKER, Servi
 # How long the first run waits for a service to start (a Ray Job importing DVC).
 START_TIMEOUT_S = 120.0
 POLL_WAIT_S = 5.0
+# How often a client following a local cluster's service checks that the cluster lives.
+CHECK_EVERY_S = 5.0
 # How long the client keeps trying to reach a cluster that stopped answering.
 RECONNECT_TIMEOUT_S = float(os.environ.get("DVCRAY_RECONNECT_TIMEOUT_S", "60"))
 
@@ -254,6 +256,7 @@ class Watch:
         self.states: dict[str, dict[str, Any]] = {}
         self.decoders = {r: codecs.getincrementaldecoder("utf-8")(errors="replace") for r in run_ids}
         self.lost_since: float | None = None
+        self.checked = time.monotonic()
 
     def poll(self, watch: list[str], logs: list[str], wait: float = POLL_WAIT_S) -> tuple[dict, dict[str, str], list]:
         """``(changed states, new log text per run, runs the service does not know)``;
@@ -262,6 +265,12 @@ class Watch:
         Raises:
             ClusterError: the service has not answered for too long, or its cluster died.
         """
+        if time.monotonic() - self.checked > CHECK_EVERY_S:
+            # The service may outlive its cluster a while (a head whose GCS died): look.
+            self.checked = time.monotonic()
+            dead = clusters.dead_at(self.address)
+            if dead is not None:
+                raise lost_contact(self.address, watch, ClusterError("its GCS process is gone"), 0.0)
         body = {"after": self.after, "watch": watch, "logs": {r: self.offsets.get(r, 0) for r in logs}, "wait": wait}
         try:
             answer = self.service.call("POST", POLL, body, timeout=wait + 15)

@@ -462,6 +462,7 @@ async def serve(service: RunnerService, port: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(stop()))
     ticker = asyncio.create_task(service.tick())
+    watchdog = asyncio.create_task(_watch_cluster(stop))
     say(f"listening on 127.0.0.1:{sock.getsockname()[1]} as {service.service_id} (dvcray {__version__}, pid "
         f"{os.getpid()})")
     try:
@@ -471,7 +472,29 @@ async def serve(service: RunnerService, port: int) -> None:
                 break
     finally:
         ticker.cancel()
+        watchdog.cancel()
         await runner.cleanup()
+
+
+async def _watch_cluster(stop, every_s: float = 5.0, misses: int = 3) -> None:
+    """Leave with the cluster: a head whose GCS is gone (killed, crashed) may leave this
+    process behind, still answering, its runs' cluster gone."""
+    host, _, port = (os.environ.get("RAY_ADDRESS") or "").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    missed = 0
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 5)
+            writer.close()
+            missed = 0
+        except (OSError, asyncio.TimeoutError):
+            missed += 1
+        if missed >= misses:
+            say("the cluster's GCS does not answer: its runs are lost; stopping")
+            await stop()
+            return
 
 
 def main(argv: list[str] | None = None) -> int:
