@@ -73,11 +73,14 @@ class CuttableProxy:
         self.cut()
 
 
-TALK = {
-    "dvc.yaml": "stages:\n  talk:\n    cmd: python talk.py\n    deps: [talk.py]\n    outs: [done.txt]\n",
-    "talk.py": ("import time\nfor i in range(1, 21):\n    print(f'line {i:02d}', flush=True)\n"
-                "    time.sleep(0.4)\nopen('done.txt', 'w').write('ok')\n"),
-}
+def talk(tag: str) -> dict[str, str]:
+    """A stage that prints 20 numbered lines; ``tag`` makes it a stage no earlier run ran
+    (the node's run-cache would restore its output without running it)."""
+    return {
+        "dvc.yaml": "stages:\n  talk:\n    cmd: python talk.py\n    deps: [talk.py]\n    outs: [done.txt]\n",
+        "talk.py": (f"# {tag}\nimport time\nfor i in range(1, 21):\n    print(f'line {{i:02d}}', flush=True)\n"
+                    "    time.sleep(0.4)\nopen('done.txt', 'w').write('ok')\n"),
+    }
 
 
 def _follow_through(proxy: CuttableProxy, root, args: list[str], env: dict | None = None) -> tuple[int, list, str]:
@@ -103,7 +106,7 @@ def _numbered(lines: list[str]) -> list[str]:
 
 def test_dropped_connection_resumes_without_lost_or_repeated_lines(ray_cluster, make_dvc_project, tmp_path):
     """A run as a Ray Job of its own: the job log through a proxy of the job API."""
-    root = make_dvc_project(TALK)
+    root = make_dvc_project(talk("job"))
     proxy = CuttableProxy(int(ray_cluster.dashboard_url.rsplit(":", 1)[1]))
     code, lines, stderr = _follow_through(
         proxy, root, ["-n", "cut", "--address", f"http://127.0.0.1:{proxy.port}", "--store", str(tmp_path / "store")],
@@ -116,7 +119,7 @@ def test_dropped_connection_resumes_without_lost_or_repeated_lines(ray_cluster, 
 def test_dropped_connection_to_the_runner_service_resumes_without_lost_or_repeated_lines(
         ray_cluster, make_dvc_project, tmp_path):
     """A run of the runner service: its long polls through a proxy of the service."""
-    root = make_dvc_project(TALK)
+    root = make_dvc_project(talk("service"))
     store = tmp_path / "store"
     from dvcray_cli.runs import warm
 
@@ -128,7 +131,7 @@ def test_dropped_connection_to_the_runner_service_resumes_without_lost_or_repeat
     services.write_text(json.dumps({**known, ray_cluster.dashboard_url: {**entry, "port": proxy.port}}))
     code, lines, stderr = _follow_through(proxy, root, ["-n", "cut", "--store", str(store)])
     assert code == 0, "".join(lines) + stderr
-    assert proxy.cuts >= 3
+    assert proxy.cuts >= 3, "".join(lines) + stderr
     assert _numbered(lines) == [f"line {i:02d}" for i in range(1, 21)]
 
 
