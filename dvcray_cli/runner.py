@@ -26,8 +26,8 @@ from dvcray_cli.gitutil import git
 from dvcray_cli.runs import live, snapshot
 from dvcray_cli.runs.logtee import LogTee
 from dvcray_cli.runs.project import shown_files
-from dvcray_cli.runs.model import (BUNDLE, LOG, RESULT, STATUS, ExpRef, ExpSpec, Manifest, RunResult, RunState,
-                                   RunStatus)
+from dvcray_cli.runs.model import (BUNDLE, LOG, MANIFEST, RESULT, STATUS, ExpRef, ExpSpec, Manifest, RunResult,
+                                   RunState, RunStatus)
 from dvcray_cli.store import REMOTE_NAME, Store
 
 # Each step of the end-of-run save is tried this often before it is reported as failed.
@@ -128,10 +128,34 @@ def main() -> int:
     """Run the manifest's experiment, or a sweep's experiments side by side."""
     here = Path.cwd()
     manifest = Manifest.read(here)
+    if manifest.parts:
+        here = fetch_parts(here, manifest)
     specs = manifest.specs()
-    if len(specs) == 1:
-        return run_experiment(here, manifest, specs[0])
-    return _run_many(here, manifest, specs)
+    try:
+        if len(specs) == 1:
+            return run_experiment(here, manifest, specs[0])
+        return _run_many(here, manifest, specs)
+    finally:
+        if manifest.parts:
+            shutil.rmtree(here, ignore_errors=True)
+
+
+def fetch_parts(here: Path, manifest: Manifest) -> Path:
+    """A snapshot too big for the job's package waits in the store: fetch it into a
+    folder of its own (then remove it from the store: it served its one job)."""
+    store = Store.from_json(manifest.store)
+    folder = runner_dir() / "snapshots" / manifest.run_id
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name in store.list(manifest.parts):
+        store.download(f"{manifest.parts}/{name}", folder / name)
+    shutil.copyfile(here / MANIFEST, folder / MANIFEST)
+    try:
+        store.delete(manifest.parts, recursive=True)
+    except Exception as exc:  # noqa: BLE001 - a leftover in the store, said in the log
+        say(f"could not remove the snapshot from the store ({manifest.parts}): {exc}")
+    say(f"snapshot fetched from the store ({sum(p.stat().st_size for p in folder.iterdir()) / 2**20:.1f} MiB)")
+    return folder
 
 
 def _run_many(here: Path, manifest: Manifest, specs: list[ExpSpec]) -> int:

@@ -218,6 +218,9 @@ class Manifest:
     # cache of the project (the runner service): the snapshot's bundle, if any, holds
     # only what the cache lacked. Empty: the bundle holds the whole history.
     repo_root: str = ""
+    # Where in the store the snapshot's other files wait, when they were too big to travel
+    # as the Ray Job's package (``dvcray/snapshots/JOB_ID``); the runner fetches them.
+    parts: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -231,6 +234,8 @@ class Manifest:
         manifest.address = manifest.address if isinstance(manifest.address, str) else ""
         manifest.repo_root = manifest.repo_root if isinstance(manifest.repo_root, str) and \
             _SHA.fullmatch(manifest.repo_root) else ""
+        manifest.parts = manifest.parts if isinstance(manifest.parts, str) and \
+            re.fullmatch(r"dvcray/snapshots/[A-Za-z0-9_.-]+", manifest.parts) and ".." not in manifest.parts else ""
         manifest.created = _number(manifest.created) or 0.0
         manifest.worktree_flags = {k: [p for p in v if isinstance(p, str)]
                                    for k, v in _mapping(manifest.worktree_flags).items() if isinstance(v, list)}

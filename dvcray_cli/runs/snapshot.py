@@ -199,11 +199,30 @@ def write_bundle(git_root: Path, path: Path, against: list[str] | None = None) -
     return True
 
 
+def via_store_bytes() -> int:
+    """A snapshot larger than this goes to a Ray Job's runner through the store, not as
+    the job's package (``DVCRAY_SNAPSHOT_VIA_STORE_MB``, default 10: Ray warns about a
+    package file from 10 MiB and refuses a package of 512 MiB)."""
+    from dvcray_cli.state import env_number
+
+    return int(env_number("DVCRAY_SNAPSHOT_VIA_STORE_MB", 10, "MiB") * 2**20)
+
+
 def max_untracked_bytes() -> int:
     """The largest untracked file a snapshot takes (``DVCRAY_MAX_UNTRACKED_MB``, default 50)."""
     from dvcray_cli.state import env_number
 
     return int(env_number("DVCRAY_MAX_UNTRACKED_MB", 50, "MiB") * 2**20)
+
+
+def check_untracked(git_root: Path) -> None:
+    """``check_untracked_sizes`` of the workspace's untracked files (preflight).
+
+    Raises:
+        UsageError: one is too big.
+    """
+    check_untracked_sizes(git_root, _paths(_run_bytes(["ls-files", "--others", "--exclude-standard", "-z"],
+                                                      git_root)))
 
 
 def check_untracked_sizes(git_root: Path, untracked: list[str]) -> None:

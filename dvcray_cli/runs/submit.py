@@ -21,6 +21,7 @@ from dvcray_cli.runs.model import MANIFEST, ExpSpec, Manifest, RunOptions, RunRe
 from dvcray_cli.runs.project import (Project, check_exp_name, find_project, open_repo, push_inputs,
                                      read_project)
 from dvcray_cli.service_api import Service, ServiceError
+from dvcray_cli import store as store_mod
 from dvcray_cli.store import Store
 
 Say = Callable[[str], None]
@@ -138,8 +139,10 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
 
     if jobs is not None and jobs < 1:
         raise UsageError("--jobs must be at least 1.")
-    ray_api.stop_grace_s()  # a bad DVCRAY_STOP_GRACE_S is refused now, not at submission
+    # Bad settings are refused now, not at submission.
+    ray_api.stop_grace_s()
     ray_api.keep_jobs()
+    snapshot.via_store_bytes()
     known = clusters.known_address(opts.address, cwd)
     asked = opts.cpus_per_exp is not None or opts.gpus_per_exp is not None
     early = None
@@ -150,6 +153,8 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
     project = find_project(cwd)
     snapshot.check_workspace(project.git_root)
     snapshot.check_copy_paths(project.dvc_root, opts.copy_paths)
+    if not source:
+        snapshot.check_untracked(project.git_root)
     experiments = source.experiments(project) if source else expand(opts, project)
     store, has_inputs = read_project(project, opts.store, opts.targets)
     if store.is_local and known and not clusters.on_this_machine(known):
@@ -202,6 +207,14 @@ def launch(plan: Plan, job_id: str, specs: list[ExpSpec], jobs: int = 0, placed:
     """
     manifest = plan.manifest(job_id, specs, jobs)
     folder = plan.snapshot_dir
+    if plan.service is None and plan.snapshot_bytes > snapshot.via_store_bytes():
+        # Too big for a Ray Job's package (Ray refuses one of 512 MiB, warns about
+        # files of 10 MiB, and keeps every package in its GCS): the runner fetches it.
+        manifest.parts = f"{store_mod.SNAPSHOTS}/{job_id}"
+        for part in sorted(folder.iterdir()):
+            if part.is_file() and part.name != MANIFEST:
+                plan.store.upload(f"{manifest.parts}/{part.name}", part)
+        folder = Path(tempfile.mkdtemp(prefix="manifest-", dir=plan.snapshot_dir.parent))
     manifest.write(folder)
     data = (folder / MANIFEST).read_bytes()
     for spec in specs:
@@ -209,7 +222,7 @@ def launch(plan: Plan, job_id: str, specs: list[ExpSpec], jobs: int = 0, placed:
     if plan.service is not None:
         _send(plan, folder, placed)
     else:
-        _submit_job(plan, job_id, specs, placed)
+        _submit_job(plan, folder, job_id, specs, placed)
     for spec in specs:
         RunRecord(run_id=spec.run_id, job_id=job_id, address=plan.address, store=plan.store.to_json(),
                   exp_name=spec.exp_name, baseline=spec.baseline or plan.project.baseline, submitted=time.time(),
@@ -235,8 +248,7 @@ def _send(plan: Plan, folder: Path, placed: bool) -> None:
                            "Ray Job instead)") from None
 
 
-def _submit_job(plan: Plan, job_id: str, specs: list[ExpSpec], placed: bool) -> None:
-    folder = plan.snapshot_dir
+def _submit_job(plan: Plan, folder: Path, job_id: str, specs: list[ExpSpec], placed: bool) -> None:
     resources = plan.placement.submit_options() if placed and plan.placement is not None else {}
     try:
         plan.client.submit_job(

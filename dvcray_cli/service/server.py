@@ -44,6 +44,8 @@ KEEP_SNAPSHOTS = 20
 # A log is read at most this much per run per poll.
 LOG_CHUNK = 1 << 20
 TICK_S = 0.2
+# Run and submission ids name files and folders on the node.
+_SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 MAX_WAIT_S = 30.0
 
 
@@ -281,7 +283,7 @@ class RunnerService:
             return 400, {"error": f"not a snapshot: {exc}"}
         job_id = manifest.run_id
         folder = self.snapshots / job_id
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", job_id) or folder.exists() or job_id in self.batches:
+        if not _SAFE_ID.fullmatch(job_id) or folder.exists() or job_id in self.batches:
             shutil.rmtree(tmp, ignore_errors=True)
             return 409, {"error": f"a submission {job_id!r} exists already"}
         if not compatible(manifest.dvcray_version):
@@ -302,9 +304,9 @@ class RunnerService:
         entries = []
         for spec in manifest.specs():
             entry = Entry(spec.run_id, job_id, spec.exp_name, spec.to_json(), placed=bool(resources))
-            if entry.run_id in self.entries:
+            if entry.run_id in self.entries or not _SAFE_ID.fullmatch(entry.run_id):
                 shutil.rmtree(folder, ignore_errors=True)
-                return 409, {"error": f"run {entry.run_id} exists already"}
+                return 409, {"error": f"run {entry.run_id!r} exists already or is no run id"}
             entries.append(entry)
         if resources and self.placer is None:
             from dvcray_cli.service.placed import Placer
@@ -414,7 +416,10 @@ def make_app(service: RunnerService):
 
     async def have(request):
         body = await request.json()
-        cache = snapshot.cache_path(service.base, str(body.get("root") or ""))
+        root = str(body.get("root") or "")
+        if not re.fullmatch(r"[0-9a-f]{40}", root):
+            return web.json_response({"error": "root is not a commit id"}, status=400)
+        cache = snapshot.cache_path(service.base, root)
         found = await asyncio.to_thread(snapshot.cache_has, cache, list(body.get("shas") or []))
         return web.json_response({"have": found})
 

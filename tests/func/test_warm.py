@@ -194,3 +194,26 @@ def test_finished_job_records_beyond_those_kept_are_deleted(ray_cluster, make_dv
     assert (store / "dvcray" / "runs" / first / "log.txt").exists(), "its log lives on in the store"
     logs = run_dvcray("logs", first, cwd=root)
     assert logs.returncode == 0 and "Running stage 's'" in logs.stdout
+
+
+def test_a_big_snapshot_goes_through_the_store_and_a_big_untracked_file_is_refused_by_name(
+        ray_cluster, make_dvc_project, tmp_path, monkeypatch):
+    """As Ray Jobs of their own (a snapshot travels as the job's package there)."""
+    from dvcray_cli import clusters
+
+    monkeypatch.setenv("DVCRAY_SERVICE", "0")
+    root = project(make_dvc_project)
+    store = tmp_path / "store"
+    (root / "big.bin").write_bytes(os.urandom(3 * 2**20))  # untracked, not ignored: it travels
+    monkeypatch.setenv("DVCRAY_MAX_UNTRACKED_MB", "2")
+    refused = run_dvcray("run", "-n", "big", "--store", str(store), cwd=root)
+    assert refused.returncode == 2, refused.stderr
+    assert "big.bin" in refused.stderr and "dvc add big.bin" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (store / "dvcray" / "runs").exists()
+
+    monkeypatch.setenv("DVCRAY_MAX_UNTRACKED_MB", "50")
+    monkeypatch.setenv("DVCRAY_SNAPSHOT_VIA_STORE_MB", "1")
+    run_id = run(root, "big", 7501, store)
+    log = clusters.connect(ray_cluster.dashboard_url).get_job_logs(run_id)
+    assert "snapshot fetched from the store (3.0 MiB)" in log
+    assert not any((store / "dvcray" / "snapshots").iterdir()), "the runner removed it from the store"
