@@ -87,6 +87,11 @@ def start_head(tmp: Path, env: dict[str, str], name: str, **options):
     return head, {**env, "RAY_ADDRESS": head.dashboard_url, "RAY_AUTH_TOKEN": head.token()}
 
 
+def load() -> str:
+    """The machine's load averages (1, 5, 15 minutes), as ``uptime`` shows them."""
+    return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def table(times: dict[str, list[float]], extra: tuple[str, Callable[[float], str]] | None = None) -> list[str]:
     """Markdown rows: each way's median, min and max seconds, and an ``extra``
     column (header, format of the median) such as the difference to a baseline."""

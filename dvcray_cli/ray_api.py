@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from dvcray_cli.errors import ClusterError
 
@@ -212,19 +212,46 @@ def node_died_of(info: Any) -> str | None:
 
 
 def active_runs(job_client: JobSubmissionClient) -> list[dict[str, Any]]:
-    """dvcray's runs that are pending or running on the cluster (jobs tagged ``dvcray_version``).
+    """dvcray's runs that are pending or running on the cluster: jobs tagged
+    ``dvcray_version``, and the runs of its runner service (``service_api``).
+
+    A runner service that cannot be asked from here counts as a run itself: it may
+    have some, and no answer is no proof of idleness.
 
     Returns:
-        ``[{"run_id", "status", "exp_name"}]``.
+        ``[{"run_id", "status", "exp_name", "job_id"}]``: ``job_id`` is the Ray Job to stop
+        to stop the run (the service's, for its runs: they save their work when it stops).
     """
+    from dvcray_cli import service_api
+
     runs = []
     for job in job_client.list_jobs():
         status = status_text(job.status)
         meta = job.metadata or {}
-        if RUN_MARKER in meta and not is_terminal(status) and job.submission_id:
-            runs.append({"run_id": job.submission_id, "status": status,
+        if is_terminal(status) or not job.submission_id:
+            continue
+        if service_api.SERVICE_MARKER in meta:
+            token = (getattr(job_client, "_headers", None) or {}).get("Authorization", "").removeprefix("Bearer ")
+            found = service_api.active_runs(job_client.get_address(), token or None, job.submission_id,
+                                            job_client.get_job_logs(job.submission_id))
+            runs += found if found is not None else [{"run_id": job.submission_id, "status": status,
+                                                      "exp_name": "(dvcray's runner service)",
+                                                      "job_id": job.submission_id}]
+        elif RUN_MARKER in meta:
+            runs.append({"run_id": job.submission_id, "status": status, "job_id": job.submission_id,
                          "exp_name": meta.get("exp_name") or meta.get("dvcray_exp_name")})
     return runs
+
+
+def stop_runs(job_client: JobSubmissionClient, runs: list[dict[str, Any]], timeout: float) -> list[str]:
+    """Stop the Ray Jobs that run ``runs`` (``active_runs``) and wait until each has ended.
+
+    Returns:
+        The run ids that were asked to stop.
+    """
+    jobs = list(dict.fromkeys(r.get("job_id") or r["run_id"] for r in runs))
+    stopped = set(stop_and_wait(job_client, jobs, timeout))
+    return [r["run_id"] for r in runs if (r.get("job_id") or r["run_id"]) in stopped]
 
 
 def stop_and_wait(job_client: JobSubmissionClient, job_ids: list[str], timeout: float) -> list[str]:
@@ -255,6 +282,43 @@ def stop_and_wait(job_client: JobSubmissionClient, job_ids: list[str], timeout: 
         if pending:
             time.sleep(0.3)
     return stopped
+
+
+def keep_jobs() -> int:
+    """How many of dvcray's finished Ray Jobs a cluster keeps on record (``DVCRAY_KEEP_JOBS``,
+    default 100): Ray keeps every job forever (ray-project/ray#35202), and its dashboard
+    and job API slow down, then fail, after hundreds.
+
+    Raises:
+        UsageError: the variable is not a number.
+    """
+    from dvcray_cli import state
+
+    return int(state.env_number("DVCRAY_KEEP_JOBS", 100, "jobs"))
+
+
+def prune_jobs(job_client: JobSubmissionClient, keep: int, saved: Callable[[Any], bool]) -> list[str]:
+    """Delete the records of dvcray's finished Ray Jobs beyond the ``keep`` newest, each
+    only once ``saved(job)`` says its runs' results are in the store (their logs live on
+    there). Never a job that has not ended, never one that is not dvcray's.
+
+    Returns:
+        The deleted jobs' ids.
+    """
+    from dvcray_cli.service_api import SERVICE_MARKER
+
+    ours = [j for j in job_client.list_jobs()
+            if j.submission_id and is_terminal(status_text(j.status))
+            and ({RUN_MARKER, SERVICE_MARKER, "dvcray_probe"} & set(j.metadata or {}))]
+    ours.sort(key=lambda j: j.end_time or j.start_time or 0, reverse=True)
+    deleted = []
+    for job in ours[keep:]:
+        try:
+            if saved(job) and job_client.delete_job(job.submission_id):
+                deleted.append(job.submission_id)
+        except Exception:  # noqa: BLE001 - left for the next time
+            continue
+    return deleted
 
 
 # --------------------------------------------------------------------------- the dashboard

@@ -26,8 +26,8 @@ from dvcray_cli.gitutil import git
 from dvcray_cli.runs import live, snapshot
 from dvcray_cli.runs.logtee import LogTee
 from dvcray_cli.runs.project import shown_files
-from dvcray_cli.runs.model import (BUNDLE, LOG, RESULT, STATUS, ExpRef, ExpSpec, Manifest, RunResult, RunState,
-                                   RunStatus)
+from dvcray_cli.runs.model import (BUNDLE, LOG, MANIFEST, RESULT, STATUS, ExpRef, ExpSpec, Manifest, RunResult,
+                                   RunState, RunStatus)
 from dvcray_cli.store import REMOTE_NAME, Store
 
 # Each step of the end-of-run save is tried this often before it is reported as failed.
@@ -142,10 +142,34 @@ def main() -> int:
     """Run the manifest's experiment, or a sweep's experiments side by side."""
     here = Path.cwd()
     manifest = Manifest.read(here)
+    if manifest.parts:
+        here = fetch_parts(here, manifest)
     specs = manifest.specs()
-    if len(specs) == 1:
-        return run_experiment(here, manifest, specs[0])
-    return _run_many(here, manifest, specs)
+    try:
+        if len(specs) == 1:
+            return run_experiment(here, manifest, specs[0])
+        return _run_many(here, manifest, specs)
+    finally:
+        if manifest.parts:
+            shutil.rmtree(here, ignore_errors=True)
+
+
+def fetch_parts(here: Path, manifest: Manifest) -> Path:
+    """A snapshot too big for the job's package waits in the store: fetch it into a
+    folder of its own (then remove it from the store: it served its one job)."""
+    store = Store.from_json(manifest.store)
+    folder = runner_dir() / "snapshots" / manifest.run_id
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name in store.list(manifest.parts):
+        store.download(f"{manifest.parts}/{name}", folder / name)
+    shutil.copyfile(here / MANIFEST, folder / MANIFEST)
+    try:
+        store.delete(manifest.parts, recursive=True)
+    except Exception as exc:  # noqa: BLE001 - a leftover in the store, said in the log
+        say(f"could not remove the snapshot from the store ({manifest.parts}): {exc}")
+    say(f"snapshot fetched from the store ({sum(p.stat().st_size for p in folder.iterdir()) / 2**20:.1f} MiB)")
+    return folder
 
 
 def _run_many(here: Path, manifest: Manifest, specs: list[ExpSpec]) -> int:
@@ -199,8 +223,10 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         raise Terminated()
 
     signal.signal(signal.SIGTERM, _on_term)
+    parent = os.getppid()
     result = RunResult(run_id=run_id, exp_name=exp_name, baseline=manifest.baseline, overrides=overrides,
                        status=RunState.FAILED, node=socket.gethostname(), started=time.time(),
+                       ray_node=os.environ.get("DVCRAY_RAY_NODE", ""),
                        dvcray_version=manifest.dvcray_version)
     repo = None
     capture = None
@@ -215,7 +241,8 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         beat()
         tee.heartbeat = beat
         t = time.time()
-        dvc_root = snapshot.restore(here, ws, manifest, spec.patch)
+        cache = snapshot.cache_path(runner_dir(), manifest.repo_root) if manifest.repo_root else None
+        dvc_root = snapshot.restore(here, ws, manifest, spec.patch, cache)
         configure_dvc(dvc_root, store)
         result.timings["restore"] = time.time() - t
         say(f"workspace ready at baseline {manifest.baseline[:7]} ({result.timings['restore']:.1f}s)")
@@ -249,9 +276,15 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         result.exp_sha = next(iter(results), None)
         result.status = RunState.SUCCEEDED
     except Terminated:
-        result.status = RunState.STOPPED
-        result.error = "stopped (SIGTERM)"
-        say("stopped: saving what the run produced")
+        if os.getppid() != parent:
+            # Nobody stopped it: the process it ran under (the runner service, or a node's
+            # warm runner) died, and took it down with it (forks.die_with_parent).
+            result.error = "dvcray's runner on this node went away mid-run (its process was killed)"
+            say(f"{result.error}: saving what the run produced")
+        else:
+            result.status = RunState.STOPPED
+            result.error = "stopped (SIGTERM)"
+            say("stopped: saving what the run produced")
     except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         cause = exc.__cause__
@@ -272,6 +305,35 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
             if result.workspace is None:
                 shutil.rmtree(work, ignore_errors=True)
     return {RunState.SUCCEEDED: 0, RunState.STOPPED: 143}.get(result.status, 1)
+
+
+def push_run_cache(repo, since: float) -> int:
+    """Push the run-cache entries made since ``since`` (this run's; a sibling's on this
+    node at most). ``dvc push --run-cache`` sends every entry of the cache each time
+    (``StageCache.transfer(force=True)``): with one cache shared by a node's runs,
+    that grows with every run the node ever made."""
+    from dvc.fs import generic
+
+    legacy = repo.cache.legacy
+    runs = os.path.join(legacy.path, "runs")
+    if not os.path.isdir(runs):
+        return 0
+    fresh = []
+    for folder, _, files in os.walk(runs):
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                if os.stat(path).st_mtime >= since - 1:
+                    fresh.append(path)
+            except OSError:
+                continue
+    if not fresh:
+        return 0
+    dest = repo.cloud.get_remote_odb(None, "push --run-cache", hash_name="md5-dos2unix")
+    for src in fresh:
+        rel = os.path.relpath(src, legacy.path).replace(os.sep, "/")
+        generic.copy(legacy.fs, src, dest.fs, dest.fs.join(dest.path, *rel.split("/")))
+    return len(fresh)
 
 
 def _attempt(what: str, step, errors: dict[str, str]) -> bool:
@@ -302,8 +364,9 @@ def _save(repo, ws: Path, store: Store, baseline: str, exp_name: str | None, res
         t = time.time()
 
         def push() -> None:
-            pushed = repo.push(run_cache=True)
-            say(f"pushed {pushed} file(s) and the run-cache to the store")
+            pushed = repo.push()
+            entries = push_run_cache(repo, result.started or 0.0)
+            say(f"pushed {pushed} file(s) and {entries} run-cache entr{'y' if entries == 1 else 'ies'} to the store")
 
         if not _attempt("outputs (dvc push)", push, errors):
             result.push_error = errors["outputs (dvc push)"]

@@ -171,6 +171,15 @@ def env_seconds(name: str, default: float) -> float:
     Raises:
         UsageError: it is set to something that is not a number of seconds.
     """
+    return env_number(name, default, "seconds")
+
+
+def env_number(name: str, default: float, unit: str) -> float:
+    """A number of ``unit`` (0 or more) from the environment variable ``name``.
+
+    Raises:
+        UsageError: it is set to something that is not such a number.
+    """
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -179,7 +188,7 @@ def env_seconds(name: str, default: float) -> float:
     except ValueError:
         value = -1.0
     if not value >= 0 or value == float("inf"):
-        raise UsageError(f"{name}={raw} is not a number of seconds.", f"Set it to e.g. {name}={default:g}, or unset it.")
+        raise UsageError(f"{name}={raw} is not a number of {unit}.", f"Set it to e.g. {name}={default:g}, or unset it.")
     return value
 
 

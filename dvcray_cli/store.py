@@ -21,6 +21,8 @@ from dvcray_cli.errors import StoreError, UsageError
 REMOTE_NAME = "dvcray-store"
 # Run records. Not "runs/": DVC keeps its run-cache there in every remote.
 RUNS = "dvcray/runs"
+# Snapshots too big for a Ray Job's package, on their way to a runner.
+SNAPSHOTS = "dvcray/snapshots"
 # Remote options that may travel to the cluster. Credentials never do: nodes
 # use their own (the local environment, or an instance profile).
 SHAREABLE = ("url", "endpointurl", "region", "use_ssl", "ssl_verify", "listobjects",
@@ -159,9 +161,9 @@ class Store:
         fs, _ = self._fs
         self._call(f"read {rel}", fs.get_file, self._path(rel), os.fspath(local))
 
-    def delete(self, rel: str) -> None:
+    def delete(self, rel: str, recursive: bool = False) -> None:
         fs, _ = self._fs
-        self._call(f"delete {rel}", fs.rm, self._path(rel))
+        self._call(f"delete {rel}", lambda path: fs.rm(path, recursive=recursive), self._path(rel))
 
     def run_ids(self) -> list[str]:
         """Every run recorded in the store (newest first by id)."""

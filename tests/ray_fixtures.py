@@ -49,6 +49,15 @@ def start_test_head(home: Path, name: str, env: dict[str, str] | None = None, nu
     return head, temp_dir
 
 
+def node_files(head) -> list[Path]:
+    """Every file the head's node keeps of what runs brought: Ray's session (job packages
+    as unpacked, logs) and dvcray's runner folder (the runner service's snapshots and
+    its logs of each run) in the head's HOME."""
+    home = Path(head.token_path).parents[1]
+    found = [*Path(head.temp_dir).rglob("*"), *(home / ".cache" / "dvcray").rglob("*")]
+    return [p for p in found if p.is_file() and not p.is_symlink()]
+
+
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
     """One real Ray head (2 CPUs, token auth on) shared by the session; stopped by pid at the end.

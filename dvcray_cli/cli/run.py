@@ -54,7 +54,7 @@ def run(
         dvcray run --exp-name lr-01 -S train.lr=0.1
     """
     from dvcray_cli import params
-    from dvcray_cli.runs import follow, live, submit
+    from dvcray_cli.runs import follow, live, submit, warm
     from dvcray_cli.runs.model import RunOptions
 
     opts = RunOptions(
@@ -91,8 +91,13 @@ def run(
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         with live.relayed(sub.store, sub.project, [sub.run_id], progress):
-            status = follow.follow(sub.client, sub.run_id, emit)
+            if sub.service is not None:
+                status = warm.follow(sub.service, sub.address, sub.run_id, emit)
+            else:
+                status = follow.follow(sub.client, sub.run_id, emit)
         outcome = follow.finish(sub, status, apply=apply, force=force)
+        if sub.client is not None:
+            follow.prune_jobs(sub.client, sub.store)
     except (KeyboardInterrupt, Interrupted):
         raise
     except Exception:
@@ -213,23 +218,42 @@ def follow_many(start, json_: bool) -> None:
                          "The lines above say what is missing and where it stays.")
 
 
+# Beyond this many experiments the live table shows counts, the running ones and the
+# last to end, not a row each: it stays readable at hundreds.
+TABLE_ROWS = 12
+
+
 def _live_table(states):
     import time
+    from collections import Counter
 
+    from rich.console import Group
     from rich.table import Table
 
     table = Table(show_header=True, header_style="bold")
     for column in ("experiment", "state", "elapsed", "latest"):
         table.add_column(column, overflow="ellipsis", no_wrap=True)
     now = time.time()
-    for st in states:
+    shown = list(states)
+    counts = None
+    if len(states) > TABLE_ROWS:
+        counts = Counter(st.state.value for st in states)
+        going = sorted((st for st in states if st.state.value == "RUNNING"),
+                       key=lambda st: st.started or now)
+        ended = sorted((st for st in states if st.outcome is not None), key=lambda st: st.ended or now)
+        shown = going[:TABLE_ROWS - 3] + ended[-3:]
+    for st in shown:
         elapsed = f"{(st.ended or now) - st.started:.0f}s" if st.started else ""
         latest = st.progress or st.last_line
         if st.outcome and st.outcome.metrics:
             first = next(iter(st.outcome.metrics.values()), {})
             latest = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(first.items())[:3])
         table.add_row(Text(st.name), st.state.value, elapsed, Text(latest[:60]))
-    return table
+    if counts is None:
+        return table
+    order = ("SUCCEEDED", "FAILED", "STOPPED", "LOST", "RUNNING", "PENDING", "WAITING")
+    line = f"{len(states)} experiments: " + ", ".join(f"{counts[k]} {k.lower()}" for k in order if counts.get(k))
+    return Group(Text(line), table)
 
 
 def _sweep_summary(result) -> None:

@@ -119,15 +119,15 @@ def logs(
         dvcray logs dvcray-20250101-120000-a1b2c3
         dvcray logs lr-01 --follow
     """
-    from dvcray_cli.runs import history
+    from dvcray_cli.runs import logs as runlogs
     from dvcray_cli.runs.model import RunState
 
     def emit(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    result = history.logs(cwd.resolve(), run, emit, follow=follow, store=store,
-                       note=lambda m: err.print(m, markup=False))
+    result = runlogs.logs(cwd.resolve(), run, emit, follow=follow, store=store,
+                          note=lambda m: err.print(m, markup=False))
     if result.empty:
         err.print(f"Run {result.run_id} has no log yet ({result.state.value}).", markup=False)
     if result.state == RunState.LOST:

@@ -401,6 +401,14 @@ def is_remote(address: str) -> bool:
     return not on_this_machine(address)
 
 
+def service_host(address: str) -> str | None:
+    """Where this machine reaches the runner service of the cluster at ``address``, which
+    listens on its head's 127.0.0.1 only: ``127.0.0.1`` for a cluster on this machine.
+    None where no port-forward reaches it (a cluster elsewhere, AWS for now): runs go
+    there as Ray Jobs of their own."""
+    return "127.0.0.1" if on_this_machine(address) else None
+
+
 def dead_at(address: str) -> str | None:
     """The name of the cluster recorded on this machine at ``address`` if its GCS
     is gone (it died, or was stopped by hand); None if it runs or is not dvcray's."""

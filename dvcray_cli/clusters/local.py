@@ -603,7 +603,7 @@ def _down(name: str, yes: bool) -> DownResult:
     if client is not None and runs:
         # Every runner gets the whole grace it was promised to save its work (and Ray's
         # kill after it), before the head's processes go.
-        stopped_runs = ray_api.stop_and_wait(client, [r["run_id"] for r in runs], ray_api.stop_grace_s() + 10)
+        stopped_runs = ray_api.stop_runs(client, runs, ray_api.stop_grace_s() + 10)
     pids = cluster.stop()
     _remove_record(name)
     return DownResult(name, cluster, pids, stopped_runs)

@@ -9,19 +9,17 @@ experiment ref of the run's own baseline), and with ``--apply`` its outputs.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable
 
-from dvcray_cli import clusters, ray_api
+from dvcray_cli import ray_api
 from dvcray_cli.errors import ClusterError, ExperimentFailed, Interrupted, StoreError, UsageError
 from dvcray_cli.runs.model import RESULT, ExpRef, Outcome, RunRecord, RunResult, RunState
 from dvcray_cli.runs.project import NameTaken, fetch_shown_files, import_experiment, open_repo, pull_outputs
 from dvcray_cli.runs.submit import Submitted
+from dvcray_cli.runs.warm import lost_contact
 from dvcray_cli.store import Store
 
-# How long the client keeps trying to reach a cluster that stopped answering.
-RECONNECT_TIMEOUT_S = float(os.environ.get("DVCRAY_RECONNECT_TIMEOUT_S", "60"))
 # A job status that takes longer than this counts as no answer.
 STATUS_TIMEOUT_S = 10.0
 
@@ -125,28 +123,6 @@ class StatusWatch:
         return found
 
 
-def lost_contact(address: str, run_ids: list[str], exc: BaseException, since: float) -> ClusterError | None:
-    """The error to end on once the cluster stopped answering; None to keep trying.
-
-    At once when ``address`` is a cluster dvcray started on this machine and its
-    GCS is gone (it died: nothing will come back); otherwise after
-    ``DVCRAY_RECONNECT_TIMEOUT_S`` (default 60) without an answer.
-    """
-    runs = ", ".join(run_ids)
-    first = run_ids[0] if len(run_ids) == 1 else "RUN"
-    where = f"Its log up to then is in the store: dvcray logs {first}; dvcray runs shows what became of it."
-    dead = clusters.dead_at(address)
-    if dead is not None:
-        return ClusterError(f"The Ray cluster {dead!r} at {address} died during run {runs}: "
-                            "its GCS process is gone, and the run with it.", where)
-    if time.time() - since <= RECONNECT_TIMEOUT_S:
-        return None
-    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else type(exc).__name__
-    return ClusterError(f"Lost contact with the Ray cluster at {address} for {RECONNECT_TIMEOUT_S:.0f} s "
-                        f"while following run {runs} ({reason}). If the cluster died, the run is lost.",
-                        f"The run may still be going if the cluster comes back. {where}")
-
-
 def follow(client, run_id: str, emit: Callable[[str], None], stop_on_interrupt: bool = True) -> str:
     """Stream the job's log until the job ends; return its final status.
 
@@ -193,6 +169,25 @@ def stop_jobs(client, job_ids: list[str]) -> None:
         ray_api.stop_and_wait(client, job_ids, ray_api.stop_grace_s() + 10)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def prune_jobs(client, store: Store) -> list[str]:
+    """Delete the records of dvcray's finished Ray Jobs beyond ``DVCRAY_KEEP_JOBS``, those
+    whose results are in ``store`` (``ray_api.prune_jobs``); a cluster that does not answer
+    keeps them for the next time."""
+    from dvcray_cli.service_api import SERVICE_MARKER
+
+    def saved(job) -> bool:
+        meta = job.metadata or {}
+        if SERVICE_MARKER in meta or "dvcray_probe" in meta:
+            return True
+        runs = [r for r in str(meta.get("run_ids") or job.submission_id).split(",") if r]
+        return all(store.exists(store.run_path(r, RESULT)) for r in runs)
+
+    try:
+        return ray_api.prune_jobs(client, ray_api.keep_jobs(), saved)
+    except Exception:  # noqa: BLE001 - housekeeping: never the reason a run fails
+        return []
 
 
 # --------------------------------------------------------------------------- finish

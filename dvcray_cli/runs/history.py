@@ -10,7 +10,6 @@ store, so runs, logs and pull keep working after the cluster is gone.
 
 from __future__ import annotations
 
-import codecs
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,10 +18,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from dvcray_cli import clusters, gitutil, ray_api, state
-from dvcray_cli.errors import ClusterError, ExperimentFailed, Interrupted, StoreError, UsageError
+from dvcray_cli import clusters, gitutil, ray_api
+from dvcray_cli.errors import ClusterError, ExperimentFailed, StoreError, UsageError
 from dvcray_cli.runs import follow as following
-from dvcray_cli.runs.logtee import StoreLog
+from dvcray_cli.runs import warm
 from dvcray_cli.runs.model import (MANIFEST, RESULT, STATUS, ExpRef, Manifest, RunRecord, RunResult, RunState,
                                    RunStatus, valid_exp_name)
 from dvcray_cli.runs.project import find_project, import_experiment, pull_outputs
@@ -265,7 +264,28 @@ class _Clusters:
     def __init__(self) -> None:
         self._clients: dict[str, Any] = {}
         self._jobs: dict[str, dict[str, Any] | None] = {}
+        self._services: dict[str, tuple[Any, dict[str, Any] | None]] = {}
         self.errors: dict[str, str] = {}
+
+    def service(self, address: str | None) -> tuple[Any, dict[str, Any] | None]:
+        """The runner service this machine knows for ``address`` and its runs
+        (``{run_id: info}``); ``(None, None)`` when it does not answer."""
+        if not address:
+            return None, None
+        if address not in self._services:
+            service, runs = None, None
+            dead = clusters.dead_at(address)
+            if dead is not None:  # its service may linger a while, but its runs are gone
+                self.errors[address] = f"the Ray cluster {dead!r} died (its GCS process is gone)"
+                self._services[address] = (None, None)
+                return None, None
+            try:
+                service = warm.find(address)
+                runs = warm.runs_of(service) if service is not None else None
+            except ClusterError as exc:
+                self.errors[address] = exc.message
+            self._services[address] = (service, runs)
+        return self._services[address]
 
     def client(self, address: str | None):
         if not address:
@@ -317,7 +337,9 @@ def _info(run: _Run, seen: _Clusters, fallbacks: list[str], git_root: Path) -> R
         return info
 
     job = None
-    for address in ([run.address] if run.address else fallbacks):
+    if record and record.service:  # run by the cluster's runner service, not a Ray Job of its own
+        job = warm.as_job((seen.service(run.address)[1] or {}).get(run.run_id))
+    for address in ([] if record and record.service else [run.address] if run.address else fallbacks):
         jobs = seen.jobs(address)
         if jobs is None:
             continue
@@ -456,123 +478,6 @@ def _locate(ctx: _Context, key: str, prefer_success: bool = False) -> _Run:
                      f"{LIST_HINT} (a run from another store: --store URL).")
 
 
-# --------------------------------------------------------------------------- logs
-
-
-@dataclass
-class LogsResult:
-    run_id: str
-    state: RunState       # the run's state when the command ended
-    source: str           # "cluster" or "store"
-    empty: bool = False   # there was no log to show yet
-
-
-def logs(cwd: Path, key: str, emit: Callable[[str], None], follow: bool = False,
-         store: str | None = None, note: Callable[[str], None] = lambda m: None) -> LogsResult:
-    """Write run ``key``'s log to ``emit``: from the cluster while it answers,
-    else the copy the runner keeps in the store.
-
-    With ``follow``, keep writing until the run ends (Ctrl-C stops following,
-    not the run).
-
-    Raises:
-        UsageError: no such run.
-        ClusterError: following a run whose cluster stopped answering and whose
-            store copy shows no sign of life.
-        StoreError: the store could not be read.
-    """
-    ctx = _context(cwd, store)
-    run = _locate(ctx, key)
-    shown = False
-    user_emit = emit
-
-    def emit(text: str) -> None:
-        nonlocal shown
-        if text:
-            shown = True
-            user_emit(text)
-
-    seen = _Clusters()
-    # A sweep's experiments share one job whose log holds them all: the store
-    # keeps each one's own log.
-    candidates = ([run.address] if run.address else clusters.fallback_addresses()) \
-        if run.job_id == run.run_id else []
-    for address in candidates:
-        client = seen.client(address)
-        if client is None:
-            continue
-        try:
-            job_state = ray_api.status_text(client.get_job_info(run.run_id).status)
-        except Exception:  # the cluster does not know this run (restarted, or another cluster)
-            continue
-        if follow and not ray_api.is_terminal(job_state):
-            job_state = following.follow(client, run.run_id, emit, stop_on_interrupt=False)
-        else:
-            try:
-                text = client.get_job_logs(run.run_id)
-            except Exception:  # noqa: BLE001 - the log lived on a node that is gone
-                note(f"The cluster at {address} could not give run {run.run_id}'s log (the node that held it "
-                     "is gone): showing the copy of the log in the store.")
-                break
-            emit(text)
-        result = run.result if ray_api.is_terminal(job_state) else None
-        final = result.status if result else RunState.parse(job_state, RunState.PENDING)
-        return LogsResult(run.run_id, final, "cluster", empty=not shown)
-
-    else:
-        if candidates and run.address:
-            why = seen.errors.get(run.address) or f"The cluster at {run.address} does not know run {run.run_id}"
-            note(f"{why.rstrip('.')}: showing the copy of the log in the store.")
-    final = _store_log(run, emit, follow)
-    return LogsResult(run.run_id, final, "store", empty=not shown)
-
-
-def _store_log(run: _Run, emit: Callable[[str], None], follow: bool) -> RunState:
-    """The store's copy of the log; with ``follow``, poll it until the run's result appears.
-
-    A followed run whose log has not grown for ``DVCRAY_STALE_S`` and whose heartbeat
-    is stale (its cluster does not answer) is lost: that ends the wait with exit 3.
-    """
-    log = StoreLog(run.store, run.run_id)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    shown = 0
-    last_change = time.monotonic()
-    stale_s = state.env_seconds("DVCRAY_STALE_S", 60)
-
-    def show() -> bool:
-        nonlocal shown
-        data = log.read()
-        if len(data) > shown:
-            emit(decoder.decode(data[shown:]))
-            shown = len(data)
-            return True
-        return False
-
-    try:
-        while True:
-            result = RunResult.from_json(run.store.read_json(run.store.run_path(run.run_id, RESULT)))
-            if show():
-                last_change = time.monotonic()
-            if result is not None:
-                show()  # the runner's last lines are in the store before its result
-                emit(decoder.decode(b"", final=True))
-                return result.status
-            if not follow:
-                status = run.status
-                return RunState.LOST if run.record else (status.state if status else RunState.PENDING)
-            status = RunStatus.from_json(run.store.read_json(run.store.run_path(run.run_id, STATUS)))
-            quiet = time.monotonic() - last_change > stale_s
-            if quiet and (status is None or status.is_stale() or status.state.is_terminal()):
-                raise ClusterError(
-                    f"Run {run.run_id}: its cluster does not answer, and neither its log nor its heartbeat in "
-                    f"the store has changed for {stale_s:.0f}s; the run is probably lost.",
-                    f"Check the cluster (dvcray cluster status); what the run saved: dvcray logs {run.run_id}")
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        raise Interrupted(f"Stopped following run {run.run_id}; the run itself goes on.",
-                          f"Follow it again: dvcray logs {run.run_id} --follow") from None
-
-
 # --------------------------------------------------------------------------- stop
 
 
@@ -595,6 +500,8 @@ def stop(cwd: Path, key: str, store: str | None = None, timeout: float | None = 
     if result and result.status.is_terminal():
         return StopResult(run.run_id, name, result.status, True, saved=True, store=run.store.url)
 
+    if run.record and run.record.service:
+        return _stop_service_run(ctx, run, name, timeout, say)
     addresses = [run.address] if run.address else clusters.fallback_addresses()
     if not addresses:
         raise ClusterError(f"Run {run.run_id} was not submitted from this clone and no cluster is configured here.",
@@ -640,6 +547,30 @@ def stop(cwd: Path, key: str, store: str | None = None, timeout: float | None = 
     if run.record:
         RunRecord.update(ctx.git_root, run.run_id, state=job_state)
     return StopResult(run.run_id, name, job_state, already, waited, saved=final is not None, store=run.store.url)
+
+
+def _stop_service_run(ctx: _Context, run: _Run, name: str | None, timeout: float | None,
+                      say: Callable[[str], None]) -> StopResult:
+    """Stop a run of the cluster's runner service: SIGTERM, the grace to save, SIGKILL."""
+    service, runs = _Clusters().service(run.address)
+    known = (runs or {}).get(run.run_id)
+    if service is None or known is None:
+        raise ClusterError(f"Cannot stop run {run.run_id}: the runner service of the cluster at {run.address} "
+                           f"{'does not know it' if service else 'does not answer'}.",
+                           f"If its cluster is gone, so is the run; what it saved: dvcray logs {run.run_id}")
+    started = time.monotonic()
+    already = RunState.parse(known.get("state"), RunState.PENDING).is_terminal()
+    if not already:
+        say(f"Stopping run {run.run_id}; its runner saves what it has before it ends...")
+        found = warm.stop(service, [run.run_id], timeout)
+        if not ray_api.is_terminal(found.get(run.run_id, "")):
+            raise ClusterError(f"Run {run.run_id} did not end within {time.monotonic() - started:.0f}s of being "
+                               "stopped.", f"Check it: dvcray runs; dvcray logs {run.run_id}")
+    final = following.fetch_result(run.store, run.run_id, wait_s=0 if already else 5)
+    state_ = final.status if final else RunState.parse(known.get("state"), RunState.STOPPED)
+    RunRecord.update(ctx.git_root, run.run_id, state=state_)
+    return StopResult(run.run_id, (final.exp_name if final else None) or name, state_, already,
+                      time.monotonic() - started, saved=final is not None, store=run.store.url)
 
 
 # --------------------------------------------------------------------------- pull

@@ -62,6 +62,7 @@ class Capture:
     """
 
     def __init__(self, store: Store, run_id: str) -> None:
+        import socketserver
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.store, self.run_id = store, run_id
@@ -95,10 +96,19 @@ class Capture:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # the stage's log is the user's: no access lines in it
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def server_bind(self) -> None:
+                # HTTPServer's own asks DNS for the host's full name (socket.getfqdn):
+                # half a second here, for a name nobody reads.
+                socketserver.TCPServer.server_bind(self)
+                self.server_name, self.server_port = "127.0.0.1", self.server_address[1]
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.stopped = threading.Event()
-        self.threads = [threading.Thread(target=self.server.serve_forever, daemon=True),
+        # A short poll interval: shutdown() waits for the loop's next turn.
+        self.threads = [threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True),
                         threading.Thread(target=self._flush_loop, daemon=True)]
         for thread in self.threads:
             thread.start()

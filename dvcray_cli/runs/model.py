@@ -214,6 +214,13 @@ class Manifest:
     # Tracked files git stops looking at, restored as they are locally:
     # {"assume_unchanged": [...], "skip_worktree": [...], "absent": [...]}.
     worktree_flags: dict[str, list[str]] = field(default_factory=dict)
+    # The project's first commit, when the history comes from the node's repository
+    # cache of the project (the runner service): the snapshot's bundle, if any, holds
+    # only what the cache lacked. Empty: the bundle holds the whole history.
+    repo_root: str = ""
+    # Where in the store the snapshot's other files wait, when they were too big to travel
+    # as the Ray Job's package (``dvcray/snapshots/JOB_ID``); the runner fetches them.
+    parts: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -225,6 +232,10 @@ class Manifest:
             return None
         manifest.exp_name = _text(manifest.exp_name)
         manifest.address = manifest.address if isinstance(manifest.address, str) else ""
+        manifest.repo_root = manifest.repo_root if isinstance(manifest.repo_root, str) and \
+            _SHA.fullmatch(manifest.repo_root) else ""
+        manifest.parts = manifest.parts if isinstance(manifest.parts, str) and \
+            re.fullmatch(r"dvcray/snapshots/[A-Za-z0-9_.-]+", manifest.parts) and ".." not in manifest.parts else ""
         manifest.created = _number(manifest.created) or 0.0
         manifest.worktree_flags = {k: [p for p in v if isinstance(p, str)]
                                    for k, v in _mapping(manifest.worktree_flags).items() if isinstance(v, list)}
@@ -312,6 +323,7 @@ class RunResult:
     ended: float | None = None
     dvcray_version: str = ""
     exp_sha: str | None = None
+    ray_node: str = ""   # the Ray node it ran on, when the runner service placed it (``--cpus-per-exp``)
     ref: str | None = None
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -337,7 +349,8 @@ class RunResult:
             run_id=data["run_id"], status=RunState.parse(data.get("status"), RunState.FAILED),
             exp_name=_text(data.get("exp_name")), baseline=_text(data.get("baseline")) or "",
             overrides=[o for o in overrides if isinstance(o, str)] if isinstance(overrides, list) else [],
-            node=str(data.get("node") or ""), started=_number(data.get("started")),
+            node=str(data.get("node") or ""), ray_node=str(data.get("ray_node") or ""),
+            started=_number(data.get("started")),
             ended=_number(data.get("ended")), dvcray_version=str(data.get("dvcray_version") or ""),
             exp_sha=_text(data.get("exp_sha")), ref=_text(data.get("ref")),
             params=_mapping(data.get("params")), metrics=_mapping(data.get("metrics")),
@@ -368,6 +381,7 @@ class RunRecord:
     ended: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    service: str = ""              # the runner service that runs it (its Ray Job id); "": a Ray Job of its own
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -384,6 +398,7 @@ class RunRecord:
         record.metrics = _mapping(record.metrics)
         record.submitted = _number(record.submitted) or 0.0
         record.job_id = record.job_id if isinstance(record.job_id, str) and record.job_id else record.run_id
+        record.service = record.service if isinstance(record.service, str) else ""
         return record
 
     def save(self, git_root: Path) -> Path:

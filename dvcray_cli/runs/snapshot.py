@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,11 +134,15 @@ def _flagged(git_root: Path) -> dict[str, list[str]]:
     return {k: v for k, v in flags.items() if v}
 
 
-def create(git_root: Path, dvc_root: Path, out: Path, copy_paths: list[str] = ()) -> Snapshot:
+def create(git_root: Path, dvc_root: Path, out: Path, copy_paths: list[str] = (),
+           against: list[str] | None = None) -> Snapshot:
     """Write the snapshot of the workspace at ``git_root`` into folder ``out``.
 
     ``copy_paths`` (relative to the DVC root) travel even when git ignores them,
     as with ``dvc exp run -C``; symbolic links travel as links, never followed.
+    ``against``: commits the cluster has (its repository cache, ``cache_has``): the
+    bundle then holds only what it lacks, and none at all when it has HEAD.
+    None: the whole history.
 
     Returns:
         The parts' sizes, for reporting, and the worktree flags for the manifest.
@@ -150,12 +155,13 @@ def create(git_root: Path, dvc_root: Path, out: Path, copy_paths: list[str] = ()
     check_copy_paths(dvc_root, list(copy_paths))
     out = out.absolute()
     out.mkdir(parents=True, exist_ok=True)
-    git("bundle", "create", "-q", os.fspath(out / BUNDLE), "HEAD", cwd=git_root)
+    write_bundle(git_root, out / BUNDLE, against)
     (out / PATCH).write_bytes(_run_bytes(list(_DIFF_ARGS), git_root, _DIFF_CONFIG))
 
     prefix = dvc_root.relative_to(git_root).as_posix()
     prefix = "" if prefix == "." else prefix + "/"
     untracked = _paths(_run_bytes(["ls-files", "--others", "--exclude-standard", "-z"], git_root))
+    check_untracked_sizes(git_root, untracked)
     flags = _flagged(git_root)
     # git diff does not see edits to flagged files: their content travels as is.
     present = [p for p in flags.get("assume_unchanged", []) + flags.get("skip_worktree", [])
@@ -178,20 +184,166 @@ def create(git_root: Path, dvc_root: Path, out: Path, copy_paths: list[str] = ()
         for extra in copy_paths:
             path = dvc_root / extra
             tar.add(path, arcname=prefix + Path(extra).as_posix(), filter=keep)
-    sizes = {name: (out / name).stat().st_size for name in (BUNDLE, PATCH, UNTRACKED)}
+    sizes = {name: (out / name).stat().st_size for name in (BUNDLE, PATCH, UNTRACKED) if (out / name).exists()}
     return Snapshot(sizes, flags)
 
 
-def restore(folder: Path, dest: Path, manifest: Manifest, patch: str = "") -> Path:
+def write_bundle(git_root: Path, path: Path, against: list[str] | None = None) -> bool:
+    """A git bundle of HEAD at ``path``, without what ``against`` commits already hold
+    (a thin bundle); none when HEAD is one of them. Returns whether one was written."""
+    head = git("rev-parse", "HEAD", cwd=git_root)
+    path.unlink(missing_ok=True)
+    if against and head in against:
+        return False
+    git("bundle", "create", "-q", os.fspath(path), "HEAD", *(f"^{sha}" for sha in against or ()), cwd=git_root)
+    return True
+
+
+def via_store_bytes() -> int:
+    """A snapshot larger than this goes to a Ray Job's runner through the store, not as
+    the job's package (``DVCRAY_SNAPSHOT_VIA_STORE_MB``, default 10: Ray warns about a
+    package file from 10 MiB and refuses a package of 512 MiB)."""
+    from dvcray_cli.state import env_number
+
+    return int(env_number("DVCRAY_SNAPSHOT_VIA_STORE_MB", 10, "MiB") * 2**20)
+
+
+def max_untracked_bytes() -> int:
+    """The largest untracked file a snapshot takes (``DVCRAY_MAX_UNTRACKED_MB``, default 50)."""
+    from dvcray_cli.state import env_number
+
+    return int(env_number("DVCRAY_MAX_UNTRACKED_MB", 50, "MiB") * 2**20)
+
+
+def check_untracked(git_root: Path) -> None:
+    """``check_untracked_sizes`` of the workspace's untracked files (preflight).
+
+    Raises:
+        UsageError: one is too big.
+    """
+    check_untracked_sizes(git_root, _paths(_run_bytes(["ls-files", "--others", "--exclude-standard", "-z"],
+                                                      git_root)))
+
+
+def check_untracked_sizes(git_root: Path, untracked: list[str]) -> None:
+    """Untracked files travel with every run: a big one is almost always data that
+    belongs in DVC or in ``.gitignore``, and is refused by name.
+
+    Raises:
+        UsageError: an untracked file is larger than ``max_untracked_bytes()``.
+    """
+    limit = max_untracked_bytes()
+    for rel in untracked:
+        try:
+            info = os.lstat(git_root / rel)
+        except OSError:
+            continue
+        if info.st_size > limit and not os.path.islink(git_root / rel):
+            raise UsageError(
+                f"The untracked file {rel} is {info.st_size / 2**20:.0f} MiB: untracked files travel to the cluster "
+                f"with every run, and this one is over dvcray's limit of {limit / 2**20:.0f} MiB.",
+                f"Track it with DVC (dvc add {rel}) or ignore it (.gitignore), then rerun "
+                "(or raise the limit: DVCRAY_MAX_UNTRACKED_MB).")
+
+
+# --------------------------------------------------------------------------- the cluster's repository cache
+
+# Every commit a cache was sent stays reachable from a ref of its own, so nothing it
+# holds is ever pruned; a commit the cache has comes with its whole history (git
+# fetch checks that).
+_KEEP = "refs/dvcray/have/"
+
+
+def history(git_root: Path, depth: int = 16) -> tuple[str, list[str]]:
+    """``(root, samples)``: the first commit of HEAD's first-parent history (the key of the
+    project's repository cache on the nodes, which every clone shares), and HEAD with its
+    first-parent ancestors 1, 2, 4, ... commits back: what a client asks a cluster about
+    (a commit it has is a base the bundle can leave out). One walk of the history."""
+    out = subprocess.run(["git", "rev-list", "--first-parent", "HEAD"], cwd=git_root, capture_output=True,
+                         text=True).stdout.split()
+    if not out:
+        raise GitError("git rev-list HEAD found no commit")
+    return out[-1], [out[i] for i in [0] + [2 ** k for k in range(depth)] if i < len(out)]
+
+
+def cache_path(base: Path, root: str) -> Path:
+    return base / "repos" / f"{root}.git"
+
+
+def _cache_lock(cache: Path):
+    import fcntl
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(cache.parent / f"{cache.name}.lock", "w")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
+def cache_has(cache: Path, shas: list[str]) -> list[str]:
+    """The commits among ``shas`` the cache holds (each with its whole history)."""
+    shas = [s for s in shas if isinstance(s, str) and len(s) == 40 and all(c in "0123456789abcdef" for c in s)]
+    if not shas or not (cache / "objects").is_dir():
+        return []
+    proc = subprocess.run(["git", "cat-file", "--batch-check"], cwd=cache, capture_output=True,
+                          input="".join(f"{s}^{{commit}}\n" for s in shas).encode())
+    lines = proc.stdout.decode(errors="replace").splitlines()
+    return [sha for sha, line in zip(shas, lines) if " commit " in line]
+
+
+def cache_fetch(cache: Path, bundle: Path | None, head: str) -> list[str]:
+    """Bring a snapshot's bundle into the cache (made when missing).
+
+    Returns:
+        The commits the bundle needs that the cache lacks (it was wiped, or the
+        client guessed wrong): then nothing was fetched and a full bundle is needed.
+        Empty when the cache now holds ``head``.
+    """
+    with _cache_lock(cache):
+        if not (cache / "objects").is_dir():
+            subprocess.run(["git", "init", "-q", "--bare", os.fspath(cache)], check=True, capture_output=True)
+            git("config", "gc.auto", "0", cwd=cache)
+        if bundle is not None and bundle.exists():
+            # The client's bundle names HEAD; one made from another node's cache, its kept ref.
+            heads = subprocess.run(["git", "bundle", "list-heads", os.fspath(bundle)], cwd=cache,
+                                   capture_output=True, text=True).stdout.split()
+            ref = "HEAD" if "HEAD" in heads or len(heads) < 2 else heads[1]
+            proc = subprocess.run(["git", "fetch", "-q", "--no-write-fetch-head", os.fspath(bundle),
+                                   f"+{ref}:{_KEEP}{head}"], cwd=cache, capture_output=True, text=True)
+            if proc.returncode != 0:
+                missing = [w for w in proc.stderr.split() if len(w) == 40 and not cache_has(cache, [w])]
+                if missing or "prerequisite" in proc.stderr:
+                    return missing or ["(unknown)"]
+                raise GitError(f"git fetch of the snapshot's bundle failed: {proc.stderr.strip()}")
+        if not cache_has(cache, [head]):
+            return [head]
+        if bundle is None:
+            git("update-ref", f"{_KEEP}{head}", head, cwd=cache)
+    return []
+
+
+def cache_bundle(cache: Path, head: str) -> bytes:
+    """A bundle of ``head``'s whole history from a cache (for a node whose cache lacks it)."""
+    with tempfile.TemporaryDirectory(prefix="dvcray-bundle-") as tmp:
+        out = Path(tmp) / BUNDLE
+        git("bundle", "create", "-q", os.fspath(out), f"{_KEEP}{head}", cwd=cache)
+        return out.read_bytes()
+
+
+def restore(folder: Path, dest: Path, manifest: Manifest, patch: str = "", cache: Path | None = None) -> Path:
     """Rebuild the workspace from a snapshot: clone, check out the baseline,
     apply the changes (``patch``: another file of the snapshot than the workspace's,
     e.g. a queued experiment's) without committing. Returns the DVC root in ``dest``.
+
+    ``cache``: the node's repository cache of the project (which the snapshot's
+    bundle went into): the clone borrows its objects (``--shared``), so a long
+    history costs nothing per run.
 
     The node's own git settings stay out: no line-ending conversion, and no LFS
     filter (the files are what git has, as locally without git-lfs)."""
     neutral = ["-c", "core.autocrlf=false", "-c", "core.eol=lf", "-c", "filter.lfs.smudge=cat",
                "-c", "filter.lfs.process=", "-c", "filter.lfs.required=false"]
-    subprocess.run(["git", *neutral, "clone", "-q", "--no-checkout", os.fspath(folder / BUNDLE), os.fspath(dest)],
+    source = ["--shared", os.fspath(cache)] if cache is not None else [os.fspath(folder / BUNDLE)]
+    subprocess.run(["git", *neutral, "clone", "-q", "--no-checkout", *source, os.fspath(dest)],
                    check=True, capture_output=True)
     for setting in neutral[1::2]:
         key, value = setting.split("=", 1)

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from dvcray_cli import ray_api
 from dvcray_cli.errors import Interrupted, UsageError
-from dvcray_cli.runs import follow, live
+from dvcray_cli.runs import follow, live, warm
 from dvcray_cli.runs.model import RESULT, STATUS, ExpSpec, Outcome, RunOptions, RunResult, RunState, RunStatus
 from dvcray_cli.runs.submit import Plan, Submitted, launch, prepare
 
@@ -77,10 +77,10 @@ class Sweep:
     # ------------------------------------------------------------------ submit
 
     def _submit_next(self) -> None:
-        if not self.placed:
+        if not self.placed or self.plan.service is not None:
             if not self.jobs:
                 job_id = self.states[0].spec.run_id.rsplit("-", 1)[0]
-                launch(self.plan, job_id, [s.spec for s in self.states], jobs=self.limit)
+                launch(self.plan, job_id, [s.spec for s in self.states], jobs=self.limit, placed=self.placed)
                 self._started(job_id, self.states)
             return
         active = sum(1 for s in self.states if s.state.is_active())
@@ -189,6 +189,49 @@ class Sweep:
             for task in tails.values():
                 task.cancel()
 
+    def _follow_service(self) -> None:
+        """Follow the experiments the runner service runs with one long poll for all:
+        their state changes, and the new lines of those that go. The store is read
+        only for an experiment the service says has ended (its result)."""
+        by_id = {s.spec.run_id: s for s in self.states}
+        watch = warm.Watch(self.plan.service, self.plan.address, list(by_id))
+        partial: dict[str, str] = {}
+        draining: set[str] = set()  # ended, and their last lines maybe not read yet
+        while True:
+            open_ = [s for s in self.states if s.outcome is None]
+            if not open_ and not draining:
+                return
+            logs = [s.spec.run_id for s in open_ if s.state == RunState.RUNNING] + sorted(draining)
+            changed, text, unknown = watch.poll([s.spec.run_id for s in open_], logs,
+                                                wait=0 if draining else warm.POLL_WAIT_S)
+            for run_id, chunk in text.items():
+                lines = (partial.pop(run_id, "") + chunk).split("\n")
+                partial[run_id] = lines.pop()
+                state = by_id[run_id]
+                for line in lines:
+                    state.last_line = line.strip()[:120]
+                    self.on_line(state.name, line)
+            draining &= set(text)
+            moved = False
+            for run_id, info in changed.items():
+                state = by_id.get(run_id)
+                new = RunState.parse(info.get("state"), RunState.PENDING)
+                if state is None or state.outcome is not None:
+                    continue
+                if new == RunState.RUNNING and state.state == RunState.PENDING:
+                    state.state, state.started, moved = RunState.RUNNING, info.get("started") or time.time(), True
+                elif new.is_terminal():
+                    draining.add(run_id)
+                    self._collect(state, new.value)
+                    moved = True
+            for run_id in unknown:  # the service forgot it (it was restarted): the store says how it ended
+                state = by_id.get(run_id)
+                if state is not None and state.outcome is None:
+                    self._collect(state, RunState.SUCCEEDED.value)
+                    moved = True
+            if moved:
+                self.on_change(self.states)
+
     # ------------------------------------------------------------------ live metrics
 
     def _live(self) -> list[str]:
@@ -215,9 +258,15 @@ class Sweep:
         relay = live.Relay(self.plan.store, self.plan.project, self._live, self._progress)
         try:
             self._submit_next()
-            asyncio.run(self._watch())
+            if self.plan.service is not None:
+                self._follow_service()
+            else:
+                asyncio.run(self._watch())
         except KeyboardInterrupt:
-            follow.stop_jobs(self.plan.client, list(self.jobs))
+            if self.plan.service is not None:
+                warm.stop(self.plan.service, [s.spec.run_id for s in self.states if s.outcome is None])
+            else:
+                follow.stop_jobs(self.plan.client, list(self.jobs))
             raise Interrupted("Interrupted: every experiment of the sweep was stopped.",
                               "Their logs and what they produced are in the store: dvcray runs") from None
         except Exception:
@@ -234,6 +283,8 @@ class Sweep:
             raise
         finally:
             relay.close([s.spec.run_id for s in self.states if s.job_id])
+        if self.plan.client is not None:
+            follow.prune_jobs(self.plan.client, self.plan.store)
         return SweepResult([s.outcome for s in self.states if s.outcome is not None])
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from conftest import run_dvcray, sh
 from test_run import exp_metrics, exp_refs
+from ray_fixtures import node_files
 
 PLANTED_TOKEN = "isat_queue-planted-token-9f8e7d6c5b4a"
 
@@ -72,8 +73,9 @@ def test_queued_experiments_run_with_their_workspace_and_leave_the_queue(
     assert "q-fail" in sh("git", "reflog", "refs/exps/celery/failed", cwd=root)
 
     # The token never reached the cluster: not in the store, not in Ray's session (job
-    # packages as unpacked on the node, logs), and repro.dat did not travel.
-    cluster_files = [p for p in [*store.rglob("*"), *Path(ray_cluster.temp_dir).rglob("*")] if p.is_file()]
+    # packages as unpacked on the node, logs), not in what the runner service received
+    # (its snapshots and logs on the node), and repro.dat did not travel.
+    cluster_files = [p for p in store.rglob("*") if p.is_file()] + node_files(ray_cluster)
     patches = [p for p in cluster_files if p.name.startswith("queued-") and p.suffix == ".patch"]
     assert patches, "the queued experiments' patches were not found on the node"
     assert not any(b"repro.dat" in p.read_bytes() for p in patches)

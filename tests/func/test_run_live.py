@@ -73,19 +73,21 @@ class CuttableProxy:
         self.cut()
 
 
-def test_dropped_connection_resumes_without_lost_or_repeated_lines(ray_cluster, make_dvc_project, tmp_path):
-    root = make_dvc_project({
+def talk(tag: str) -> dict[str, str]:
+    """A stage that prints 20 numbered lines; ``tag`` makes it a stage no earlier run ran
+    (the node's run-cache would restore its output without running it)."""
+    return {
         "dvc.yaml": "stages:\n  talk:\n    cmd: python talk.py\n    deps: [talk.py]\n    outs: [done.txt]\n",
-        "talk.py": ("import time\nfor i in range(1, 21):\n    print(f'line {i:02d}', flush=True)\n"
+        "talk.py": (f"# {tag}\nimport time\nfor i in range(1, 21):\n    print(f'line {{i:02d}}', flush=True)\n"
                     "    time.sleep(0.4)\nopen('done.txt', 'w').write('ok')\n"),
-    })
-    port = int(ray_cluster.dashboard_url.rsplit(":", 1)[1])
-    proxy = CuttableProxy(port)
+    }
+
+
+def _follow_through(proxy: CuttableProxy, root, args: list[str], env: dict | None = None) -> tuple[int, list, str]:
+    """Run ``dvcray run ARGS`` and cut its connection twice mid-run."""
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dvcray_cli", "run", "-n", "cut", "--address", f"http://127.0.0.1:{proxy.port}",
-             "--store", str(tmp_path / "store")],
-            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, "-m", "dvcray_cli", "run", *args], cwd=root, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
         lines = []
         for line in proc.stdout:
             lines.append(line)
@@ -95,10 +97,42 @@ def test_dropped_connection_resumes_without_lost_or_repeated_lines(ray_cluster, 
         stderr = proc.stderr.read()
     finally:
         proxy.close()
-    assert proc.returncode == 0, "".join(lines) + stderr
+    return proc.returncode, lines, stderr
+
+
+def _numbered(lines: list[str]) -> list[str]:
+    return [line.strip() for line in lines if re.fullmatch(r"line \d\d\n", line)]
+
+
+def test_dropped_connection_resumes_without_lost_or_repeated_lines(ray_cluster, make_dvc_project, tmp_path):
+    """A run as a Ray Job of its own: the job log through a proxy of the job API."""
+    root = make_dvc_project(talk("job"))
+    proxy = CuttableProxy(int(ray_cluster.dashboard_url.rsplit(":", 1)[1]))
+    code, lines, stderr = _follow_through(
+        proxy, root, ["-n", "cut", "--address", f"http://127.0.0.1:{proxy.port}", "--store", str(tmp_path / "store")],
+        env={"DVCRAY_SERVICE": "0"})
+    assert code == 0, "".join(lines) + stderr
     assert proxy.cuts >= 3
-    numbered = [line.strip() for line in lines if re.fullmatch(r"line \d\d\n", line)]
-    assert numbered == [f"line {i:02d}" for i in range(1, 21)]
+    assert _numbered(lines) == [f"line {i:02d}" for i in range(1, 21)]
+
+
+def test_dropped_connection_to_the_runner_service_resumes_without_lost_or_repeated_lines(
+        ray_cluster, make_dvc_project, tmp_path):
+    """A run of the runner service: its long polls through a proxy of the service."""
+    root = make_dvc_project(talk("service"))
+    store = tmp_path / "store"
+    from dvcray_cli.runs import warm
+
+    assert warm.reach(ray_cluster.dashboard_url) is not None  # the service runs; this machine knows its port
+    services = Path.home() / ".dvcray" / "clusters" / "services.json"
+    known = json.loads(services.read_text())
+    entry = known[ray_cluster.dashboard_url]
+    proxy = CuttableProxy(entry["port"])
+    services.write_text(json.dumps({**known, ray_cluster.dashboard_url: {**entry, "port": proxy.port}}))
+    code, lines, stderr = _follow_through(proxy, root, ["-n", "cut", "--store", str(store)])
+    assert code == 0, "".join(lines) + stderr
+    assert proxy.cuts >= 3, "".join(lines) + stderr
+    assert _numbered(lines) == [f"line {i:02d}" for i in range(1, 21)]
 
 
 def test_embedded_default_starts_a_local_cluster(make_dvc_project, isolated_env):

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import run_dvcray, sh
 from test_run import exp_metrics, project_spec
+from ray_fixtures import node_files
 
 
 @pytest.fixture(scope="module")
@@ -86,24 +87,27 @@ def test_s3_store_from_dvc_default_remote_and_no_secret_reaches_ray(s3_head, s3_
     exp_config = sh("git", "show", f"{_ref(root)}:.dvc/config", cwd=root)
     assert "dvcray-store" not in exp_config
 
-    # Search everywhere Ray keeps what a job brings: its record, its package,
-    # its logs, and every file under the cluster's temp dir; and the store.
+    # Search everywhere the cluster keeps what a run brings: the records and logs of
+    # its Ray Jobs (the runner service's), every file under the cluster's temp dir
+    # (packages, session logs) and under the runner's folder on the node (snapshots,
+    # the service's logs of each run); and the store.
     from dvcray_cli import clusters
 
-    info = clusters.connect(s3_head.dashboard_url).get_job_info(run_id)
-    job_text = json.dumps({"runtime_env": info.runtime_env, "metadata": info.metadata,
-                           "entrypoint": info.entrypoint})
-    logs = clusters.connect(s3_head.dashboard_url).get_job_logs(run_id)
-    assert "DRIVER_RUNTIME_ENV" in logs
-    haystacks = {"job record": job_text.encode(), "job log": logs.encode(),
+    client = clusters.connect(s3_head.dashboard_url)
+    jobs = client.list_jobs()
+    job_text = json.dumps([{"runtime_env": j.runtime_env, "metadata": j.metadata, "entrypoint": j.entrypoint}
+                           for j in jobs])
+    logs = "".join(client.get_job_logs(j.submission_id) for j in jobs)
+    haystacks = {"job records": job_text.encode(), "job logs": logs.encode(),
                  **{f"s3:{k}": v for k, v in objects.items()}}
-    for path in Path(s3_head.temp_dir).rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            try:
-                haystacks[str(path)] = path.read_bytes()
-            except OSError:
-                continue
-    assert any("runtime_resources" in k for k in haystacks), "the job's unpacked package was not searched"
+    for path in node_files(s3_head):
+        try:
+            haystacks[str(path)] = path.read_bytes()
+        except OSError:
+            continue
+    assert any(b"DRIVER_RUNTIME_ENV" in data for data in haystacks.values()), "the run's log was not searched"
+    assert any("runtime_resources" in k or "/service/logs/" in k for k in haystacks), \
+        "what the run brought to the node was not searched"
     for what, secret in PLANTED.items():
         leaks = [where for where, data in haystacks.items() if secret.encode() in data]
         assert not leaks, f"{what} leaked into {leaks}"

@@ -117,26 +117,26 @@ json.dump({"v": p["v"]}, open("m.json", "w"))
 
 
 def test_the_clients_own_failure_leaves_the_experiments_running_and_says_how_to_bring_them_home(
-        ray_cluster, make_dvc_project, tmp_path, monkeypatch):
+        ray_cluster, make_dvc_project, tmp_path):
     from dvcray_cli import clusters, ray_api
     from dvcray_cli.runs import sweep
-    from dvcray_cli.runs.model import RunOptions
+    from dvcray_cli.runs.model import RunOptions, RunState
 
     root = make_dvc_project({"s.py": SLOW, "params.yaml": "v: 1\nsleep: 0\n",
                              "dvc.yaml": "stages:\n  s:\n    cmd: python s.py\n    deps: [s.py]\n"
                                          "    params: [v, sleep]\n    metrics: [{m.json: {cache: false}}]\n"})
     said: list[str] = []
 
-    def broken(self, state, job_status):
-        raise RuntimeError("a bug in the client")
+    def broken(states) -> None:  # the client fails while the experiments run
+        if any(s.state == RunState.RUNNING for s in states):
+            raise RuntimeError("a bug in the client")
 
-    monkeypatch.setattr(sweep.Sweep, "_collect", broken)
     opts = RunOptions(exp_name="orphan", overrides=["v=8801,8802", "sleep=20"], store=str(tmp_path / "store"))
     with pytest.raises(RuntimeError, match="a bug in the client"):
-        sweep.run_sweep(opts, root, said.append, None, lambda n, t: None, lambda s: None)
+        sweep.run_sweep(opts, root, said.append, None, lambda n, t: None, broken)
     message = next(m for m in said if "go on on the cluster" in m)
     assert "orphan-1, orphan-2" in message and "dvcray pull" in message
     client = clusters.connect(ray_cluster.dashboard_url)
     running = ray_api.active_runs(client)
     assert running, "the experiments were abandoned"
-    ray_api.stop_and_wait(client, [r["run_id"] for r in running], 90)
+    ray_api.stop_runs(client, running, 90)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_dvcray, sh
+from ray_fixtures import node_files
 
 PLANTED_TOKEN = "isat_studio-planted-token-0a1b2c3d4e5f"
 
@@ -83,7 +84,7 @@ def test_studio_gets_the_same_posts_as_from_a_local_run_and_the_token_stays_home
     assert re.search(r"^live: dvclive step 2 +acc=0\.93 +loss=0\.3333$", proc.stdout, re.M), proc.stdout
 
     # The token is nowhere on the cluster's side: store, job records, Ray's session (logs, packages).
-    files = [p for p in [*store.rglob("*"), *Path(ray_cluster.temp_dir).rglob("*")] if p.is_file()]
+    files = [p for p in store.rglob("*") if p.is_file()] + node_files(ray_cluster)
     assert not [p for p in files if PLANTED_TOKEN.encode() in p.read_bytes()]
     from dvcray_cli import clusters
 

@@ -67,27 +67,31 @@ def test_jobs_limits_how_many_run_at_once(ray_cluster, make_dvc_project, tmp_pat
     assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])), spans
 
 
-def test_placed_runners_are_one_job_each(ray_cluster, make_dvc_project, tmp_path):
+def test_placed_experiments_reserve_their_resources_without_a_job_each(ray_cluster, make_dvc_project, tmp_path):
     root = sweep_project(make_dvc_project)
     proc = run_dvcray("run", "-n", "placed", "-S", "x=1,2", "--cpus-per-exp", "1", "--store", str(tmp_path / "s"),
                       cwd=root)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     from dvcray_cli import clusters
 
-    jobs = [j for j in clusters.connect(ray_cluster.dashboard_url).list_jobs()
-            if (j.metadata or {}).get("exp_name", "").startswith("placed-")]
-    assert len(jobs) == 2
+    assert not [j for j in clusters.connect(ray_cluster.dashboard_url).list_jobs()
+                if (j.metadata or {}).get("exp_name", "").startswith("placed-")], "no Ray Job per experiment"
     import requests
 
-    # What Ray recorded: each job's supervisor (its runner's home) reserved 1 CPU.
-    actors = requests.get(f"{ray_cluster.dashboard_url}/api/v0/actors",
-                          params={"detail": "1", "limit": "1000", "filter_keys": "class_name",
-                                  "filter_predicates": "=", "filter_values": "JobSupervisor"},
-                          headers={"Authorization": f"Bearer {ray_cluster.token()}"}, timeout=30).json()
-    by_name = {a["name"]: a for a in actors["data"]["result"]["result"]}
-    for job in jobs:
-        actor = by_name[f"_ray_internal_job_actor_{job.submission_id}"]
-        assert actor["required_resources"].get("CPU") == 1, actor["required_resources"]
+    # What Ray recorded: each experiment reserved 1 CPU (a placement group named after
+    # its run; on the head, as the store is a folder here), and ran on the warm runner
+    # of the node it was placed on.
+    def state(kind: str) -> list[dict]:
+        return requests.get(f"{ray_cluster.dashboard_url}/api/v0/{kind}", params={"detail": "1", "limit": "1000"},
+                            headers={"Authorization": f"Bearer {ray_cluster.token()}"},
+                            timeout=30).json()["data"]["result"]["result"]
+
+    runs = [p.name for p in (tmp_path / "s" / "dvcray" / "runs").iterdir()]
+    groups = {g["name"]: g for g in state("placement_groups")}
+    for run_id in runs:
+        bundles = groups[f"dvcray-{run_id}"]["bundles"]
+        assert len(bundles) == 1 and bundles[0]["unit_resources"]["CPU"] == 1.0, bundles
+    assert any(a["name"].startswith("dvcray-runner-") and a["state"] == "ALIVE" for a in state("actors"))
     assert {exp_metrics(root, n, "m.json")["z"] for n in ("placed-1", "placed-2")} == {10, 20}
 
 
@@ -110,11 +114,9 @@ def test_ctrl_c_stops_every_experiment(ray_cluster, make_dvc_project, tmp_path):
     assert proc.returncode == 130, stderr
     results = [json.loads(p.read_text()) for p in (store / "dvcray" / "runs").glob("*/result.json")]
     assert sorted(r["status"] for r in results) == ["STOPPED", "STOPPED"]
-    from dvcray_cli import clusters
+    from dvcray_cli import clusters, ray_api
 
-    client = clusters.connect(ray_cluster.dashboard_url)
-    running = [j for j in client.list_jobs() if str(j.status.value) in ("PENDING", "RUNNING")]
-    assert not running
+    assert ray_api.active_runs(clusters.connect(ray_cluster.dashboard_url)) == []
 
 
 def test_a_taken_name_in_the_grid_is_refused_first(ray_cluster, make_dvc_project, tmp_path):

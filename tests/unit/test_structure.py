@@ -26,16 +26,18 @@ LAYERS = {
     "dvcray_cli.errors": 0,
     "dvcray_cli": 0,                 # the version
     "dvcray_cli.state": 1, "dvcray_cli.ray_api": 1, "dvcray_cli.store": 1, "dvcray_cli.params": 1,
-    "dvcray_cli.gitutil": 1, "dvcray_cli.resources": 1,
+    "dvcray_cli.gitutil": 1, "dvcray_cli.resources": 1, "dvcray_cli.service_api": 1,
     "dvcray_cli.runs": 2, "dvcray_cli.clusters": 2, "dvcray_cli.report": 2, "dvcray_cli.scaffold": 2,
-    "dvcray_cli.runner": 2,
+    "dvcray_cli.runner": 2, "dvcray_cli.service": 2,
     "dvcray_cli.cli": 3, "dvcray_cli.__main__": 3,
 }
 
 
 # Edges between groups of one layer that the design has: a run needs a cluster
-# (through the clusters API), the runner runs a run, ``python -m dvcray_cli`` is the command line.
+# (through the clusters API), the runner runs a run, the runner service runs runners,
+# ``python -m dvcray_cli`` is the command line.
 ALLOWED_ACROSS = {("dvcray_cli.runs", "dvcray_cli.clusters"), ("dvcray_cli.runner", "dvcray_cli.runs"),
+                  ("dvcray_cli.service", "dvcray_cli.runner"), ("dvcray_cli.service", "dvcray_cli.runs"),
                   ("dvcray_cli.__main__", "dvcray_cli.cli")}
 
 

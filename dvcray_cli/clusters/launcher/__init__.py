@@ -359,7 +359,7 @@ def stop_runs(record: Any, yes: bool, config_label: str) -> list[str]:
         ids = ", ".join(r["run_id"] for r in runs)
         raise UsageError(f"Cluster {record.name!r} has {len(runs)} run(s) in progress: {ids}.",
                          f"Let them finish, or stop them with the cluster: dvcray cluster down {config_label} --yes")
-    return ray_api.stop_and_wait(client, [r["run_id"] for r in runs], ray_api.stop_grace_s() + 10)
+    return ray_api.stop_runs(client, runs, ray_api.stop_grace_s() + 10)
 
 
 def down(config: str, cwd: Path, yes: bool = False) -> LauncherDown:
