@@ -470,10 +470,11 @@ def test_a_lost_worker_ends_its_run_lost_with_its_log_and_the_next_run_works(bed
         while victim is None and time.monotonic() < deadline:
             assert run.poll() is None, run.communicate()
             for key, data in bucket_objects(client.s3, BUCKET).items():
-                if key.endswith("/log.txt") and b"STAGE-STARTED on" in data:
+                # A running run's log is in the store as pieces (log.parts/NNNNNN); log.txt comes at its end.
+                if ("/log.parts/" in key or key.endswith("/log.txt")) and b"STAGE-STARTED on" in data:
                     host = data.split(b"STAGE-STARTED on ", 1)[1].split()[0].decode()
                     victim = bed.node(host)
-                    run_id = key.split("/")[-2]
+                    run_id = key.split("/runs/", 1)[1].split("/")[0]
             time.sleep(1)
         assert victim is not None and victim.name in ("n1", "n2"), "the stage did not start on a worker"
         started = time.monotonic()
