@@ -109,3 +109,28 @@ def write_result(name: str, text: str) -> None:
     out = HERE / "results" / name
     out.parent.mkdir(exist_ok=True)
     out.write_text(text + "\n")
+
+
+def refs(project: Path, prefix: str) -> int:
+    """How many experiment refs named ``prefix...`` the project has."""
+    out = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=project,
+                         capture_output=True, text=True).stdout.split()
+    return sum(1 for r in out if r.rsplit("/", 1)[-1].startswith(prefix))
+
+
+def drain_dvc_queue(project: Path, env: dict[str, str], tag: str, count: int, jobs: int, start: float,
+                    limit_s: float) -> float:
+    """``dvc queue start -j JOBS``, then wait until ``count`` experiments ``TAG-*`` exist:
+    the seconds since ``start``. The queue's workers stay up until told; they are
+    stopped after, so the next round starts clean."""
+    worker = subprocess.Popen(["dvc", "queue", "start", "-j", str(jobs)], cwd=project, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while refs(project, f"{tag}-") < count:
+        if time.perf_counter() - start > limit_s:
+            raise SystemExit(f"DVC's queue did not finish {count} experiments in {limit_s:.0f} s")
+        time.sleep(0.1)
+    elapsed = time.perf_counter() - start
+    worker.wait()
+    subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=project, env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return elapsed

@@ -30,25 +30,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from _bench import BIN, load, sh, start_head, table, workspace, write_result
+from _bench import BIN, drain_dvc_queue, load, refs, sh, start_head, table, workspace, write_result
 from run_overhead import DVC_YAML, STAGE
-from sweep import refs
 
 
 def dvc_queue(project: Path, env: dict[str, str], tag: str, values: list[int]) -> float:
     start = time.perf_counter()
     sh(["dvc", "exp", "run", "--queue", "-q", "-n", tag, "-S", "x=" + ",".join(map(str, values))], project, env)
-    worker = subprocess.Popen(["dvc", "queue", "start", "-j", "2"], cwd=project, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while refs(project, f"{tag}-") < len(values):
-        if time.perf_counter() - start > 900:
-            raise SystemExit(f"DVC's queue did not finish {len(values)} experiments in 900 s")
-        time.sleep(0.2)
-    elapsed = time.perf_counter() - start
-    worker.wait()
-    subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=project, env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return elapsed
+    return drain_dvc_queue(project, env, tag, len(values), 2, start, 900)
 
 
 def dvcray(project: Path, env: dict[str, str], tag: str, store: Path, values: list[int]) -> tuple[float, str]:

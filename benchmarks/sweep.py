@@ -28,14 +28,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from _bench import BIN, SLOW_PIPELINE, sh, start_head, table, workspace, write_result
+from _bench import BIN, SLOW_PIPELINE, drain_dvc_queue, refs, sh, start_head, table, workspace, write_result
 
-
-
-def refs(project: Path, prefix: str) -> int:
-    out = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=project,
-                         capture_output=True, text=True).stdout.split()
-    return sum(1 for r in out if r.rsplit("/", 1)[-1].startswith(prefix))
 
 
 def dvc_queue(project: Path, env: dict[str, str], tag: str, values: list[int]) -> float:
@@ -43,18 +37,7 @@ def dvc_queue(project: Path, env: dict[str, str], tag: str, values: list[int]) -
     for x in values:
         sh(["dvc", "exp", "run", "--queue", "-q", "-n", f"{tag}-{values.index(x) + 1}", "-S", f"x={x}"],
            project, env)
-    worker = subprocess.Popen(["dvc", "queue", "start", "-j", "4"], cwd=project, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while refs(project, f"{tag}-") < 4:
-        if time.perf_counter() - start > 300:
-            raise SystemExit("DVC's queue did not finish 4 experiments in 300 s")
-        time.sleep(0.1)
-    elapsed = time.perf_counter() - start
-    worker.wait()
-    # The queue's workers stay up until told; stop them so the next round starts clean.
-    subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=project, env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return elapsed
+    return drain_dvc_queue(project, env, tag, 4, 4, start, 300)
 
 
 def dvcray(project: Path, env: dict[str, str], tag: str, store: Path, values: list[int]) -> float:

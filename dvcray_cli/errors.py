@@ -50,6 +50,15 @@ class Interrupted(DvcrayError):
 
     exit_code = 130
 
+    @classmethod
+    def following(cls, run_id: str, stopped: bool) -> Interrupted:
+        """Ctrl-C while following run ``run_id``, which was stopped (``dvcray run``) or goes on (``dvcray logs``)."""
+        if stopped:
+            return cls(f"Interrupted: run {run_id} was stopped.",
+                       f"Its log and what it produced are in the store: dvcray logs {run_id}")
+        return cls(f"Stopped following run {run_id}; the run itself goes on.",
+                   f"Follow it again: dvcray logs {run_id} --follow")
+
 
 class GitError(UsageError):
     """git refused: the repository is not in a state the command can use."""

@@ -151,12 +151,9 @@ def follow(client, run_id: str, emit: Callable[[str], None], stop_on_interrupt: 
     try:
         return asyncio.run(main())
     except KeyboardInterrupt:
-        if not stop_on_interrupt:
-            raise Interrupted(f"Stopped following run {run_id}; the run itself goes on.",
-                              f"Follow it again: dvcray logs {run_id} --follow") from None
-        stop_jobs(client, [run_id])
-        raise Interrupted(f"Interrupted: run {run_id} was stopped.",
-                          f"Its log and what it produced are in the store: dvcray logs {run_id}") from None
+        if stop_on_interrupt:
+            stop_jobs(client, [run_id])
+        raise Interrupted.following(run_id, stopped=stop_on_interrupt) from None
 
 
 def stop_jobs(client, job_ids: list[str]) -> None:

@@ -138,5 +138,4 @@ def _store_log(run: _Run, emit: Callable[[str], None], follow: bool) -> RunState
                     f"Check the cluster (dvcray cluster status); what the run saved: dvcray logs {run.run_id}")
             time.sleep(1.0)
     except KeyboardInterrupt:
-        raise Interrupted(f"Stopped following run {run.run_id}; the run itself goes on.",
-                          f"Follow it again: dvcray logs {run.run_id} --follow") from None
+        raise Interrupted.following(run.run_id, stopped=False) from None

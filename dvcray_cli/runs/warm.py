@@ -321,12 +321,9 @@ def follow(service: Service, address: str, run_id: str, emit: Callable[[str], No
                 return watch.state(run_id)
             ended = ray_api.is_terminal(watch.state(run_id))
     except KeyboardInterrupt:
-        if not stop_on_interrupt:
-            raise Interrupted(f"Stopped following run {run_id}; the run itself goes on.",
-                              f"Follow it again: dvcray logs {run_id} --follow") from None
-        stop(service, [run_id])
-        raise Interrupted(f"Interrupted: run {run_id} was stopped.",
-                          f"Its log and what it produced are in the store: dvcray logs {run_id}") from None
+        if stop_on_interrupt:
+            stop(service, [run_id])
+        raise Interrupted.following(run_id, stopped=stop_on_interrupt) from None
 
 
 def stop(service: Service, run_ids: list[str], timeout: float | None = None) -> dict[str, str]:
