@@ -211,12 +211,15 @@ def node_died_of(info: Any) -> str | None:
     return None
 
 
-def active_runs(job_client: JobSubmissionClient) -> list[dict[str, Any]]:
+def active_runs(job_client: JobSubmissionClient,
+                service_url: Callable[[int], str | None] | None = None) -> list[dict[str, Any]]:
     """dvcray's runs that are pending or running on the cluster: jobs tagged
     ``dvcray_version``, and the runs of its runner service (``service_api``).
 
     A runner service that cannot be asked from here counts as a run itself: it may
-    have some, and no answer is no proof of idleness.
+    have some, and no answer is no proof of idleness. ``service_url(port)``: where this
+    machine reaches the service listening on that port of the head (a port-forward);
+    without it, a job API on loopback means the service is on this machine.
 
     Returns:
         ``[{"run_id", "status", "exp_name", "job_id"}]``: ``job_id`` is the Ray Job to stop
@@ -233,7 +236,7 @@ def active_runs(job_client: JobSubmissionClient) -> list[dict[str, Any]]:
         if service_api.SERVICE_MARKER in meta:
             token = (getattr(job_client, "_headers", None) or {}).get("Authorization", "").removeprefix("Bearer ")
             found = service_api.active_runs(job_client.get_address(), token or None, job.submission_id,
-                                            job_client.get_job_logs(job.submission_id))
+                                            job_client.get_job_logs(job.submission_id), service_url)
             runs += found if found is not None else [{"run_id": job.submission_id, "status": status,
                                                       "exp_name": "(dvcray's runner service)",
                                                       "job_id": job.submission_id}]

@@ -22,7 +22,7 @@ import json
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlencode, urlparse
 
 from dvcray_cli.errors import ClusterError
@@ -72,6 +72,7 @@ class Service:
     service_id: str = ""
     version: str = ""
     job_api: str = ""   # the cluster's job API, where its Ray Job is recorded
+    head_port: int = 0  # the port it listens on, on its head's 127.0.0.1
 
     def request(self, method: str, path: str, body: bytes | dict | None = None,
                 params: dict[str, Any] | None = None, timeout: float = TIMEOUT_S,
@@ -141,15 +142,29 @@ class Service:
         return answer
 
 
-def active_runs(job_api: str, token: str | None, job_id: str, log: str) -> list[dict[str, Any]] | None:
+def active_runs(job_api: str, token: str | None, job_id: str, log: str,
+                reach: Callable[[int], str | None] | None = None) -> list[dict[str, Any]] | None:
     """The runs a service (Ray Job ``job_id``, its job log ``log``) has pending or running,
-    as ``ray_api.active_runs`` lists runs; None when it cannot be asked from here (it
-    listens on its head's 127.0.0.1, which is this machine only for a local cluster)."""
+    as ``ray_api.active_runs`` lists runs; None when it cannot be asked from here.
+
+    It listens on its head's 127.0.0.1: ``reach(port)`` says where this machine reaches
+    that port (a port-forward to the head: ``clusters.service_url``), None or an error
+    where nothing does. Without ``reach``, a job API on loopback is taken to be on the
+    service's own machine (a local cluster, or the head itself: its idle watcher).
+    """
     found = listening_port(log)
-    host = (urlparse(job_api).hostname or "").lower()
-    if found is None or not token or not _loopback(host):
+    if found is None or not token:
         return None
-    service = Service(f"http://127.0.0.1:{found[0]}", token)
+    if reach is not None:
+        try:
+            url = reach(found[0])
+        except ClusterError:
+            return None
+    else:
+        url = f"http://127.0.0.1:{found[0]}" if _loopback((urlparse(job_api).hostname or "").lower()) else None
+    if url is None:
+        return None
+    service = Service(url, token)
     try:
         service.hello(found[1])
         runs = service.call("GET", RUNS).get("runs") or []

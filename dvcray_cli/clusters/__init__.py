@@ -401,12 +401,34 @@ def is_remote(address: str) -> bool:
     return not on_this_machine(address)
 
 
-def service_host(address: str) -> str | None:
-    """Where this machine reaches the runner service of the cluster at ``address``, which
-    listens on its head's 127.0.0.1 only: ``127.0.0.1`` for a cluster on this machine.
-    None where no port-forward reaches it (a cluster elsewhere, AWS for now): runs go
-    there as Ray Jobs of their own."""
-    return "127.0.0.1" if on_this_machine(address) else None
+def reaches_service(address: str) -> bool:
+    """Whether this machine can reach the runner service of the cluster at ``address``
+    (``service_url``); where it cannot, runs go there as Ray Jobs of their own."""
+    if on_this_machine(address):
+        return True
+    from dvcray_cli.clusters import aws, launcher
+
+    url = job_api(address)
+    return launcher.recorded_at(url) or aws.recorded_at(url)
+
+
+def service_url(address: str, head_port: int) -> str | None:
+    """Where this machine reaches the runner service that listens on ``head_port`` of the
+    head of the cluster at ``address`` (on the head's 127.0.0.1 only): directly for a
+    cluster on this machine; through an SSH port-forward of its own for a recorded
+    launcher or AWS cluster (opened, or reopened when its ssh died, and recorded). None
+    where nothing reaches it (a cluster elsewhere that dvcray did not start): runs go
+    there as Ray Jobs of their own.
+
+    Raises:
+        ClusterError: the port-forward did not open.
+    """
+    if on_this_machine(address):
+        return f"http://127.0.0.1:{head_port}"
+    from dvcray_cli.clusters import aws, launcher
+
+    url = job_api(address)
+    return launcher.service_url(url, head_port) or aws.service_url(url, head_port)
 
 
 def dead_at(address: str) -> str | None:

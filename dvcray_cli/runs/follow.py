@@ -17,6 +17,7 @@ from dvcray_cli.errors import ClusterError, ExperimentFailed, Interrupted, Store
 from dvcray_cli.runs.model import RESULT, ExpRef, Outcome, RunRecord, RunResult, RunState
 from dvcray_cli.runs.project import NameTaken, fetch_shown_files, import_experiment, open_repo, pull_outputs
 from dvcray_cli.runs.submit import Submitted
+from dvcray_cli.runs import warm
 from dvcray_cli.runs.warm import lost_contact
 from dvcray_cli.store import Store
 
@@ -238,8 +239,11 @@ def finish(sub: Submitted, status: str, apply: bool = False, force: bool = False
                                    f"({result.push_error}){where}")
         elif result.save_errors:
             outcome.store_error = "; ".join(f"{k}: {v}" for k, v in result.save_errors.items())
-    died = ray_api.node_died(sub.client, sub.run_id) if result is None and status == "FAILED" and sub.client \
-        else None
+    died = None
+    if result is None and status == "FAILED":
+        # The runner service says so of a run whose node died; Ray, of a run that is a Ray Job.
+        died = warm.lost(sub.service, sub.run_id) if sub.service is not None else \
+            ray_api.node_died(sub.client, sub.run_id) if sub.client else None
     if died:
         # Not the experiment's failure: the machine it ran on went away. Its log stays in the store.
         outcome.status, outcome.error = RunState.LOST.value, died

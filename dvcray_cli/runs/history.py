@@ -356,9 +356,9 @@ def _info(run: _Run, seen: _Clusters, fallbacks: list[str], git_root: Path) -> R
         info.state = result.status
     elif job is not None and _status(job).is_active():
         info.state = _status(job)
-    elif job is not None and ray_api.node_died_of(job):  # its machine went away mid-run
+    elif job is not None and (getattr(job, "lost", "") or ray_api.node_died_of(job)):  # its machine went away
         info.state = RunState.LOST
-        info.error = ray_api.node_died_of(job)
+        info.error = getattr(job, "lost", "") or ray_api.node_died_of(job)
     elif job is not None:  # ended without a result: the runner was killed before it could save
         info.state = _status(job)
         info.error = "the runner ended without saving a result"

@@ -60,9 +60,16 @@ def logs(cwd: Path, key: str, emit: Callable[[str], None], follow: bool = False,
         service, runs = seen.service(run.address)
         if service is not None and run.run_id in (runs or {}):
             said = warm.show_log(service, run.address, run.run_id, emit, follow)
-            result = run.result if ray_api.is_terminal(said) else None
-            return LogsResult(run.run_id, result.status if result else RunState.parse(said, RunState.PENDING),
-                              "cluster", empty=not shown)
+            lost = str(((runs or {}).get(run.run_id) or {}).get("lost") or "")
+            if shown or not lost:
+                result = run.result if ray_api.is_terminal(said) else None
+                return LogsResult(run.run_id, result.status if result else RunState.parse(said, RunState.PENDING),
+                                  "cluster", empty=not shown)
+            # Its log was on the node that died: the store keeps the copy the runner uploaded.
+            note(f"Run {run.run_id} is lost ({lost}): showing the copy of the log in the store.")
+            final = _store_log(run, emit, follow)
+            return LogsResult(run.run_id, final if final != RunState.PENDING else RunState.LOST, "store",
+                              empty=not shown)
     # A sweep's experiments share one job whose log holds them all: the store
     # keeps each one's own log.
     candidates = ([run.address] if run.address else clusters.fallback_addresses()) \

@@ -221,6 +221,9 @@ class Manifest:
     # Where in the store the snapshot's other files wait, when they were too big to travel
     # as the Ray Job's package (``dvcray/snapshots/JOB_ID``); the runner fetches them.
     parts: str = ""
+    # How many commits the snapshot's bundle carries as first sent (0: none, the cluster had HEAD; -1:
+    # not counted): what a thin bundle saved is visible in the store (DESIGN.md, "Snapshot").
+    bundle_commits: int = -1
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

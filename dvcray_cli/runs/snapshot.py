@@ -254,6 +254,14 @@ def check_untracked_sizes(git_root: Path, untracked: list[str]) -> None:
 _KEEP = "refs/dvcray/have/"
 
 
+def bundle_commits(git_root: Path, against: list[str] | None = None) -> int:
+    """How many commits ``write_bundle`` puts in a bundle of HEAD made against ``against``."""
+    head = git("rev-parse", "HEAD", cwd=git_root)
+    if against and head in against:
+        return 0
+    return int(git("rev-list", "--count", "HEAD", *(f"^{sha}" for sha in against or ()), cwd=git_root) or 0)
+
+
 def history(git_root: Path, depth: int = 16) -> tuple[str, list[str]]:
     """``(root, samples)``: the first commit of HEAD's first-parent history (the key of the
     project's repository cache on the nodes, which every clone shares), and HEAD with its

@@ -60,6 +60,7 @@ class Plan:
     worktree_flags: dict[str, list[str]] = field(default_factory=dict)  # snapshot.Snapshot.flags
     service: Service | None = None  # the cluster's runner service (None: runs go as Ray Jobs of their own)
     repo_root: str = ""  # the project's first commit, when the bundle is made against the cluster's cache
+    bundle_commits: int = -1  # how many commits the snapshot's bundle carries (Manifest.bundle_commits)
 
     def manifest(self, job_id: str, specs: list[ExpSpec], jobs: int = 0) -> Manifest:
         opts, project = self.opts, self.project
@@ -73,7 +74,7 @@ class Plan:
             copy_paths=list(opts.copy_paths), git_name=project.identity[0], git_email=project.identity[1],
             store=self.store.to_json(), dvcray_version=__version__, created=time.time(), address=self.address,
             experiments=[] if one else [s.to_json() for s in specs], jobs=jobs,
-            worktree_flags=self.worktree_flags, repo_root=self.repo_root,
+            worktree_flags=self.worktree_flags, repo_root=self.repo_root, bundle_commits=self.bundle_commits,
         )
 
 
@@ -183,7 +184,7 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
             repo.close()
         if pushed:
             say(f"Pushed {pushed} input file(s) to the store {store.url}.")
-    root = ""
+    root, commits = "", -1
     if source:
         packed = source.snapshot(project, snapshot_dir)
     else:
@@ -194,8 +195,9 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
             root, samples = snapshot.history(project.git_root)
             against = warm.have(service, root, samples)
         packed = snapshot.create(project.git_root, project.dvc_root, snapshot_dir, opts.copy_paths, against)
+        commits = snapshot.bundle_commits(project.git_root, against)
     return Plan(opts, project, store, address, client, started, experiments, snapshot_dir,
-                packed.total, where, packed.flags, service, root)
+                packed.total, where, packed.flags, service, root, commits)
 
 
 def launch(plan: Plan, job_id: str, specs: list[ExpSpec], jobs: int = 0, placed: bool = False) -> None:

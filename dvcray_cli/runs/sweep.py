@@ -116,13 +116,15 @@ class Sweep:
 
     # ------------------------------------------------------------------ results
 
-    def _collect(self, state: ExpState, job_status: str) -> bool:
-        """Bring an experiment home once its result is in the store."""
+    def _collect(self, state: ExpState, job_status: str, lost: str = "") -> bool:
+        """Bring an experiment home once its result is in the store; ``lost``: the runner
+        service's word that its node died."""
         store = self.plan.store
         result = RunResult.from_json(store.read_json(store.run_path(state.spec.run_id, RESULT)))
         if result is None:
             if ray_api.is_terminal(job_status):
-                died = ray_api.node_died(self.plan.client, state.job_id) if job_status == "FAILED" else None
+                died = (lost or ray_api.node_died(self.plan.client, state.job_id)) if job_status == "FAILED" \
+                    and (lost or self.plan.client is not None) else None
                 state.state = RunState.LOST if job_status == "SUCCEEDED" or died else RunState(job_status)
                 state.outcome = Outcome(run_id=state.spec.run_id, status=state.state.value,
                                         exp_name=state.spec.exp_name,
@@ -222,7 +224,7 @@ class Sweep:
                     state.state, state.started, moved = RunState.RUNNING, info.get("started") or time.time(), True
                 elif new.is_terminal():
                     draining.add(run_id)
-                    self._collect(state, new.value)
+                    self._collect(state, new.value, str(info.get("lost") or ""))
                     moved = True
             for run_id in unknown:  # the service forgot it (it was restarted): the store says how it ended
                 state = by_id.get(run_id)

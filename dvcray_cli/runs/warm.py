@@ -4,7 +4,8 @@ it, send it snapshots, follow its experiments, stop them.
 The service is a Ray Job of the cluster that imports DVC once and forks one process
 per experiment, so an experiment costs no Ray Job of its own (DESIGN.md, "Warm
 runners"). The client reaches it over plain HTTP (no import of Ray) where the
-cluster lets it (``clusters.service_host``); elsewhere, or with ``DVCRAY_SERVICE=0``,
+cluster lets it (``clusters.service_url``: directly on this machine, through an SSH
+port-forward to a launcher or AWS cluster's head); elsewhere, or with ``DVCRAY_SERVICE=0``,
 or when the service does not start, runs go as Ray Jobs of their own as before.
 """
 
@@ -87,19 +88,19 @@ def reach(address: str, say: Callable[[str], None] = lambda m: None) -> Service 
 
     Returns:
         None when runs go there as Ray Jobs instead: ``DVCRAY_SERVICE=0``, a cluster
-        whose head this machine cannot reach (``clusters.service_host``), or a
+        whose head this machine cannot reach (``clusters.reaches_service``), or a
         service that would not start (its log says why; the Ray Job path then
         reports what is wrong with the cluster).
 
     Raises:
-        ClusterError: the cluster's job API does not answer or refuses the token.
+        ClusterError: the cluster's job API does not answer or refuses the token, or the
+            port-forward to its head's service did not open.
     """
-    if not enabled():
+    if not enabled() or not clusters.reaches_service(address):
         return None
-    host = clusters.service_host(address)
     url = clusters.job_api(address)
     token = clusters.token_for(url)
-    if host is None or not token:
+    if not token:
         return None
     state.private_dir(state.clusters_dir())
     with open(state.clusters_dir() / "services.lock", "w") as lock:
@@ -109,34 +110,41 @@ def reach(address: str, say: Callable[[str], None] = lambda m: None) -> Service 
         cache = state.read_json(_cache_path()) or {}
         known = cache.get(url) if isinstance(cache.get(url), dict) else None
         if known:
-            service = _hello(host, known.get("port"), token, str(known.get("service_id") or ""), url)
+            service = _hello(address, known.get("port"), token, str(known.get("service_id") or ""), url)
             if service is not None:
                 return service
         service = None
         for job in _service_jobs(url, token):
             found = listening_port(_job_log(url, token, job.get("submission_id") or ""))
             if found:
-                service = _hello(host, found[0], token, found[1], url)
+                service = _hello(address, found[0], token, found[1], url)
             if service is not None:
                 break
         if service is None:
             # A service runs the cluster's own dvcray: refuse another version before
             # anything starts there (the head's label; a probe job otherwise).
             clusters.check_version(address)
-            service = _start(url, token, host, say)
+            service = _start(address, url, token, say)
         if service is not None:
             cache = {k: v for k, v in (state.read_json(_cache_path()) or {}).items() if k != url}
-            cache[url] = {"port": int(service.url.rsplit(":", 1)[1]), "service_id": service.service_id}
+            cache[url] = {"port": service.head_port, "service_id": service.service_id}
             state.write_json(_cache_path(), cache)
         return service
 
 
-def _hello(host: str, port: Any, token: str, service_id: str, url: str) -> Service | None:
-    """The service at ``host:port`` if it is ``service_id``, knows the token, takes runs and
-    runs a dvcray this client can work with."""
+def _hello(address: str, port: Any, token: str, service_id: str, url: str) -> Service | None:
+    """The service on the head's ``port`` if it is ``service_id``, knows the token, takes
+    runs and runs a dvcray this client can work with.
+
+    Raises:
+        ClusterError: the port-forward to the head did not open.
+    """
     if not isinstance(port, int) or not service_id:
         return None
-    service = Service(f"http://{host}:{port}", token, job_api=url)
+    where = clusters.service_url(address, port)
+    if where is None:
+        return None
+    service = Service(where, token, job_api=url, head_port=port)
     try:
         answer = service.hello(service_id)
     except ServiceError:
@@ -146,7 +154,7 @@ def _hello(host: str, port: Any, token: str, service_id: str, url: str) -> Servi
     return service
 
 
-def _start(url: str, token: str, host: str, say: Callable[[str], None]) -> Service | None:
+def _start(address: str, url: str, token: str, say: Callable[[str], None]) -> Service | None:
     """Submit a runner service to the cluster and wait until it listens."""
     job_id = f"dvcray-service-{secrets.token_hex(4)}"
     say("Starting dvcray's runner service on the cluster (once per cluster: it imports DVC once and "
@@ -163,7 +171,7 @@ def _start(url: str, token: str, host: str, say: Callable[[str], None]) -> Servi
         log = _job_log(url, token, job_id)
         found = listening_port(log)
         if found:
-            return _hello(host, found[0], token, found[1], url)
+            return _hello(address, found[0], token, found[1], url)
         status = str((_job_api(url, token, "GET", f"/api/jobs/{job_id}") or {}).get("status") or "")
         if ray_api.is_terminal(status):
             tail = " / ".join(log.strip().splitlines()[-2:])
@@ -179,13 +187,17 @@ def _start(url: str, token: str, host: str, say: Callable[[str], None]) -> Servi
 def find(address: str) -> Service | None:
     """The runner service this machine knows for ``address`` (never starts one); None
     when there is none or it does not answer."""
-    host = clusters.service_host(address)
+    if not clusters.reaches_service(address):
+        return None
     url = clusters.job_api(address)
     token = clusters.token_for(url)
     known = (state.read_json(_cache_path()) or {}).get(url)
-    if host is None or not token or not isinstance(known, dict):
+    if not token or not isinstance(known, dict):
         return None
-    return _hello(host, known.get("port"), token, str(known.get("service_id") or ""), url)
+    try:
+        return _hello(address, known.get("port"), token, str(known.get("service_id") or ""), url)
+    except ClusterError:
+        return None
 
 
 # --------------------------------------------------------------------------- submit
@@ -367,6 +379,14 @@ def runs_of(service: Service) -> dict[str, dict[str, Any]]:
     return {r["run_id"]: r for r in runs if isinstance(r, dict) and isinstance(r.get("run_id"), str)}
 
 
+def lost(service: Service, run_id: str) -> str | None:
+    """Why the service counts ``run_id`` lost (its node died), or None."""
+    try:
+        return str((runs_of(service).get(run_id) or {}).get("lost") or "") or None
+    except ServiceError:
+        return None
+
+
 def as_job(info: dict[str, Any] | None) -> Any:
     """A service run as ``dvcray runs`` reads a Ray job (``status``, ``start_time`` and
     ``end_time`` in ms); None for None."""
@@ -376,7 +396,7 @@ def as_job(info: dict[str, Any] | None) -> Any:
         return None
     ms = {k: int(info[k] * 1000) if isinstance(info.get(k), (int, float)) else None for k in ("started", "ended")}
     return SimpleNamespace(status=str(info.get("state") or "PENDING"), start_time=ms["started"],
-                           end_time=ms["ended"], node=info.get("node"))
+                           end_time=ms["ended"], node=info.get("node"), lost=str(info.get("lost") or ""))
 
 
 def show_log(service: Service, address: str, run_id: str, emit: Callable[[str], None], follow_: bool) -> str:

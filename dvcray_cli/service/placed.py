@@ -143,6 +143,7 @@ class Placer:
         from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
         code = None
+        node_id = ""
         group = placement_group([dict(batch.resources)], strategy="STRICT_PACK", name=f"dvcray-{entry.run_id}")
         self.groups[entry.run_id] = group
         try:
@@ -175,9 +176,17 @@ class Placer:
             entry.log_size = await actor.log_size.remote(entry.run_id)  # its last lines too
             actor.forget.remote(entry.run_id)
         except ray.exceptions.RayActorError as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             print(f"dvcray-service: the runner of run {entry.run_id} on {entry.node or 'its node'} died: "
-                  f"{str(exc).splitlines()[0][:200]}", flush=True)
+                  f"{first}", flush=True)
             code = None
+            if node_id:
+                ip = await _node_died(node_id)
+                if ip is not None:
+                    # Not the experiment's failure: its machine went away (as ``ray_api.node_died``
+                    # says of a Ray Job). Its log up to then is in the store.
+                    entry.lost = f"its node{(' ' + ip) if ip else ''} died (Ray: {first})"
+                    print(f"dvcray-service: run {entry.run_id} is lost: {entry.lost}", flush=True)
         except Exception as exc:  # noqa: BLE001 - the run fails; the service goes on
             print(f"dvcray-service: run {entry.run_id} could not start: {type(exc).__name__}: {exc}", flush=True)
             code = 1
@@ -233,6 +242,25 @@ class Placer:
             actor.stop.remote(entry.run_id, grace)
         elif entry.run_id in self.tasks and entry.state == RunState.PENDING:
             self.tasks[entry.run_id].cancel()  # still waiting for its reservation: it never starts
+
+
+async def _node_died(node_id: str, wait_s: float = 90.0) -> str | None:
+    """The address of Ray node ``node_id`` once Ray counts it dead ("" when it gives
+    none); None when it stays alive for ``wait_s`` (the runner died, not its machine).
+    Ray notices a dead machine only after its health checks fail: wait for that."""
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            node = next((n for n in ray.nodes() if n.get("NodeID") == node_id), None)
+        except Exception:  # noqa: BLE001 - the GCS did not answer: ask again
+            node = {"Alive": True}
+        if node is None or not node.get("Alive", True):
+            return str((node or {}).get("NodeManagerAddress") or "")
+        if time.monotonic() > deadline:
+            return None
+        await asyncio.sleep(1.0)
 
 
 def _pack(folder: Path, bundle: bytes | None = None) -> bytes:

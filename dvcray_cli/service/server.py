@@ -78,12 +78,13 @@ class Entry:
     log_size: int = 0
     stop_requested: bool = False
     placed: bool = False
+    lost: str = ""        # why the run is lost (its node died), when it is
     handle: Any = field(default=None, repr=False)  # forks.Fork, or placed.Placed
 
     def to_json(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "job_id": self.job_id, "exp_name": self.exp_name, "state": self.state.value,
                 "node": self.node, "pid": self.pid, "started": self.started, "ended": self.ended, "code": self.code,
-                "placed": self.placed}
+                "placed": self.placed, "lost": self.lost}
 
 
 @dataclass

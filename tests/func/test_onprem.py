@@ -279,18 +279,55 @@ def lab(bed, client):
         assert up.returncode == 0, _out(up)
         yield SimpleNamespace(project=project, config=config, up=up, record=record, name=record.get("name"))
     finally:
-        if (client.home / ".dvcray" / "launcher" / f"{record.get('name')}.json").exists():
+        path = client.home / ".dvcray" / "launcher" / f"{record.get('name')}.json"
+        latest = json.loads(path.read_text()) if path.exists() else record   # with its service forward
+        if path.exists():
             _dvcray("cluster", "down", str(config), "--yes", env=client.env, cwd=project)
-        if record.get("forward_pid"):
+        if latest.get("forward_pid"):
             from dvcray_cli.clusters.launcher import ssh
 
-            ssh.stop_forward(SimpleNamespace(**record))
+            ssh.stop_forward(SimpleNamespace(**latest))
         for name in ("state", "lock"):
             Path(f"/tmp/ray/cluster-{record.get('name')}.{name}").unlink(missing_ok=True)
         left = _no_ray_anywhere(bed)
         for node in left:   # never leave Ray running for the bed's teardown to find
             bed.kill(node)
         assert left == {}, f"Ray processes left behind: {left}"
+
+
+def _record(client, lab) -> dict:
+    return json.loads((client.home / ".dvcray" / "launcher" / f"{lab.name}.json").read_text())
+
+
+def _jobs(client, lab) -> list[dict]:
+    """The cluster's Ray Jobs, through the job API's port-forward."""
+    import requests
+
+    record = _record(client, lab)
+    token = Path(record["token_path"]).read_text().strip()
+    answer = requests.get(f"{record['dashboard_url']}/api/jobs/", headers={"Authorization": f"Bearer {token}"},
+                          timeout=10)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def _manifest(client, exp_name: str) -> dict:
+    """The manifest of the run of ``exp_name``, as the store keeps it."""
+    found = [json.loads(v) for k, v in bucket_objects(client.s3, BUCKET).items() if k.endswith("/manifest.json")]
+    [manifest] = [m for m in found if m.get("exp_name") == exp_name]
+    return manifest
+
+
+def _our_ssh_to(ip: str) -> list[str]:
+    """This machine's ssh port-forwards to ``ip``."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info.get("cmdline") or [])
+        if cmd.startswith("ssh ") and " -N " in cmd and f"@{ip}" in cmd:
+            found.append(cmd)
+    return found
 
 
 def _status(client) -> list[dict]:
@@ -364,6 +401,19 @@ def test_run_puts_its_runner_on_a_worker_and_its_tasks_on_the_other(bed, client,
     assert out["driver_host"] in workers, "the runner (and the stage) ran on a worker"
     assert out["task_host"] in workers and out["task_host"] != out["driver_host"], "the task ran on the other"
     assert any(r.endswith("/onbed") for r in exp_refs(project)), "the experiment is home"
+    # The first run on the cluster started dvcray's runner service on the head, reached
+    # through a port-forward of its own, and the run went to it (not a Ray Job of its own).
+    assert "Starting dvcray's runner service" in proc.stderr, _out(proc)
+    jobs = _jobs(client, lab)
+    services = [j for j in jobs if str(j.get("submission_id")).startswith("dvcray-service-")
+                and j["status"] == "RUNNING"]
+    assert len(services) == 1, jobs
+    assert not [j for j in jobs if (j.get("metadata") or {}).get("dvcray_version")], "no run is a Ray Job"
+    record = _record(client, lab)
+    assert record["service_port"] and record["service_forward_port"] and _our_ssh_to(bed.node("n0").ip)
+    manifest = _manifest(client, "onbed")
+    assert manifest["repo_root"] == sh("git", "rev-list", "--max-parents=0", "HEAD", cwd=project)
+    assert manifest["bundle_commits"] == 2, "the cluster's copy of the project was empty: the whole history"
     objects = bucket_objects(client.s3, BUCKET)
     assert any(k.startswith("dvc/files/md5/") for k in objects), "outputs are in the S3 store"
     result = next(json.loads(v) for k, v in objects.items() if k.endswith("/result.json"))
@@ -447,6 +497,44 @@ def test_sweep_spreads_its_runners_over_both_workers(bed, client, lab):
     assert hosts == {bed.node("n1").hostname, bed.node("n2").hostname}, hosts
 
 
+THIN_STAGE = """\
+import json, socket, yaml
+json.dump({"x": yaml.safe_load(open("params.yaml"))["x"], "host": socket.gethostname()}, open("m.json", "w"))
+"""
+
+
+def test_a_second_run_sends_the_runner_service_only_the_commits_it_lacks(bed, client, lab):
+    project = _clone(client, "thin")
+    sh("dvc", "init", "-q", cwd=project, env=client.env)
+    _with_store(client, project)
+    (project / "params.yaml").write_text("x: 1\n")
+    (project / "stage.py").write_text(THIN_STAGE)
+    (project / "dvc.yaml").write_text("stages:\n  s:\n    cmd: python stage.py\n    deps: [stage.py]\n"
+                                      "    params: [x]\n    metrics: [{m.json: {cache: false}}]\n")
+    sh("git", "add", "-A", cwd=project, env=client.env)
+    sh("git", "commit", "-qm", "a stage", cwd=project, env=client.env)
+    workers = {bed.node("n1").hostname, bed.node("n2").hostname}
+    proc = _dvcray("run", "-n", "thin1", "--cpus-per-exp", "1", env=client.env, cwd=project)
+    assert proc.returncode == 0, _out(proc)
+    assert "Starting dvcray's runner service" not in proc.stderr, "the running service is reused"
+    assert exp_metrics(project, "thin1", "m.json")["host"] in workers
+    # Every clone shares the first commit, which the cluster's copy has from earlier runs.
+    assert _manifest(client, "thin1")["bundle_commits"] == 1
+
+    (project / "params.yaml").write_text("x: 2\n")
+    sh("git", "commit", "-qam", "x is 2", cwd=project, env=client.env)
+    started = time.monotonic()
+    proc = _dvcray("run", "-n", "thin2", "--cpus-per-exp", "1", env=client.env, cwd=project)
+    TIMES["second run through the service"] = time.monotonic() - started
+    assert proc.returncode == 0, _out(proc)
+    out = exp_metrics(project, "thin2", "m.json")
+    assert out["x"] == 2 and out["host"] in workers, out
+    manifest = _manifest(client, "thin2")
+    assert sh("git", "rev-list", "--count", "HEAD", cwd=project) == "3"
+    assert manifest["bundle_commits"] == 1, "only the new commit travelled"
+    assert manifest["repo_root"] == sh("git", "rev-list", "--max-parents=0", "HEAD", cwd=project)
+
+
 DOOMED_STAGE = """\
 import socket, time
 print("STAGE-STARTED on", socket.gethostname(), flush=True)
@@ -477,6 +565,9 @@ def test_a_lost_worker_ends_its_run_lost_with_its_log_and_the_next_run_works(bed
                     run_id = key.split("/runs/", 1)[1].split("/")[0]
             time.sleep(1)
         assert victim is not None and victim.name in ("n1", "n2"), "the stage did not start on a worker"
+        # The runner service's run counts: `down` without --yes is refused, naming it.
+        refused = _dvcray("cluster", "down", str(lab.config), env=client.env, cwd=lab.project)
+        assert refused.returncode == 2 and run_id in refused.stderr, _out(refused)
         started = time.monotonic()
         bed.kill(victim)          # the machine dies: every process on it, at once
         stdout, stderr = run.communicate(timeout=300)
@@ -487,6 +578,8 @@ def test_a_lost_worker_ends_its_run_lost_with_its_log_and_the_next_run_works(bed
             run.communicate()
     assert run.returncode == 3, f"exit {run.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}"
     assert "LOST" in stderr and f"its node {victim.ip} died" in stderr, stderr[-3000:]
+    assert not [j for j in _jobs(client, lab) if j.get("submission_id") == run_id], \
+        "the run went to the runner service, not as a Ray Job of its own"
     runs = json.loads(_dvcray("runs", "--json", env=client.env, cwd=project).stdout)
     mine = next(r for r in runs if r["run_id"] == run_id)
     assert mine["state"] == "LOST", mine
@@ -507,10 +600,14 @@ def test_a_lost_worker_ends_its_run_lost_with_its_log_and_the_next_run_works(bed
 
 def test_down_leaves_no_ray_process_on_any_node(bed, client, lab):
     caches = set(Path("/tmp").glob("ray-config-*"))
+    # An idle runner service is no reason to refuse `down` (asked through its forward).
+    assert [j for j in _jobs(client, lab) if str(j.get("submission_id")).startswith("dvcray-service-")
+            and j["status"] == "RUNNING"], "the runner service runs"
     started = time.monotonic()
     proc = _dvcray("cluster", "down", str(lab.config), env=client.env, cwd=lab.project)
     TIMES["cluster down"] = time.monotonic() - started
     assert proc.returncode == 0, _out(proc)
+    assert _our_ssh_to(bed.node("n0").ip) == [], "no port-forward (job API, runner service) is left"
     assert f"Ray stopped on {bed.node('n0').ip}" in proc.stderr, _out(proc)
     assert _no_ray_anywhere(bed) == {}
     assert not (client.home / ".dvcray" / "launcher" / f"{lab.name}.json").exists()

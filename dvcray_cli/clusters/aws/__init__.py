@@ -383,7 +383,7 @@ def down(config: str, cwd: Path, yes: bool = False) -> AwsDown:
     stopped: list[str] = []
     if record is not None:
         opened = ssh.ensure_forward(record, lambda r: records.write_record(r, repo_state))
-        stopped = launcher.stop_runs(opened, yes, config)
+        stopped = launcher.stop_runs(opened, yes, config, lambda r: records.write_record(r, repo_state))
     ids = account.terminate_cluster(provider_config, cluster_name)
     if record is not None:
         ssh.stop_forward(record)
@@ -454,6 +454,27 @@ def recorded_address(cwd: Path) -> str | None:
         if record.name in names:
             return ssh.ensure_forward(record, lambda r, where=path.parent.parent: records.write_record(r, where)).dashboard_url
     return None
+
+
+def _at(address: str) -> tuple[AwsCluster, Path] | None:
+    url = ray_api.normalize(address)
+    return next(((r, p) for r, p in records.records() if r.dashboard_url == url), None)
+
+
+def recorded_at(address: str) -> bool:
+    return _at(address) is not None
+
+
+def service_url(address: str, head_port: int) -> str | None:
+    """The runner service on ``head_port`` of the recorded AWS cluster at ``address``,
+    through its port-forward (``ssh.ensure_service_forward``); None when none is recorded there."""
+    found = _at(address)
+    if found is None:
+        return None
+    record, path = found
+    local = ssh.ensure_service_forward(record, head_port, lambda r: records.write_record(r, path.parent.parent),
+                                       lambda: records.load(path))
+    return f"http://127.0.0.1:{local}"
 
 
 def _now() -> str:

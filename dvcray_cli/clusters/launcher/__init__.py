@@ -281,7 +281,8 @@ def _refuse_restart_under_runs(p: Plan) -> None:
         ssh.ensure_forward(record, records.write)
         if not ssh.head_answers(record, settle_s=2):
             return
-        runs = ray_api.active_runs(ray_api.client(record.dashboard_url, record.token()))
+        runs = ray_api.active_runs(ray_api.client(record.dashboard_url, record.token()),
+                                   service_reach(record, records.write))
     except (ClusterError, OSError):
         return
     if runs:
@@ -342,9 +343,17 @@ def _autoscaler_says(record: LauncherCluster, hosts: list[str]) -> str:
 # --------------------------------------------------------------------------- down
 
 
-def stop_runs(record: Any, yes: bool, config_label: str) -> list[str]:
+def service_reach(record: Any, save: Callable[[Any], Any]) -> Callable[[int], str]:
+    """Where this machine reaches a port of the head of ``record`` where a runner service
+    listens: through the service's port-forward (``ssh.ensure_service_forward``), for
+    ``ray_api.active_runs``."""
+    return lambda port: f"http://127.0.0.1:{ssh.ensure_service_forward(record, port, save)}"
+
+
+def stop_runs(record: Any, yes: bool, config_label: str, save: Callable[[Any], Any] = records.write) -> list[str]:
     """dvcray runs in progress on the cluster: a reason to refuse ``down`` unless
-    ``yes``, then stopped (their runners get SIGTERM and time to save).
+    ``yes``, then stopped (their runners get SIGTERM and time to save). The runs of its
+    runner service are asked through a port-forward of its own (``save`` records it).
 
     Raises:
         UsageError: runs are in progress and ``yes`` is False.
@@ -352,7 +361,7 @@ def stop_runs(record: Any, yes: bool, config_label: str) -> list[str]:
     try:
         ssh.wait_job_api(record, timeout=10, reopen=False)
         client = ray_api.client(record.dashboard_url, record.token())
-        runs = ray_api.active_runs(client)
+        runs = ray_api.active_runs(client, service_reach(record, save))
     except (ClusterError, OSError):
         return []  # the head does not answer (gone, or unreachable): down goes on
     if runs and not yes:
@@ -452,7 +461,8 @@ def status() -> list[dict[str, Any]]:
             try:
                 nodes = [n for n in ray_api.list_nodes(record.dashboard_url, record.token()) if n["alive"]]
                 entry.update(alive=True, nodes=nodes, cpus=sum(n["resources"].get("CPU", 0) for n in nodes))
-                entry["runs"] = ray_api.active_runs(ray_api.client(record.dashboard_url, record.token()))
+                entry["runs"] = ray_api.active_runs(ray_api.client(record.dashboard_url, record.token()),
+                                                    service_reach(record, records.write))
             except DvcrayError as exc:
                 entry["error"] = exc.message
         entries.append(entry)
@@ -482,6 +492,20 @@ def ensure_reachable(address: str) -> None:
     if record is not None:
         ssh.ensure_forward(record, records.write)
         ssh.wait_job_api(record, 15, hint="Is the cluster up? dvcray cluster status")
+
+
+def recorded_at(address: str) -> bool:
+    return records.at_address(address) is not None
+
+
+def service_url(address: str, head_port: int) -> str | None:
+    """The runner service on ``head_port`` of the recorded cluster at ``address``, through
+    its port-forward (``ssh.ensure_service_forward``); None when no cluster is recorded there."""
+    record = records.at_address(address)
+    if record is None:
+        return None
+    local = ssh.ensure_service_forward(record, head_port, records.write, lambda: records.load(record.name))
+    return f"http://127.0.0.1:{local}"
 
 
 def _now() -> str:

@@ -55,6 +55,11 @@ class LauncherCluster(Record):
     worker_ips: list[str] = field(default_factory=list)   # provider local: the machines
     kind: str = "launcher"
     known_hosts: str = ""      # where the head's SSH host key is pinned (``known_hosts_path``)
+    # The forward to the runner service on the head (``ssh.ensure_service_forward``): the
+    # head's port it listens on, this machine's end of the forward, the ssh process.
+    service_port: int = 0
+    service_forward_port: int = 0
+    service_forward_pid: int = 0
 
 
 def folder() -> Path:

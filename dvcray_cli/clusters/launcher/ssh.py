@@ -1,4 +1,4 @@
-"""SSH to a cluster's nodes: the port-forward to the head's job API, commands on
+"""SSH to a cluster's nodes: the port-forwards to the head's job API and runner service, commands on
 nodes, and the read-only probe ``plan`` makes of each node before ``up``.
 
 The dashboard and job API of every launcher cluster (AWS included) listen on the
@@ -93,23 +93,25 @@ def known_hosts_file(record_known_hosts: str = "") -> Path:
     return Path(record_known_hosts) if record_known_hosts else state.home() / "known_hosts"
 
 
-def forward_command(head_ip: str, ssh_user: str, key_path: str, port: int, known_hosts: Path) -> list[str]:
-    """``ssh -N -L 127.0.0.1:PORT:127.0.0.1:8265``, as ``ray dashboard`` does: the job
-    API is never open to the network. The token travels through this tunnel, so
-    the head's host key is pinned on first contact (``accept-new``) and checked
-    on every later one."""
+def forward_command(head_ip: str, ssh_user: str, key_path: str, port: int, known_hosts: Path,
+                    remote_port: int = HEAD_DASHBOARD_PORT) -> list[str]:
+    """``ssh -N -L 127.0.0.1:PORT:127.0.0.1:REMOTE_PORT``, as ``ray dashboard`` does: the
+    job API (8265) and the runner service listen on the head's 127.0.0.1 and are never
+    open to the network. The token travels through this tunnel, so the head's host key
+    is pinned on first contact (``accept-new``) and checked on every later one."""
     return ["ssh", "-N", "-i", os.path.expanduser(key_path),
             "-o", "StrictHostKeyChecking=accept-new", "-o", f"UserKnownHostsFile={known_hosts}",
             "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR",
             "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=30", "-o", "ConnectTimeout=15",
-            "-L", f"127.0.0.1:{port}:127.0.0.1:{HEAD_DASHBOARD_PORT}", f"{ssh_user}@{head_ip}"]
+            "-L", f"127.0.0.1:{port}:127.0.0.1:{remote_port}", f"{ssh_user}@{head_ip}"]
 
 
-def start_forward(head_ip: str, ssh_user: str, key_path: str, port: int, known_hosts: Path | None = None) -> int:
-    """Start the port-forward in the background; returns its pid."""
+def start_forward(head_ip: str, ssh_user: str, key_path: str, port: int, known_hosts: Path | None = None,
+                  remote_port: int = HEAD_DASHBOARD_PORT) -> int:
+    """Start the port-forward of the head's ``remote_port`` in the background; returns its pid."""
     known_hosts = known_hosts or known_hosts_file()
     known_hosts.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(forward_command(head_ip, ssh_user, key_path, port, known_hosts),
+    proc = subprocess.Popen(forward_command(head_ip, ssh_user, key_path, port, known_hosts, remote_port),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     return proc.pid
@@ -127,19 +129,25 @@ def _reopen(record: Any) -> int:
                          known_hosts_file(getattr(record, "known_hosts", "")))
 
 
-def _marker(record: Any) -> str:
-    return f"127.0.0.1:{record.forward_port}:"
+def _marker(local_port: int, remote_port: int | None = None) -> str:
+    return f"127.0.0.1:{local_port}:" + (f"127.0.0.1:{remote_port}" if remote_port else "")
+
+
+def _alive(pid: int, marker: str) -> bool:
+    cmdline = procs.cmdline(pid) if pid else ""
+    return "ssh" in cmdline and marker in cmdline
 
 
 def forward_alive(record: Any) -> bool:
     """The recorded ssh process runs and forwards the recorded port."""
-    cmdline = procs.cmdline(record.forward_pid) if record.forward_pid else ""
-    return "ssh" in cmdline and _marker(record) in cmdline
+    return _alive(record.forward_pid, _marker(record.forward_port))
 
 
 def stop_forward(record: Any) -> None:
+    """Stop the record's port-forwards: the job API's, and the runner service's if it has one."""
     if forward_alive(record):
-        procs.stop_pid(record.forward_pid, _marker(record), timeout=2)
+        procs.stop_pid(record.forward_pid, _marker(record.forward_port), timeout=2)
+    stop_service_forward(record)
 
 
 def ensure_forward(record: Any, save: Callable[[Any], Any]) -> Any:
@@ -150,6 +158,71 @@ def ensure_forward(record: Any, save: Callable[[Any], Any]) -> Any:
     record.forward_pid = _reopen(record)
     save(record)
     return record
+
+
+# The runner service (``dvcray_cli.service``) listens on the head's 127.0.0.1 too, on a
+# port it picks: a forward of its own, recorded (``service_port``, ``service_forward_port``,
+# ``service_forward_pid``) so later clients reuse it, stopped with the cluster's.
+
+
+def service_forward_alive(record: Any) -> bool:
+    """The record's forward to the runner service runs and forwards what the record says."""
+    port, local = getattr(record, "service_port", 0), getattr(record, "service_forward_port", 0)
+    return bool(port and local) and _alive(getattr(record, "service_forward_pid", 0), _marker(local, port))
+
+
+def stop_service_forward(record: Any) -> None:
+    if service_forward_alive(record):
+        procs.stop_pid(record.service_forward_pid, _marker(record.service_forward_port, record.service_port),
+                       timeout=2)
+
+
+def ensure_service_forward(record: Any, head_port: int, save: Callable[[Any], Any],
+                           reload: Callable[[], Any] = lambda: None, timeout: float = 15.0) -> int:
+    """The local port of a forward to the head's ``head_port`` (where its runner service
+    listens): the recorded one while it runs, else one opened now (on the recorded local
+    port when it is free) and recorded with ``save``. ``reload`` reads the record again
+    under the lock: another client may have opened it meanwhile.
+
+    Raises:
+        ClusterError: ssh did not open the forward within ``timeout``.
+    """
+    import fcntl
+
+    state.private_dir(state.home())
+    with open(state.home() / "service-forwards.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fresh = reload() or record
+        if fresh.service_port == head_port and service_forward_alive(fresh):
+            record.service_port, record.service_forward_port = fresh.service_port, fresh.service_forward_port
+            record.service_forward_pid = fresh.service_forward_pid
+            return record.service_forward_port
+        stop_service_forward(fresh)
+        if fresh is not record:
+            stop_service_forward(record)
+        local = procs.pick_port(fresh.service_forward_port or None)
+        pid = start_forward(record.head_ip, record.ssh_user, record.key_path, local,
+                            known_hosts_file(getattr(record, "known_hosts", "")), remote_port=head_port)
+        for each in {id(fresh): fresh, id(record): record}.values():
+            each.service_port, each.service_forward_port, each.service_forward_pid = head_port, local, pid
+        save(fresh)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _listening(local):
+            return local
+        if not _alive(pid, _marker(local, head_port)):
+            break
+        time.sleep(0.1)
+    raise ClusterError(f"The port-forward to the runner service on the head {record.head_ip} "
+                       f"(its port {head_port}) did not open.", "Is the cluster up? dvcray cluster status")
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def wait_job_api(record: Any, timeout: float, reopen: bool = True, hint: str = "") -> None:
