@@ -181,7 +181,7 @@ class Placer:
                   f"{first}", flush=True)
             code = None
             if node_id:
-                ip = await _node_died(node_id)
+                ip = await _node_died(node_id, self.runner(node_id))
                 if ip is not None:
                     # Not the experiment's failure: its machine went away (as ``ray_api.node_died``
                     # says of a Ray Job). Its log up to then is in the store.
@@ -244,9 +244,10 @@ class Placer:
             self.tasks[entry.run_id].cancel()  # still waiting for its reservation: it never starts
 
 
-async def _node_died(node_id: str, wait_s: float = 90.0) -> str | None:
+async def _node_died(node_id: str, actor: Any, wait_s: float = 90.0) -> str | None:
     """The address of Ray node ``node_id`` once Ray counts it dead ("" when it gives
-    none); None when it stays alive for ``wait_s`` (the runner died, not its machine).
+    none); None as soon as the node's runner ``actor`` answers again (Ray restarted it:
+    the runner died, not its machine), or when neither happened within ``wait_s``.
     Ray notices a dead machine only after its health checks fail: wait for that."""
     import ray
 
@@ -260,7 +261,14 @@ async def _node_died(node_id: str, wait_s: float = 90.0) -> str | None:
             return str((node or {}).get("NodeManagerAddress") or "")
         if time.monotonic() > deadline:
             return None
-        await asyncio.sleep(1.0)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(actor.have.remote("", "").future()), timeout=2.0)
+            return None
+        except ray.exceptions.RayTaskError:
+            return None   # it answered (with an error of its own): it runs
+        except Exception:  # noqa: BLE001 - not (yet) restarted
+            pass
+        await asyncio.sleep(0.5)
 
 
 def _pack(folder: Path, bundle: bytes | None = None) -> bytes:
