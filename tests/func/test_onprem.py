@@ -326,7 +326,7 @@ def _our_ssh_to(ip: str) -> list[str]:
     for proc in psutil.process_iter(["cmdline"]):
         cmd = " ".join(proc.info.get("cmdline") or [])
         if cmd.startswith("ssh ") and " -N " in cmd and f"@{ip}" in cmd:
-            found.append(cmd)
+            found.append(f"{proc.pid}: {cmd.split(' -L ', 1)[-1]}")
     return found
 
 
@@ -603,11 +603,12 @@ def test_down_leaves_no_ray_process_on_any_node(bed, client, lab):
     # An idle runner service is no reason to refuse `down` (asked through its forward).
     assert [j for j in _jobs(client, lab) if str(j.get("submission_id")).startswith("dvcray-service-")
             and j["status"] == "RUNNING"], "the runner service runs"
+    before = (_record(client, lab), _our_ssh_to(bed.node("n0").ip))
     started = time.monotonic()
     proc = _dvcray("cluster", "down", str(lab.config), env=client.env, cwd=lab.project)
     TIMES["cluster down"] = time.monotonic() - started
     assert proc.returncode == 0, _out(proc)
-    assert _our_ssh_to(bed.node("n0").ip) == [], "no port-forward (job API, runner service) is left"
+    assert _our_ssh_to(bed.node("n0").ip) == [], f"no port-forward (job API, runner service) is left; before: {before}"
     assert f"Ray stopped on {bed.node('n0').ip}" in proc.stderr, _out(proc)
     assert _no_ray_anywhere(bed) == {}
     assert not (client.home / ".dvcray" / "launcher" / f"{lab.name}.json").exists()

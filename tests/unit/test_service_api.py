@@ -43,3 +43,4 @@ def test_what_a_placed_experiment_may_reserve():
     assert _resources("CPU=1,node:__internal_head__=0.001") == {"CPU": 1.0, "node:__internal_head__": 0.001}
     assert _resources("CPU=0") == {} and _resources("") == {} and _resources(None) == {}
     assert _resources("CPU=-1,memory=9,GPU=x") == {}
+

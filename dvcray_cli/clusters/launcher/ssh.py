@@ -107,13 +107,15 @@ def forward_command(head_ip: str, ssh_user: str, key_path: str, port: int, known
 
 
 def start_forward(head_ip: str, ssh_user: str, key_path: str, port: int, known_hosts: Path | None = None,
-                  remote_port: int = HEAD_DASHBOARD_PORT) -> int:
-    """Start the port-forward of the head's ``remote_port`` in the background; returns its pid."""
+                  remote_port: int = HEAD_DASHBOARD_PORT, log: Path | None = None) -> int:
+    """Start the port-forward of the head's ``remote_port`` in the background (ssh's
+    errors to ``log``, if given); returns its pid."""
     known_hosts = known_hosts or known_hosts_file()
     known_hosts.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(forward_command(head_ip, ssh_user, key_path, port, known_hosts, remote_port),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    with open(log, "ab") if log is not None else open(os.devnull, "wb") as errors:
+        proc = subprocess.Popen(forward_command(head_ip, ssh_user, key_path, port, known_hosts, remote_port),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=errors, start_new_session=True)
     return proc.pid
 
 
@@ -178,18 +180,22 @@ def stop_service_forward(record: Any) -> None:
 
 
 def ensure_service_forward(record: Any, head_port: int, save: Callable[[Any], Any],
-                           reload: Callable[[], Any] = lambda: None, timeout: float = 15.0) -> int:
+                           reload: Callable[[], Any] = lambda: None, timeout: float = 60.0) -> int:
     """The local port of a forward to the head's ``head_port`` (where its runner service
     listens): the recorded one while it runs, else one opened now (on the recorded local
     port when it is free) and recorded with ``save``. ``reload`` reads the record again
-    under the lock: another client may have opened it meanwhile.
+    under the lock: another client may have opened it meanwhile. An ssh that exits before
+    it listens is started again, up to three times within ``timeout``.
 
     Raises:
-        ClusterError: ssh did not open the forward within ``timeout``.
+        ClusterError: ssh did not open the forward (with ssh's last error).
     """
     import fcntl
 
+    known_hosts = known_hosts_file(getattr(record, "known_hosts", ""))
+    log = Path(f"{known_hosts}.forward.log")
     state.private_dir(state.home())
+    deadline = time.monotonic() + timeout
     with open(state.home() / "service-forwards.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         fresh = reload() or record
@@ -200,21 +206,24 @@ def ensure_service_forward(record: Any, head_port: int, save: Callable[[Any], An
         stop_service_forward(fresh)
         if fresh is not record:
             stop_service_forward(record)
-        local = procs.pick_port(fresh.service_forward_port or None)
-        pid = start_forward(record.head_ip, record.ssh_user, record.key_path, local,
-                            known_hosts_file(getattr(record, "known_hosts", "")), remote_port=head_port)
-        for each in {id(fresh): fresh, id(record): record}.values():
-            each.service_port, each.service_forward_port, each.service_forward_pid = head_port, local, pid
-        save(fresh)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _listening(local):
-            return local
-        if not _alive(pid, _marker(local, head_port)):
-            break
-        time.sleep(0.1)
-    raise ClusterError(f"The port-forward to the runner service on the head {record.head_ip} "
-                       f"(its port {head_port}) did not open.", "Is the cluster up? dvcray cluster status")
+        for attempt in range(3):
+            local = procs.pick_port(fresh.service_forward_port or None if attempt == 0 else None)
+            log.unlink(missing_ok=True)
+            pid = start_forward(record.head_ip, record.ssh_user, record.key_path, local, known_hosts,
+                                remote_port=head_port, log=log)
+            for each in {id(fresh): fresh, id(record): record}.values():
+                each.service_port, each.service_forward_port, each.service_forward_pid = head_port, local, pid
+            save(fresh)
+            while time.monotonic() < deadline and _alive(pid, _marker(local, head_port)):
+                if _listening(local):
+                    return local
+                time.sleep(0.1)
+            if time.monotonic() >= deadline:
+                break
+    stop_service_forward(record)
+    said = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+    raise ClusterError(f"The port-forward to the runner service on the head {record.head_ip} (its port {head_port}) "
+                       f"did not open{': ' + said[-1] if said else ''}.", "Is the cluster up? dvcray cluster status")
 
 
 def _listening(port: int) -> bool:
