@@ -95,6 +95,11 @@ def _process_iter() -> list[psutil.Process]:
     return list(psutil.process_iter(["pid", "cmdline"]))
 
 
+def process_iter() -> list[psutil.Process]:
+    """This machine's processes, with ``info["cmdline"]``."""
+    return _process_iter()
+
+
 def _names_dir(temp_dir: str) -> re.Pattern[str]:
     # The temp dir as a whole path component: /tmp/dvcray-local-ab12 must not match
     # /tmp/dvcray-local-ab123.

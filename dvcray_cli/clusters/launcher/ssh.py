@@ -146,10 +146,27 @@ def forward_alive(record: Any) -> bool:
 
 
 def stop_forward(record: Any) -> None:
-    """Stop the record's port-forwards: the job API's, and the runner service's if it has one."""
+    """Stop the record's port-forwards: the job API's, the runner service's if it has one,
+    and any other this machine runs to the cluster's head (one whose record was lost to
+    two clients writing it at once): ``up``, ``down`` and a cluster found gone call this."""
     if forward_alive(record):
         procs.stop_pid(record.forward_pid, _marker(record.forward_port), timeout=2)
     stop_service_forward(record)
+    for pid, marker in _forwards_to(record):
+        procs.stop_pid(pid, marker, timeout=2)
+
+
+def _forwards_to(record: Any) -> list[tuple[int, str]]:
+    """``(pid, marker)`` of every ``forward_command`` ssh to the head of ``record``: its
+    user, head and pinned host-key file name the cluster."""
+    pinned = f"UserKnownHostsFile={known_hosts_file(getattr(record, 'known_hosts', ''))}"
+    target = f"{record.ssh_user}@{record.head_ip}"
+    found = []
+    for proc in procs.process_iter():
+        args = list(proc.info.get("cmdline") or [])
+        if args[:2] == ["ssh", "-N"] and pinned in args and args[-1] == target and "-L" in args:
+            found.append((proc.pid, pinned))
+    return found
 
 
 def ensure_forward(record: Any, save: Callable[[Any], Any]) -> Any:
