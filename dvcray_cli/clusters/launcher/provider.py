@@ -69,4 +69,49 @@ def stop_machines_from_head(config: dict[str, Any]) -> tuple[list[str], list[str
     ray = Path(sys.executable).parent / "ray"
     subprocess.run([str(ray) if ray.exists() else "ray", "stop"], stdin=subprocess.DEVNULL,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    wait_ray_gone()
     return stopped, unreachable
+
+
+# What Ray's own processes have in their command lines (``ray stop`` knows most of them;
+# the dashboard's forkserver children end on their own, shortly after it).
+RAY_MARKERS = ("gcs_server", "raylet", "ray::", "ray/dashboard", "ray/autoscaler", "ray/_private/",
+               "default_worker.py", "ray_client_server")
+
+
+def wait_ray_gone(timeout: float = 15.0) -> list[int]:
+    """Wait until no Ray process of this user is left on this machine after ``ray stop``;
+    kill what is still there after ``timeout`` (as ``ray stop --force`` would).
+
+    Returns:
+        The pids it had to kill.
+    """
+    import os
+    import time
+
+    import psutil
+
+    def left() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["pid", "uids", "cmdline"]):
+            try:
+                if proc.pid == os.getpid() or not proc.info["uids"] or proc.info["uids"].real != os.getuid():
+                    continue
+                line = " ".join(proc.info["cmdline"] or [])
+            except (psutil.Error, TypeError):
+                continue
+            if any(marker in line for marker in RAY_MARKERS):
+                found.append(proc)
+        return found
+
+    deadline = time.monotonic() + timeout
+    while (remaining := left()) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    killed = []
+    for proc in remaining:
+        try:
+            proc.kill()
+            killed.append(proc.pid)
+        except psutil.Error:
+            pass
+    return killed
