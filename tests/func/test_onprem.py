@@ -474,16 +474,23 @@ json.dump({"z": ray.get(times_ten.remote(x)), "host": socket.gethostname()}, ope
 """
 
 
-def test_sweep_spreads_its_runners_over_both_workers(bed, client, lab):
-    project = _clone(client, "sweep")
+def _metric_project(client, name: str, stage: str, x: int) -> Path:
+    """A clone with the S3 store: one stage ``stage.py`` that depends on the param ``x``
+    and writes the metric ``m.json``; committed."""
+    project = _clone(client, name)
     sh("dvc", "init", "-q", cwd=project, env=client.env)
     _with_store(client, project)
-    (project / "params.yaml").write_text("x: 0\n")
-    (project / "stage.py").write_text(SWEEP_STAGE)
+    (project / "params.yaml").write_text(f"x: {x}\n")
+    (project / "stage.py").write_text(stage)
     (project / "dvc.yaml").write_text("stages:\n  s:\n    cmd: python stage.py\n    deps: [stage.py]\n"
                                       "    params: [x]\n    metrics: [{m.json: {cache: false}}]\n")
     sh("git", "add", "-A", cwd=project, env=client.env)
-    sh("git", "commit", "-qm", "sweep", cwd=project, env=client.env)
+    sh("git", "commit", "-qm", f"{name}: a stage", cwd=project, env=client.env)
+    return project
+
+
+def test_sweep_spreads_its_runners_over_both_workers(bed, client, lab):
+    project = _metric_project(client, "sweep", SWEEP_STAGE, x=0)
     started = time.monotonic()
     proc = _dvcray("run", "-n", "sw", "-S", "x=101,102,103,104", "--cpus-per-exp", "1", env=client.env,
                    cwd=project)
@@ -504,15 +511,7 @@ json.dump({"x": yaml.safe_load(open("params.yaml"))["x"], "host": socket.gethost
 
 
 def test_a_second_run_sends_the_runner_service_only_the_commits_it_lacks(bed, client, lab):
-    project = _clone(client, "thin")
-    sh("dvc", "init", "-q", cwd=project, env=client.env)
-    _with_store(client, project)
-    (project / "params.yaml").write_text("x: 1\n")
-    (project / "stage.py").write_text(THIN_STAGE)
-    (project / "dvc.yaml").write_text("stages:\n  s:\n    cmd: python stage.py\n    deps: [stage.py]\n"
-                                      "    params: [x]\n    metrics: [{m.json: {cache: false}}]\n")
-    sh("git", "add", "-A", cwd=project, env=client.env)
-    sh("git", "commit", "-qm", "a stage", cwd=project, env=client.env)
+    project = _metric_project(client, "thin", THIN_STAGE, x=1)
     workers = {bed.node("n1").hostname, bed.node("n2").hostname}
     proc = _dvcray("run", "-n", "thin1", "--cpus-per-exp", "1", env=client.env, cwd=project)
     assert proc.returncode == 0, _out(proc)
