@@ -281,8 +281,9 @@ def token_for(address: str | None = None) -> str | None:
         from dvcray_cli.clusters.launcher import records
 
         record = records.at_address(address)
-        if record is not None and record.token():
-            return record.token()
+        token = record.token() if record is not None else None
+        if token:
+            return token
     return ray_api.read_token(ray_api.default_token_path())
 
 

@@ -89,15 +89,10 @@ def stop_pid(pid: int, marker: str, timeout: float = 5.0) -> None:
 # --------------------------------------------------------------------------- a cluster's processes
 
 
-def _process_iter() -> list[psutil.Process]:
+def process_iter() -> list[psutil.Process]:
     import psutil
 
     return list(psutil.process_iter(["pid", "cmdline"]))
-
-
-def process_iter() -> list[psutil.Process]:
-    """This machine's processes, with ``info["cmdline"]``."""
-    return _process_iter()
 
 
 def _names_dir(temp_dir: str) -> re.Pattern[str]:
@@ -116,7 +111,7 @@ def core_pids(temp_dir: str, session_id: int = 0, procs: list | None = None) -> 
     """
     import psutil
 
-    procs = _process_iter() if procs is None else procs
+    procs = process_iter() if procs is None else procs
     match = _names_dir(temp_dir)
     core: set[int] = set()
     for p in procs:
@@ -145,7 +140,7 @@ def job_pids(gcs_address: str, procs: list | None = None) -> set[int]:
     died): it is no one's descendant any more."""
     if not gcs_address or gcs_address.endswith(":0"):
         return set()
-    procs = _process_iter() if procs is None else procs
+    procs = process_iter() if procs is None else procs
     address = f"RAY_ADDRESS={gcs_address}\0".encode()
     found = set()
     for p in procs:
@@ -171,7 +166,7 @@ def cluster_pids(temp_dir: str, session_id: int = 0, gcs_address: str = "") -> l
     """
     import psutil
 
-    procs = _process_iter()
+    procs = process_iter()
     found = core_pids(temp_dir, session_id, procs) | job_pids(gcs_address, procs)
     for pid in list(found):
         try:

@@ -242,8 +242,10 @@ def finish(sub: Submitted, status: str, apply: bool = False, force: bool = False
     died = None
     if result is None and status == "FAILED":
         # The runner service says so of a run whose node died; Ray, of a run that is a Ray Job.
-        died = warm.lost(sub.service, sub.run_id) if sub.service is not None else \
-            ray_api.node_died(sub.client, sub.run_id) if sub.client else None
+        if sub.service is not None:
+            died = warm.lost(sub.service, sub.run_id)
+        elif sub.client:
+            died = ray_api.node_died(sub.client, sub.run_id)
     if died:
         # Not the experiment's failure: the machine it ran on went away. Its log stays in the store.
         outcome.status, outcome.error = RunState.LOST.value, died

@@ -356,9 +356,9 @@ def _info(run: _Run, seen: _Clusters, fallbacks: list[str], git_root: Path) -> R
         info.state = result.status
     elif job is not None and _status(job).is_active():
         info.state = _status(job)
-    elif job is not None and (getattr(job, "lost", "") or ray_api.node_died_of(job)):  # its machine went away
-        info.state = RunState.LOST
-        info.error = getattr(job, "lost", "") or ray_api.node_died_of(job)
+    elif job is not None and (died := getattr(job, "lost", "") or ray_api.node_died_of(job)):
+        info.state = RunState.LOST  # its machine went away
+        info.error = died
     elif job is not None:  # ended without a result: the runner was killed before it could save
         info.state = _status(job)
         info.error = "the runner ended without saving a result"

@@ -123,8 +123,9 @@ class Sweep:
         result = RunResult.from_json(store.read_json(store.run_path(state.spec.run_id, RESULT)))
         if result is None:
             if ray_api.is_terminal(job_status):
-                died = (lost or ray_api.node_died(self.plan.client, state.job_id)) if job_status == "FAILED" \
-                    and (lost or self.plan.client is not None) else None
+                died = None
+                if job_status == "FAILED":  # the service's word, or Ray's for a Ray Job
+                    died = lost or (ray_api.node_died(self.plan.client, state.job_id) if self.plan.client else None)
                 state.state = RunState.LOST if job_status == "SUCCEEDED" or died else RunState(job_status)
                 state.outcome = Outcome(run_id=state.spec.run_id, status=state.state.value,
                                         exp_name=state.spec.exp_name,

@@ -472,9 +472,8 @@ def service_url(address: str, head_port: int) -> str | None:
     if found is None:
         return None
     record, path = found
-    local = ssh.ensure_service_forward(record, head_port, lambda r: records.write_record(r, path.parent.parent),
-                                       lambda: records.load(path))
-    return f"http://127.0.0.1:{local}"
+    return launcher.service_reach(record, lambda r: records.write_record(r, path.parent.parent),
+                                  lambda: records.load(path))(head_port)
 
 
 def _now() -> str:

@@ -18,12 +18,6 @@ class AwsCluster(Record):
     region: str
     node_types: list[dict[str, Any]]
     kind: str = "aws"
-    known_hosts: str = ""      # where the head's SSH host key is pinned (<repo>/.dvcray/known_hosts)
-    # The forward to the runner service on the head (``ssh.ensure_service_forward``): the
-    # head's port it listens on, this machine's end of the forward, the ssh process.
-    service_port: int = 0
-    service_forward_port: int = 0
-    service_forward_pid: int = 0
 
 
 def write_record(record: AwsCluster, repo_state: Path) -> Path:

@@ -41,7 +41,6 @@ __all__ = ["Check", "LauncherCluster", "LauncherDown", "Plan", "down", "plan", "
 # Your own machines cost nothing idle; a cloud's do (as on AWS).
 DEFAULT_IDLE_TIMEOUT_S = {"local": 0.0}
 CLOUD_IDLE_TIMEOUT_S = 3600.0
-# Runners get this long to save their work when `down --yes` stops them.
 # How long `up` waits for on-prem workers to join (each runs the setup commands first).
 WORKERS_TIMEOUT_S = float(os.environ.get("DVCRAY_WORKERS_TIMEOUT_S", "600"))
 LOCAL = "local"
@@ -343,11 +342,13 @@ def _autoscaler_says(record: LauncherCluster, hosts: list[str]) -> str:
 # --------------------------------------------------------------------------- down
 
 
-def service_reach(record: Any, save: Callable[[Any], Any]) -> Callable[[int], str]:
+def service_reach(record: Any, save: Callable[[Any], Any],
+                  reload: Callable[[], Any] = lambda: None) -> Callable[[int], str]:
     """Where this machine reaches a port of the head of ``record`` where a runner service
-    listens: through the service's port-forward (``ssh.ensure_service_forward``), for
-    ``ray_api.active_runs``."""
-    return lambda port: f"http://127.0.0.1:{ssh.ensure_service_forward(record, port, save)}"
+    listens: through the service's port-forward (``ssh.ensure_service_forward``; ``save``
+    records it, ``reload`` reads the record again), for ``ray_api.active_runs`` and
+    ``service_url``."""
+    return lambda port: f"http://127.0.0.1:{ssh.ensure_service_forward(record, port, save, reload)}"
 
 
 def stop_runs(record: Any, yes: bool, config_label: str, save: Callable[[Any], Any] = records.write) -> list[str]:
@@ -504,8 +505,7 @@ def service_url(address: str, head_port: int) -> str | None:
     record = records.at_address(address)
     if record is None:
         return None
-    local = ssh.ensure_service_forward(record, head_port, records.write, lambda: records.load(record.name))
-    return f"http://127.0.0.1:{local}"
+    return service_reach(record, records.write, lambda: records.load(record.name))(head_port)
 
 
 def _now() -> str:

@@ -8,7 +8,7 @@ machine finds the cluster, its token and its port-forward (``for_project``).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,6 +33,13 @@ class Record:
     key_path: str
     started_at: str
     idle_timeout_s: float
+    _: KW_ONLY
+    known_hosts: str = ""      # where the head's SSH host key is pinned
+    # The forward to the runner service on the head (``ssh.ensure_service_forward``): the
+    # head's port it listens on, this machine's end of the forward, the ssh process.
+    service_port: int = 0
+    service_forward_port: int = 0
+    service_forward_pid: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -54,12 +61,6 @@ class LauncherCluster(Record):
     project: str               # the project's first commit
     worker_ips: list[str] = field(default_factory=list)   # provider local: the machines
     kind: str = "launcher"
-    known_hosts: str = ""      # where the head's SSH host key is pinned (``known_hosts_path``)
-    # The forward to the runner service on the head (``ssh.ensure_service_forward``): the
-    # head's port it listens on, this machine's end of the forward, the ssh process.
-    service_port: int = 0
-    service_forward_port: int = 0
-    service_forward_pid: int = 0
 
 
 def folder() -> Path:
