@@ -39,6 +39,20 @@ class Terminated(BaseException):
     """SIGTERM from ``dvcray stop``, Ctrl-C on the client, or Ray."""
 
 
+# Written by the runner service into a snapshot folder before it stops the folder's
+# runs because their cluster died (its GCS stopped answering): the runs are LOST.
+CLUSTER_GONE = "CLUSTER-GONE"
+
+
+def _cluster_gone(here: Path) -> str | None:
+    """Why the runner service stopped this run for its cluster's death, or None."""
+    try:
+        why = (here / CLUSTER_GONE).read_text(errors="replace").strip()
+    except OSError:
+        return None
+    return why or "its cluster died mid-run"
+
+
 def runner_dir() -> Path:
     return Path(os.environ.get("DVCRAY_RUNNER_DIR") or Path.home() / ".cache" / "dvcray")
 
@@ -276,7 +290,14 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         result.exp_sha = next(iter(results), None)
         result.status = RunState.SUCCEEDED
     except Terminated:
-        if os.getppid() != parent:
+        gone = _cluster_gone(here)
+        if gone:
+            # The runner service stops its runs because their cluster died under them:
+            # not a stop anyone asked for, and not the experiment's failure.
+            result.status = RunState.LOST
+            result.error = gone
+            say(f"{result.error}: saving what the run produced")
+        elif os.getppid() != parent:
             # Nobody stopped it: the process it ran under (the runner service, or a node's
             # warm runner) died, and took it down with it (forks.die_with_parent).
             result.error = "dvcray's runner on this node went away mid-run (its process was killed)"

@@ -350,7 +350,7 @@ def _info(run: _Run, seen: _Clusters, fallbacks: list[str], git_root: Path) -> R
 
     result = run.result
     status = run.status
-    if result and result.status.is_terminal():
+    if result and result.is_final():
         # The runner's own word; a job that a sweep's experiments share runs on
         # after this one has ended.
         info.state = result.status
@@ -497,7 +497,7 @@ def stop(cwd: Path, key: str, store: str | None = None, timeout: float | None = 
     run = _locate(ctx, key)
     name = run.exp_name()
     result = run.result
-    if result and result.status.is_terminal():
+    if result and result.is_final():
         return StopResult(run.run_id, name, result.status, True, saved=True, store=run.store.url)
 
     if run.record and run.record.service:

@@ -337,6 +337,11 @@ class RunResult:
     shown_files: list[str] = field(default_factory=list)  # metrics/plots/params inside cached outputs
     timings: dict[str, float] = field(default_factory=dict)
 
+    def is_final(self) -> bool:
+        """The runner's last word: an outcome, or LOST (its cluster died under it, and the
+        runner saved what it had)."""
+        return self.status.is_terminal() or self.status == RunState.LOST
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["status"] = self.status.value

@@ -178,6 +178,8 @@ class RunnerService:
         entry.ended = time.time()
         if code == 0:
             entry.state = RunState.SUCCEEDED
+        elif entry.lost:
+            entry.state = RunState.FAILED  # reported with its ``lost``: the client says LOST
         elif code == 143 or entry.stop_requested:
             entry.state = RunState.STOPPED
         else:
@@ -361,15 +363,25 @@ class RunnerService:
 
     # ------------------------------------------------------------------ shutdown
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, lost: str | None = None) -> None:
         """Stop taking runs; every running experiment saves its work (SIGTERM, the grace,
-        SIGKILL); then leave."""
+        SIGKILL); then leave. ``lost``: why the cluster is gone, when that is why: the
+        runners then record their runs LOST, not STOPPED (``runner.CLUSTER_GONE``)."""
         if self.draining and not self.entries:
             return
         self.draining = True
         say("stopping: every running experiment saves its work first")
+        if lost:
+            from dvcray_cli.runner import CLUSTER_GONE
+
+            for batch in list(self.batches.values()):
+                try:
+                    (batch.folder / CLUSTER_GONE).write_text(lost)
+                except OSError as exc:
+                    say(f"could not mark {batch.folder} as lost: {exc}")
         for entry in list(self.entries.values()):
             if entry.state in (RunState.RUNNING, RunState.PENDING):
+                entry.lost = entry.lost or (lost or "")
                 self.stop_entry(entry)
         deadline = time.monotonic() + self.grace + 5
         while any(e.state == RunState.RUNNING for e in self.entries.values()) and time.monotonic() < deadline:
@@ -460,13 +472,18 @@ async def serve(service: RunnerService, port: int) -> None:
     await web.SockSite(runner, sock).start()
     done = asyncio.Event()
 
-    async def stop() -> None:
-        await service.shutdown()
+    async def stop(lost: str | None = None) -> None:
+        await service.shutdown(lost)
         done.set()
+
+    async def stopped() -> None:
+        """SIGTERM: Ray stopping the service's job (``cluster down``), or the head's Ray
+        dying under it; the GCS tells which."""
+        await stop(None if await _gcs_answers() is not False else CLUSTER_DIED)
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(stop()))
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(stopped()))
     ticker = asyncio.create_task(service.tick())
     watchdog = asyncio.create_task(_watch_cluster(stop))
     say(f"listening on 127.0.0.1:{sock.getsockname()[1]} as {service.service_id} (dvcray {__version__}, pid "
@@ -482,24 +499,35 @@ async def serve(service: RunnerService, port: int) -> None:
         await runner.cleanup()
 
 
+CLUSTER_DIED = "its cluster died mid-run (the head's GCS stopped answering)"
+
+
+async def _gcs_answers(timeout_s: float = 3.0) -> bool | None:
+    """Whether the cluster's GCS takes a connection (None: no address to ask)."""
+    host, _, port = (os.environ.get("RAY_ADDRESS") or "").rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout_s)
+        writer.close()
+        return True
+    except (OSError, asyncio.TimeoutError):
+        return False
+
+
 async def _watch_cluster(stop, every_s: float = 5.0, misses: int = 3) -> None:
     """Leave with the cluster: a head whose GCS is gone (killed, crashed) may leave this
     process behind, still answering, its runs' cluster gone."""
-    host, _, port = (os.environ.get("RAY_ADDRESS") or "").rpartition(":")
-    if not host or not port.isdigit():
-        return
     missed = 0
     while True:
         await asyncio.sleep(every_s)
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 5)
-            writer.close()
-            missed = 0
-        except (OSError, asyncio.TimeoutError):
-            missed += 1
+        answers = await _gcs_answers(5)
+        if answers is None:
+            return
+        missed = 0 if answers else missed + 1
         if missed >= misses:
             say("the cluster's GCS does not answer: its runs are lost; stopping")
-            await stop()
+            await stop(CLUSTER_DIED)
             return
 
 

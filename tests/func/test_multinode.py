@@ -264,7 +264,19 @@ def test_a_cluster_that_dies_mid_run_is_exit_3_and_the_run_lost(on_multinode, ma
     assert ended_s < 30, f"the client took {ended_s:.0f} s to notice"
     assert "STAGE-STARTED" in store_log(run_dir)  # the store kept the log up to then
 
+    # The runner service outlives the GCS by a few seconds; its watchdog then stops the
+    # run, whose runner saves what it has: its word must be LOST, not STOPPED (nobody
+    # stopped it), in the store and in `dvcray runs` before and after it saved.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (run_dir / "result.json").exists():
+        runs = _dvcray("runs", "--json", cwd=root, env=env, timeout=120)
+        assert runs.returncode == 0, runs.stderr
+        states = {r["run_id"]: r["state"] for r in json.loads(runs.stdout)}
+        assert states[run_id] == "LOST", states
+        time.sleep(2)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "LOST" and "died" in result["error"], result
     runs = _dvcray("runs", "--json", cwd=root, env=env, timeout=120)
     assert runs.returncode == 0, runs.stderr
-    states = {r["run_id"]: r["state"] for r in json.loads(runs.stdout)}
-    assert states[run_id] == "LOST", states
+    states = {r["run_id"]: (r["state"], r.get("error")) for r in json.loads(runs.stdout)}
+    assert states[run_id][0] == "LOST" and "died" in states[run_id][1], states
