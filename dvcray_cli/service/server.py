@@ -349,6 +349,9 @@ class RunnerService:
         offsets = {str(k): int(v) for k, v in (body.get("logs") or {}).items()}
         deadline = time.monotonic() + min(float(body.get("wait") or 0), MAX_WAIT_S)
         while True:
+            # The changes up to ``seq``; reading a placed run's log awaits, and a change made
+            # meanwhile comes with the next poll (answering a later seq would lose it).
+            seq = self.seq
             runs = {r: self.entries[r].to_json() for r in watch if r in self.entries and self.entries[r].seq > after}
             unknown = [r for r in watch if r not in self.entries]
             logs = {}
@@ -358,7 +361,7 @@ class RunnerService:
                 if data:
                     logs[run_id] = {"offset": offset, "data": base64.b64encode(data).decode()}
             if runs or logs or unknown or time.monotonic() >= deadline:
-                return {"seq": self.seq, "runs": runs, "logs": logs, "unknown": unknown}
+                return {"seq": seq, "runs": runs, "logs": logs, "unknown": unknown}
             await self.wait_change(deadline - time.monotonic())
 
     # ------------------------------------------------------------------ shutdown

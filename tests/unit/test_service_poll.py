@@ -1,0 +1,36 @@
+"""The runner service's long poll, without a process: no state change is ever skipped."""
+
+from __future__ import annotations
+
+import asyncio
+
+from dvcray_cli.runs.model import RunState
+from dvcray_cli.service import server
+
+
+def test_a_change_made_while_a_placed_runs_log_is_read_comes_with_the_next_poll(tmp_path, monkeypatch):
+    monkeypatch.setattr(server.forks, "Launcher", lambda: None)  # no forkserver: nothing is started here
+
+    async def scenario() -> tuple[dict, dict]:
+        service = server.RunnerService("tok", "dvcray-service-t", tmp_path)
+        reading = service.entries["a"] = server.Entry("a", "j", "a", {}, state=RunState.RUNNING, placed=True)
+        ending = service.entries["b"] = server.Entry("b", "j", "b", {}, state=RunState.RUNNING, placed=True)
+
+        class Placer:
+            async def read_log(self, entry, offset, size):
+                await asyncio.sleep(0)
+                if entry is reading and ending.state == RunState.RUNNING:
+                    # The other run ends while this log is read (a Ray call on a placed run).
+                    ending.state = RunState.SUCCEEDED
+                    service.touch(ending)
+                return b""
+
+        service.placer = Placer()
+        first = await service.poll({"after": 0, "watch": ["a", "b"], "logs": {"a": 0}, "wait": 0})
+        second = await service.poll({"after": first["seq"], "watch": ["a", "b"], "logs": {}, "wait": 0})
+        return first, second
+
+    first, second = asyncio.run(scenario())
+    seen = {**first["runs"], **second["runs"]}
+    assert seen.get("b", {}).get("state") == "SUCCEEDED", (first, second)
+    assert second["seq"] >= 1
