@@ -131,7 +131,9 @@ def logs(
     if result.empty:
         err.print(f"Run {result.run_id} has no log yet ({result.state.value}).", markup=False)
     if result.state == RunState.LOST:
-        err.print(f"Run {result.run_id} is LOST: its cluster is gone and it saved no result.", markup=False)
+        why = (f"{result.reason}; its runner saved what it had in the store" if result.reason
+               else "its cluster is gone and it saved no result")
+        err.print(f"Run {result.run_id} is LOST: {why}.", markup=False)
     if follow and result.state == RunState.STOPPED:
         raise ExperimentFailed(f"Run {result.run_id} was stopped.", "dvcray runs shows it.")
     if follow and result.state == RunState.FAILED:

@@ -28,6 +28,7 @@ class LogsResult:
     state: RunState       # the run's state when the command ended
     source: str           # "cluster" or "store"
     empty: bool = False   # there was no log to show yet
+    reason: str | None = None  # why it is LOST, when its runner saved that (its cluster died)
 
 
 def logs(cwd: Path, key: str, emit: Callable[[str], None], follow: bool = False,
@@ -67,9 +68,9 @@ def logs(cwd: Path, key: str, emit: Callable[[str], None], follow: bool = False,
                                   "cluster", empty=not shown)
             # Its log was on the node that died: the store keeps the copy the runner uploaded.
             note(f"Run {run.run_id} is lost ({lost}): showing the copy of the log in the store.")
-            final = _store_log(run, emit, follow)
+            final, reason = _store_log(run, emit, follow)
             return LogsResult(run.run_id, final if final != RunState.PENDING else RunState.LOST, "store",
-                              empty=not shown)
+                              empty=not shown, reason=reason)
     # A sweep's experiments share one job whose log holds them all: the store
     # keeps each one's own log.
     candidates = ([run.address] if run.address else clusters.fallback_addresses()) \
@@ -99,12 +100,13 @@ def logs(cwd: Path, key: str, emit: Callable[[str], None], follow: bool = False,
         if run.address and (candidates or (run.record and run.record.service)):
             why = seen.errors.get(run.address) or f"The cluster at {run.address} does not know run {run.run_id}"
             note(f"{why.rstrip('.')}: showing the copy of the log in the store.")
-    final = _store_log(run, emit, follow)
-    return LogsResult(run.run_id, final, "store", empty=not shown)
+    final, reason = _store_log(run, emit, follow)
+    return LogsResult(run.run_id, final, "store", empty=not shown, reason=reason)
 
 
-def _store_log(run: _Run, emit: Callable[[str], None], follow: bool) -> RunState:
+def _store_log(run: _Run, emit: Callable[[str], None], follow: bool) -> tuple[RunState, str | None]:
     """The store's copy of the log; with ``follow``, poll it until the run's result appears.
+    Returns the run's state, and why it is lost when its runner saved that.
 
     A followed run whose log has not grown for ``DVCRAY_STALE_S`` and whose heartbeat
     is stale (its cluster does not answer) is lost: that ends the wait with exit 3.
@@ -132,10 +134,10 @@ def _store_log(run: _Run, emit: Callable[[str], None], follow: bool) -> RunState
             if result is not None:
                 show()  # the runner's last lines are in the store before its result
                 emit(decoder.decode(b"", final=True))
-                return result.status
+                return result.status, (result.error if result.status == RunState.LOST else None)
             if not follow:
                 status = run.status
-                return RunState.LOST if run.record else (status.state if status else RunState.PENDING)
+                return (RunState.LOST if run.record else (status.state if status else RunState.PENDING)), None
             status = RunStatus.from_json(run.store.read_json(run.store.run_path(run.run_id, STATUS)))
             quiet = time.monotonic() - last_change > stale_s
             if quiet and (status is None or status.is_stale() or status.state.is_terminal()):

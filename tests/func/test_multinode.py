@@ -280,3 +280,7 @@ def test_a_cluster_that_dies_mid_run_is_exit_3_and_the_run_lost(on_multinode, ma
     assert runs.returncode == 0, runs.stderr
     states = {r["run_id"]: (r["state"], r.get("error")) for r in json.loads(runs.stdout)}
     assert states[run_id][0] == "LOST" and "died" in states[run_id][1], states
+    logs = _dvcray("logs", run_id, cwd=root, env=env, timeout=120)
+    assert "STAGE-STARTED" in logs.stdout, logs.stdout
+    assert f"Run {run_id} is LOST: its cluster died" in logs.stderr and "saved no result" not in logs.stderr, \
+        logs.stderr
