@@ -482,7 +482,8 @@ async def serve(service: RunnerService, port: int) -> None:
     async def stopped() -> None:
         """SIGTERM: Ray stopping the service's job (``cluster down``), or the head's Ray
         dying under it; the GCS tells which."""
-        await stop(None if await _gcs_answers() is not False else CLUSTER_DIED)
+        answers = await _gcs_answers()
+        await stop(CLUSTER_DIED if answers is False else None)  # None: no address to ask
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
