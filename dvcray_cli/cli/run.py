@@ -49,7 +49,7 @@ def run(
         dvcray run --exp-name lr-01 -S train.lr=0.1
     """
     from dvcray_cli import params
-    from dvcray_cli.runs import finish, submit, sweep
+    from dvcray_cli.runs import submit, sweep
     from dvcray_cli.runs import run as running
     from dvcray_cli.runs.model import RunOptions
 
@@ -74,11 +74,7 @@ def run(
         return
     with interruptible():
         outcome = running.follow(sub, log_stream(json_), _progress_printer(json_), apply, force, say)
-    if json_:
-        write_json(outcome.to_json())
-    else:
-        _summary(outcome, opts.overrides)
-    finish.raise_for(outcome)
+    _report(outcome, opts.overrides, json_)
 
 
 def _check_sweep_flags(detach: bool, apply: bool) -> None:
@@ -99,6 +95,17 @@ def _progress_printer(json_: bool):
         (err if json_ else out).print(Text(f"live: {latest.text()}", style="dim"))
 
     return progress
+
+
+def _report(outcome, overrides: list[str], json_: bool) -> None:
+    """The outcome (as JSON, or a summary), then the error its exit code comes from."""
+    from dvcray_cli.runs import finish
+
+    if json_:
+        write_json(outcome.to_json())
+    else:
+        _summary(outcome, overrides)
+    finish.raise_for(outcome)
 
 
 def _summary(outcome, overrides: list[str]) -> None:
