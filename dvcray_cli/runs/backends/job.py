@@ -176,9 +176,11 @@ class JobBackend:
         Raises:
             ClusterError: it does not answer, or does not know the run (the message says which).
         """
-        backend = cls(address, clusters.connect(address))
         try:
+            backend = cls(address, clusters.connect(address))
             return backend, info_of(backend.client.get_job_info(job_id))
+        except ClusterError:
+            raise
         except Exception:  # the cluster answers but does not know the run
             raise ClusterError(f"the cluster at {address} does not know run {run_id}") from None
 
