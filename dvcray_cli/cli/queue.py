@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from dvcray_cli.cli._common import boundary
+from dvcray_cli.cli._follow import follow_many
 
 app = typer.Typer(help="Run DVC's own experiment queue (dvc exp run --queue) on a Ray cluster.",
                   no_args_is_help=True)
@@ -41,7 +42,6 @@ def start(
         dvc exp run --queue -n lr-01 -S train.lr=0.1
         dvcray queue start --jobs 2
     """
-    from dvcray_cli.cli.run import follow_many
     from dvcray_cli.runs import queue
     from dvcray_cli.runs.model import RunOptions
 

@@ -6,12 +6,16 @@
 - Local and AWS cluster code never import each other; the launcher (any YAML) imports
   neither, and AWS builds on it.
 - No import cycle between modules, imports inside functions included.
-- No module over 700 lines.
+- No module over 500 lines; every package has an ``__init__.py``.
+- Only ``runs/backends/`` asks whether a run is a Ray Job or the runner service's.
+- No test imports a private name (it tests through the public function, or the name
+  is made public where it is a real seam).
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -19,14 +23,21 @@ import pytest
 from conftest import REPO
 
 PACKAGE = REPO / "dvcray_cli"
-MAX_LINES = 700
+MAX_LINES = 500
+# Modules still over MAX_LINES, held to the old limit until their split lands (issue 16: the
+# clusters/ side). Empty this at the merge of both halves.
+OVER_THE_LIMIT_FOR_NOW = {"dvcray_cli.clusters": 700, "dvcray_cli.clusters.local": 700,
+                          "dvcray_cli.clusters.launcher": 700}
 
 # Lower layers never import higher ones (0: imports no dvcray module at all).
 LAYERS = {
     "dvcray_cli.errors": 0,
     "dvcray_cli": 0,                 # the version
     "dvcray_cli.state": 1, "dvcray_cli.ray_api": 1, "dvcray_cli.store": 1, "dvcray_cli.params": 1,
-    "dvcray_cli.gitutil": 1, "dvcray_cli.resources": 1, "dvcray_cli.service_api": 1,
+    "dvcray_cli.gitutil": 1, "dvcray_cli.resources": 1,
+    # The runner service's wire types and its HTTP client: ray_api asks a cluster's service
+    # for its runs (``active_runs``), so both sit below everything that runs experiments.
+    "dvcray_cli.service.protocol": 1, "dvcray_cli.service.client": 1,
     "dvcray_cli.runs": 2, "dvcray_cli.clusters": 2, "dvcray_cli.report": 2, "dvcray_cli.scaffold": 2,
     "dvcray_cli.runner": 2, "dvcray_cli.service": 2,
     "dvcray_cli.cli": 3, "dvcray_cli.__main__": 3,
@@ -186,6 +197,56 @@ def test_no_import_cycles():
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
-def test_no_module_is_over_700_lines(module):
+def test_no_module_is_over_500_lines(module):
     lines = len(MODULES[module].read_text().splitlines())
-    assert lines <= MAX_LINES, f"{module} has {lines} lines"
+    assert lines <= OVER_THE_LIMIT_FOR_NOW.get(module, MAX_LINES), f"{module} has {lines} lines"
+
+
+def test_every_package_has_an_init():
+    folders = {p.parent for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
+    assert sorted(str(f.relative_to(REPO)) for f in folders if not (f / "__init__.py").is_file()) == []
+
+
+# Asking which way a run executes (a Ray Job of its own, or the runner service): the
+# backend's business alone (``runs/backends/``). The record's own I/O reads its fields.
+_WHICH_BACKEND = re.compile(r"\bservice is (not )?None\b|\brecord\.service\b|\.service\b\s*(is|==|!=)"
+                            r"|isinstance\([^)]*(Service|Job)Backend|\.name\s*==\s*['\"](job|service)['\"]")
+_BACKENDS_OWN = ("dvcray_cli/runs/backends/", "dvcray_cli/runs/model.py")
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_only_the_backends_ask_how_a_run_executes(module):
+    path = MODULES[module]
+    if str(path.relative_to(REPO)).startswith(_BACKENDS_OWN):
+        return
+    found = [f"{n}: {line.strip()}" for n, line in enumerate(path.read_text().splitlines(), 1)
+             if _WHICH_BACKEND.search(line)]
+    assert found == [], f"{module} branches on the backend: hold a runs.backends.Backend instead"
+
+
+# Tests of the clusters/ side that still reach a private name (issue 16: its half); empty at the merge.
+PRIVATE_FOR_NOW = {("tests/unit/test_ssh_forwards.py", "_forwards_to")}
+TESTS = sorted((REPO / "tests").rglob("test_*.py"))
+
+
+@pytest.mark.parametrize("path", TESTS, ids=lambda p: str(p.relative_to(REPO / "tests")))
+def test_no_test_imports_a_private_name(path):
+    """``from dvcray_cli... import _name``, or ``module._name`` of an imported dvcray module."""
+    tree = ast.parse(path.read_text())
+    modules: set[str] = set()
+    private = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dvcray_cli"):
+            for alias in node.names:
+                if f"{node.module}.{alias.name}" in MODULES or alias.name in ("dvcray_cli",):
+                    modules.add(alias.asname or alias.name)
+                elif alias.name.startswith("_") and not alias.name.startswith("__"):
+                    private.add(alias.name)
+        elif isinstance(node, ast.Import):
+            modules.update(a.asname or a.name for a in node.names if a.name.startswith("dvcray_cli"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            if isinstance(node.value, ast.Name) and node.value.id in modules:
+                private.add(node.attr)
+    rel = str(path.relative_to(REPO))
+    assert sorted(n for n in private if (rel, n) not in PRIVATE_FOR_NOW) == []

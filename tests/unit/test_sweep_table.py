@@ -6,7 +6,7 @@ import time
 
 from rich.console import Console
 
-from dvcray_cli.cli.run import TABLE_ROWS, _live_table
+from dvcray_cli.cli._follow import TABLE_ROWS, live_table
 from dvcray_cli.runs.model import ExpSpec, Outcome, RunState
 from dvcray_cli.runs.sweep import ExpState
 
@@ -34,12 +34,12 @@ def _render(renderable) -> str:
 
 
 def test_a_few_experiments_get_a_row_each():
-    text = _render(_live_table(_states(2, 1, 1)))
+    text = _render(live_table(_states(2, 1, 1)))
     assert all(f"exp-{i}" in text for i in range(4))
 
 
 def test_hundreds_show_counts_the_running_ones_and_the_last_to_end():
-    text = _render(_live_table(_states(150, 8, 42)))
+    text = _render(live_table(_states(150, 8, 42)))
     assert "200 experiments: 150 succeeded, 8 running, 42 pending" in text
     rows = [line for line in text.splitlines() if "exp-" in line]
     assert len(rows) <= TABLE_ROWS
