@@ -65,13 +65,13 @@ def kind_of(config: str) -> str:
 
 def parse_duration(text: str | float | int | None) -> float:
     """Seconds in ``90s``, ``30m``, ``1h``, ``1h30m`` or a number; 0 (``off``) turns a watcher off."""
-    from dvcray_cli.clusters.idle import parse_duration as parse
+    from dvcray_cli.clusters.common import parse_duration as parse
 
     return parse(text)
 
 
 def format_duration(seconds: float) -> str:
-    from dvcray_cli.clusters.idle import format_duration as fmt
+    from dvcray_cli.clusters.common import format_duration as fmt
 
     return fmt(seconds)
 
