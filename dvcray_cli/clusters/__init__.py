@@ -107,9 +107,9 @@ class UpResult:
 
 def plan(config: str, cwd: Path, idle_timeout_s: float | None = None) -> Any:
     """What ``up`` would do, checked; creates nothing. An AWS plan is checked
-    read-only against the account and priced (``dvcray_cli.clusters.aws.Plan``); an
+    read-only against the account and priced (``dvcray_cli.clusters.aws.AwsPlan``); an
     on-prem plan logs in to each machine and checks its Ray
-    (``dvcray_cli.clusters.launcher.Plan``).
+    (``dvcray_cli.clusters.launcher.LauncherPlan``).
 
     Raises:
         UsageError: a bad config name or file, or a project unfit for the cluster.
@@ -155,13 +155,7 @@ def up(planned: Any, say: Say = _quiet) -> UpResult:
                         config_label=record.config_label, workers=sorted(workers))
     from dvcray_cli.clusters import aws
 
-    aws.account.refuse_fake_endpoint()
-    say("Creating IAM roles, key pair and security group...")
-    boot = aws.bootstrap(planned)
-    for item in boot.created:
-        say(f"  created {item}")
-    say("Launching the head through Ray's cluster launcher (setup takes several minutes)...")
-    record = aws.launch(planned, boot)
+    record = aws.up(planned, say)
     return UpResult(record.name, "aws", True, record.dashboard_url, record.started_at,
                     idle_timeout_s=record.idle_timeout_s or None, head_ip=record.head_ip)
 
