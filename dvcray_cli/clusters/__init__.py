@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from dvcray_cli import ray_api
+from dvcray_cli.clusters.local import LocalPlan
 from dvcray_cli.errors import UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -77,15 +78,6 @@ def format_duration(seconds: float) -> str:
 
 
 # --------------------------------------------------------------------------- up
-
-
-@dataclass
-class LocalPlan:
-    """What ``up`` of a local cluster would do."""
-
-    name: str
-    idle_timeout_s: float | None
-    kind: str = "local"
 
 
 @dataclass
@@ -431,7 +423,7 @@ def dead_at(address: str) -> str | None:
     is gone (it died, or was stopped by hand); None if it runs or is not dvcray's."""
     from dvcray_cli.clusters import local
 
-    dead = local.dead_at(address)
+    dead = local.dead_cluster_at(address)
     return dead.name if dead is not None else None
 
 
