@@ -1,6 +1,6 @@
 """What every kind of cluster shares (as SkyPilot's ``sky/provision/common.py``): the
-names of the built-ins, durations, and the marks dvcray leaves on a cluster's
-processes and nodes.
+names of the built-ins, the results ``up``, ``down`` and ``status`` answer with,
+durations, and the marks dvcray leaves on a cluster's processes and nodes.
 
 Imports nothing but the standard library and ``errors``: any cluster module may
 import it, and ``python -m dvcray_cli.clusters.idle`` finds nothing of its own loaded.
@@ -9,8 +9,9 @@ import it, and ``python -m dvcray_cli.clusters.idle`` finds nothing of its own l
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Any, Callable
 
 from dvcray_cli.errors import UsageError
 
@@ -33,6 +34,55 @@ def quiet(_message: str) -> None:
 def utc_now() -> str:
     """Now, ISO 8601 in UTC, to the second: how records write times."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class UpResult:
+    """A cluster after ``up``."""
+
+    name: str
+    kind: str
+    started: bool                  # False: it was already running
+    dashboard_url: str
+    started_at: str
+    num_cpus: float | None = None
+    autoscaling: bool = False
+    idle_timeout_s: float | None = None  # the watcher armed now (None: none)
+    head_ip: str = ""
+    config_label: str = ""         # launcher clusters: the YAML's path, as typed
+    workers: list[str] = field(default_factory=list)   # launcher clusters: workers that joined
+
+
+@dataclass
+class DownResult:
+    """What ``down`` did."""
+
+    name: str
+    kind: str
+    was_running: bool
+    stopped_runs: list[str] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)        # local: processes stopped
+    terminated: list[str] = field(default_factory=list)  # aws: instances terminated
+    region: str = ""
+    nodes: list[str] = field(default_factory=list)        # launcher (on-prem): machines Ray stopped on
+    unreachable: list[str] = field(default_factory=list)  # launcher (on-prem): machines SSH did not reach
+    provider: str = ""
+
+
+@dataclass
+class Status:
+    """Every cluster dvcray knows of, as ``cluster status`` shows them."""
+
+    local: list[dict[str, Any]]
+    aws: list[dict[str, Any]]
+    auto_downs: list[dict[str, Any]]   # local clusters their idle watcher took down
+    launcher: list[dict[str, Any]] = field(default_factory=list)   # clusters from any other YAML
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return self.local + self.aws + self.launcher
 
 
 # --------------------------------------------------------------------------- durations
