@@ -29,65 +29,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 from dvcray_cli import ray_api, state
 from dvcray_cli.clusters import procs
+from dvcray_cli.clusters.common import IDLE_MARKER, format_duration, parse_duration, utc_now
 from dvcray_cli.errors import DvcrayError, UsageError
 
-MARKER = "dvcray_cli.clusters.idle"
 DEFAULT_AWS_TIMEOUT_S = 3600.0
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-# --------------------------------------------------------------------------- durations
-
-
-def parse_duration(text: str | float | int | None) -> float:
-    """Seconds in ``text``: ``90s``, ``30m``, ``1h``, ``1h30m``, a bare number of
-    seconds; ``0``, ``off`` or ``none`` turn the watcher off (0).
-
-    Raises:
-        UsageError: anything else.
-    """
-    if text is None:
-        return 0.0
-    if isinstance(text, (int, float)):
-        if text < 0:
-            raise UsageError(f"Invalid duration {text}: it cannot be negative.", "Use e.g. 30m, 90s, 1h.")
-        return float(text)
-    value = text.strip().lower().replace(" ", "")
-    if value in ("0", "off", "none", "never", "no"):
-        return 0.0
-    if re.fullmatch(r"\d+(\.\d+)?", value):
-        return float(value)
-    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", value)
-    if not parts or "".join(n + u for n, u in parts) != value:
-        raise UsageError(f"Invalid duration {text!r}.", "Use e.g. 30m, 90s, 1h or 1h30m (0 or off: never).")
-    return float(sum(float(n) * _UNITS[u] for n, u in parts))
-
-
-def format_duration(seconds: float) -> str:
-    """``3600`` -> ``1h``, ``5400`` -> ``1h30m``, ``90`` -> ``1m30s``, ``0`` -> ``off``."""
-    if seconds <= 0:
-        return "off"
-    seconds = int(round(seconds))
-    out = ""
-    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size:
-            out += f"{seconds // size}{unit}"
-            seconds %= size
-    return out
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -139,18 +92,18 @@ def watch(is_busy: Callable[[], bool], take_down: Callable[[], bool], still_ther
 
 def is_watcher(pid: int) -> bool:
     """``pid`` is a dvcray idle watcher (pids get recycled: never signal a stranger)."""
-    return procs.is_ours(pid, MARKER)
+    return procs.is_ours(pid, IDLE_MARKER)
 
 
 def _stop_watcher(pid: int) -> None:
-    procs.stop_pid(pid, MARKER)
+    procs.stop_pid(pid, IDLE_MARKER)
 
 
 def _spawn(args: list[str], log_path: Path) -> int:
     """Start ``python -m dvcray_cli.idle ARGS`` detached: its own session, no terminal."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
-        proc = subprocess.Popen([sys.executable, "-m", MARKER, *args], stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([sys.executable, "-m", IDLE_MARKER, *args], stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 cwd=str(Path.home()), close_fds=True)
     return proc.pid
@@ -195,7 +148,7 @@ def arm(name: str, timeout_s: float, poll_s: float | None = None) -> dict[str, A
     args = ["local", "--name", name, "--timeout", f"{timeout_s:g}", "--poll", f"{poll:g}",
             "--session", str(current.session_id)]
     pid = _spawn(args, watcher_path(name).with_suffix(".log"))
-    record = {"pid": pid, "timeout_s": timeout_s, "poll_s": poll, "started_at": _now(),
+    record = {"pid": pid, "timeout_s": timeout_s, "poll_s": poll, "started_at": utc_now(),
               "cluster_session": current.session_id}
     state.write_json(watcher_path(name), record)
     return record
@@ -246,7 +199,7 @@ def watch_local(name: str, timeout_s: float, poll_s: float, session: int | None 
         except UsageError:  # a run started meanwhile
             return False
         if result.cluster is not None:
-            state.write_json(note_path(name), {"name": name, "at": _now(), "timeout_s": timeout_s,
+            state.write_json(note_path(name), {"name": name, "at": utc_now(), "timeout_s": timeout_s,
                                           "pids": len(result.pids)})
         return True
 
@@ -345,7 +298,7 @@ watch_aws = watch_launcher
 
 
 def _log(message: str) -> None:
-    sys.stdout.write(f"{_now()} {message}\n")
+    sys.stdout.write(f"{utc_now()} {message}\n")
     sys.stdout.flush()
 
 
@@ -353,7 +306,7 @@ def _log(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {MARKER}", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {IDLE_MARKER}", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True)
     local = sub.add_parser("local", help="watch a local cluster recorded in ~/.dvcray/clusters")
     local.add_argument("--name", required=True)
@@ -402,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         pid = _spawn(["launcher", "--config", args.config, "--timeout", f"{timeout_s:g}", "--poll", f"{poll:g}"],
                      state.home() / "idle.log")
-        state.write_json(pidfile, {"pid": pid, "timeout_s": timeout_s, "started_at": _now()})
+        state.write_json(pidfile, {"pid": pid, "timeout_s": timeout_s, "started_at": utc_now()})
         print(f"dvcray idle watcher started (pid {pid}, timeout {format_duration(timeout_s)})")
         return 0
     if timeout_s <= 0:
