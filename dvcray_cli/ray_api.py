@@ -37,9 +37,9 @@ def stop_grace_s() -> int:
     Raises:
         UsageError: the variable is not a number of seconds.
     """
-    from dvcray_cli import state
+    from dvcray_cli import files
 
-    return int(state.env_seconds("DVCRAY_STOP_GRACE_S", 60))
+    return int(files.env_seconds("DVCRAY_STOP_GRACE_S", 60))
 
 
 # --------------------------------------------------------------------------- addresses
@@ -296,9 +296,9 @@ def keep_jobs() -> int:
     Raises:
         UsageError: the variable is not a number.
     """
-    from dvcray_cli import state
+    from dvcray_cli import files
 
-    return int(state.env_number("DVCRAY_KEEP_JOBS", 100, "jobs"))
+    return int(files.env_number("DVCRAY_KEEP_JOBS", 100, "jobs"))
 
 
 def prune_jobs(job_client: JobSubmissionClient, keep: int, saved: Callable[[Any], bool]) -> list[str]:

@@ -27,14 +27,14 @@ from dvcray_cli.clusters.aws.account import refuse_fake_endpoint
 from dvcray_cli.clusters.common import (AWS, BUILT_INS, LOCAL, UP_HINT, DownResult, Say, Status, UpResult,
                                         format_duration, parse_duration, quiet)
 from dvcray_cli.clusters.local import LocalPlan
-from dvcray_cli.clusters.reach import (Shape, connect, dead_at, dead_cluster_name, ensure_address,
+from dvcray_cli.clusters.reach import (Shape, connect, dead_cluster_name, ensure_address,
                                        fallback_addresses, is_remote, job_api, known_address, on_this_machine,
                                        reaches_service, service_url, shape, token_for)
 from dvcray_cli.clusters.version import check_version, cluster_dvcray_version
 from dvcray_cli.errors import UsageError
 
 __all__ = ["AWS", "BUILT_INS", "LOCAL", "UP_HINT", "DownResult", "LocalPlan", "Say", "Shape", "Status", "UpResult",
-           "check_version", "cluster_dvcray_version", "connect", "dead_at", "dead_cluster_name", "down",
+           "check_version", "cluster_dvcray_version", "connect", "dead_cluster_name", "down",
            "ensure_address", "fallback_addresses", "format_duration", "is_remote", "job_api", "kind_of",
            "known_address", "on_this_machine", "parse_duration", "plan", "reaches_service", "refuse_fake_endpoint",
            "service_url", "shape", "status", "token_for", "up"]

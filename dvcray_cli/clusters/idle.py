@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from dvcray_cli import ray_api, state
+from dvcray_cli import ray_api, files
 from dvcray_cli.clusters import procs
 from dvcray_cli.clusters.common import IDLE_MARKER, format_duration, parse_duration, utc_now
 from dvcray_cli.errors import DvcrayError, UsageError
@@ -113,16 +113,16 @@ def _spawn(args: list[str], log_path: Path) -> int:
 
 
 def watcher_path(name: str) -> Path:
-    return state.clusters_dir() / f"{name}.idle.json"
+    return files.clusters_dir() / f"{name}.idle.json"
 
 
 def note_path(name: str) -> Path:
-    return state.clusters_dir() / f"{name}.idle-down.json"
+    return files.clusters_dir() / f"{name}.idle-down.json"
 
 
 def watcher(name: str) -> dict[str, Any] | None:
     """The running watcher of the local cluster ``name`` (``{"pid", "timeout_s", ...}``), or None."""
-    record = state.read_json(watcher_path(name))
+    record = files.read_json(watcher_path(name))
     if record and is_watcher(int(record.get("pid", 0))):
         return record
     return None
@@ -150,13 +150,13 @@ def arm(name: str, timeout_s: float, poll_s: float | None = None) -> dict[str, A
     pid = _spawn(args, watcher_path(name).with_suffix(".log"))
     record = {"pid": pid, "timeout_s": timeout_s, "poll_s": poll, "started_at": utc_now(),
               "cluster_session": current.session_id}
-    state.write_json(watcher_path(name), record)
+    files.write_json(watcher_path(name), record)
     return record
 
 
 def disarm(name: str) -> None:
     """Stop the idle watcher of the local cluster ``name``, if any (by its recorded pid)."""
-    record = state.read_json(watcher_path(name))
+    record = files.read_json(watcher_path(name))
     if record and record.get("pid") and int(record["pid"]) != os.getpid():
         _stop_watcher(int(record["pid"]))
     watcher_path(name).unlink(missing_ok=True)
@@ -164,10 +164,10 @@ def disarm(name: str) -> None:
 
 def auto_downs() -> list[dict[str, Any]]:
     """Local clusters that their idle watcher took down: ``{"name", "at", "timeout_s"}``."""
-    folder = state.clusters_dir()
+    folder = files.clusters_dir()
     if not folder.is_dir():
         return []
-    return [data for data in (state.read_json(p) for p in sorted(folder.glob("*.idle-down.json"))) if data]
+    return [data for data in (files.read_json(p) for p in sorted(folder.glob("*.idle-down.json"))) if data]
 
 
 def _default_poll(timeout_s: float) -> float:
@@ -199,12 +199,12 @@ def watch_local(name: str, timeout_s: float, poll_s: float, session: int | None 
         except UsageError:  # a run started meanwhile
             return False
         if result.cluster is not None:
-            state.write_json(note_path(name), {"name": name, "at": utc_now(), "timeout_s": timeout_s,
+            files.write_json(note_path(name), {"name": name, "at": utc_now(), "timeout_s": timeout_s,
                                           "pids": len(result.pids)})
         return True
 
     outcome = watch(is_busy, take_down, still_there, timeout_s, poll_s, log=_log)
-    record = state.read_json(watcher_path(name))
+    record = files.read_json(watcher_path(name))
     if record and int(record.get("pid", 0)) == os.getpid():
         watcher_path(name).unlink(missing_ok=True)
     return outcome
@@ -272,7 +272,7 @@ def watch_launcher(config_path: Path, timeout_s: float, poll_s: float, job_api: 
     import yaml
 
     config = yaml.safe_load(Path(config_path).expanduser().read_text())
-    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(state.home() / "auth_token")
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(files.home() / "auth_token")
     token = ray_api.read_token(token_path) or ""
 
     is_busy = _busy_probe(lambda: (job_api, token), launching=True)
@@ -333,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         watch_local(args.name, timeout_s, poll, args.session)
         return 0
-    pidfile = state.home() / "idle.json"
+    pidfile = files.home() / "idle.json"
     if args.down_now:
-        previous = state.read_json(pidfile)
+        previous = files.read_json(pidfile)
         if previous and previous.get("pid"):
             _stop_watcher(int(previous["pid"]))
         pidfile.unlink(missing_ok=True)
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dvcray-unreachable={','.join(unreachable)}")
         return 0
     if args.background:
-        previous = state.read_json(pidfile)
+        previous = files.read_json(pidfile)
         if previous and previous.get("pid"):
             _stop_watcher(int(previous["pid"]))
         pidfile.unlink(missing_ok=True)
@@ -354,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             print("dvcray idle watcher: off")
             return 0
         pid = _spawn(["launcher", "--config", args.config, "--timeout", f"{timeout_s:g}", "--poll", f"{poll:g}"],
-                     state.home() / "idle.log")
-        state.write_json(pidfile, {"pid": pid, "timeout_s": timeout_s, "started_at": utc_now()})
+                     files.home() / "idle.log")
+        files.write_json(pidfile, {"pid": pid, "timeout_s": timeout_s, "started_at": utc_now()})
         print(f"dvcray idle watcher started (pid {pid}, timeout {format_duration(timeout_s)})")
         return 0
     if timeout_s <= 0:

@@ -184,10 +184,6 @@ def dead_cluster_name(address: str) -> str | None:
     return dead.name if dead is not None else None
 
 
-# The name callers in runs/ use until they switch to ``dead_cluster_name`` (issue 16).
-dead_at = dead_cluster_name
-
-
 @dataclass
 class Shape:
     """What a cluster has now, and the most it can grow to when dvcray knows it."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dvcray_cli import ray_api, state
+from dvcray_cli import ray_api, files
 from dvcray_cli.clusters.common import VERSION_LABEL
 from dvcray_cli.clusters.reach import job_api, token_for
 from dvcray_cli.errors import ClusterError
@@ -33,8 +33,8 @@ def cluster_dvcray_version(address: str, job_client: JobSubmissionClient | None 
     url = job_api(address)
     token = token_for(url)
     session = str(ray_api.cluster_version(url, token).get("session_name") or "")
-    cache_path = state.clusters_dir() / "versions.json"
-    cache = state.read_json(cache_path) or {}
+    cache_path = files.clusters_dir() / "versions.json"
+    cache = files.read_json(cache_path) or {}
     key = f"{url} {session}"
     if session and isinstance(cache.get(key), str):
         return cache[key]
@@ -51,8 +51,8 @@ def cluster_dvcray_version(address: str, job_client: JobSubmissionClient | None 
     if session:
         cache = {k: v for k, v in cache.items() if not k.startswith(f"{url} ")}
         cache[key] = found
-        state.private_dir(state.clusters_dir())
-        state.write_json(cache_path, cache)
+        files.private_dir(files.clusters_dir())
+        files.write_json(cache_path, cache)
     return found
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from dvcray_cli import clusters, state
+from dvcray_cli import clusters, files
 from dvcray_cli.errors import ClusterError, Interrupted
 from dvcray_cli.runs import backends
 from dvcray_cli.runs.backends import LogGone
@@ -94,7 +94,7 @@ def _store_log(run: Run, emit: Callable[[str], None], follow: bool) -> tuple[Run
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     shown = 0
     last_change = time.monotonic()
-    stale_s = state.env_seconds("DVCRAY_STALE_S", 60)
+    stale_s = files.env_seconds("DVCRAY_STALE_S", 60)
 
     def show() -> bool:
         nonlocal shown

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dvcray_cli import state
+from dvcray_cli import files
 from dvcray_cli.service.protocol import RunState
 
 # The files of a run in the store, under ``dvcray/runs/RUN_ID/``.
@@ -138,7 +138,7 @@ class ExpSpec:
 
     @classmethod
     def from_json(cls, data: Any) -> ExpSpec | None:
-        spec = state.from_json(cls, data)
+        spec = files.from_json(cls, data)
         if spec is None or not isinstance(spec.run_id, str):
             return None
         spec.baseline = spec.baseline if isinstance(spec.baseline, str) and _SHA.fullmatch(spec.baseline) else ""
@@ -243,7 +243,7 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: Any) -> Manifest | None:
-        manifest = state.from_json(cls, data)
+        manifest = files.from_json(cls, data)
         if manifest is None or not isinstance(manifest.run_id, str) or not isinstance(manifest.baseline, str):
             return None
         manifest.exp_name = _text(manifest.exp_name)
@@ -264,7 +264,7 @@ class Manifest:
         return [ExpSpec(self.run_id, self.exp_name, list(self.overrides))]
 
     def write(self, folder: Path) -> Path:
-        return state.write_json(Path(folder) / MANIFEST, self.to_json(), mode=0o644)
+        return files.write_json(Path(folder) / MANIFEST, self.to_json(), mode=0o644)
 
     @classmethod
     def read(cls, folder: Path) -> Manifest:
@@ -273,7 +273,7 @@ class Manifest:
         Raises:
             ValueError: it is missing or not a manifest.
         """
-        manifest = cls.from_json(state.read_json(Path(folder) / MANIFEST))
+        manifest = cls.from_json(files.read_json(Path(folder) / MANIFEST))
         if manifest is None:
             raise ValueError(f"no valid {MANIFEST} in {folder}")
         return manifest
@@ -413,7 +413,7 @@ class RunRecord:
 
     @classmethod
     def from_json(cls, data: Any) -> RunRecord | None:
-        record = state.from_json(cls, data)
+        record = files.from_json(cls, data)
         if record is None or not isinstance(record.run_id, str):
             return None
         record.state = RunState.parse(record.state, RunState.PENDING)
@@ -427,19 +427,19 @@ class RunRecord:
         return record
 
     def save(self, git_root: Path) -> Path:
-        return state.write_json(state.runs_dir(git_root, create=True) / f"{self.run_id}.json", self.to_json())
+        return files.write_json(files.runs_dir(git_root, create=True) / f"{self.run_id}.json", self.to_json())
 
     @classmethod
     def load(cls, git_root: Path, run_id: str) -> RunRecord | None:
-        return cls.from_json(state.read_json(state.runs_dir(git_root, create=False) / f"{run_id}.json"))
+        return cls.from_json(files.read_json(files.runs_dir(git_root, create=False) / f"{run_id}.json"))
 
     @classmethod
     def all(cls, git_root: Path) -> list[RunRecord]:
         """Every record of this clone, newest first."""
-        folder = state.runs_dir(git_root, create=False)
+        folder = files.runs_dir(git_root, create=False)
         if not folder.is_dir():
             return []
-        found = [r for r in (cls.from_json(state.read_json(p)) for p in folder.glob("*.json")) if r is not None]
+        found = [r for r in (cls.from_json(files.read_json(p)) for p in folder.glob("*.json")) if r is not None]
         return sorted(found, key=lambda r: r.submitted, reverse=True)
 
     @classmethod

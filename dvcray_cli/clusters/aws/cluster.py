@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dvcray_cli import ray_api, state
+from dvcray_cli import ray_api, files
 from dvcray_cli.clusters.aws import account, config as cfg, records
 from dvcray_cli.clusters.aws.planning import AwsPlan, find_repo_root, first_commit
 from dvcray_cli.clusters.aws.records import AwsCluster
@@ -76,7 +76,7 @@ def bootstrap(p: AwsPlan, iam_wait_s: float = IAM_PROPAGATION_S) -> Bootstrapped
     """
     from dvcray_cli.clusters.launcher import wheel
 
-    folder = state.repo_clusters_dir(Path(p.repo_root), create=True)
+    folder = files.repo_clusters_dir(Path(p.repo_root), create=True)
     ray_api.ensure_token(Path(p.token_path))
     os.chmod(p.token_path, 0o600)
     wheel.build()
@@ -175,7 +175,7 @@ def down(config: str, cwd: Path, yes: bool = False) -> AwsDown:
     cluster_name = cfg.render(raw.get("cluster_name", "{{ cluster_name }}"),
                               {"cluster_name": cfg.default_cluster_name(first_commit(repo_root), config)})
     provider_config = raw["provider"]
-    repo_state = state.repo_dir(repo_root, create=False)
+    repo_state = files.repo_dir(repo_root, create=False)
     record = records.load(repo_state / "clusters" / f"{cluster_name}.json")
     stopped: list[str] = []
     if record is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dvcray_cli import state
+from dvcray_cli import files
 from dvcray_cli.clusters.aws import account, config as cfg
 from dvcray_cli.clusters.aws.config import BUILT_INS, NodeTypePlan
 from dvcray_cli.clusters.launcher import Check, config as launcher_config
@@ -66,7 +66,7 @@ def plan(config: str, cwd: Path, idle_timeout_s: float | None = None) -> AwsPlan
     cfg.check_structure(raw, source)
     cfg.validate_with_ray(raw, source)
     repo_root = find_repo_root(cwd)
-    repo_state = state.repo_dir(repo_root, create=False)
+    repo_state = files.repo_dir(repo_root, create=False)
     store_url, bucket = _store_bucket(repo_root, cwd)
     idle = DEFAULT_IDLE_TIMEOUT_S if idle_timeout_s is None else float(idle_timeout_s)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dvcray_cli import ray_api, state
+from dvcray_cli import ray_api, files
 from dvcray_cli.clusters.aws import records
 from dvcray_cli.clusters.aws.planning import project_cluster_names
 from dvcray_cli.clusters.aws.records import AwsCluster
@@ -25,7 +25,7 @@ def recorded_address(cwd: Path) -> str | None:
         return None
     found = records.repo_records(cwd)
     if found:
-        repo_state = state.repo_dir(root, create=False)
+        repo_state = files.repo_dir(root, create=False)
         return ssh.ensure_forward(found[0], lambda r: records.write_record(r, repo_state)).dashboard_url
     names = project_cluster_names(root)
     for record, path in sorted(records.records(), key=lambda item: item[0].started_at, reverse=True):

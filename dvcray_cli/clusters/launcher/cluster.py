@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from dvcray_cli import ray_api, state
+from dvcray_cli import ray_api, files
 from dvcray_cli.clusters import procs
 from dvcray_cli.clusters.common import Say, quiet, utc_now
 from dvcray_cli.clusters.launcher import config as cfg, launch, records, ssh
@@ -56,7 +56,7 @@ def up(p: LauncherPlan, say: Say = quiet) -> LauncherCluster:
     from dvcray_cli.clusters.launcher import wheel
 
     _refuse_restart_under_runs(p)
-    state.private_dir(records.folder())
+    files.private_dir(records.folder())
     ray_api.ensure_token(Path(p.token_path))
     os.chmod(p.token_path, 0o600)
     wheel.build(Path(p.wheel_path))
@@ -123,7 +123,7 @@ def _refuse_restart_under_runs(p: LauncherPlan) -> None:
 def write_config(path: Path, data: dict[str, Any]) -> None:
     import yaml
 
-    state.write_bytes(path, ("# Written by `dvcray cluster up`: the config as launched.\n"
+    files.write_bytes(path, ("# Written by `dvcray cluster up`: the config as launched.\n"
                              + yaml.safe_dump(data, sort_keys=False)).encode())
 
 

@@ -23,7 +23,7 @@ WORKERS_TIMEOUT_S = 120.0
 def builtin_options(name: str) -> dict[str, Any]:
     """``start_head`` options of a built-in cluster."""
     if name == "local-multinode":
-        from dvcray_cli.resources import cluster_configs_dir
+        from dvcray_cli.packaged import cluster_configs_dir
 
         return {"autoscaling_config": cluster_configs_dir() / "local-multinode.yaml"}
     return {}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from dvcray_cli import ray_api, state
+from dvcray_cli import ray_api, files
 from dvcray_cli.clusters import procs
 from dvcray_cli.clusters.common import LOCAL
 
@@ -46,7 +46,7 @@ class LocalCluster:
 
     @classmethod
     def from_json(cls, data: Any) -> LocalCluster | None:
-        return state.from_json(cls, data)
+        return files.from_json(cls, data)
 
     def token(self) -> str:
         return ray_api.read_token(self.token_path) or ""
@@ -69,7 +69,7 @@ class LocalCluster:
 
 
 def record_path(name: str) -> Path:
-    return state.clusters_dir() / f"{name}.json"
+    return files.clusters_dir() / f"{name}.json"
 
 
 def default_temp_dir(name: str) -> Path:
@@ -85,10 +85,10 @@ def default_temp_dir(name: str) -> Path:
 
 def records() -> list[LocalCluster]:
     """Every local cluster recorded on this machine (running or not)."""
-    folder = state.clusters_dir()
+    folder = files.clusters_dir()
     if not folder.is_dir():
         return []
-    found = (LocalCluster.from_json(state.read_json(p)) for p in sorted(folder.glob("*.json")))
+    found = (LocalCluster.from_json(files.read_json(p)) for p in sorted(folder.glob("*.json")))
     return [c for c in found if c is not None]
 
 
@@ -96,7 +96,7 @@ def records() -> list[LocalCluster]:
 def locked(name: str) -> Iterator[None]:
     """One ``up`` or ``down`` of a cluster at a time: two ``dvcray run`` started at
     once with no cluster must not start two heads."""
-    with open(state.private_dir(state.clusters_dir()) / f"{name}.lock", "w") as f:
+    with open(files.private_dir(files.clusters_dir()) / f"{name}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -105,8 +105,8 @@ def locked(name: str) -> Iterator[None]:
 
 
 def write_record(cluster: LocalCluster) -> Path:
-    state.private_dir(state.clusters_dir())
-    return state.write_json(record_path(cluster.name), cluster.to_json())
+    files.private_dir(files.clusters_dir())
+    return files.write_json(record_path(cluster.name), cluster.to_json())
 
 
 def remove_record(name: str) -> None:
@@ -115,7 +115,7 @@ def remove_record(name: str) -> None:
 
 def load(name: str) -> LocalCluster | None:
     """The record of ``name`` as written, running or not (None: none, or unreadable)."""
-    return LocalCluster.from_json(state.read_json(record_path(name)))
+    return LocalCluster.from_json(files.read_json(record_path(name)))
 
 
 def recorded(name: str = "local") -> LocalCluster | None:

@@ -75,7 +75,7 @@ class Clusters:
         key = (found.name, address)
         if key not in self._open:
             backend = None
-            dead = clusters.dead_at(address)
+            dead = clusters.dead_cluster_name(address)
             if dead is not None:
                 # Its dashboard or service may linger and answer only after long GCS timeouts.
                 self.errors[address] = f"the Ray cluster {dead!r} died (its GCS process is gone)"

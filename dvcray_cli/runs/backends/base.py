@@ -142,7 +142,7 @@ def lost_contact(address: str, run_ids: list[str], exc: BaseException, since: fl
     runs = ", ".join(run_ids)
     first = run_ids[0] if len(run_ids) == 1 else "RUN"
     where = f"Its log up to then is in the store: dvcray logs {first}; dvcray runs shows what became of it."
-    dead = clusters.dead_at(address)
+    dead = clusters.dead_cluster_name(address)
     if dead is not None:
         return ClusterError(f"The Ray cluster {dead!r} at {address} died during run {runs}: "
                             "its GCS process is gone, and the run with it.", where)

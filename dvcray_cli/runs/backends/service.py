@@ -61,7 +61,7 @@ class Watch:
         if time.monotonic() - self.checked > CHECK_EVERY_S:
             # The service may outlive its cluster a while (a head whose GCS died): look.
             self.checked = time.monotonic()
-            dead = clusters.dead_at(self.address)
+            dead = clusters.dead_cluster_name(self.address)
             if dead is not None:
                 raise lost_contact(self.address, watch, ClusterError("its GCS process is gone"), 0.0)
         request = PollRequest(self.after, watch, {r: self.offsets.get(r, 0) for r in logs}, wait)
@@ -120,7 +120,7 @@ class ServiceBackend:
         Raises:
             ClusterError: it does not answer, or does not know the run (the message says which).
         """
-        backend = None if clusters.dead_at(address) is not None else cls.open(address)
+        backend = None if clusters.dead_cluster_name(address) is not None else cls.open(address)
         try:
             info = backend.info(run_id, job_id) if backend is not None else None
         except ClusterError:

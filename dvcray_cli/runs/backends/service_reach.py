@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from dvcray_cli import __version__, clusters, compatible, ray_api, state
+from dvcray_cli import __version__, clusters, compatible, ray_api, files
 from dvcray_cli.errors import ClusterError
 from dvcray_cli.service.client import Service, ServiceError
 from dvcray_cli.service.protocol import ENTRYPOINT, SERVICE_MARKER, listening_port
@@ -32,7 +32,7 @@ def enabled() -> bool:
 
 
 def _cache_path() -> Path:
-    return state.clusters_dir() / "services.json"
+    return files.clusters_dir() / "services.json"
 
 
 def _job_api(url: str, token: str, method: str, path: str, body: dict | None = None) -> Any:
@@ -82,12 +82,12 @@ def reach(address: str, say: Callable[[str], None] = lambda m: None) -> Service 
     token = clusters.token_for(url)
     if not token:
         return None
-    state.private_dir(state.clusters_dir())
-    with open(state.clusters_dir() / "services.lock", "w") as lock:
+    files.private_dir(files.clusters_dir())
+    with open(files.clusters_dir() / "services.lock", "w") as lock:
         # One client at a time finds or starts a cluster's service: two runs started
         # together must not start two.
         fcntl.flock(lock, fcntl.LOCK_EX)
-        cache = state.read_json(_cache_path()) or {}
+        cache = files.read_json(_cache_path()) or {}
         known = cache.get(url) if isinstance(cache.get(url), dict) else None
         if known:
             service = _hello(address, known.get("port"), token, str(known.get("service_id") or ""), url)
@@ -106,9 +106,9 @@ def reach(address: str, say: Callable[[str], None] = lambda m: None) -> Service 
             clusters.check_version(address)
             service = _start(address, url, token, say)
         if service is not None:
-            cache = {k: v for k, v in (state.read_json(_cache_path()) or {}).items() if k != url}
+            cache = {k: v for k, v in (files.read_json(_cache_path()) or {}).items() if k != url}
             cache[url] = {"port": service.head_port, "service_id": service.service_id}
-            state.write_json(_cache_path(), cache)
+            files.write_json(_cache_path(), cache)
         return service
 
 
@@ -171,7 +171,7 @@ def find(address: str) -> Service | None:
         return None
     url = clusters.job_api(address)
     token = clusters.token_for(url)
-    known = (state.read_json(_cache_path()) or {}).get(url)
+    known = (files.read_json(_cache_path()) or {}).get(url)
     if not token or not isinstance(known, dict):
         return None
     try:
