@@ -107,6 +107,14 @@ def quiet_stdout() -> None:
         pass
 
 
+def check_jobs(jobs: int | None) -> None:
+    """``--jobs``, checked before anything runs or leaves DVC's queue."""
+    from dvcray_cli.errors import UsageError
+
+    if jobs is not None and jobs < 1:
+        raise UsageError("--jobs must be at least 1.", "Example: --jobs 2 runs at most two experiments at once.")
+
+
 def write_json(data: Any) -> None:
     """Machine-readable output: one JSON document on stdout."""
     import json

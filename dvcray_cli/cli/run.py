@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.text import Text
 
-from dvcray_cli.cli._common import boundary, err, out, write_json
+from dvcray_cli.cli._common import boundary, check_jobs, err, out, write_json
 from dvcray_cli.cli._follow import follow_many, interruptible, log_stream, say
 from dvcray_cli.errors import UsageError
 
@@ -34,8 +34,8 @@ def run(
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Skip stages whose only change is missing data.")] = False,
     copy_paths: Annotated[Optional[list[str]], typer.Option("--copy-paths", "-C", help="Also send this ignored or untracked path (repeatable).")] = None,
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="With a sweep: at most this many experiments at once (default: all).", show_default=False)] = None,
-    cpus_per_exp: Annotated[Optional[float], typer.Option("--cpus-per-exp", help="CPUs reserved for each experiment's runner and its stage's own processes (Ray tasks the stage starts ask for their own); Ray places the runner on any node with room (needs an S3 store).", show_default=False)] = None,
-    gpus_per_exp: Annotated[Optional[float], typer.Option("--gpus-per-exp", help="GPUs reserved for each experiment's runner.", show_default=False)] = None,
+    cpus_per_exp: Annotated[Optional[float], typer.Option("--cpus-per-exp", min=0, help="CPUs reserved for each experiment's runner and its stage's own processes (Ray tasks the stage starts ask for their own); Ray places the runner on any node with room (needs an S3 store).", show_default=False)] = None,
+    gpus_per_exp: Annotated[Optional[float], typer.Option("--gpus-per-exp", min=0, help="GPUs reserved for each experiment's runner.", show_default=False)] = None,
     cwd: Annotated[Path, typer.Option("--cwd", hidden=True)] = Path("."),
 ) -> None:
     """Run the pipeline as a DVC experiment on a Ray cluster.
@@ -60,8 +60,7 @@ def run(
         gpus_per_exp=gpus_per_exp,
     )
     where = cwd.resolve()
-    if jobs is not None and jobs < 1:
-        raise UsageError("--jobs must be at least 1.", "Example: --jobs 2 runs at most two experiments at once.")
+    check_jobs(jobs)
     if params.is_sweep(opts.overrides):
         _check_sweep_flags(detach, apply)
         follow_many(lambda say_, on_line, on_change, on_progress:

@@ -51,6 +51,7 @@ def test_every_command_has_help_with_an_example(cli, args):
 
 @pytest.mark.parametrize("args, message", [
     (["run", "--jobs", "0"], "--jobs must be at least 1"),
+    (["queue", "start", "--jobs", "0"], "--jobs must be at least 1"),
     (["run", "-S", "train.lr=0.1,0.01", "--detach"], "--detach is not supported with a sweep"),
     (["run", "-S", "train.lr=0.1,0.01", "--apply"], "--apply takes one experiment"),
     (["cluster", "up", "nosuch"], "Unknown cluster 'nosuch'"),
@@ -69,7 +70,9 @@ def test_refused_with_one_message_and_exit_2(cli, tmp_path, args, message):
 
 @pytest.mark.parametrize("args", [["run", "--no-such-option"], ["logs"], ["stop"], ["pull"],
                                   ["runs", "--limit", "-1"], ["run", "--jobs", "two"],
-                                  ["run", "--cpus-per-exp", "many"], ["cluster", "nosuch"]])
+                                  ["run", "--cpus-per-exp", "many"], ["cluster", "nosuch"],
+                                  ["run", "--cpus-per-exp", "-1"], ["run", "--gpus-per-exp", "-0.5"],
+                                  ["queue", "start", "--cpus-per-exp", "-2"]])
 def test_malformed_arguments_are_usage_errors(cli, args):
     """Typer/Click refuse what does not parse: exit 2 and a usage line, nothing run."""
     result = cli(*args)
