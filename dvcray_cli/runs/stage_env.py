@@ -79,25 +79,25 @@ def parse(specs: Sequence[str], listed: Sequence[str] = (), environ: Mapping[str
     where = f"env of [tool.dvcray] in {listed_in}" if listed_in else "the project's env list"
     found: dict[str, str] = {}
     for origin, spec in [*((where, n) for n in listed), *(("--env", s) for s in specs)]:
+        # Never the value in a message: it may be what the refusal is about.
         name, eq, value = spec.partition("=")
-        shown = f"--env {spec}" if origin == "--env" else f"{name} (in {origin})"
         if eq and origin != "--env":
-            raise UsageError(f"{name}=... (in {origin}): the list names variables; their values come from "
+            raise UsageError(f"{name}=... ({origin}): the list names variables; their values come from "
                              "the machine that runs dvcray.", f'Write "{name}" there, and set {name} here.')
         if not _NAME.fullmatch(name):
-            raise UsageError(f"{shown}: {name!r} is not a variable name.",
+            raise UsageError(f"{name!r} ({origin}) is not a variable name.",
                              "Give --env NAME=VALUE, or --env NAME to take this machine's value.")
         why = refusal(name)
         if why:
-            raise UsageError(f"{shown}: {name} {why}; dvcray does not carry it.",
+            raise UsageError(f"{name} ({origin}) {why}; dvcray does not carry it.",
                              CREDENTIALS_HINT if "secret" in why else "Leave it out.")
         if not eq:
             if name not in environ:
-                raise UsageError(f"{shown}: {name} is not set here, so there is no value to send.",
+                raise UsageError(f"{name} ({origin}) is not set here, so there is no value to send.",
                                  f"Set it first (export {name}=...), or give one: --env {name}=VALUE.")
             value = environ[name]
         if "\0" in value:
-            raise UsageError(f"{shown}: the value of {name} holds a NUL character.")
+            raise UsageError(f"{name} ({origin}): its value holds a NUL character.")
         found[name] = value
     return found
 
