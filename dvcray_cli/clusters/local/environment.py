@@ -51,10 +51,11 @@ KEPT = frozenset({
     "GIT_CONFIG_NOSYSTEM", "GIT_CONFIG_GLOBAL", "GIT_CONFIG_SYSTEM",
 })
 KEPT_PREFIXES = ("LC_", "XDG_", "RAY_", "DVCRAY_", "AWS_")
-# Of those prefixes: what names another cluster, or what dvcray sets for each run itself.
+# Of those prefixes: what names another cluster, what dvcray sets for each run itself, and
+# Ray's fake-multinode switch (set for ``local-multinode`` only).
 NEVER = frozenset({
     "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE",
-    "RAY_RUNTIME_ENV_HOOK", "RAY_OVERRIDE_JOB_RUNTIME_ENV", "RAY_JOB_CONFIG_JSON_ENV_VAR",
+    "RAY_RUNTIME_ENV_HOOK", "RAY_OVERRIDE_JOB_RUNTIME_ENV", "RAY_JOB_CONFIG_JSON_ENV_VAR", "RAY_FAKE_CLUSTER",
     "DVCRAY_WORKSPACE", "DVCRAY_ENV", "DVCRAY_PYTHONPATH", "DVCRAY_STORAGE_PATH", "DVCRAY_RAY_NODE",
 })
 
