@@ -40,7 +40,7 @@ err = _Console(stderr=True, highlight=False, soft_wrap=True, **_ci_style)
 EnvOption = Annotated[Optional[list[str]], typer.Option(
     "--env", metavar="NAME[=VALUE]", show_default=False,
     help="Give the stage and its Ray workers this variable: NAME=VALUE, or NAME for its value here (repeatable; "
-         "also [tool.dvcray] env in pyproject.toml). Secret-like names are refused: values go to the store.")]
+         "also the env list of tool.dvcray in pyproject.toml). Secret-like names are refused: values go to the store.")]
 
 # The root options every command honours (`--verbose`).
 flags = {"verbose": False}
