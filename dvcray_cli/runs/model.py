@@ -110,6 +110,7 @@ class RunOptions:
     copy_paths: list[str] = field(default_factory=list)
     cpus_per_exp: float | None = None  # reserve for each runner: Ray places it where there is room
     gpus_per_exp: float | None = None
+    env: list[str] = field(default_factory=list)  # --env NAME=VALUE / NAME, as given (runs.stage_env)
 
 
 @dataclass
@@ -237,6 +238,10 @@ class Manifest:
     # How many commits the snapshot's bundle carries as first sent (0: none, the cluster had HEAD; -1:
     # not counted): what a thin bundle saved is visible in the store (DESIGN.md, "Snapshot").
     bundle_commits: int = -1
+    # The stage's environment (runs/stage_env.py): variables by name (never secret-like names:
+    # this goes to the store), and PYTHONPATH entries relative to the DVC root.
+    env: dict[str, str] = field(default_factory=dict)
+    pythonpath: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -255,6 +260,9 @@ class Manifest:
         manifest.created = _number(manifest.created) or 0.0
         manifest.worktree_flags = {k: [p for p in v if isinstance(p, str)]
                                    for k, v in _mapping(manifest.worktree_flags).items() if isinstance(v, list)}
+        manifest.env = {k: v for k, v in _mapping(manifest.env).items() if isinstance(v, str)}
+        manifest.pythonpath = [p for p in manifest.pythonpath if isinstance(p, str)] \
+            if isinstance(manifest.pythonpath, list) else []
         return manifest
 
     def specs(self) -> list[ExpSpec]:
@@ -405,6 +413,7 @@ class RunRecord:
     # How it runs (``runs.backends``): "job" (a Ray Job) or "service" (the cluster's runner service)
     backend: str = ""
     service: str = ""              # the runner service that runs it (its Ray Job id); "": a Ray Job of its own
+    env: list[str] = field(default_factory=list)  # the names of the variables it carried (never values)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -422,6 +431,7 @@ class RunRecord:
         record.submitted = _number(record.submitted) or 0.0
         record.job_id = record.job_id if isinstance(record.job_id, str) and record.job_id else record.run_id
         record.service = record.service if isinstance(record.service, str) else ""
+        record.env = [n for n in record.env if isinstance(n, str)] if isinstance(record.env, list) else []
         if not isinstance(record.backend, str) or not record.backend:  # a record from before it was named
             record.backend = "service" if record.service else "job"
         return record
