@@ -66,7 +66,9 @@ def call(what: str, func, *args, **kwargs):
 
 
 def fake_endpoint() -> str | None:
-    """The AWS endpoint override when it points at this machine (a fake AWS such as moto)."""
+    """The AWS endpoint override when it points at this machine (a fake AWS such as moto):
+    a loopback name or address, or an address of one of this machine's interfaces (seen
+    from its network namespace: another namespace's address is another machine's)."""
     for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_EC2"):
         url = os.environ.get(var, "").strip()
         if not url:
@@ -74,7 +76,20 @@ def fake_endpoint() -> str | None:
         host = (urlparse(url if "://" in url else f"http://{url}").hostname or "").lower()
         if host in ("localhost", "::1", "0.0.0.0") or host.startswith("127.") or host.endswith(".localhost"):
             return url
+        if host in _own_addresses():
+            return url
     return None
+
+
+def _own_addresses() -> set[str]:
+    import socket
+
+    import psutil
+
+    found = {socket.gethostname().lower()}
+    for addresses in psutil.net_if_addrs().values():
+        found.update(a.address.split("%", 1)[0].lower() for a in addresses)
+    return found
 
 
 def refuse_fake_endpoint() -> None:
