@@ -332,6 +332,10 @@ def launch(p: Plan, boot: Bootstrapped, forward_timeout: float = 300.0) -> AwsCl
     try:
         launcher_launch.run("up", Path(boot.config_path), log)
     except ClusterError as exc:
+        if launcher_launch.REFUSED in exc.message:
+            # AWS refused the head (a quota, capacity): no instance was made.
+            raise ClusterError(exc.message, "No instance was launched. A quota is raised in AWS's Service Quotas "
+                                            "console; or pick another instance type or region.") from None
         raise ClusterError(exc.message, f"Inspect: ray attach {boot.config_path}; stop everything: "
                                         f"dvcray cluster down {p.config_label} --yes") from None
     head_ip = account.head_ip(p.config)
