@@ -95,14 +95,15 @@ def status_rows(clusters: list[dict[str, Any]]) -> None:
 
     from dvcray_cli.clusters import format_duration
 
-    table = Table("AWS cluster", "Region", "Instances", "Age", "Cost so far (est.)", "Idle timeout", "Job API")
+    table = Table("AWS cluster", "Region", "Instances", "Age", "Per hour (est.)", "Cost so far (est.)",
+                  "Idle timeout", "Job API")
     for c in clusters:
         if c.get("error"):
-            table.add_row(Text(c["name"]), Text(c["region"]), "?", format_duration(c["age_s"]), "?",
+            table.add_row(Text(c["name"]), Text(c["region"]), "?", format_duration(c["age_s"]), "?", "?",
                           format_duration(c["idle_timeout_s"]), Text(c["dashboard_url"]))
             continue
         if not c["alive"]:
-            table.add_row(Text(c["name"]), Text(c["region"]), "none found", "-", "-",
+            table.add_row(Text(c["name"]), Text(c["region"]), "none found", "-", "-", "-",
                           format_duration(c["idle_timeout_s"]), "-")
             continue
         kinds: dict[str, int] = {}
@@ -114,8 +115,11 @@ def status_rows(clusters: list[dict[str, Any]]) -> None:
         spent = (_usd(cost["low"]) if cost["low"] == cost["high"] else f"{_usd(cost['low'])}-{_usd(cost['high'])}")
         if cost["unpriced"]:
             spent += f" (+ unpriced {', '.join(cost['unpriced'])})"
-        table.add_row(Text(c["name"]), Text(c["region"]), Text(instances), format_duration(c["age_s"]), Text(spent),
-                      format_duration(c["idle_timeout_s"]), Text(c["dashboard_url"]))
+        prices = [i.get("usd_per_hour") for i in c["instances"]]
+        low, high = sum(p[0] for p in prices if p), sum(p[1] for p in prices if p)
+        hourly = (_usd(low) if low == high else f"{_usd(low)}-{_usd(high)}") + ("+" if None in prices else "")
+        table.add_row(Text(c["name"]), Text(c["region"]), Text(instances), format_duration(c["age_s"]),
+                      Text(hourly), Text(spent), format_duration(c["idle_timeout_s"]), Text(c["dashboard_url"]))
     out.print(table)
     for c in clusters:
         if c.get("error"):

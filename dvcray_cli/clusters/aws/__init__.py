@@ -418,6 +418,9 @@ def status() -> list[dict[str, Any]]:
             entry["error"] = exc.message
             entries.append(entry)
             continue
+        for inst in instances:
+            price = pricing.hourly(record.region, inst["instance_type"], inst["spot"])
+            inst["usd_per_hour"] = [round(price[0], 4), round(price[1], 4)] if price else None
         entry["instances"] = instances
         entry["alive"] = bool(instances)
         if instances:
