@@ -220,13 +220,13 @@ def first_commit(repo_root: Path) -> str:
     return roots[0]
 
 
-def project_cluster_names(repo_root: Path) -> set[str]:
-    """The names the built-in configs give this project's clusters."""
+def is_projects(name: str, repo_root: Path) -> bool:
+    """Whether the cluster ``name`` is this project's: a config's default name
+    (``dvcray-<first commit>-<config>``, the same in every clone; built-ins and files alike)."""
     try:
-        commit = first_commit(repo_root)
+        return name.startswith(cfg.default_cluster_name(first_commit(repo_root), "x")[:-1])
     except UsageError:
-        return set()
-    return {cfg.default_cluster_name(commit, label) for label in BUILT_INS}
+        return False
 
 
 def _store_bucket(repo_root: Path, cwd: Path) -> tuple[str, str]:
@@ -456,9 +456,8 @@ def recorded_address(cwd: Path) -> str | None:
     if found:
         repo_state = state.repo_dir(root, create=False)
         return ssh.ensure_forward(found[0], lambda r: records.write_record(r, repo_state)).dashboard_url
-    names = project_cluster_names(root)
     for record, path in sorted(records.records(), key=lambda item: item[0].started_at, reverse=True):
-        if record.name in names:
+        if is_projects(record.name, root):
             return ssh.ensure_forward(record, lambda r, where=path.parent.parent: records.write_record(r, where)).dashboard_url
     return None
 
