@@ -18,7 +18,8 @@ routes off the machine; the build refuses unless ``ip_forward`` and proxy ARP ar
   console, standing in for EC2 Instance Connect), and ``~/.aws/config`` + credentials
   that point boto3 at moto, standing in for the instance profile. When moto reports the
   instance stopping or stopped, the machine dies (it boots again, disk kept, if the
-  instance starts again); shutting-down or terminated, the machine dies and is removed.
+  instance starts again); shutting-down or terminated, the machine dies and leaves the
+  bed (its disk stays, for a post-mortem, until the bed goes).
 - **a client namespace** on the bridge (``.200``, outside the subnet; an on-link default
   route, no gateway, no name server): the client side (``dvcray``, Ray's launcher, boto3,
   ssh) runs there with ``ip netns exec``, so an address moto or Ray makes up reaches
@@ -306,7 +307,7 @@ class Watcher(threading.Thread):
                     self.off.discard(iid)
                     self.event(iid, node.ip, "on")
             elif node is not None and state in ("shutting-down", "terminated"):
-                testbed.forget_machine(self.cloud.bed, node)
+                testbed.forget_machine(self.cloud.bed, node, keep_disk=True)   # its logs, for the tests
                 self.off.discard(iid)
                 self.event(iid, node.ip, "gone")
             elif node is not None and state in ("stopping", "stopped") and iid not in self.off:

@@ -421,13 +421,15 @@ def add_machine(bed: Bed, name: str, ip: str, hostname: str, authorized_keys: st
     return node
 
 
-def forget_machine(bed: Bed, node: Node) -> None:
+def forget_machine(bed: Bed, node: Node, keep_disk: bool = False) -> None:
     """A machine leaves the bed for good: killed (by its init's pid), its namespace and
-    link deleted (by name), its folder removed."""
+    link deleted (by name), its folder removed (with ``keep_disk``, left for a post-mortem
+    until the bed goes)."""
     bed.kill(node)
     _run(["ip", "netns", "del", node.netns], check=False)
     shutil.rmtree(Path("/etc/netns") / node.netns, ignore_errors=True)
-    shutil.rmtree(node.dir, ignore_errors=True)
+    if not keep_disk:
+        shutil.rmtree(node.dir, ignore_errors=True)
     bed.nodes.remove(node)
     bed.save()
 
