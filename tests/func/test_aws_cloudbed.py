@@ -33,15 +33,13 @@ import yaml
 
 import cloudbed
 import testbed
-from conftest import REPO, sh
+from conftest import REPO, laptop_env, sh
 from test_run import exp_metrics, exp_refs
 from test_run_s3 import bucket_objects
 
 pytestmark = pytest.mark.slow
 
 BUCKET = "cloud-store"
-_DROP = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE",
-         "DVC_STUDIO_TOKEN", "CI", "PYTEST_ADDOPTS")
 TIMES: dict[str, float] = {}
 LIVE = ("pending", "running")
 
@@ -78,14 +76,7 @@ def client(cloud, tmp_path_factory):
     DVC project whose default remote is the store's bucket in moto; every clone shares its
     first commit, so every clone finds the project's cluster), the bed's cluster config."""
     home = tmp_path_factory.mktemp("cloud-home")
-    base = {k: v for k, v in os.environ.items() if k not in _DROP and not k.startswith("AWS_")}
-    base.update({
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), "XDG_CACHE_HOME": str(home / ".cache"),
-        "RAY_USAGE_STATS_ENABLED": "0", "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "true",
-        "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "Cloud User", "GIT_AUTHOR_EMAIL": "cloud@example.com",
-        "GIT_COMMITTER_NAME": "Cloud User", "GIT_COMMITTER_EMAIL": "cloud@example.com",
-    })
+    base = laptop_env(home, "Cloud User", "cloud@example.com")
     cloud.client("s3").create_bucket(Bucket=BUCKET)
     root = tmp_path_factory.mktemp("cloud-projects")
     origin = root / "origin"

@@ -30,15 +30,13 @@ import pytest
 import yaml
 
 import testbed
-from conftest import REPO, free_port, sh
+from conftest import REPO, free_port, laptop_env, sh
 from test_run import exp_metrics, exp_refs
 from test_run_s3 import bucket_objects
 
 pytestmark = pytest.mark.slow
 
 BUCKET = "lab-store"
-_DROP = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE",
-         "DVC_STUDIO_TOKEN", "CI", "PYTEST_ADDOPTS")
 TIMES: dict[str, float] = {}
 
 
@@ -126,15 +124,8 @@ def client(bed, s3, tmp_path_factory):
     """This machine as a user's laptop: a HOME of its own, a project (first commit shared by
     every clone) whose DVC default remote is the bucket, credentials for it."""
     home = tmp_path_factory.mktemp("lab-home")
-    env = {k: v for k, v in os.environ.items() if k not in _DROP and not k.startswith("AWS_")}
-    env.update({
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), "XDG_CACHE_HOME": str(home / ".cache"),
-        "RAY_USAGE_STATS_ENABLED": "0", "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "true",
-        "GIT_CONFIG_NOSYSTEM": "1", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1", "GIT_AUTHOR_NAME": "Lab User", "GIT_AUTHOR_EMAIL": "lab@example.com",
-        "GIT_COMMITTER_NAME": "Lab User", "GIT_COMMITTER_EMAIL": "lab@example.com",
-    })
+    env = laptop_env(home, "Lab User", "lab@example.com")
+    env.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
     root = tmp_path_factory.mktemp("lab-projects")
     origin = root / "origin"
     origin.mkdir()
