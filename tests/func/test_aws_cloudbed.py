@@ -35,7 +35,7 @@ import cloudbed
 import testbed
 from conftest import REPO, laptop_env, sh
 from test_run import exp_metrics, exp_refs
-from test_run_s3 import bucket_objects
+from test_run_s3 import bucket_objects, wait_stage_started
 
 pytestmark = pytest.mark.slow
 
@@ -450,17 +450,9 @@ def test_a_reclaimed_spot_worker_ends_its_run_lost_and_the_autoscaler_replaces_i
         "stage.py": DOOMED_STAGE, "dvc.yaml": "stages:\n  s:\n    cmd: python stage.py\n    deps: [stage.py]\n"})
     run = cloud.popen([sys.executable, "-m", "dvcray_cli", "run", "-n", "doomed", "--cpus-per-exp", "1"],
                       client.env, cwd=project)
-    victim = run_id = None
     try:
-        deadline = time.monotonic() + 400
-        while victim is None and time.monotonic() < deadline:
-            assert run.poll() is None, run.communicate()
-            for key, data in bucket_objects(cloud.endpoint, BUCKET).items():
-                if ("/log.parts/" in key or key.endswith("/log.txt")) and b"STAGE-STARTED on" in data:
-                    victim = _instance_of_host(cloud, data.split(b"STAGE-STARTED on ", 1)[1].split()[0].decode())
-                    run_id = key.split("/runs/", 1)[1].split("/")[0]
-            time.sleep(1)
-        assert victim is not None, "the stage did not start"
+        host, run_id = wait_stage_started(cloud.endpoint, BUCKET, run, 400)
+        victim = _instance_of_host(cloud, host)
         assert victim.get("InstanceLifecycle") == "spot"
         others = [i["InstanceId"] for i in _of_cluster(cloud, cluster.name, kind="worker")
                   if i["InstanceId"] != victim["InstanceId"]]

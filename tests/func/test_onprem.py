@@ -32,7 +32,7 @@ import yaml
 import testbed
 from conftest import REPO, free_port, laptop_env, sh
 from test_run import exp_metrics, exp_refs
-from test_run_s3 import bucket_objects
+from test_run_s3 import bucket_objects, wait_stage_started
 
 pytestmark = pytest.mark.slow
 
@@ -542,19 +542,10 @@ def test_a_lost_worker_ends_its_run_lost_with_its_log_and_the_next_run_works(bed
     sh("git", "commit", "-qm", "a long stage", cwd=project, env=client.env)
     run = subprocess.Popen([sys.executable, "-m", "dvcray_cli", "run", "-n", "doomed", "--cpus-per-exp", "1"],
                            cwd=project, env=client.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    victim = None
     try:
-        deadline = time.monotonic() + 180
-        while victim is None and time.monotonic() < deadline:
-            assert run.poll() is None, run.communicate()
-            for key, data in bucket_objects(client.s3, BUCKET).items():
-                # A running run's log is in the store as pieces (log.parts/NNNNNN); log.txt comes at its end.
-                if ("/log.parts/" in key or key.endswith("/log.txt")) and b"STAGE-STARTED on" in data:
-                    host = data.split(b"STAGE-STARTED on ", 1)[1].split()[0].decode()
-                    victim = bed.node(host)
-                    run_id = key.split("/runs/", 1)[1].split("/")[0]
-            time.sleep(1)
-        assert victim is not None and victim.name in ("n1", "n2"), "the stage did not start on a worker"
+        host, run_id = wait_stage_started(client.s3, BUCKET, run, 180)
+        victim = bed.node(host)
+        assert victim.name in ("n1", "n2"), "the stage did not start on a worker"
         # The runner service's run counts: `down` without --yes is refused, naming it.
         refused = _dvcray("cluster", "down", str(lab.config), env=client.env, cwd=lab.project)
         assert refused.returncode == 2 and run_id in refused.stderr, _out(refused)
