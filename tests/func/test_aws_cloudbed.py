@@ -261,6 +261,45 @@ def test_instances_become_machines_at_their_private_ip_and_die_with_them(cloud, 
         assert cloud.wait_no_machine(60) == []
 
 
+def test_a_killed_run_leaves_nothing_that_the_next_build_does_not_sweep():
+    """A test run killed with SIGKILL: moto dies with it (parent-death signal); its machines,
+    namespaces, links and folder are swept by pid and name at the next build (``sweep_stale``)."""
+    try:
+        testbed.check_host()
+    except testbed.BedUnavailable as exc:
+        pytest.skip(str(exc))
+    owner = subprocess.Popen([sys.executable, str(Path(cloudbed.__file__)), "up"], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        first = owner.stdout.readline()
+        assert first.startswith("cloud bed "), first + owner.stdout.read(2000)
+        bed = testbed.Bed.load(testbed.BEDS / first.split()[2].rstrip(":"))
+        endpoint = first.split("moto ", 1)[1].split(",")[0]
+        cloud = cloudbed.Cloud(bed=bed, endpoint=endpoint, vpc="", subnet=first.split(", ")[2], security_group="",
+                               client_netns="", client_ip="")
+        [inst] = cloud.ec2().run_instances(ImageId=cloudbed.pinned_images()[0], MinCount=1, MaxCount=1,
+                                           InstanceType="m5.large", SubnetId=cloud.subnet)["Instances"]
+        deadline = time.monotonic() + 60
+        while not [n for n in testbed.Bed.load(Path(bed.dir)).nodes if n.instance == inst["InstanceId"]
+                   and n.init_pid] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        bed = testbed.Bed.load(Path(bed.dir))
+        [machine] = bed.nodes
+        moto_pid = bed.servers[0][0]
+    finally:
+        owner.kill()
+        owner.wait()
+    deadline = time.monotonic() + 10
+    while testbed._alive(moto_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not testbed._alive(moto_pid), "moto died with its owner"
+    assert bed.pids(machine), "the machine outlived its owner (until the sweep)"
+    assert bed.id in testbed.sweep_stale()
+    assert not bed.pids(machine) and not Path(bed.dir).exists()
+    assert not [n for n in testbed._netns_names() if n.startswith(f"dvcray-{bed.id}-")]
+    assert not testbed._link_exists(bed.bridge)
+
+
 # --------------------------------------------------------------------------- bad input
 
 
