@@ -401,9 +401,8 @@ def test_up_makes_the_head_instance_a_machine_running_this_dvcray(cloud, client,
     listed = {i["id"]: i for i in entry["instances"]}
     assert listed[head["InstanceId"]]["instance_type"] == "m5.large"
     assert listed[head["InstanceId"]]["usd_per_hour"] == [0.096, 0.096], "m5.large on demand, from the table"
-    wide = {**client.env, "COLUMNS": "250"}
-    human = cloud.run([sys.executable, "-m", "dvcray_cli", "cluster", "status"], wide, cwd=cluster.project)
-    assert "m5.large" in human.stdout and "Per hour" in human.stdout and "$0.096" in human.stdout, human.stdout
+    human = _dvcray(cloud, client, "cluster", "status", cwd=cluster.project)
+    assert f"AWS cluster {cluster.name} costs" in human.stderr and "m5.large $0.096/h" in human.stderr, _out(human)
     # The job API answers through the forward, and only with the cluster's token.
     code = ("import requests, sys; print(requests.get(sys.argv[1] + '/api/jobs/', timeout=10).status_code)")
     proc = cloud.run([sys.executable, "-c", code, record["dashboard_url"]], client.env, timeout=60)
