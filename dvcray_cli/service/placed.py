@@ -175,7 +175,10 @@ class Placer:
             code = await actor.wait.remote(entry.run_id)
             entry.log_size = await actor.log_size.remote(entry.run_id)  # its last lines too
             actor.forget.remote(entry.run_id)
-        except ray.exceptions.RayActorError as exc:
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError,
+                ray.exceptions.NodeDiedError) as exc:
+            # Unschedulable: the reserved node died between the reservation and the runner's
+            # start (a spot worker reclaimed as it joined); that is a loss too, not a failure.
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             print(f"dvcray-service: the runner of run {entry.run_id} on {entry.node or 'its node'} died: "
                   f"{first}", flush=True)
