@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, free_port, run_dvcray, sh
+from helpers import REPO, free_port, run_dvcray, sh
 from dvcray_cli.errors import ClusterError, UsageError
 
 IN_NETNS_ENV = "DVCRAY_TEST_LOOPBACK_NETNS"

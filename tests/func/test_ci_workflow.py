@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import run_dvcray, sh
+from helpers import run_dvcray, sh
 
 SMALL = ["data.source=digits", "tune.num_samples=2", "tune.max_epochs=1", "tune.grace_period=1",
          "train.epochs=1", "train.num_workers=1"]

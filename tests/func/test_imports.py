@@ -15,7 +15,7 @@ import sys
 import pytest
 import typer.main
 
-from conftest import REPO
+from helpers import REPO
 
 HEAVY = {"ray", "dvc", "dvclive", "boto3", "botocore", "s3fs", "torch", "pandas", "numpy",
          "sklearn", "matplotlib"}

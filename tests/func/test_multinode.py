@@ -23,9 +23,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from conftest import sh, store_log
-from test_run import exp_metrics
-from test_run_s3 import bucket_objects
+from helpers import bucket_objects, exp_metrics, sh, store_log
 
 pytestmark = pytest.mark.slow
 

@@ -30,9 +30,7 @@ import pytest
 import yaml
 
 import testbed
-from conftest import REPO, free_port, sh
-from test_run import exp_metrics, exp_refs
-from test_run_s3 import bucket_objects
+from helpers import REPO, bucket_objects, exp_metrics, exp_refs, free_port, sh
 
 pytestmark = pytest.mark.slow
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from conftest import run_dvcray, sh
-from test_run import exp_metrics, exp_refs
-from ray_fixtures import node_files
+from helpers import exp_metrics, exp_refs, node_files, run_dvcray, sh
 
 PLANTED_TOKEN = "isat_queue-planted-token-9f8e7d6c5b4a"
 

@@ -11,7 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
-from conftest import run_dvcray, sh
+from helpers import run_dvcray, sh
 
 
 class CuttableProxy:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_dvcray, sh, store_log
+from helpers import run_dvcray, sh, store_log
 
 TRAIN_PY = """\
 import json, time, yaml

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_dvcray, sh
-from ray_fixtures import node_files
+from helpers import node_files, run_dvcray, sh
 
 PLANTED_TOKEN = "isat_studio-planted-token-0a1b2c3d4e5f"
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_dvcray
+from helpers import REPO, run_dvcray, start_test_head
 from dvcray_cli import __version__, clusters, compatible, ray_api
-from ray_fixtures import start_test_head
 
 SPEC = {"params.yaml": "x: 1\n", "dvc.yaml": "stages:\n  s:\n    cmd: echo ran > out.txt\n    outs: [out.txt]\n"}
 

@@ -17,8 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
-from conftest import run_dvcray, sh, store_log
-from test_run import exp_metrics
+from helpers import exp_metrics, run_dvcray, sh, store_log
 
 SPEC = {
     "params.yaml": "x: 1\n",

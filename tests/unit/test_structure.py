@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 PACKAGE = REPO / "dvcray_cli"
 MAX_LINES = 700
@@ -189,3 +189,105 @@ def test_no_import_cycles():
 def test_no_module_is_over_700_lines(module):
     lines = len(MODULES[module].read_text().splitlines())
     assert lines <= MAX_LINES, f"{module} has {lines} lines"
+
+
+# --------------------------------------------------------------------------- the tests themselves
+
+TESTS = REPO / "tests"
+
+# Tests that still use a private name of dvcray, each waiting for the restructure of its
+# module (issue 16) to give it a public seam. Empty this list; never add to it.
+KNOWN_PRIVATE_USES = {
+    ("tests/unit/test_service_api.py", "dvcray_cli.service.server._resources"),
+    ("tests/unit/test_ssh_forwards.py", "dvcray_cli.clusters.launcher.ssh._forwards_to"),
+    ("tests/unit/test_sweep_table.py", "dvcray_cli.cli.run._live_table"),
+}
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def private_uses(path: Path) -> set[str]:
+    """The private names of dvcray that a test file reaches: ``from dvcray_cli.x import _y``,
+    a private module (``dvcray_cli.x._y``), ``name._y`` where ``name`` was imported from
+    dvcray, and ``monkeypatch.setattr(name, "_y", ...)`` likewise."""
+    tree = ast.parse(path.read_text())
+    bound: dict[str, str] = {}   # local name -> what of dvcray it is
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "dvcray_cli":
+                    found.update(alias.name for part in alias.name.split(".") if _private(part))
+                    bound[alias.asname or alias.name.split(".")[0]] = alias.asname and alias.name or "dvcray_cli"
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "dvcray_cli":
+            if any(_private(part) for part in node.module.split(".")):
+                found.add(node.module)
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                if _private(alias.name):
+                    found.add(full)
+                bound[alias.asname or alias.name] = full
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr) and not isinstance(node.ctx, ast.Store):
+            chain, base = [node.attr], node.value
+            while isinstance(base, ast.Attribute):
+                chain.append(base.attr)
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in bound:
+                found.add(".".join([bound[base.id], *reversed(chain)]))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "setattr" \
+                and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) \
+                and isinstance(node.args[1].value, str) and _private(node.args[1].value) \
+                and isinstance(node.args[0], ast.Name) and node.args[0].id in bound:
+            found.add(f"{bound[node.args[0].id]}.{node.args[1].value}")
+    return found
+
+
+TEST_FILES = sorted(p for p in TESTS.rglob("*.py") if ".venv" not in p.parts)
+
+
+@pytest.mark.parametrize("path", TEST_FILES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_no_test_uses_a_private_name_of_dvcray(path):
+    """Tests go through what dvcray makes public (or a seam made public for them), so a
+    module's insides can change without rewriting its tests."""
+    rel = path.relative_to(REPO).as_posix()
+    uses = {u for u in private_uses(path) if (rel, u) not in KNOWN_PRIVATE_USES}
+    assert uses == set(), f"{rel} uses private names of dvcray: {sorted(uses)}: test the public function"
+
+
+def test_the_known_private_uses_are_still_there():
+    """An entry of KNOWN_PRIVATE_USES that no longer holds goes from the list."""
+    gone = {(rel, use) for rel, use in KNOWN_PRIVATE_USES if use not in private_uses(REPO / rel)}
+    assert gone == set(), f"remove from KNOWN_PRIVATE_USES: {sorted(gone)}"
+
+
+@pytest.mark.parametrize("path", TEST_FILES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_tests_share_helpers_only_through_helpers_py(path):
+    """Shared helpers live in tests/helpers.py; a conftest holds fixtures and another test
+    module holds tests, so neither is imported."""
+    tree = ast.parse(path.read_text())
+    wrong = []
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+        wrong += [n for n in names if n.split(".")[0] in ("conftest", "ray_fixtures") or n.startswith("test_")]
+    assert wrong == [], f"{path.relative_to(REPO)} imports {wrong}: import shared helpers from helpers.py"
+
+
+def test_the_private_name_check_sees_each_form(tmp_path):
+    probe = tmp_path / "test_probe.py"
+    probe.write_text(
+        "import dvcray_cli.clusters.idle as idle\n"
+        "from dvcray_cli.runs import sweep, model as m\n"
+        "from dvcray_cli.cli import _common\n"
+        "from dvcray_cli.store import _atomic, Store\n"
+        "import dvcray_cli.runs.follow\n"
+        "idle._now()\nm.RunState._missing_\nStore._x\ndvcray_cli.runs.follow._poll()\n"
+        "def t(monkeypatch):\n    monkeypatch.setattr(sweep, '_hidden', 1)\n    monkeypatch.setattr(sweep, 'public', 1)\n"
+        "import os\nos._exit\nsweep.__name__\n")
+    assert private_uses(probe) == {
+        "dvcray_cli.clusters.idle._now", "dvcray_cli.runs.model.RunState._missing_", "dvcray_cli.cli._common",
+        "dvcray_cli.store._atomic", "dvcray_cli.store.Store._x", "dvcray_cli.runs.follow._poll",
+        "dvcray_cli.runs.sweep._hidden"}

@@ -1,0 +1,294 @@
+"""What tests share that is not a fixture: running ``dvcray`` and git, reading what a run
+left (refs, metrics, a store's log, a bucket), small servers on 127.0.0.1, a test Ray head.
+
+Fixtures live in ``conftest.py`` and ``ray_fixtures.py``; tests import these helpers from
+here (``from helpers import run_dvcray, sh``), never from a conftest or another test module
+(tests/unit/test_structure.py keeps it so).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Set by .ci/run: a test that needs a machine-level facility (the namespace test bed, a
+# loopback-only network namespace) fails instead of skipping when it cannot have it.
+REQUIRE_BED_ENV = "DVCRAY_TEST_REQUIRE_BED"
+
+# What a client or a test head with a HOME of its own must not inherit from the outer
+# environment: another cluster's address or token, a Studio token, CI's own flag (and
+# credentials, dropped by prefix: jobs see the head's environment).
+FOREIGN_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
+                   "RAY_AUTH_MODE", "DVC_STUDIO_TOKEN", "CI")
+
+
+def bed_required() -> bool:
+    """True under CI (``.ci/run``): the bed's tests must run, and fail when they cannot."""
+    return os.environ.get(REQUIRE_BED_ENV, "") not in ("", "0")
+
+
+def unavailable(reason: str) -> None:
+    """Skip a test whose machine facility this host cannot give, or fail it under CI.
+
+    Raises:
+        pytest.skip.Exception, or pytest.fail.Exception when ``bed_required()``.
+    """
+    import pytest
+
+    if bed_required():
+        pytest.fail(f"bed unavailable: {reason} ({REQUIRE_BED_ENV} is set: this run must test it)",
+                    pytrace=False)
+    pytest.skip(f"bed unavailable: {reason}")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def run_dvcray(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,
+               check: bool = False, inherit: bool = True) -> subprocess.CompletedProcess:
+    """Run the real ``dvcray`` command line in a subprocess.
+
+    ``env`` adds to this process's environment, or, with ``inherit=False``, is the whole
+    environment (one made by ``home_env``)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvcray_cli", *args], cwd=cwd, capture_output=True, text=True,
+        env={**os.environ, **(env or {})} if inherit else env, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dvcray {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def sh(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> str:
+    proc = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout.strip()
+
+
+def out(proc: subprocess.CompletedProcess) -> str:
+    """A finished command's exit code and the ends of its output, for an assertion message."""
+    return f"exit {proc.returncode}\nstdout:\n{(proc.stdout or '')[-6000:]}\nstderr:\n{(proc.stderr or '')[-6000:]}"
+
+
+def home_env(home: Path, **extra: str) -> dict[str, str]:
+    """A whole environment for a client with a HOME of its own (its clusters' records and
+    tokens live there): nothing of another cluster, no AWS credentials unless ``extra``
+    gives some, no telemetry, this interpreter's scripts first on PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENV and not k.startswith("AWS_")}
+    env.update({
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), "XDG_CACHE_HOME": str(home / ".cache"),
+        "RAY_USAGE_STATS_ENABLED": "0", "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "true",
+        "GIT_CONFIG_NOSYSTEM": "1", **extra,
+    })
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- projects
+
+
+def build_file_tree(root: Path, spec: dict[str, str]) -> None:
+    """Write ``{relative path: text}`` under ``root`` (text is dedented)."""
+    for rel, text in spec.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+
+
+TRAIN_PY = """\
+import json, sys, yaml
+from pathlib import Path
+p = yaml.safe_load(open("params.yaml"))["train"]
+extra = Path("extra.txt").read_text().strip() if Path("extra.txt").exists() else "none"
+ignored = Path("secret.ignored").exists()
+print(f"training with lr={p['lr']} epochs={p['epochs']}", flush=True)
+score = round(p["lr"] * p["epochs"] * FACTOR, 6)
+Path("model.txt").write_text(f"model {score}\\n")
+json.dump({"score": score, "extra": extra, "ignored_travelled": ignored}, open("metrics.json", "w"))
+"""
+
+TRAIN_DVC_YAML = """\
+stages:
+  train:
+    cmd: python train.py
+    deps: [train.py]
+    params: [train]
+    outs: [model.txt]
+    metrics:
+      - metrics.json:
+          cache: false
+"""
+
+
+def project_spec(factor: str = "1") -> dict[str, str]:
+    """A one-stage project: ``train.py`` scores ``train.lr * train.epochs * factor`` into
+    ``metrics.json`` and writes the output ``model.txt``; ``*.ignored`` is git-ignored."""
+    return {
+        "params.yaml": "train:\n  lr: 0.5\n  epochs: 3\n",
+        "train.py": TRAIN_PY.replace("FACTOR", factor),
+        "dvc.yaml": TRAIN_DVC_YAML,
+        ".gitignore": "*.ignored\n",
+    }
+
+
+def exp_refs(root: Path) -> dict[str, str]:
+    """``{experiment ref: sha}`` of every ref under ``refs/exps/`` in ``root``."""
+    listed = sh("git", "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps/", cwd=root)
+    refs = {}
+    for line in listed.splitlines():
+        ref, sha = line.split()
+        refs[ref] = sha
+    return refs
+
+
+def exp_metrics(root: Path, name: str, file: str = "metrics.json") -> dict:
+    """Metrics of experiment ``name`` as ``dvc exp show --json`` reports them."""
+    data = json.loads(sh("dvc", "exp", "show", "--json", cwd=root))
+    for baseline in data:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                if rev.get("name") == name:
+                    return rev["data"]["metrics"][file]["data"]
+    raise AssertionError(f"experiment {name} not in dvc exp show")
+
+
+# --------------------------------------------------------------------------- stores
+
+
+def store_log(run_dir: Path) -> str:
+    """A run's log as a local store holds it: ``log.txt`` once the runner finished
+    it, else the pieces uploaded so far (``log.parts/``), in order."""
+    whole = run_dir / "log.txt"
+    if whole.exists():
+        return whole.read_text(errors="replace")
+    parts = sorted((run_dir / "log.parts").glob("[0-9]*")) if (run_dir / "log.parts").is_dir() else []
+    return b"".join(p.read_bytes() for p in parts).decode(errors="replace")
+
+
+def bucket_objects(endpoint: str, bucket: str) -> dict[str, bytes]:
+    """Every object of an S3 bucket (a moto server's), by key."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                      aws_access_key_id="x", aws_secret_access_key="x")
+    found = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            found[obj["Key"]] = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+    return found
+
+
+# --------------------------------------------------------------------------- servers on 127.0.0.1
+
+
+class CaptureServer:
+    """An HTTP server on 127.0.0.1 that answers 200 ``{}`` to everything and keeps
+    what it was sent: it stands in for any address a test must not reach
+    (a foreign cluster named by a store, DVC Studio)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.requests: list[dict] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                owner.requests.append({"method": self.command, "path": self.path,
+                                       "headers": dict(self.headers), "body": body})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            do_GET = do_POST = do_PUT = do_DELETE = _any
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class StudioCapture(CaptureServer):
+    """A stand-in for DVC Studio's ``api/live`` on 127.0.0.1: it keeps every post."""
+
+    @property
+    def posts(self) -> list[dict]:
+        """``{"path", "authorization", "body"}`` of each POST, in order."""
+        return [{"path": r["path"], "authorization": r["headers"].get("Authorization"), "body": json.loads(r["body"])}
+                for r in list(self.requests) if r["method"] == "POST"]
+
+    def env(self, token: str) -> dict[str, str]:
+        """What makes DVC, DVCLive and dvcray post here with ``token`` (never to a real Studio)."""
+        return {"DVC_STUDIO_TOKEN": token, "DVC_STUDIO_URL": self.url, "DVC_STUDIO_OFFLINE": "false"}
+
+    def take(self) -> list[dict]:
+        taken = self.posts
+        self.requests.clear()
+        return taken
+
+
+# --------------------------------------------------------------------------- Ray heads
+
+def start_test_head(home: Path, name: str, env: dict[str, str] | None = None, num_cpus: int = 2,
+                    **options):
+    """A real head with a HOME and token of its own and nothing inherited from the
+    outer environment but what ``env`` adds (e.g. a node's own AWS credentials).
+    Returns it and its temp dir; stop it with ``head.stop()``."""
+    import pytest
+
+    from dvcray_cli.clusters import local
+
+    head_env = {
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_STUDIO_OFFLINE": "true",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        **(env or {}),
+    }
+    temp_dir = Path("/tmp") / f"dvcray-test-{uuid.uuid4().hex[:8]}"
+    with pytest.MonkeyPatch.context() as mp:
+        for var in list(os.environ):
+            if var in FOREIGN_ENV or var.startswith("AWS_"):
+                mp.delenv(var)
+        head = local.start_head(name, num_cpus=num_cpus, temp_dir=temp_dir, env=head_env,
+                                token_path=home / ".ray" / "auth_token", **options)
+    return head, temp_dir
+
+
+def node_files(head) -> list[Path]:
+    """Every file the head's node keeps of what runs brought: Ray's session (job packages
+    as unpacked, logs) and dvcray's runner folder (the runner service's snapshots and
+    its logs of each run) in the head's HOME."""
+    home = Path(head.token_path).parents[1]
+    found = [*Path(head.temp_dir).rglob("*"), *(home / ".cache" / "dvcray").rglob("*")]
+    return [p for p in found if p.is_file() and not p.is_symlink()]
