@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 # Set by .ci/run: a test that needs a machine-level facility (the namespace test bed, a
 # loopback-only network namespace) fails instead of skipping when it cannot have it.
 REQUIRE_BED_ENV = "DVCRAY_TEST_REQUIRE_BED"
+# Set inside the loopback-only namespace that tests/func/test_aws.py runs its AWS tests in.
+IN_NETNS_ENV = "DVCRAY_TEST_LOOPBACK_NETNS"
 
 # What a client or a test head with a HOME of its own must not inherit from the outer
 # environment: another cluster's address or token, a Studio token, CI's own flag (and
@@ -49,6 +51,17 @@ def unavailable(reason: str) -> None:
     pytest.skip(f"bed unavailable: {reason}")
 
 
+def build_bed(count: int, **options):
+    """A namespace test bed of ``count`` machines (``testbed.build``), or the test skips
+    (fails under CI) with "bed unavailable: <why>" when this host cannot hold one."""
+    import testbed
+
+    try:
+        return testbed.build(count, **options)
+    except testbed.BedUnavailable as exc:
+        unavailable(str(exc))
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -65,6 +78,44 @@ def run_dvcray(*args: str, cwd: Path | None = None, env: dict | None = None, tim
     if check and proc.returncode != 0:
         raise AssertionError(f"dvcray {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+# PID 1 of a loopback-only namespace: brings ``lo`` up, runs the command, reaps every
+# orphan (Ray daemonizes), and exits with the command; the kernel then kills whatever
+# else still runs in the namespace. Run with -I -S: it needs only the standard library.
+_NAMESPACE_INIT = r"""
+import os, signal, subprocess, sys
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+command = subprocess.Popen(sys.argv[1:])
+while True:
+    pid, status = os.wait()
+    if pid == command.pid:
+        code = os.waitstatus_to_exitcode(status)
+        os._exit(code if code >= 0 else 128 - code)
+"""
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL it when the process that started it dies."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def loopback_namespace_cmd(argv: list[str]) -> list[str]:
+    """``argv`` in network, PID and mount namespaces of its own with nothing but ``lo``:
+    when the command ends, times out or its starter dies, every process it started dies
+    with the namespace (moto servers, Ray heads). Needs root and util-linux's unshare."""
+    return ["unshare", "--kill-child=SIGKILL", "--net", "--pid", "--fork", "--mount-proc",
+            os.path.realpath(sys.executable), "-I", "-S", "-c", _NAMESPACE_INIT, *argv]
+
+
+def run_in_loopback_namespace(argv: list[str], timeout: float, **options) -> subprocess.CompletedProcess:
+    """Run ``argv`` as ``loopback_namespace_cmd`` makes it, and wait at most ``timeout``:
+    a timeout (or this process dying) takes the whole namespace with it, not only ``argv``."""
+    return subprocess.run(loopback_namespace_cmd(argv), timeout=timeout, preexec_fn=_die_with_parent,
+                          capture_output=True, text=True, **options)
 
 
 def sh(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> str:

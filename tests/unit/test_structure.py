@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -208,11 +209,16 @@ def _private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
 
+@functools.cache
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text())
+
+
 def private_uses(path: Path) -> set[str]:
     """The private names of dvcray that a test file reaches: ``from dvcray_cli.x import _y``,
     a private module (``dvcray_cli.x._y``), ``name._y`` where ``name`` was imported from
     dvcray, and ``monkeypatch.setattr(name, "_y", ...)`` likewise."""
-    tree = ast.parse(path.read_text())
+    tree = _tree(path)
     bound: dict[str, str] = {}   # local name -> what of dvcray it is
     found: set[str] = set()
     for node in ast.walk(tree):
@@ -267,7 +273,7 @@ def test_the_known_private_uses_are_still_there():
 def test_tests_share_helpers_only_through_helpers_py(path):
     """Shared helpers live in tests/helpers.py; a conftest holds fixtures and another test
     module holds tests, so neither is imported."""
-    tree = ast.parse(path.read_text())
+    tree = _tree(path)
     wrong = []
     for node in ast.walk(tree):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
