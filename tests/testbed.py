@@ -371,7 +371,6 @@ def build(count: int, venv: str | None = None, boot_timeout: float = 60) -> Bed:
     reserve(bed, count)
     folder = Path(bed.dir)
     try:
-        _pause_if_asked("reserved")
         _keys(folder)
         _whiteouts(folder / "whiteouts", Path(bed.venv))
         _network(bed)
@@ -434,9 +433,9 @@ def _not_permitted(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("operation not permitted" in text or "permission denied" in text)
 
 
-# Set by tests of the bed's own cleanup: the build stops (sleeps) at this point, for the
-# test to kill it there ("reserved": names recorded, nothing made; "node-started": a
-# node's init runs but is not recorded; "built": the whole bed is up).
+# Set by tests of the bed's own cleanup (tests/func/test_testbed.py): the build stops
+# (sleeps) at this point, for the test to kill it there ("node-started": a node's init
+# runs but is not recorded; "built": the whole bed is up).
 PAUSE_ENV = "DVCRAY_TESTBED_PAUSE_AT"
 
 
