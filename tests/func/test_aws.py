@@ -291,15 +291,18 @@ def test_dry_run_gpu_config(aws_project):
 
 
 @pytest.mark.loopback_namespace
-def test_bootstrap_creates_roles_profiles_key_pair_security_group_and_no_instance(aws_project):
+def test_bootstrap_creates_roles_profiles_key_pair_security_group_and_no_instance(aws_project, monkeypatch):
     from dvcray_cli.clusters import aws
 
     before, caches = inventory(), _ray_caches()
     plan = aws.plan("aws", aws_project, idle_timeout_s=900)
     assert inventory() == before
-    started = time.monotonic()
+    slept: list[float] = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(time, "sleep", lambda s: slept.append(s) or real_sleep(min(s, 0.01)))
     boot = aws.bootstrap(plan, iam_wait_s=0)
-    assert time.monotonic() - started < 28, "bootstrap waited: Ray's IAM path (2 x 15 s sleeps) must not run"
+    monkeypatch.setattr(time, "sleep", real_sleep)
+    assert not [s for s in slept if s >= 5], f"bootstrap waited {slept}: Ray's IAM path (2 x 15 s sleeps) ran"
     after = inventory()
 
     assert after["instances"] == [], "bootstrap must never create an instance"

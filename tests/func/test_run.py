@@ -195,19 +195,21 @@ def test_two_runs_at_once(ray_cluster, make_dvc_project, store):
     assert exp_metrics(root, "two")["score"] == 0.6
 
 
-def test_detach_returns_at_once(ray_cluster, make_dvc_project, store):
-    root = make_dvc_project({
-        "dvc.yaml": "stages:\n  slow:\n    cmd: python -c \"import time; time.sleep(4); open('o.txt','w').write('x')\"\n"
-                    "    outs: [o.txt]\n",
-    })
-    started = time.time()
-    proc = run_dvcray("run", "-n", "bg", "--detach", "--json", "--store", str(store), cwd=root)
+def test_detach_returns_at_once(ray_cluster, make_dvc_project, store, tmp_path):
+    """`--detach` returns while the run goes: its stage cannot end before the test opens a
+    gate, which it does only once the command has returned."""
+    gate = tmp_path / "gate"
+    stage = (f"import os, time\nfor _ in range(3000):\n    if os.path.exists({str(gate)!r}): break\n"
+             "    time.sleep(0.1)\nopen('o.txt', 'w').write('x')\n")
+    root = make_dvc_project({"stage.py": stage, "dvc.yaml": "stages:\n  gated:\n    cmd: python stage.py\n"
+                                                            "    outs: [o.txt]\n"})
+    proc = run_dvcray("run", "-n", "bg", "--detach", "--json", "--store", str(store), cwd=root, timeout=300)
     assert proc.returncode == 0, proc.stderr
     run_id = json.loads(proc.stdout)["run_id"]
     assert f"dvcray logs {run_id}" in proc.stderr
     assert run_state(root, run_id) in ("PENDING", "RUNNING")
-    assert time.time() - started < 20
-    deadline = time.time() + 120
+    gate.touch()
+    deadline = time.time() + 300   # a hang guard
     while run_state(root, run_id) not in ("SUCCEEDED", "FAILED", "STOPPED"):
         assert time.time() < deadline
         time.sleep(0.5)
