@@ -15,7 +15,9 @@ from helpers import run_dvcray, sh
 
 
 class CuttableProxy:
-    """A TCP proxy on 127.0.0.1 whose open connections the test can cut."""
+    """A TCP proxy on 127.0.0.1 whose open connections the test can cut. It keeps every
+    connection's traffic (bytes each way, open or not), and for each cut the connections
+    it found open, so a test can tell a cut in mid-flight from one with nothing to cut."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -24,9 +26,10 @@ class CuttableProxy:
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(64)
         self.port = self.listener.getsockname()[1]
-        self.conns: list[socket.socket] = []
         self.lock = threading.Lock()
-        self.cuts = 0
+        self.connections: list[dict] = []   # {"up": bytes client->server, "down": server->client, "open": bool}
+        self._sockets: list[tuple[dict, socket.socket, socket.socket]] = []
+        self.cuts: list[dict] = []           # {"accepted_before": n, "open": [traffic of each cut connection]}
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -37,19 +40,23 @@ class CuttableProxy:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            traffic = {"up": 0, "down": 0, "open": True}
             with self.lock:
-                self.conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                self.connections.append(traffic)
+                self._sockets.append((traffic, client, upstream))
+            for a, b, way in ((client, upstream, "up"), (upstream, client, "down")):
+                threading.Thread(target=self._pump, args=(a, b, traffic, way), daemon=True).start()
 
     @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(src: socket.socket, dst: socket.socket, traffic: dict, way: str) -> None:
         try:
             while data := src.recv(65536):
+                traffic[way] += len(data)
                 dst.sendall(data)
         except OSError:
             pass
         finally:
+            traffic["open"] = False
             for s in (src, dst):
                 try:
                     s.shutdown(socket.SHUT_RDWR)
@@ -58,19 +65,37 @@ class CuttableProxy:
 
     def cut(self) -> None:
         with self.lock:
-            conns, self.conns = self.conns, []
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-                conn.close()
-            except OSError:
-                pass
-        self.cuts += 1
+            found, self._sockets = self._sockets, []
+            self.cuts.append({"accepted_before": len(self.connections),
+                              "open": [dict(t) for t, *_ in found if t["open"]]})
+        for _traffic, *conns in found:
+            for conn in conns:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                    conn.close()
+                except OSError:
+                    pass
 
     def close(self) -> None:
         self.closed = True
         self.listener.close()
-        self.cut()
+        with self.lock:
+            found, self._sockets = self._sockets, []
+        for _traffic, *conns in found:
+            for conn in conns:
+                try:
+                    conn.close()
+                except OSError:
+                    pass
+
+    def assert_cut_mid_flight_and_resumed(self, cuts: int) -> None:
+        """Each of the test's cuts closed a connection that carried a request still open,
+        and the client then connected again and got data through the new connection."""
+        assert len(self.cuts) == cuts, self.cuts
+        for i, cut in enumerate(self.cuts):
+            assert any(t["up"] > 0 for t in cut["open"]), f"cut {i + 1} found no request in flight: {cut}"
+            later = self.connections[cut["accepted_before"]:]
+            assert any(t["down"] > 0 for t in later), f"no data came through a new connection after cut {i + 1}"
 
 
 def talk(tag: str) -> dict[str, str]:
@@ -112,7 +137,7 @@ def test_dropped_connection_resumes_without_lost_or_repeated_lines(ray_cluster, 
         proxy, root, ["-n", "cut", "--address", f"http://127.0.0.1:{proxy.port}", "--store", str(tmp_path / "store")],
         env={"DVCRAY_SERVICE": "0"})
     assert code == 0, "".join(lines) + stderr
-    assert proxy.cuts >= 3
+    proxy.assert_cut_mid_flight_and_resumed(2)
     assert _numbered(lines) == [f"line {i:02d}" for i in range(1, 21)]
 
 
@@ -131,7 +156,7 @@ def test_dropped_connection_to_the_runner_service_resumes_without_lost_or_repeat
     services.write_text(json.dumps({**known, ray_cluster.dashboard_url: {**entry, "port": proxy.port}}))
     code, lines, stderr = _follow_through(proxy, root, ["-n", "cut", "--store", str(store)])
     assert code == 0, "".join(lines) + stderr
-    assert proxy.cuts >= 3, "".join(lines) + stderr
+    proxy.assert_cut_mid_flight_and_resumed(2)
     assert _numbered(lines) == [f"line {i:02d}" for i in range(1, 21)]
 
 
