@@ -497,7 +497,8 @@ def test_run_puts_its_runner_on_a_worker_and_its_tasks_on_the_other(bed, client,
     assert manifest["bundle_commits"] == (1 if had_root else 2), (had_root, manifest)
     objects = bucket_objects(client.s3, BUCKET)
     assert any(k.startswith("dvc/files/md5/") for k in objects), "outputs are in the S3 store"
-    result = next(json.loads(v) for k, v in objects.items() if k.endswith("/result.json"))
+    [result] = [r for r in (json.loads(v) for k, v in objects.items() if k.endswith("/result.json"))
+                if r.get("exp_name") == "onbed"]
     assert result["node"] == out["driver_host"] and result["status"] == "SUCCEEDED"
 
     # A folder on this machine cannot be the store of machines elsewhere: refused before anything runs.

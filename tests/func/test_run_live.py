@@ -15,9 +15,10 @@ from helpers import run_dvcray, sh
 
 
 class CuttableProxy:
-    """A TCP proxy on 127.0.0.1 whose open connections the test can cut. It keeps every
-    connection's traffic (bytes each way, open or not), and for each cut the connections
-    it found open, so a test can tell a cut in mid-flight from one with nothing to cut."""
+    """A TCP proxy on 127.0.0.1 that cuts connections in mid-flight when armed: the next
+    answer the server sends on a connection that carried a request is passed on only in
+    part, then both ends are closed. It keeps every connection's traffic and every cut,
+    so a test can prove each cut broke an answer in two and the client came back."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -27,10 +28,11 @@ class CuttableProxy:
         self.listener.listen(64)
         self.port = self.listener.getsockname()[1]
         self.lock = threading.Lock()
-        self.connections: list[dict] = []   # {"up": bytes client->server, "down": server->client, "open": bool}
-        self._sockets: list[tuple[dict, socket.socket, socket.socket]] = []
-        self.cuts: list[dict] = []           # {"accepted_before": n, "open": [traffic of each cut connection]}
+        self.connections: list[dict] = []   # {"up": bytes client->server, "down": server->client}
+        self.cuts: list[dict] = []           # {"connection": index, "request": bytes, "passed": n, "held": n}
+        self.armed = 0
         self.closed = False
+        self._sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -40,61 +42,67 @@ class CuttableProxy:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            traffic = {"up": 0, "down": 0, "open": True}
+            traffic = {"up": 0, "down": 0}
             with self.lock:
+                index = len(self.connections)
                 self.connections.append(traffic)
-                self._sockets.append((traffic, client, upstream))
-            for a, b, way in ((client, upstream, "up"), (upstream, client, "down")):
-                threading.Thread(target=self._pump, args=(a, b, traffic, way), daemon=True).start()
+                self._sockets += [client, upstream]
+            pair = (client, upstream)
+            threading.Thread(target=self._pump, args=(client, upstream, traffic, "up", index, pair), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, traffic, "down", index, pair),
+                             daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, traffic: dict, way: str) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, traffic: dict, way: str, index: int, pair) -> None:
         try:
             while data := src.recv(65536):
+                if way == "down" and traffic["up"] > 0:
+                    with self.lock:
+                        cut = self.armed > 0
+                        if cut:
+                            self.armed -= 1
+                    if cut:
+                        passed = max(1, len(data) // 2)
+                        dst.sendall(data[:passed])
+                        traffic[way] += passed
+                        with self.lock:
+                            self.cuts.append({"connection": index, "request": traffic["up"], "passed": passed,
+                                              "held": len(data) - passed})
+                        break
                 traffic[way] += len(data)
                 dst.sendall(data)
         except OSError:
             pass
         finally:
-            traffic["open"] = False
-            for s in (src, dst):
+            for s in pair:
                 try:
                     s.shutdown(socket.SHUT_RDWR)
+                    s.close()
                 except OSError:
                     pass
 
-    def cut(self) -> None:
+    def arm(self) -> None:
+        """Cut the next answer in mid-flight."""
         with self.lock:
-            found, self._sockets = self._sockets, []
-            self.cuts.append({"accepted_before": len(self.connections),
-                              "open": [dict(t) for t, *_ in found if t["open"]]})
-        for _traffic, *conns in found:
-            for conn in conns:
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                    conn.close()
-                except OSError:
-                    pass
+            self.armed += 1
 
     def close(self) -> None:
         self.closed = True
         self.listener.close()
         with self.lock:
             found, self._sockets = self._sockets, []
-        for _traffic, *conns in found:
-            for conn in conns:
-                try:
-                    conn.close()
-                except OSError:
-                    pass
+        for conn in found:
+            try:
+                conn.close()
+            except OSError:
+                pass
 
     def assert_cut_mid_flight_and_resumed(self, cuts: int) -> None:
-        """Each of the test's cuts closed a connection that carried a request still open,
+        """Each cut broke an answer to a request in two (part passed, part held back),
         and the client then connected again and got data through the new connection."""
         assert len(self.cuts) == cuts, self.cuts
         for i, cut in enumerate(self.cuts):
-            assert any(t["up"] > 0 for t in cut["open"]), f"cut {i + 1} found no request in flight: {cut}"
-            later = self.connections[cut["accepted_before"]:]
+            assert cut["request"] > 0 and cut["passed"] > 0 and cut["held"] > 0, f"cut {i + 1}: {cut}"
+            later = self.connections[cut["connection"] + 1:]
             assert any(t["down"] > 0 for t in later), f"no data came through a new connection after cut {i + 1}"
 
 
@@ -109,7 +117,8 @@ def talk(tag: str) -> dict[str, str]:
 
 
 def _follow_through(proxy: CuttableProxy, root, args: list[str], env: dict | None = None) -> tuple[int, list, str]:
-    """Run ``dvcray run ARGS`` and cut its connection twice mid-run."""
+    """Run ``dvcray run ARGS`` and cut its connection twice mid-run, each time in the
+    middle of an answer."""
     try:
         proc = subprocess.Popen([sys.executable, "-m", "dvcray_cli", "run", *args], cwd=root, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
@@ -117,7 +126,7 @@ def _follow_through(proxy: CuttableProxy, root, args: list[str], env: dict | Non
         for line in proc.stdout:
             lines.append(line)
             if line.startswith(("line 04", "line 12")):
-                proxy.cut()  # mid-run, twice
+                proxy.arm()  # mid-run, twice: the next answer is cut in two
         proc.wait(timeout=120)
         stderr = proc.stderr.read()
     finally:
