@@ -140,7 +140,9 @@ class Sweep:
         sub = Submitted(state.spec.run_id, self.plan.address, store, state.spec.exp_name,
                         state.spec.baseline or self.plan.project.baseline, client=self.plan.client,
                         project=self.plan.project)
-        state.outcome = follow.finish(sub, result.status.value, force=self.plan.opts.force)
+        # An experiment queued with -f replaces one of its name, as dvcray run -f does.
+        force = self.plan.opts.force or bool(state.spec.options.get("force"))
+        state.outcome = follow.finish(sub, result.status.value, force=force)
         state.state = RunState.parse(state.outcome.status, RunState.FAILED)
         state.ended = time.time()
         return True
