@@ -151,6 +151,35 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def venv_with_these_packages(root: Path) -> Path:
+    """A fresh virtual environment at ``root`` that sees every package this one has but
+    dvcray (a folder of links on its path), so what it installs of dvcray is what it gets.
+    Returns its ``bin`` folder."""
+    import sysconfig
+
+    # Without the pip and setuptools venv bundles: this environment's (newer ones, which
+    # what it has was installed with) are on the path with the rest.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, capture_output=True)
+    python = root / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    deps = root / "these-packages"
+    deps.mkdir()
+    for folder in dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]):
+        for entry in Path(folder).iterdir():
+            name = entry.name.lower()
+            if name.startswith(("dvcray", "_dvcray", "__editable__", "_editable_impl")) or name.endswith(".pth"):
+                continue
+            if not (deps / entry.name).exists():
+                (deps / entry.name).symlink_to(entry)
+    (site / "zz_these_packages.pth").write_text(f"{deps}\n")
+    for name in ("pip", "pip3"):   # pip of this environment, installing into the new one
+        script = root / "bin" / name
+        script.write_text(f"#!{python}\nimport sys\nfrom pip._internal.cli.main import main\nsys.exit(main())\n")
+        script.chmod(0o755)
+    return root / "bin"
+
+
 # --------------------------------------------------------------------------- projects
 
 
