@@ -8,8 +8,10 @@ here (``from helpers import run_dvcray, sh``), never from a conftest or another 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -261,6 +263,12 @@ def store_log(run_dir: Path) -> str:
     return b"".join(p.read_bytes() for p in parts).decode(errors="replace")
 
 
+def s3_default_remote(root: Path, endpoint: str, bucket: str) -> None:
+    """Make ``s3://BUCKET/dvc`` at ``endpoint`` (a moto server) the project's DVC default remote."""
+    sh("dvc", "remote", "add", "-d", "storage", f"s3://{bucket}/dvc", cwd=root)
+    sh("dvc", "remote", "modify", "storage", "endpointurl", endpoint, cwd=root)
+
+
 def bucket_objects(endpoint: str, bucket: str) -> dict[str, bytes]:
     """Every object of an S3 bucket (a moto server's), by key."""
     import boto3
@@ -363,6 +371,20 @@ def start_test_head(home: Path, name: str, env: dict[str, str] | None = None, nu
         head = local.start_head(name, num_cpus=num_cpus, temp_dir=temp_dir, env=head_env,
                                 token_path=home / ".ray" / "auth_token", **options)
     return head, temp_dir
+
+
+@contextlib.contextmanager
+def running_head(home: Path, name: str, env: dict[str, str] | None = None, **options):
+    """``start_test_head`` for a ``with`` block: stopped by pid at its end, whatever
+    happened, and checked to leave no process behind."""
+    head, temp_dir = start_test_head(home, name, env, **options)
+    try:
+        yield head
+    finally:
+        head.stop()
+        left = head.pids()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert left == [], f"the test head {name} left processes behind: {left}"
 
 
 def node_files(head) -> list[Path]:

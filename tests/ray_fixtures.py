@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import start_test_head
+from helpers import running_head
 
 
 @pytest.fixture(scope="session")
@@ -23,13 +23,8 @@ def ray_head(tmp_path_factory):
     It has a HOME and token of its own: tests run with a fresh HOME each
     (conftest.isolated_env), so clients reach it through ``ray_cluster``.
     """
-    head, temp_dir = start_test_head(tmp_path_factory.mktemp("ray-head-home"), "pytest-session")
-    try:
+    with running_head(tmp_path_factory.mktemp("ray-head-home"), "pytest-session") as head:
         yield head
-    finally:
-        head.stop()
-        assert head.pids() == [], "the session's Ray head left processes behind"
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -9,12 +9,11 @@ the autoscaler): a head with nothing to give, a CPU worker (2 CPUs) and a GPU wo
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import yaml
 
-from helpers import REPO, bucket_objects, exp_metrics, run_dvcray, sh, start_test_head
+from helpers import REPO, bucket_objects, exp_metrics, run_dvcray, running_head, s3_default_remote, sh
 
 pytestmark = pytest.mark.slow
 
@@ -35,15 +34,10 @@ def gpu_cluster(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gpu-cluster")
     path = folder / "gpus.yaml"
     path.write_text(yaml.safe_dump(config))
-    head, temp_dir = start_test_head(folder / "home", "pytest-gpus", autoscaling_config=path, env={
-        "AWS_ACCESS_KEY_ID": "node-key", "AWS_SECRET_ACCESS_KEY": "node-secret", "AWS_DEFAULT_REGION": "us-east-1"})
-    try:
-        nodes = local.wait_for_workers(head, timeout=300)
-        yield head, nodes
-    finally:
-        head.stop()
-        assert head.pids() == []
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with running_head(folder / "home", "pytest-gpus", autoscaling_config=path, env={
+            "AWS_ACCESS_KEY_ID": "node-key", "AWS_SECRET_ACCESS_KEY": "node-secret",
+            "AWS_DEFAULT_REGION": "us-east-1"}) as head:
+        yield head, local.wait_for_workers(head, timeout=300)
 
 
 # Two experiments meet (each waits until two have started, at most two minutes), then
@@ -73,8 +67,7 @@ def test_placed_runners_get_a_gpu_node_and_gpus_of_their_own(gpu_cluster, s3_buc
         "dvc.yaml": f"stages:\n  s:\n    cmd: python stage.py {meet}\n    deps: [stage.py]\n    params: [x]\n"
                     "    metrics: [{m.json: {cache: false}}]\n",
     }, commit=False)
-    sh("dvc", "remote", "add", "-d", "storage", f"s3://{bucket}/dvc", cwd=root)
-    sh("dvc", "remote", "modify", "storage", "endpointurl", endpoint, cwd=root)
+    s3_default_remote(root, endpoint, bucket)
     sh("git", "add", "-A", cwd=root)
     sh("git", "commit", "-q", "-m", "gpu project", cwd=root)
     monkeypatch.setenv("RAY_ADDRESS", head.dashboard_url)

@@ -9,7 +9,6 @@ stopped by pid.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import store_log, start_test_head
+from helpers import running_head, store_log
 
 pytestmark = pytest.mark.slow
 
@@ -34,19 +33,16 @@ time.sleep(600)
 
 @pytest.fixture
 def own_head(tmp_path):
-    head, temp_dir = start_test_head(tmp_path / "head-home", "pytest-hang", num_cpus=2)
     frozen: list[int] = []
-    try:
-        yield head, frozen
-    finally:
-        for pid in frozen:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-        head.stop()
-        assert head.pids() == []
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with running_head(tmp_path / "head-home", "pytest-hang", num_cpus=2) as head:
+        try:
+            yield head, frozen
+        finally:
+            for pid in frozen:   # thawed, so that it can be stopped
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
 
 
 def _run_until_the_stage_starts(head, make_dvc_project, tmp_path, env: dict[str, str]) -> tuple[subprocess.Popen, Path]:

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from helpers import bucket_objects, exp_metrics, sh, store_log
+from helpers import bucket_objects, exp_metrics, s3_default_remote, sh, store_log
 
 pytestmark = pytest.mark.slow
 
@@ -177,8 +177,7 @@ def test_s3_store_places_runners_on_workers_and_more_experiments_than_cpus_all_f
         "dvc.yaml": "stages:\n  s:\n    cmd: python stage.py\n    deps: [stage.py]\n    params: [x]\n"
                     "    metrics: [{m.json: {cache: false}}]\n",
     }, commit=False)
-    sh("dvc", "remote", "add", "-d", "storage", f"s3://{bucket}/dvc", cwd=root)
-    sh("dvc", "remote", "modify", "storage", "endpointurl", endpoint, cwd=root)
+    s3_default_remote(root, endpoint, bucket)
     sh("git", "add", "-A", cwd=root)
     sh("git", "commit", "-q", "-m", "s3 project", cwd=root)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, exp_metrics, run_dvcray, store_log, start_test_head
+from helpers import REPO, exp_metrics, run_dvcray, running_head, store_log
 from dvcray_cli import __version__
 
 NEXT = ".".join([*__version__.split(".")[:2], str(int(__version__.split(".")[2]) + 1)])
@@ -29,14 +29,8 @@ NEXT = ".".join([*__version__.split(".")[:2], str(int(__version__.split(".")[2])
 def head_with_installed_dvcray(tmp_path):
     site = tmp_path / "site"
     shutil.copytree(REPO / "dvcray_cli", site / "dvcray_cli", ignore=shutil.ignore_patterns("__pycache__"))
-    head, temp_dir = start_test_head(tmp_path / "head-home", "pytest-upgrade", env={"PYTHONPATH": str(site)},
-                                     num_cpus=2)
-    try:
+    with running_head(tmp_path / "head-home", "pytest-upgrade", env={"PYTHONPATH": str(site)}, num_cpus=2) as head:
         yield head, site
-    finally:
-        head.stop()
-        assert head.pids() == []
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 # Waits for its gate (a file named after its x) before it ends.
