@@ -42,6 +42,18 @@ def group(sets: list[str]) -> dict[str, list[str]]:
     return to_path_overrides(sets)
 
 
+def keys(sets: list[str]) -> set[str]:
+    """The parameter keys that overrides set or delete (``a.b=1``, ``other.yaml:c=2``,
+    ``+new=1``, ``~old`` -> ``a.b``, ``c``, ``new``, ``old``), read with DVC's and Hydra's
+    own parsers. Overrides ``check`` accepted.
+    """
+    if not sets:
+        return set()
+    from dvc.utils.hydra import to_hydra_overrides
+
+    return {o.key_or_group for overrides in group(sets).values() for o in to_hydra_overrides(overrides)}
+
+
 def check(root: Path, sets: list[str], flag: str = "-S", where: str | None = None) -> dict[str, list[str]]:
     """Validate overrides against the params files under ``root``.
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from dvcray_cli.errors import ClusterError
+from dvcray_cli.service.protocol import SERVICE_MARKER, RunState
 
 if TYPE_CHECKING:  # pragma: no cover
     from ray.job_submission import JobSubmissionClient
@@ -36,9 +37,9 @@ def stop_grace_s() -> int:
     Raises:
         UsageError: the variable is not a number of seconds.
     """
-    from dvcray_cli import state
+    from dvcray_cli import files
 
-    return int(state.env_seconds("DVCRAY_STOP_GRACE_S", 60))
+    return int(files.env_seconds("DVCRAY_STOP_GRACE_S", 60))
 
 
 # --------------------------------------------------------------------------- addresses
@@ -183,9 +184,9 @@ def status_text(status: Any) -> str:
     return str(getattr(status, "value", status))
 
 
-def is_terminal(status: str) -> bool:
-    """Ray's own ``JobStatus.is_terminal()``, on a status string."""
-    return status in ("SUCCEEDED", "FAILED", "STOPPED")
+def job_state(status: Any) -> RunState:
+    """A job's status (Ray's ``JobStatus`` or its string) as a RunState (``is_terminal``...)."""
+    return RunState.parse(status, RunState.PENDING)
 
 
 def node_died(job_client: JobSubmissionClient, job_id: str) -> str | None:
@@ -225,18 +226,18 @@ def active_runs(job_client: JobSubmissionClient,
         ``[{"run_id", "status", "exp_name", "job_id"}]``: ``job_id`` is the Ray Job to stop
         to stop the run (the service's, for its runs: they save their work when it stops).
     """
-    from dvcray_cli import service_api
+    from dvcray_cli.service.client import active_runs as service_runs
 
     runs = []
     for job in job_client.list_jobs():
         status = status_text(job.status)
         meta = job.metadata or {}
-        if is_terminal(status) or not job.submission_id:
+        if job_state(status).is_terminal() or not job.submission_id:
             continue
-        if service_api.SERVICE_MARKER in meta:
+        if SERVICE_MARKER in meta:
             token = (getattr(job_client, "_headers", None) or {}).get("Authorization", "").removeprefix("Bearer ")
-            found = service_api.active_runs(job_client.get_address(), token or None, job.submission_id,
-                                            job_client.get_job_logs(job.submission_id), service_url)
+            found = service_runs(job_client.get_address(), token or None, job.submission_id,
+                                 job_client.get_job_logs(job.submission_id), service_url)
             runs += found if found is not None else [{"run_id": job.submission_id, "status": status,
                                                       "exp_name": "(dvcray's runner service)",
                                                       "job_id": job.submission_id}]
@@ -278,7 +279,7 @@ def stop_and_wait(job_client: JobSubmissionClient, job_ids: list[str], timeout: 
     while pending and time.monotonic() < deadline:
         for job_id in list(pending):
             try:
-                if is_terminal(job_status(job_client, job_id)):
+                if job_state(job_status(job_client, job_id)).is_terminal():
                     pending.discard(job_id)
             except Exception:  # noqa: BLE001 - nothing answers any more: nothing left to wait for
                 pending.discard(job_id)
@@ -295,9 +296,9 @@ def keep_jobs() -> int:
     Raises:
         UsageError: the variable is not a number.
     """
-    from dvcray_cli import state
+    from dvcray_cli import files
 
-    return int(state.env_number("DVCRAY_KEEP_JOBS", 100, "jobs"))
+    return int(files.env_number("DVCRAY_KEEP_JOBS", 100, "jobs"))
 
 
 def prune_jobs(job_client: JobSubmissionClient, keep: int, saved: Callable[[Any], bool]) -> list[str]:
@@ -308,10 +309,8 @@ def prune_jobs(job_client: JobSubmissionClient, keep: int, saved: Callable[[Any]
     Returns:
         The deleted jobs' ids.
     """
-    from dvcray_cli.service_api import SERVICE_MARKER
-
     ours = [j for j in job_client.list_jobs()
-            if j.submission_id and is_terminal(status_text(j.status))
+            if j.submission_id and job_state(j.status).is_terminal()
             and ({RUN_MARKER, SERVICE_MARKER, "dvcray_probe"} & set(j.metadata or {}))]
     ours.sort(key=lambda j: j.end_time or j.start_time or 0, reverse=True)
     deleted = []
@@ -415,7 +414,7 @@ def probe(job_client: JobSubmissionClient, entrypoint: str, timeout: float = 120
     try:
         while True:
             status = job_status(job_client, job_id)
-            if is_terminal(status):
+            if job_state(status).is_terminal():
                 return status, job_client.get_job_logs(job_id)
             if time.monotonic() > deadline:
                 job_client.stop_job(job_id)

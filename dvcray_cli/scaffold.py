@@ -11,7 +11,7 @@ import yaml
 
 from dvcray_cli import gitutil, params
 from dvcray_cli.errors import UsageError
-from dvcray_cli.resources import templates_dir
+from dvcray_cli.packaged import templates_dir
 
 META = "template.yaml"
 SKIP = {META, "__pycache__", ".pytest_cache", ".ipynb_checkpoints"}

@@ -15,7 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from dvcray_cli import state
+from dvcray_cli import files
 from dvcray_cli.errors import StoreError, UsageError
 
 REMOTE_NAME = "dvcray-store"
@@ -93,7 +93,7 @@ class Store:
         never a truncated file (a local store writes a temp file and renames it; on
         S3 it is one PUT)."""
         if self.is_local:
-            self._put(rel, lambda path: state.write_bytes(Path(path), data, mode=0o644))
+            self._put(rel, lambda path: files.write_bytes(Path(path), data, mode=0o644))
             return
         fs, _ = self._fs
         self._put(rel, lambda path: fs.pipe_file(path, data))
@@ -137,7 +137,7 @@ class Store:
             data = self.read(rel)
         except FileNotFoundError:
             return None, None
-        found = state.parse_json_object(data)
+        found = files.parse_json_object(data)
         if found is None:
             return None, f"{rel} in the store {self.url} is not a JSON object"
         return found, None
@@ -203,7 +203,7 @@ def resolve(explicit: str | None, repo=None) -> Store:
     default = repo.config.get("core", {}).get("remote") if repo else None
     if default and default in remotes and str(remotes[default].get("url", "")).startswith("s3://"):
         return _from_remote(remotes[default])
-    return Store(os.fspath(state.default_store_dir()))
+    return Store(os.fspath(files.default_store_dir()))
 
 
 def _check_url(text: str) -> None:

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from dvcray_cli import __version__
-from dvcray_cli.cli._common import state
+from dvcray_cli.cli._common import flags
 
 app = typer.Typer(
     name="dvcray",
@@ -39,7 +39,7 @@ def _root(
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks of errors.")] = False,
 ) -> None:
-    state["verbose"] = verbose
+    flags["verbose"] = verbose
 
 
 # Each command module adds its commands to the app; the modules keep their heavy

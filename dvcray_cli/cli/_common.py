@@ -47,7 +47,8 @@ class _Console(Console):
 out = _Console(highlight=False, soft_wrap=True, **_ci_style)
 err = _Console(stderr=True, highlight=False, soft_wrap=True, **_ci_style)
 
-state = {"verbose": False}
+# The root options every command honours (`--verbose`).
+flags = {"verbose": False}
 
 
 def print_idle_timeout(seconds: float, effect: str) -> None:
@@ -75,7 +76,7 @@ def fail(exc: DvcrayError) -> typer.Exit:
     err.print(Text.assemble(("Error:", "bold red"), " ", exc.message), highlight=False)
     if exc.hint:
         err.print(exc.hint, markup=False)
-    if state["verbose"]:
+    if flags["verbose"]:
         err.print("".join(traceback.format_exception(exc)), markup=False)
     return typer.Exit(exc.exit_code)
 
@@ -103,7 +104,7 @@ def boundary(func: F) -> F:
         except typer.Exit:
             raise
         except Exception as exc:
-            if state["verbose"] or "PYTEST_CURRENT_TEST" in os.environ:
+            if flags["verbose"] or "PYTEST_CURRENT_TEST" in os.environ:
                 raise
             err.print(Text.assemble(("Unexpected error:", "bold red"), f" {type(exc).__name__}: {exc}"))
             err.print("This is a bug in dvcray. Rerun with --verbose for the traceback.")
@@ -121,6 +122,14 @@ def quiet_stdout() -> None:
         os.close(devnull)
     except (OSError, ValueError):
         pass
+
+
+def check_jobs(jobs: int | None) -> None:
+    """``--jobs``, checked before anything runs or leaves DVC's queue."""
+    from dvcray_cli.errors import UsageError
+
+    if jobs is not None and jobs < 1:
+        raise UsageError("--jobs must be at least 1.", "Example: --jobs 2 runs at most two experiments at once.")
 
 
 def write_json(data: Any) -> None:

@@ -50,9 +50,9 @@ def runs(
     """
     from rich.console import Console
 
-    from dvcray_cli.runs import history
+    from dvcray_cli.runs import listing
 
-    found = history.list_runs(cwd.resolve(), store=store, limit=limit or None)
+    found = listing.list_runs(cwd.resolve(), store=store, limit=limit or None)
     if json_:
         write_json([r.to_json() for r in found])
         return
@@ -154,9 +154,9 @@ def stop(
 
         dvcray stop dvcray-20250101-120000-a1b2c3
     """
-    from dvcray_cli.runs import history
+    from dvcray_cli.runs import stop as stopping
 
-    result = history.stop(cwd.resolve(), run, store=store, say=lambda m: err.print(m, markup=False))
+    result = stopping.stop(cwd.resolve(), run, store=store, say=lambda m: err.print(m, markup=False))
     if result.already_finished:
         err.print(f"Run {result.run_id} has already ended: {result.state.value}.", markup=False)
         return
@@ -190,9 +190,9 @@ def pull(
         dvcray pull lr-01
         dvc exp apply lr-01
     """
-    from dvcray_cli.runs import history
+    from dvcray_cli.runs import pull as pulling
 
-    result = history.pull(cwd.resolve(), run_or_exp, store=store, as_name=as_name, force=force)
+    result = pulling.pull(cwd.resolve(), run_or_exp, store=store, as_name=as_name, force=force)
     if json_:
         write_json(result.to_json())
     err.print(f"Experiment {result.exp_name} (run {result.run_id}) is in your repo; "

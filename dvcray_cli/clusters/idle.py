@@ -29,65 +29,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from dvcray_cli import ray_api, state
+from dvcray_cli import ray_api, files
 from dvcray_cli.clusters import procs
+from dvcray_cli.clusters.common import IDLE_MARKER, format_duration, parse_duration, utc_now
 from dvcray_cli.errors import DvcrayError, UsageError
 
-MARKER = "dvcray_cli.clusters.idle"
 DEFAULT_AWS_TIMEOUT_S = 3600.0
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-# --------------------------------------------------------------------------- durations
-
-
-def parse_duration(text: str | float | int | None) -> float:
-    """Seconds in ``text``: ``90s``, ``30m``, ``1h``, ``1h30m``, a bare number of
-    seconds; ``0``, ``off`` or ``none`` turn the watcher off (0).
-
-    Raises:
-        UsageError: anything else.
-    """
-    if text is None:
-        return 0.0
-    if isinstance(text, (int, float)):
-        if text < 0:
-            raise UsageError(f"Invalid duration {text}: it cannot be negative.", "Use e.g. 30m, 90s, 1h.")
-        return float(text)
-    value = text.strip().lower().replace(" ", "")
-    if value in ("0", "off", "none", "never", "no"):
-        return 0.0
-    if re.fullmatch(r"\d+(\.\d+)?", value):
-        return float(value)
-    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", value)
-    if not parts or "".join(n + u for n, u in parts) != value:
-        raise UsageError(f"Invalid duration {text!r}.", "Use e.g. 30m, 90s, 1h or 1h30m (0 or off: never).")
-    return float(sum(float(n) * _UNITS[u] for n, u in parts))
-
-
-def format_duration(seconds: float) -> str:
-    """``3600`` -> ``1h``, ``5400`` -> ``1h30m``, ``90`` -> ``1m30s``, ``0`` -> ``off``."""
-    if seconds <= 0:
-        return "off"
-    seconds = int(round(seconds))
-    out = ""
-    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size:
-            out += f"{seconds // size}{unit}"
-            seconds %= size
-    return out
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -143,18 +96,18 @@ def watch(is_busy: Callable[[], bool], take_down: Callable[[], bool], still_ther
 
 def is_watcher(pid: int) -> bool:
     """``pid`` is a dvcray idle watcher (pids get recycled: never signal a stranger)."""
-    return procs.is_ours(pid, MARKER)
+    return procs.is_ours(pid, IDLE_MARKER)
 
 
 def _stop_watcher(pid: int) -> None:
-    procs.stop_pid(pid, MARKER)
+    procs.stop_pid(pid, IDLE_MARKER)
 
 
 def _spawn(args: list[str], log_path: Path) -> int:
     """Start ``python -m dvcray_cli.idle ARGS`` detached: its own session, no terminal."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
-        proc = subprocess.Popen([sys.executable, "-m", MARKER, *args], stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([sys.executable, "-m", IDLE_MARKER, *args], stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 cwd=str(Path.home()), close_fds=True)
     return proc.pid
@@ -164,16 +117,16 @@ def _spawn(args: list[str], log_path: Path) -> int:
 
 
 def watcher_path(name: str) -> Path:
-    return state.clusters_dir() / f"{name}.idle.json"
+    return files.clusters_dir() / f"{name}.idle.json"
 
 
 def note_path(name: str) -> Path:
-    return state.clusters_dir() / f"{name}.idle-down.json"
+    return files.clusters_dir() / f"{name}.idle-down.json"
 
 
 def watcher(name: str) -> dict[str, Any] | None:
     """The running watcher of the local cluster ``name`` (``{"pid", "timeout_s", ...}``), or None."""
-    record = state.read_json(watcher_path(name))
+    record = files.read_json(watcher_path(name))
     if record and is_watcher(int(record.get("pid", 0))):
         return record
     return None
@@ -199,15 +152,15 @@ def arm(name: str, timeout_s: float, poll_s: float | None = None) -> dict[str, A
     args = ["local", "--name", name, "--timeout", f"{timeout_s:g}", "--poll", f"{poll:g}",
             "--session", str(current.session_id)]
     pid = _spawn(args, watcher_path(name).with_suffix(".log"))
-    record = {"pid": pid, "timeout_s": timeout_s, "poll_s": poll, "started_at": _now(),
+    record = {"pid": pid, "timeout_s": timeout_s, "poll_s": poll, "started_at": utc_now(),
               "cluster_session": current.session_id}
-    state.write_json(watcher_path(name), record)
+    files.write_json(watcher_path(name), record)
     return record
 
 
 def disarm(name: str) -> None:
     """Stop the idle watcher of the local cluster ``name``, if any (by its recorded pid)."""
-    record = state.read_json(watcher_path(name))
+    record = files.read_json(watcher_path(name))
     if record and record.get("pid") and int(record["pid"]) != os.getpid():
         _stop_watcher(int(record["pid"]))
     watcher_path(name).unlink(missing_ok=True)
@@ -215,10 +168,10 @@ def disarm(name: str) -> None:
 
 def auto_downs() -> list[dict[str, Any]]:
     """Local clusters that their idle watcher took down: ``{"name", "at", "timeout_s"}``."""
-    folder = state.clusters_dir()
+    folder = files.clusters_dir()
     if not folder.is_dir():
         return []
-    return [data for data in (state.read_json(p) for p in sorted(folder.glob("*.idle-down.json"))) if data]
+    return [data for data in (files.read_json(p) for p in sorted(folder.glob("*.idle-down.json"))) if data]
 
 
 def _default_poll(timeout_s: float) -> float:
@@ -250,12 +203,12 @@ def watch_local(name: str, timeout_s: float, poll_s: float, session: int | None 
         except UsageError:  # a run started meanwhile
             return False
         if result.cluster is not None:
-            state.write_json(note_path(name), {"name": name, "at": _now(), "timeout_s": timeout_s,
+            files.write_json(note_path(name), {"name": name, "at": utc_now(), "timeout_s": timeout_s,
                                           "pids": len(result.pids)})
         return True
 
     outcome = watch(is_busy, take_down, still_there, timeout_s, poll_s, log=_log)
-    record = state.read_json(watcher_path(name))
+    record = files.read_json(watcher_path(name))
     if record and int(record.get("pid", 0)) == os.getpid():
         watcher_path(name).unlink(missing_ok=True)
     return outcome
@@ -323,7 +276,7 @@ def watch_launcher(config_path: Path, timeout_s: float, poll_s: float, job_api: 
     import yaml
 
     config = yaml.safe_load(Path(config_path).expanduser().read_text())
-    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(state.home() / "auth_token")
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(files.home() / "auth_token")
     token = ray_api.read_token(token_path) or ""
 
     is_busy = _busy_probe(lambda: (job_api, token), launching=True)
@@ -349,7 +302,7 @@ watch_aws = watch_launcher
 
 
 def _log(message: str) -> None:
-    sys.stdout.write(f"{_now()} {message}\n")
+    sys.stdout.write(f"{utc_now()} {message}\n")
     sys.stdout.flush()
 
 
@@ -357,7 +310,7 @@ def _log(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {MARKER}", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {IDLE_MARKER}", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True)
     local = sub.add_parser("local", help="watch a local cluster recorded in ~/.dvcray/clusters")
     local.add_argument("--name", required=True)
@@ -384,9 +337,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         watch_local(args.name, timeout_s, poll, args.session)
         return 0
-    pidfile = state.home() / "idle.json"
+    pidfile = files.home() / "idle.json"
     if args.down_now:
-        previous = state.read_json(pidfile)
+        previous = files.read_json(pidfile)
         if previous and previous.get("pid"):
             _stop_watcher(int(previous["pid"]))
         pidfile.unlink(missing_ok=True)
@@ -397,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dvcray-unreachable={','.join(unreachable)}")
         return 0
     if args.background:
-        previous = state.read_json(pidfile)
+        previous = files.read_json(pidfile)
         if previous and previous.get("pid"):
             _stop_watcher(int(previous["pid"]))
         pidfile.unlink(missing_ok=True)
@@ -405,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
             print("dvcray idle watcher: off")
             return 0
         pid = _spawn(["launcher", "--config", args.config, "--timeout", f"{timeout_s:g}", "--poll", f"{poll:g}"],
-                     state.home() / "idle.log")
-        state.write_json(pidfile, {"pid": pid, "timeout_s": timeout_s, "started_at": _now()})
+                     files.home() / "idle.log")
+        files.write_json(pidfile, {"pid": pid, "timeout_s": timeout_s, "started_at": utc_now()})
         print(f"dvcray idle watcher started (pid {pid}, timeout {format_duration(timeout_s)})")
         return 0
     if timeout_s <= 0:

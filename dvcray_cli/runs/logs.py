@@ -1,8 +1,8 @@
 """``dvcray logs``: a run's log, from its cluster while it answers, else from the store.
 
-The cluster's copy is the Ray Job's log (a run of its own) or the runner service's
-(``warm``); the store's is what the runner uploads as it goes (``logtee``), so a
-run's log outlives its cluster.
+The cluster's copy is what the run's backend keeps (``runs.backends``: a Ray Job's log,
+or the runner service's); the store's is what the runner uploads as it goes
+(``logtee``), so a run's log outlives its cluster.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from dvcray_cli import clusters, ray_api, state
+from dvcray_cli import clusters, files
 from dvcray_cli.errors import ClusterError, Interrupted
-from dvcray_cli.runs import follow as following
-from dvcray_cli.runs import warm
-from dvcray_cli.runs.history import _Clusters, _context, _locate, _Run
+from dvcray_cli.runs import backends
+from dvcray_cli.runs.backends import LogGone
 from dvcray_cli.runs.logtee import StoreLog
+from dvcray_cli.runs.lookup import Run, context, locate
 from dvcray_cli.runs.model import RESULT, STATUS, RunResult, RunState, RunStatus
 
 
@@ -45,8 +45,8 @@ def logs(cwd: Path, key: str, emit: Callable[[str], None], follow: bool = False,
             store copy shows no sign of life.
         StoreError: the store could not be read.
     """
-    ctx = _context(cwd, store)
-    run = _locate(ctx, key)
+    ctx = context(cwd, store)
+    run = locate(ctx, key)
     shown = False
     user_emit = emit
 
@@ -56,55 +56,34 @@ def logs(cwd: Path, key: str, emit: Callable[[str], None], follow: bool = False,
             shown = True
             user_emit(text)
 
-    seen = _Clusters()
-    if run.record and run.record.service:
-        service, runs = seen.service(run.address)
-        if service is not None and run.run_id in (runs or {}):
-            said = warm.show_log(service, run.address, run.run_id, emit, follow)
-            lost = str(((runs or {}).get(run.run_id) or {}).get("lost") or "")
-            if shown or not lost:
-                result = run.result if ray_api.is_terminal(said) else None
-                return LogsResult(run.run_id, result.status if result else RunState.parse(said, RunState.PENDING),
-                                  "cluster", empty=not shown)
-            # Its log was on the node that died: the store keeps the copy the runner uploaded.
-            note(f"Run {run.run_id} is lost ({lost}): showing the copy of the log in the store.")
-            final, reason = _store_log(run, emit, follow)
-            return LogsResult(run.run_id, final if final != RunState.PENDING else RunState.LOST, "store",
-                              empty=not shown, reason=reason)
-    # A sweep's experiments share one job whose log holds them all: the store
-    # keeps each one's own log.
-    candidates = ([run.address] if run.address else clusters.fallback_addresses()) \
-        if run.job_id == run.run_id and not (run.record and run.record.service) else []
-    for address in candidates:
-        client = seen.client(address)
-        if client is None:
+    seen = backends.Clusters()
+    fallbacks = [] if run.address else clusters.fallback_addresses()
+    where = [(kind, address) for kind, address in backends.candidates(run.record, run.address, fallbacks)
+             if kind.keeps_log(run.run_id, run.job_id)]
+    for kind, address in where:
+        backend = seen.backend(kind, address)
+        if backend is None:
             continue
         try:
-            job_state = ray_api.status_text(client.get_job_info(run.run_id).status)
-        except Exception:  # the cluster does not know this run (restarted, or another cluster)
-            continue
-        if follow and not ray_api.is_terminal(job_state):
-            job_state = following.follow(client, run.run_id, emit, stop_on_interrupt=False)
-        else:
-            try:
-                text = client.get_job_logs(run.run_id)
-            except Exception:  # noqa: BLE001 - the log lived on a node that is gone
-                note(f"The cluster at {address} could not give run {run.run_id}'s log (the node that held it "
-                     "is gone): showing the copy of the log in the store.")
-                break
-            emit(text)
-        result = run.result if ray_api.is_terminal(job_state) else None
-        final = result.status if result else RunState.parse(job_state, RunState.PENDING)
-        return LogsResult(run.run_id, final, "cluster", empty=not shown)
-    else:
-        if run.address and (candidates or (run.record and run.record.service)):
-            why = seen.errors.get(run.address) or f"The cluster at {run.address} does not know run {run.run_id}"
-            note(f"{why.rstrip('.')}: showing the copy of the log in the store.")
+            said = backend.show_log(run.run_id, emit, follow)
+        except LogGone as exc:
+            note(f"{exc.message}: showing the copy of the log in the store.")
+            final, reason = _store_log(run, emit, follow)
+            if exc.lost and final == RunState.PENDING:
+                final = RunState.LOST
+            return LogsResult(run.run_id, final, "store", empty=not shown, reason=reason)
+        if said is None:
+            continue  # that cluster does not know the run (restarted, or another cluster)
+        result = run.result if said.is_terminal() else None
+        return LogsResult(run.run_id, result.status if result else said, "cluster", empty=not shown)
+    if run.address and where:
+        why = seen.errors.get(run.address) or f"The cluster at {run.address} does not know run {run.run_id}"
+        note(f"{why.rstrip('.')}: showing the copy of the log in the store.")
     final, reason = _store_log(run, emit, follow)
     return LogsResult(run.run_id, final, "store", empty=not shown, reason=reason)
 
 
-def _store_log(run: _Run, emit: Callable[[str], None], follow: bool) -> tuple[RunState, str | None]:
+def _store_log(run: Run, emit: Callable[[str], None], follow: bool) -> tuple[RunState, str | None]:
     """The store's copy of the log; with ``follow``, poll it until the run's result appears.
     Returns the run's state, and why it is lost when its runner saved that.
 
@@ -115,7 +94,7 @@ def _store_log(run: _Run, emit: Callable[[str], None], follow: bool) -> tuple[Ru
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     shown = 0
     last_change = time.monotonic()
-    stale_s = state.env_seconds("DVCRAY_STALE_S", 60)
+    stale_s = files.env_seconds("DVCRAY_STALE_S", 60)
 
     def show() -> bool:
         nonlocal shown
@@ -140,7 +119,7 @@ def _store_log(run: _Run, emit: Callable[[str], None], follow: bool) -> tuple[Ru
                 return (RunState.LOST if run.record else (status.state if status else RunState.PENDING)), None
             status = RunStatus.from_json(run.store.read_json(run.store.run_path(run.run_id, STATUS)))
             quiet = time.monotonic() - last_change > stale_s
-            if quiet and (status is None or status.is_stale() or status.state.is_terminal()):
+            if quiet and (status is None or status.is_stale() or status.state.has_outcome()):
                 raise ClusterError(
                     f"Run {run.run_id}: its cluster does not answer, and neither its log nor its heartbeat in "
                     f"the store has changed for {stale_s:.0f}s; the run is probably lost.",

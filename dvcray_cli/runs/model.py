@@ -1,6 +1,7 @@
 """dvcray's records of runs, each defined once with its own JSON I/O.
 
-- ``RunState``: where a run is (PENDING ... LOST), with ``is_terminal``.
+- ``RunState``: where a run is (PENDING ... LOST), with ``is_terminal``: defined with the
+  runner service's protocol (``dvcray_cli.service.protocol``), which speaks it too.
 - ``ExpRef``: ``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>``, parsed and
   formatted here only (as DVC's ``ExpRefInfo``).
 - ``Manifest``: what the runner needs to rebuild the workspace and run
@@ -22,11 +23,11 @@ import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from dvcray_cli import state
+from dvcray_cli import files
+from dvcray_cli.service.protocol import RunState
 
 # The files of a run in the store, under ``dvcray/runs/RUN_ID/``.
 MANIFEST = "manifest.json"
@@ -39,39 +40,6 @@ BUNDLE = "exp.bundle"
 # whose cluster does not answer is LOST, not RUNNING forever.
 HEARTBEAT_EVERY_S = 30.0
 STALE_AFTER_S = 3 * HEARTBEAT_EVERY_S
-
-
-class RunState(str, Enum):
-    """Where a run is. The first five are also Ray's job statuses."""
-
-    WAITING = "WAITING"      # a sweep's experiment not submitted yet (the client's own)
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    STOPPED = "STOPPED"
-    LOST = "LOST"            # no final result, and its cluster is gone or forgot it
-
-    def __str__(self) -> str:
-        return self.value
-
-    def is_terminal(self) -> bool:
-        """It ended, with an outcome (as Ray's ``JobStatus.is_terminal()``). LOST is
-        not: a lost run's cluster may still come back."""
-        return self in (RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED)
-
-    def is_active(self) -> bool:
-        """Submitted and not ended."""
-        return self in (RunState.PENDING, RunState.RUNNING)
-
-    @classmethod
-    def parse(cls, value: Any, default: RunState | None = None) -> RunState | None:
-        """``value`` as a RunState (Ray's ``JobStatus`` too); ``default`` when it is none."""
-        text = str(getattr(value, "value", value) or "").upper()
-        try:
-            return cls(text)
-        except ValueError:
-            return default
 
 
 # --------------------------------------------------------------------------- experiment refs
@@ -170,7 +138,7 @@ class ExpSpec:
 
     @classmethod
     def from_json(cls, data: Any) -> ExpSpec | None:
-        spec = state.from_json(cls, data)
+        spec = files.from_json(cls, data)
         if spec is None or not isinstance(spec.run_id, str):
             return None
         spec.baseline = spec.baseline if isinstance(spec.baseline, str) and _SHA.fullmatch(spec.baseline) else ""
@@ -184,9 +152,54 @@ class ExpSpec:
         return bool(self.baseline or self.patch or self.options)
 
 
-def new_run_id() -> str:
-    """``dvcray-YYYYmmdd-HHMMSS-xxxxxx``: sorts by submission time."""
-    return time.strftime("dvcray-%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(3)
+_RUN_ID = re.compile(r"dvcray-(\d{8}-\d{6})-([0-9a-f]+)(?:-(\d+))?")
+
+
+@dataclass(frozen=True)
+class RunId:
+    """A run's id, ``dvcray-YYYYmmdd-HHMMSS-xxxxxx`` (its submission's UTC time, so ids sort
+    by it, and a random part), with ``-N`` after it for the N-th experiment of a sweep or
+    of ``queue start``: their shared submission has the id without it. Parsed and
+    formatted here only (as ``ExpRef``)."""
+
+    stamp: str      # YYYYmmdd-HHMMSS
+    token: str
+    index: int = 0  # 0: a run of its own, or a submission that several share
+
+    def __str__(self) -> str:
+        return f"dvcray-{self.stamp}-{self.token}" + (f"-{self.index}" if self.index else "")
+
+    @classmethod
+    def new(cls) -> RunId:
+        """A fresh id, stamped now."""
+        return cls(time.strftime("%Y%m%d-%H%M%S", time.gmtime()), secrets.token_hex(3))
+
+    @classmethod
+    def parse(cls, text: Any) -> RunId | None:
+        """The RunId ``text`` spells, or None when it is anything else."""
+        found = _RUN_ID.fullmatch(text) if isinstance(text, str) else None
+        if found is None:
+            return None
+        return cls(found.group(1), found.group(2), int(found.group(3) or 0))
+
+    def member(self, index: int) -> RunId:
+        """The id of experiment ``index`` (from 1) of the submission with this id."""
+        return dataclasses.replace(self, index=index)
+
+    @property
+    def submission(self) -> RunId:
+        """The id of the submission it belongs to (itself, for a run of its own)."""
+        return dataclasses.replace(self, index=0)
+
+    @property
+    def time(self) -> float | None:
+        """When it was submitted (Unix time); None for a stamp that is no time."""
+        from datetime import datetime, timezone
+
+        try:
+            return datetime.strptime(self.stamp, "%Y%m%d-%H%M%S").replace(tzinfo=timezone.utc).timestamp()
+        except ValueError:
+            return None
 
 
 @dataclass
@@ -230,7 +243,7 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: Any) -> Manifest | None:
-        manifest = state.from_json(cls, data)
+        manifest = files.from_json(cls, data)
         if manifest is None or not isinstance(manifest.run_id, str) or not isinstance(manifest.baseline, str):
             return None
         manifest.exp_name = _text(manifest.exp_name)
@@ -251,7 +264,7 @@ class Manifest:
         return [ExpSpec(self.run_id, self.exp_name, list(self.overrides))]
 
     def write(self, folder: Path) -> Path:
-        return state.write_json(Path(folder) / MANIFEST, self.to_json(), mode=0o644)
+        return files.write_json(Path(folder) / MANIFEST, self.to_json(), mode=0o644)
 
     @classmethod
     def read(cls, folder: Path) -> Manifest:
@@ -260,7 +273,7 @@ class Manifest:
         Raises:
             ValueError: it is missing or not a manifest.
         """
-        manifest = cls.from_json(state.read_json(Path(folder) / MANIFEST))
+        manifest = cls.from_json(files.read_json(Path(folder) / MANIFEST))
         if manifest is None:
             raise ValueError(f"no valid {MANIFEST} in {folder}")
         return manifest
@@ -340,7 +353,7 @@ class RunResult:
     def is_final(self) -> bool:
         """The runner's last word: an outcome, or LOST (its cluster died under it, and the
         runner saved what it had)."""
-        return self.status.is_terminal() or self.status == RunState.LOST
+        return self.status.is_terminal()
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -389,6 +402,8 @@ class RunRecord:
     ended: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    # How it runs (``runs.backends``): "job" (a Ray Job) or "service" (the cluster's runner service)
+    backend: str = ""
     service: str = ""              # the runner service that runs it (its Ray Job id); "": a Ray Job of its own
 
     def to_json(self) -> dict[str, Any]:
@@ -398,7 +413,7 @@ class RunRecord:
 
     @classmethod
     def from_json(cls, data: Any) -> RunRecord | None:
-        record = state.from_json(cls, data)
+        record = files.from_json(cls, data)
         if record is None or not isinstance(record.run_id, str):
             return None
         record.state = RunState.parse(record.state, RunState.PENDING)
@@ -407,22 +422,24 @@ class RunRecord:
         record.submitted = _number(record.submitted) or 0.0
         record.job_id = record.job_id if isinstance(record.job_id, str) and record.job_id else record.run_id
         record.service = record.service if isinstance(record.service, str) else ""
+        if not isinstance(record.backend, str) or not record.backend:  # a record from before it was named
+            record.backend = "service" if record.service else "job"
         return record
 
     def save(self, git_root: Path) -> Path:
-        return state.write_json(state.runs_dir(git_root, create=True) / f"{self.run_id}.json", self.to_json())
+        return files.write_json(files.runs_dir(git_root, create=True) / f"{self.run_id}.json", self.to_json())
 
     @classmethod
     def load(cls, git_root: Path, run_id: str) -> RunRecord | None:
-        return cls.from_json(state.read_json(state.runs_dir(git_root, create=False) / f"{run_id}.json"))
+        return cls.from_json(files.read_json(files.runs_dir(git_root, create=False) / f"{run_id}.json"))
 
     @classmethod
     def all(cls, git_root: Path) -> list[RunRecord]:
         """Every record of this clone, newest first."""
-        folder = state.runs_dir(git_root, create=False)
+        folder = files.runs_dir(git_root, create=False)
         if not folder.is_dir():
             return []
-        found = [r for r in (cls.from_json(state.read_json(p)) for p in folder.glob("*.json")) if r is not None]
+        found = [r for r in (cls.from_json(files.read_json(p)) for p in folder.glob("*.json")) if r is not None]
         return sorted(found, key=lambda r: r.submitted, reverse=True)
 
     @classmethod

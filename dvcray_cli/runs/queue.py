@@ -24,7 +24,7 @@ from typing import Any, Callable
 from dvcray_cli import gitutil
 from dvcray_cli.errors import UsageError
 from dvcray_cli.runs import snapshot
-from dvcray_cli.runs.model import ExpRef, ExpSpec, RunOptions, new_run_id, valid_exp_name
+from dvcray_cli.runs.model import ExpRef, ExpSpec, RunId, RunOptions, valid_exp_name
 from dvcray_cli.runs.project import Project, find_project, open_repo
 from dvcray_cli.runs.submit import prepare
 from dvcray_cli.runs.sweep import ExpState, Sweep, SweepResult
@@ -144,8 +144,8 @@ class QueueSource:
     specs: list[ExpSpec] = field(default_factory=list)
 
     def experiments(self, project: Project) -> list[ExpSpec]:
-        base = new_run_id()
-        self.specs = [ExpSpec(f"{base}-{i}", q.name, [], baseline=q.baseline, patch=f"queued-{i}.patch",
+        base = RunId.new()
+        self.specs = [ExpSpec(str(base.member(i)), q.name, [], baseline=q.baseline, patch=f"queued-{i}.patch",
                               options=q.options) for i, q in enumerate(self.picked, 1)]
         return self.specs
 
@@ -206,16 +206,16 @@ def start(opts: RunOptions, names: list[str], cwd: Path, say: Callable[[str], No
         return None
     source = QueueSource(picked)
     with tempfile.TemporaryDirectory(prefix="dvcray-snapshot-") as tmp:
-        plan = prepare(opts, cwd, say, Path(tmp), jobs, source=source)
-        take(plan.project, picked)
+        prepared = prepare(opts, cwd, say, Path(tmp), jobs, source=source)
+        take(prepared.project, picked)
         say(f"Took {len(picked)} experiment(s) from DVC's queue "
-            f"({', '.join(q.name or q.stash_rev[:7] for q in picked)}); running them on {plan.address}"
+            f"({', '.join(q.name or q.stash_rev[:7] for q in picked)}); running them on {prepared.address}"
             + (f", at most {jobs} at once." if jobs else "."))
-        sweep = Sweep(plan, jobs, on_line, on_change, on_progress, say)
+        sweep = Sweep(prepared, jobs, on_line, on_change, on_progress, say)
         try:
             return sweep.run()
         finally:
-            failed = record_failures(plan.project, picked, sweep.states)
+            failed = record_failures(prepared.project, picked, sweep.states)
             if failed:
                 say(f"Recorded as failed in DVC's queue: {', '.join(failed)} (their workspaces are kept in "
                     "refs/exps/celery/failed).")

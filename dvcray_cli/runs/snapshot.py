@@ -203,14 +203,14 @@ def via_store_bytes() -> int:
     """A snapshot larger than this goes to a Ray Job's runner through the store, not as
     the job's package (``DVCRAY_SNAPSHOT_VIA_STORE_MB``, default 10: Ray warns about a
     package file from 10 MiB and refuses a package of 512 MiB)."""
-    from dvcray_cli.state import env_number
+    from dvcray_cli.files import env_number
 
     return int(env_number("DVCRAY_SNAPSHOT_VIA_STORE_MB", 10, "MiB") * 2**20)
 
 
 def max_untracked_bytes() -> int:
     """The largest untracked file a snapshot takes (``DVCRAY_MAX_UNTRACKED_MB``, default 50)."""
-    from dvcray_cli.state import env_number
+    from dvcray_cli.files import env_number
 
     return int(env_number("DVCRAY_MAX_UNTRACKED_MB", 50, "MiB") * 2**20)
 

@@ -1,30 +1,29 @@
 """Several experiments at once (a ``-S a=1,2`` sweep), followed by one client.
 
-Where runners are placed by resources (``--cpus-per-exp``/``--gpus-per-exp``),
-each experiment is a Ray Job of its own, at most ``--jobs`` submitted at once.
-Otherwise all of them share one job on the head: each job costs a supervisor
+Whether the experiments go in one submission or one each (at most ``--jobs`` at once)
+is the backend's to say: Ray Jobs share one job on the head unless runners are placed
+by resources (``--cpus-per-exp``/``--gpus-per-exp``), as each job costs a supervisor
 process and a fresh interpreter, which on a small head is what limits a sweep
-(DESIGN.md); the runner forks one process per experiment after importing DVC.
+(DESIGN.md); the runner service takes them all at once and paces them itself. The
+backend follows them (``Backend.follow_many``) and hands each back here as it ends.
 
 Each experiment comes back into the repo as soon as its result is in the store.
 """
 
 from __future__ import annotations
 
-import asyncio
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from dvcray_cli import ray_api
 from dvcray_cli.errors import Interrupted, UsageError
-from dvcray_cli.runs import follow, live, warm
-from dvcray_cli.runs.model import RESULT, STATUS, ExpSpec, Outcome, RunOptions, RunResult, RunState, RunStatus
-from dvcray_cli.runs.submit import Plan, Submitted, launch, prepare
-
-POLL_S = 0.3
+from dvcray_cli.runs import live
+from dvcray_cli.runs.backends import RunInfo
+from dvcray_cli.runs.finish import finish
+from dvcray_cli.runs.model import RESULT, STATUS, ExpSpec, Outcome, RunId, RunOptions, RunResult, RunState, RunStatus
+from dvcray_cli.runs.submit import Prepared, Submitted, launch, prepare
 
 
 @dataclass
@@ -55,32 +54,35 @@ class SweepResult:
 
 
 class Sweep:
-    """Submit a plan's experiments and follow them to the end from one process."""
+    """Submit a prepared run's experiments and follow them to the end from one process
+    (``backends.Followed``: the backend drives the following)."""
 
-    def __init__(self, plan: Plan, jobs: int | None, on_line: Callable[[str, str], None],
+    def __init__(self, prepared: Prepared, jobs: int | None, on_line: Callable[[str, str], None],
                  on_change: Callable[[list[ExpState]], None],
                  on_progress: Callable[[str, str], None] | None = None,
                  say: Callable[[str], None] = lambda m: None) -> None:
-        self.plan = plan
+        self.prepared = prepared
+        self.backend = prepared.backend
         self.say = say
         self.on_progress = on_progress
         self.drained: set[str] = set()
-        self.limit = max(1, jobs) if jobs else len(plan.experiments)
+        self.limit = max(1, jobs) if jobs else len(prepared.experiments)
         self.on_line, self.on_change = on_line, on_change
-        self.states = [ExpState(spec) for spec in plan.experiments]
-        self.placed = plan.placement is not None and plan.placement.placed
-        if self.placed and plan.placement.limit:
+        self.states = [ExpState(spec) for spec in prepared.experiments]
+        self.placed = prepared.placement is not None and prepared.placement.placed
+        if self.placed and prepared.placement.limit:
             # Runners that held every CPU would wait forever for their stages' tasks (placement.py).
-            self.limit = min(self.limit, plan.placement.limit)
+            self.limit = min(self.limit, prepared.placement.limit)
         self.jobs: dict[str, list[ExpState]] = {}
 
     # ------------------------------------------------------------------ submit
 
-    def _submit_next(self) -> None:
-        if not self.placed or self.plan.service is not None:
+    def submit_next(self) -> None:
+        """Submit what waits, while there is room (all at once, when they go in one submission)."""
+        if self.backend.one_submission(self.placed):
             if not self.jobs:
-                job_id = self.states[0].spec.run_id.rsplit("-", 1)[0]
-                launch(self.plan, job_id, [s.spec for s in self.states], jobs=self.limit, placed=self.placed)
+                job_id = str(RunId.parse(self.states[0].spec.run_id).submission)
+                launch(self.prepared, job_id, [s.spec for s in self.states], jobs=self.limit, placed=self.placed)
                 self._started(job_id, self.states)
             return
         active = sum(1 for s in self.states if s.state.is_active())
@@ -88,7 +90,7 @@ class Sweep:
             if active >= self.limit:
                 break
             if state.state == RunState.WAITING:
-                launch(self.plan, state.spec.run_id, [state.spec], placed=True)
+                launch(self.prepared, state.spec.run_id, [state.spec], placed=True)
                 self._started(state.spec.run_id, [state])
                 active += 1
 
@@ -98,38 +100,37 @@ class Sweep:
             state.job_id, state.state, state.started = job_id, RunState.PENDING, time.time()
         self.on_change(self.states)
 
-    # ------------------------------------------------------------------ logs
+    # ------------------------------------------------------------------ what the backend says
 
-    def _emit(self, job_id: str, text: str) -> None:
-        states = self.jobs[job_id]
-        for line in text.splitlines():
-            if len(states) == 1:
-                name, body = states[0].name, line
-            elif line.startswith("[") and "] " in line:
-                name, body = line[1:].split("] ", 1)
-            else:
-                continue  # Ray's own lines about the shared job
-            for state in states:
-                if state.name == name:
-                    state.last_line = body.strip()[:120]
-            self.on_line(name, body)
+    def line(self, name: str, text: str) -> None:
+        """A line of experiment ``name``'s own log."""
+        for state in self.states:
+            if state.name == name:
+                state.last_line = text.strip()[:120]
+        self.on_line(name, text)
 
-    # ------------------------------------------------------------------ results
+    def running(self, state: ExpState, started: float | None = None) -> None:
+        state.state = RunState.RUNNING
+        if started is not None:
+            state.started = started
 
-    def _collect(self, state: ExpState, job_status: str, lost: str = "") -> bool:
-        """Bring an experiment home once its result is in the store; ``lost``: the runner
-        service's word that its node died."""
-        store = self.plan.store
+    def changed(self) -> None:
+        self.on_change(self.states)
+        self.submit_next()
+
+    def collect(self, state: ExpState, info: RunInfo) -> bool:
+        """Bring an experiment home once its result is in the store; without one, record how
+        it ended once ``info`` (what its cluster says) says it has. True when it changed."""
+        store = self.prepared.store
         result = RunResult.from_json(store.read_json(store.run_path(state.spec.run_id, RESULT)))
         if result is None:
-            if ray_api.is_terminal(job_status):
-                died = None
-                if job_status == "FAILED":  # the service's word, or Ray's for a Ray Job
-                    died = lost or (ray_api.node_died(self.plan.client, state.job_id) if self.plan.client else None)
-                state.state = RunState.LOST if job_status == "SUCCEEDED" or died else RunState(job_status)
+            if info.state.is_terminal():
+                # Ended without a result: LOST when its node died, or when it "succeeded" without one.
+                lost = info.state in (RunState.SUCCEEDED, RunState.LOST)
+                state.state = RunState.LOST if lost else info.state
                 state.outcome = Outcome(run_id=state.spec.run_id, status=state.state.value,
                                         exp_name=state.spec.exp_name,
-                                        error=died or "the runner ended without a result", store=store.url)
+                                        error=info.lost or "the runner ended without a result", store=store.url)
                 state.ended = time.time()
                 return True
             status = RunStatus.from_json(store.read_json(store.run_path(state.spec.run_id, STATUS)))
@@ -137,105 +138,15 @@ class Sweep:
                 state.state = RunState.RUNNING
                 self.on_change(self.states)
             return False
-        sub = Submitted(state.spec.run_id, self.plan.address, store, state.spec.exp_name,
-                        state.spec.baseline or self.plan.project.baseline, client=self.plan.client,
-                        project=self.plan.project)
+        sub = Submitted(state.spec.run_id, self.prepared.address, store, state.spec.exp_name,
+                        state.spec.baseline or self.prepared.project.baseline, backend=self.backend,
+                        project=self.prepared.project)
         # An experiment queued with -f replaces one of its name, as dvcray run -f does.
-        force = self.plan.opts.force or bool(state.spec.options.get("force"))
-        state.outcome = follow.finish(sub, result.status.value, force=force)
+        force = self.prepared.opts.force or bool(state.spec.options.get("force"))
+        state.outcome = finish(sub, result.status, force=force)
         state.state = RunState.parse(state.outcome.status, RunState.FAILED)
         state.ended = time.time()
         return True
-
-    async def _watch(self) -> None:
-        watch = follow.StatusWatch(self.plan.client, "The runs may still be going: dvcray runs")
-        logs: dict[str, follow.JobLog] = {}
-        tails: dict[str, asyncio.Task] = {}
-        ended: set[str] = set()
-        store_read: dict[str, float] = {}
-        try:
-            while True:
-                for job_id in self.jobs:
-                    if job_id not in logs:
-                        logs[job_id] = follow.JobLog(self.plan.client, job_id,
-                                                     lambda text, j=job_id: self._emit(j, text))
-                        tails[job_id] = asyncio.create_task(logs[job_id].tail_forever())
-                statuses = await watch.statuses([j for j in self.jobs if j not in ended])
-                if statuses is None:
-                    continue
-                changed = False
-                for job_id, status in statuses.items():
-                    if ray_api.is_terminal(status):
-                        ended.add(job_id)
-                        tails[job_id].cancel()
-                        await logs[job_id].drain()
-                    shared = len(self.jobs[job_id]) > 1
-                    # A job of its own ends right after its result is written: read the
-                    # store then. A shared job's experiments end one by one: read it
-                    # at most once a second (each read is a request to the store).
-                    look = ray_api.is_terminal(status) or (shared and time.time() - store_read.get(job_id, 0) >= 1.0)
-                    for state in self.jobs[job_id]:
-                        if state.outcome is None:
-                            if status == "RUNNING" and state.state == RunState.PENDING and not shared:
-                                state.state = RunState.RUNNING
-                                changed = True
-                            if look and await asyncio.to_thread(self._collect, state, status):
-                                changed = True
-                    if look:
-                        store_read[job_id] = time.time()
-                if changed:
-                    self.on_change(self.states)
-                    await asyncio.to_thread(self._submit_next)
-                # Done when every experiment is home and every job has ended.
-                if all(s.outcome is not None for s in self.states) and ended >= set(self.jobs):
-                    return
-                await asyncio.sleep(POLL_S)
-        finally:
-            for task in tails.values():
-                task.cancel()
-
-    def _follow_service(self) -> None:
-        """Follow the experiments the runner service runs with one long poll for all:
-        their state changes, and the new lines of those that go. The store is read
-        only for an experiment the service says has ended (its result)."""
-        by_id = {s.spec.run_id: s for s in self.states}
-        watch = warm.Watch(self.plan.service, self.plan.address, list(by_id))
-        partial: dict[str, str] = {}
-        draining: set[str] = set()  # ended, and their last lines maybe not read yet
-        while True:
-            open_ = [s for s in self.states if s.outcome is None]
-            if not open_ and not draining:
-                return
-            logs = [s.spec.run_id for s in open_ if s.state == RunState.RUNNING] + sorted(draining)
-            changed, text, unknown = watch.poll([s.spec.run_id for s in open_], logs,
-                                                wait=0 if draining else warm.POLL_WAIT_S)
-            for run_id, chunk in text.items():
-                lines = (partial.pop(run_id, "") + chunk).split("\n")
-                partial[run_id] = lines.pop()
-                state = by_id[run_id]
-                for line in lines:
-                    state.last_line = line.strip()[:120]
-                    self.on_line(state.name, line)
-            draining &= set(text)
-            moved = False
-            for run_id, info in changed.items():
-                state = by_id.get(run_id)
-                new = RunState.parse(info.get("state"), RunState.PENDING)
-                if state is None or state.outcome is not None:
-                    continue
-                if new == RunState.RUNNING and state.state == RunState.PENDING:
-                    state.state, state.started, moved = RunState.RUNNING, info.get("started") or time.time(), True
-                elif new.is_terminal():
-                    draining.add(run_id)
-                    self._collect(state, new.value, str(info.get("lost") or ""))
-                    moved = True
-            for run_id in unknown:  # the service forgot it (it was restarted): the store says how it ended
-                state = by_id.get(run_id)
-                if state is not None and state.outcome is None:
-                    self._collect(state, RunState.SUCCEEDED.value)
-                    moved = True
-            if moved:
-                self.on_change(self.states)
 
     # ------------------------------------------------------------------ live metrics
 
@@ -260,18 +171,12 @@ class Sweep:
         self.on_change(self.states)
 
     def run(self) -> SweepResult:
-        relay = live.Relay(self.plan.store, self.plan.project, self._live, self._progress)
+        relay = live.Relay(self.prepared.store, self.prepared.project, self._live, self._progress)
         try:
-            self._submit_next()
-            if self.plan.service is not None:
-                self._follow_service()
-            else:
-                asyncio.run(self._watch())
+            self.submit_next()
+            self.backend.follow_many(self)
         except KeyboardInterrupt:
-            if self.plan.service is not None:
-                warm.stop(self.plan.service, [s.spec.run_id for s in self.states if s.outcome is None])
-            else:
-                follow.stop_jobs(self.plan.client, list(self.jobs))
+            self.backend.stop({s.spec.run_id: s.job_id for s in self.states if s.outcome is None and s.job_id})
             raise Interrupted("Interrupted: every experiment of the sweep was stopped.",
                               "Their logs and what they produced are in the store: dvcray runs") from None
         except Exception:
@@ -288,8 +193,7 @@ class Sweep:
             raise
         finally:
             relay.close([s.spec.run_id for s in self.states if s.job_id])
-        if self.plan.client is not None:
-            follow.prune_jobs(self.plan.client, self.plan.store)
+        self.backend.tidy(self.prepared.store)
         return SweepResult([s.outcome for s in self.states if s.outcome is not None])
 
 
@@ -303,10 +207,10 @@ def run_sweep(opts: RunOptions, cwd: Path, say: Callable[[str], None], jobs: int
     if jobs is not None and jobs < 1:
         raise UsageError("--jobs must be at least 1.")
     with tempfile.TemporaryDirectory(prefix="dvcray-snapshot-") as tmp:
-        plan = prepare(opts, cwd, say, Path(tmp), jobs)
-        say(f"Running {len(plan.experiments)} experiment(s) on {plan.address}"
+        prepared = prepare(opts, cwd, say, Path(tmp), jobs)
+        say(f"Running {len(prepared.experiments)} experiment(s) on {prepared.address}"
             + (f", at most {jobs} at once." if jobs else "."))
-        return Sweep(plan, jobs, on_line, on_change, on_progress, say).run()
+        return Sweep(prepared, jobs, on_line, on_change, on_progress, say).run()
 
 
 def table_rows(outcomes: list[Outcome]) -> tuple[list[str], list[list[Any]]]:

@@ -3,7 +3,7 @@ without a Ray Job, an interpreter and an import of DVC each (DESIGN.md, "Warm ru
 
 It imports DVC once, in a forkserver (``forks.py``), and forks one process per
 experiment, as the runner of a shared sweep job does. It listens on the head's
-127.0.0.1 only (``service_api``), every request but ``hello`` authenticated with
+127.0.0.1 only (``protocol.py``), every request but ``hello`` authenticated with
 the cluster's Ray auth token. A client sends a snapshot (a tar of the folder a
 Ray Job would get as its working_dir) and follows its experiments with one
 long-poll for all of them: their states and the new bytes of their logs. Its
@@ -13,416 +13,24 @@ Experiments belong to the service, not to the client: they run on when the
 client goes, and save their work when the service is stopped (SIGTERM to each,
 the stop grace, then SIGKILL), as a stopped Ray Job's runner does. Placed
 experiments (``--cpus-per-exp``) run on the warm runner of the node Ray
-reserves their resources on (``placed.py``).
+reserves their resources on (``placed.py``). The run table itself is ``table.py``;
+this module serves it over HTTP and leaves with its cluster.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import os
 import re
-import shutil
 import signal
 import socket
-import tarfile
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-from dvcray_cli import __version__, compatible, ray_api, service_api
+from dvcray_cli import __version__, ray_api
 from dvcray_cli.runs import snapshot
-from dvcray_cli.runs.model import Manifest, RunState
-from dvcray_cli.service import forks
-
-# Finished runs (and their log files) the service remembers, beyond those still going.
-KEEP_FINISHED = 1000
-# Snapshots of finished submissions kept on the node.
-KEEP_SNAPSHOTS = 20
-# A log is read at most this much per run per poll.
-LOG_CHUNK = 1 << 20
-TICK_S = 0.2
-# How often an idle service looks whether dvcray on its node was upgraded.
-UPGRADE_CHECK_S = 5.0
-# Run and submission ids name files and folders on the node.
-_SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-MAX_WAIT_S = 30.0
-
-
-def say(message: str) -> None:
-    print(f"dvcray-service: {message}", flush=True)
-
-
-def default_limit() -> int:
-    """How many of a submission's experiments run at once on the head when the client
-    does not say (``--jobs``): 4 per CPU of the machine, at least 8."""
-    return max(8, 4 * (os.cpu_count() or 1))
-
-
-@dataclass
-class Entry:
-    """One experiment the service was given."""
-
-    run_id: str
-    job_id: str
-    exp_name: str | None
-    spec: dict[str, Any]
-    state: RunState = RunState.PENDING
-    seq: int = 0
-    node: str = ""
-    pid: int = 0
-    started: float | None = None
-    ended: float | None = None
-    code: int | None = None
-    log_path: Path | None = None
-    log_size: int = 0
-    stop_requested: bool = False
-    placed: bool = False
-    lost: str = ""        # why the run is lost (its node died), when it is
-    handle: Any = field(default=None, repr=False)  # forks.Fork, or placed.Placed
-
-    def to_json(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "job_id": self.job_id, "exp_name": self.exp_name, "state": self.state.value,
-                "node": self.node, "pid": self.pid, "started": self.started, "ended": self.ended, "code": self.code,
-                "placed": self.placed, "lost": self.lost}
-
-
-@dataclass
-class Batch:
-    """One submission: a snapshot folder and its experiments, at most ``limit`` at once."""
-
-    job_id: str
-    folder: Path
-    manifest: Manifest
-    pending: list[Entry]
-    limit: int
-    running: int = 0
-    resources: dict[str, float] = field(default_factory=dict)  # placed: what each experiment reserves
-
-
-class RunnerService:
-    """The run table, the forkserver and the HTTP handlers."""
-
-    def __init__(self, token: str, service_id: str, base: Path) -> None:
-        self.token, self.service_id, self.base = token, service_id, base
-        self.logs_dir = base / "service" / "logs"
-        self.snapshots = base / "service" / "snapshots"
-        for folder in (self.logs_dir, self.snapshots):
-            folder.mkdir(parents=True, exist_ok=True)
-        self.launcher = forks.Launcher()
-        self.entries: dict[str, Entry] = {}
-        self.batches: dict[str, Batch] = {}
-        self.seq = 0
-        self.changed = asyncio.Event()
-        self.draining = False
-        self.node = socket.gethostname()
-        self.grace = ray_api.stop_grace_s()
-        self.placer: Any = None  # placed.Placer, made for the first placed experiment
-
-    # ------------------------------------------------------------------ changes
-
-    def touch(self, entry: Entry | None = None) -> None:
-        """Something changed: a run's state (``entry``) or a log grew; wake the long polls."""
-        if entry is not None:
-            self.seq += 1
-            entry.seq = self.seq
-        self.changed.set()
-        self.changed = asyncio.Event()
-
-    async def wait_change(self, timeout: float) -> None:
-        event = self.changed
-        try:
-            await asyncio.wait_for(event.wait(), max(0.0, timeout))
-        except asyncio.TimeoutError:
-            pass
-
-    async def tick(self) -> None:
-        """Notice logs that grew (the runners write them; nobody tells the service)."""
-        checked = time.monotonic()
-        while True:
-            await asyncio.sleep(TICK_S)
-            if time.monotonic() - checked >= UPGRADE_CHECK_S:
-                checked = time.monotonic()
-                self.notice_upgrade()
-            grew = False
-            for entry in list(self.entries.values()):
-                if entry.state != RunState.RUNNING:
-                    continue
-                if entry.placed:
-                    grew = await self.placer.refresh(entry) or grew
-                    continue
-                try:
-                    size = entry.log_path.stat().st_size if entry.log_path else 0
-                except OSError:
-                    size = 0
-                if size != entry.log_size:
-                    entry.log_size, grew = size, True
-            if grew:
-                self.touch()
-
-    # ------------------------------------------------------------------ runs
-
-    def start(self, batch: Batch, entry: Entry) -> None:
-        entry.log_path = self.logs_dir / f"{entry.run_id}.log"
-        entry.handle = self.launcher.start(batch.folder, entry.spec, entry.log_path, {"PYTHONUNBUFFERED": "1"})
-        entry.state, entry.started, entry.pid, entry.node = RunState.RUNNING, time.time(), entry.handle.pid, self.node
-        batch.running += 1
-        asyncio.get_running_loop().add_reader(entry.handle.sentinel, self.ended, batch, entry, None)
-        say(f"run {entry.run_id} ({entry.exp_name or 'unnamed'}) started on {entry.node}, pid {entry.pid}")
-        self.touch(entry)
-
-    def ended(self, batch: Batch, entry: Entry, code: int | None) -> None:
-        """An experiment's process ended (``code``: its exit code, read here for a fork)."""
-        if entry.state.is_terminal():
-            return
-        if not entry.placed:
-            asyncio.get_running_loop().remove_reader(entry.handle.sentinel)
-            code = entry.handle.exitcode()
-        entry.code = code
-        entry.ended = time.time()
-        if code == 0:
-            entry.state = RunState.SUCCEEDED
-        elif entry.lost:
-            entry.state = RunState.FAILED  # reported with its ``lost``: the client says LOST
-        elif code == 143 or entry.stop_requested:
-            entry.state = RunState.STOPPED
-        else:
-            entry.state = RunState.FAILED
-        try:
-            entry.log_size = entry.log_path.stat().st_size if entry.log_path else entry.log_size
-        except OSError:
-            pass
-        batch.running -= 1
-        took = entry.ended - (entry.started or entry.ended)
-        say(f"run {entry.run_id} ended {entry.state.value} (exit {code}) after {took:.1f}s on {entry.node}")
-        self.touch(entry)
-        self.pump(batch)
-
-    def pump(self, batch: Batch) -> None:
-        """Start the batch's next experiments while it has room; forget it once all ended."""
-        while batch.pending and batch.running < batch.limit and not self.draining:
-            entry = batch.pending.pop(0)
-            if entry.placed:
-                batch.running += 1
-                self.placer.start(batch, entry)
-            else:
-                self.start(batch, entry)
-        if not batch.pending and batch.running <= 0:
-            self.batches.pop(batch.job_id, None)
-            self.prune()
-
-    def stop_entry(self, entry: Entry) -> None:
-        """SIGTERM (the runner saves its work), SIGKILL after the grace; a run not
-        started yet never starts."""
-        entry.stop_requested = True
-        batch = self.batches.get(entry.job_id)
-        if entry.state == RunState.PENDING and batch is not None and entry in batch.pending:
-            batch.pending.remove(entry)
-            entry.state, entry.ended = RunState.STOPPED, time.time()
-            self.touch(entry)
-            self.pump(batch)
-            return
-        if entry.state != RunState.RUNNING and not (entry.placed and entry.state == RunState.PENDING):
-            return
-        if entry.placed:
-            self.placer.stop(entry, self.grace)
-            return
-        entry.handle.terminate()
-        asyncio.get_running_loop().call_later(self.grace, self._kill_if_running, entry)
-
-    def _kill_if_running(self, entry: Entry) -> None:
-        if entry.state == RunState.RUNNING and entry.handle is not None:
-            entry.handle.kill()
-
-    def prune(self) -> None:
-        """Forget the oldest finished runs and their logs; keep the snapshots of the last
-        submissions (as Ray keeps a job's package on its node: what a run received can
-        be looked at afterwards)."""
-        done = sorted((p for p in self.snapshots.iterdir() if not p.name.startswith(".")
-                       and p.name not in self.batches), key=lambda p: p.stat().st_mtime)
-        for old in done[:max(0, len(done) - KEEP_SNAPSHOTS)]:
-            shutil.rmtree(old, ignore_errors=True)
-        finished = [e for e in self.entries.values() if e.state.is_terminal()]
-        for entry in sorted(finished, key=lambda e: e.ended or 0)[:max(0, len(finished) - KEEP_FINISHED)]:
-            self.entries.pop(entry.run_id, None)
-            if entry.log_path is not None:
-                entry.log_path.unlink(missing_ok=True)
-
-    async def read_log(self, entry: Entry, offset: int) -> bytes:
-        if entry.placed:
-            return await self.placer.read_log(entry, offset, LOG_CHUNK)
-        if entry.log_path is None or offset >= entry.log_size:
-            return b""
-        try:
-            with open(entry.log_path, "rb") as f:
-                f.seek(offset)
-                return f.read(LOG_CHUNK)
-        except OSError:
-            return b""
-
-    # ------------------------------------------------------------------ submissions
-
-    async def receive(self, request) -> tuple[Path, Manifest]:
-        """Unpack the snapshot the request carries into a folder of its own."""
-        tmp = self.snapshots / f".incoming-{os.getpid()}-{time.monotonic_ns()}"
-        tmp.mkdir(parents=True)
-        tar_path = tmp.with_suffix(".tar")
-        try:
-            with open(tar_path, "wb") as f:
-                async for chunk in request.content.iter_chunked(1 << 20):
-                    f.write(chunk)
-            await asyncio.to_thread(_unpack, tar_path, tmp)
-            manifest = Manifest.read(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        finally:
-            tar_path.unlink(missing_ok=True)
-        return tmp, manifest
-
-    async def submit(self, request) -> tuple[int, dict[str, Any]]:
-        if self.notice_upgrade():
-            return 503, {"error": "this runner service is draining: start another"}
-        try:
-            tmp, manifest = await self.receive(request)
-        except (ValueError, OSError, tarfile.TarError) as exc:
-            return 400, {"error": f"not a snapshot: {exc}"}
-        job_id = manifest.run_id
-        folder = self.snapshots / job_id
-        if not _SAFE_ID.fullmatch(job_id) or folder.exists() or job_id in self.batches:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return 409, {"error": f"a submission {job_id!r} exists already"}
-        if not compatible(manifest.dvcray_version):
-            shutil.rmtree(tmp, ignore_errors=True)
-            return 400, {"error": f"this cluster runs dvcray {__version__}, the client dvcray "
-                                  f"{manifest.dvcray_version}: install the same version on both"}
-        os.replace(tmp, folder)
-        if manifest.repo_root:
-            bundle = folder / snapshot.BUNDLE
-            missing = await asyncio.to_thread(snapshot.cache_fetch, snapshot.cache_path(self.base, manifest.repo_root),
-                                              bundle if bundle.exists() else None, manifest.baseline)
-            if missing:
-                shutil.rmtree(folder, ignore_errors=True)
-                return 409, {"error": "the cluster's copy of the repository lacks commits the snapshot needs",
-                             "missing": missing}
-        placement = request.query.get("placement")
-        resources = _resources(placement)
-        entries = []
-        for spec in manifest.specs():
-            entry = Entry(spec.run_id, job_id, spec.exp_name, spec.to_json(), placed=bool(resources))
-            if entry.run_id in self.entries or not _SAFE_ID.fullmatch(entry.run_id):
-                shutil.rmtree(folder, ignore_errors=True)
-                return 409, {"error": f"run {entry.run_id!r} exists already or is no run id"}
-            entries.append(entry)
-        if resources and self.placer is None:
-            from dvcray_cli.service.placed import Placer
-
-            self.placer = await Placer.make(self)
-        limit = manifest.jobs or (len(entries) if resources else min(len(entries), default_limit()))
-        batch = Batch(job_id, folder, manifest, list(entries), max(1, limit), resources=resources)
-        for entry in entries:
-            self.entries[entry.run_id] = entry
-            self.touch(entry)
-        self.batches[job_id] = batch
-        say(f"submission {job_id}: {len(entries)} experiment(s), at most {batch.limit} at once"
-            + (f", each reserving {resources}" if resources else ""))
-        self.pump(batch)
-        return 200, {"job_id": job_id, "runs": [e.run_id for e in entries], "service_id": self.service_id}
-
-    def notice_upgrade(self) -> bool:
-        """Whether this service drains (takes no new runs, leaves once its runs have ended):
-        from the moment dvcray on its node was upgraded, so that clients start another."""
-        if not self.draining and self.outdated():
-            self.draining = True
-            say("dvcray on this node was upgraded: no new runs here; leaving once the runs going have ended")
-        return self.draining
-
-    def outdated(self) -> bool:
-        """The dvcray installed on this node is no longer the one this service runs:
-        it takes no new runs, and leaves once its runs have ended."""
-        import dvcray_cli
-
-        try:
-            text = Path(dvcray_cli.__file__).read_text()
-        except OSError:
-            return False
-        found = re.search(r'__version__ = "([^"]+)"', text)
-        return bool(found) and found.group(1) != __version__
-
-    # ------------------------------------------------------------------ polls
-
-    async def poll(self, body: dict[str, Any]) -> dict[str, Any]:
-        """State changes after ``after`` of the runs in ``watch``, and new log bytes of
-        the runs in ``logs`` (``{run_id: offset}``): at once when there are some, else
-        when some come, at most ``wait`` seconds later."""
-        after = int(body.get("after") or 0)
-        watch = [str(r) for r in body.get("watch") or []]
-        offsets = {str(k): int(v) for k, v in (body.get("logs") or {}).items()}
-        deadline = time.monotonic() + min(float(body.get("wait") or 0), MAX_WAIT_S)
-        while True:
-            # The changes up to ``seq``; reading a placed run's log awaits, and a change made
-            # meanwhile comes with the next poll (answering a later seq would lose it).
-            seq = self.seq
-            runs = {r: self.entries[r].to_json() for r in watch if r in self.entries and self.entries[r].seq > after}
-            unknown = [r for r in watch if r not in self.entries]
-            logs = {}
-            for run_id, offset in offsets.items():
-                entry = self.entries.get(run_id)
-                data = await self.read_log(entry, offset) if entry is not None else b""
-                if data:
-                    logs[run_id] = {"offset": offset, "data": base64.b64encode(data).decode()}
-            if runs or logs or unknown or time.monotonic() >= deadline:
-                return {"seq": seq, "runs": runs, "logs": logs, "unknown": unknown}
-            await self.wait_change(deadline - time.monotonic())
-
-    # ------------------------------------------------------------------ shutdown
-
-    async def shutdown(self, lost: str | None = None) -> None:
-        """Stop taking runs; every running experiment saves its work (SIGTERM, the grace,
-        SIGKILL); then leave. ``lost``: why the cluster is gone, when that is why: the
-        runners then record their runs LOST, not STOPPED (``runner.CLUSTER_GONE``)."""
-        if self.draining and not self.entries:
-            return
-        self.draining = True
-        say("stopping: every running experiment saves its work first")
-        if lost:
-            from dvcray_cli.runner import CLUSTER_GONE
-
-            for batch in list(self.batches.values()):
-                try:
-                    (batch.folder / CLUSTER_GONE).write_text(lost)
-                except OSError as exc:
-                    say(f"could not mark {batch.folder} as lost: {exc}")
-        for entry in list(self.entries.values()):
-            if entry.state in (RunState.RUNNING, RunState.PENDING):
-                entry.lost = entry.lost or (lost or "")
-                self.stop_entry(entry)
-        deadline = time.monotonic() + self.grace + 5
-        while any(e.state == RunState.RUNNING for e in self.entries.values()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-
-
-def _resources(text: str | None) -> dict[str, float]:
-    """``CPU=1,GPU=0.5`` -> ``{"CPU": 1.0, "GPU": 0.5}``: what each placed experiment
-    reserves (CPUs, GPUs, and the head pin a local store needs)."""
-    found: dict[str, float] = {}
-    for part in (text or "").split(","):
-        if "=" in part:
-            key, value = part.split("=", 1)
-            try:
-                found[key.strip()] = float(value)
-            except ValueError:
-                continue
-    allowed = ("CPU", "GPU", "node:__internal_head__")
-    return {k: v for k, v in found.items() if k in allowed and v > 0}
-
-
-def _unpack(tar_path: Path, dest: Path) -> None:
-    with tarfile.open(tar_path) as tar:
-        tar.extractall(dest, filter="data")
-
+from dvcray_cli.service import protocol
+from dvcray_cli.service.protocol import Hello, PollRequest, RunState
+from dvcray_cli.service.table import RunnerService, say
 
 # --------------------------------------------------------------------------- HTTP
 
@@ -432,16 +40,16 @@ def make_app(service: RunnerService):
 
     @web.middleware
     async def auth(request, handler):
-        if request.path != service_api.HELLO and not service_api.authorized(request.headers.get("Authorization"),
-                                                                          service.token):
+        if request.path != protocol.HELLO and not protocol.authorized(request.headers.get("Authorization"),
+                                                                      service.token):
             return web.json_response({"error": "missing or wrong auth token"}, status=401)
         return await handler(request)
 
     async def hello(request):
         nonce = request.query.get("nonce", "")
-        return web.json_response({"service_id": service.service_id, "version": __version__,
-                                  "proof": service_api.proof(service.token, nonce, service.service_id),
-                                  "node": service.node, "draining": service.notice_upgrade()})
+        return web.json_response(Hello(service.service_id, __version__,
+                                       protocol.proof(service.token, nonce, service.service_id),
+                                       service.node, service.notice_upgrade()).to_json())
 
     async def have(request):
         body = await request.json()
@@ -457,22 +65,23 @@ def make_app(service: RunnerService):
         return web.json_response(answer, status=status)
 
     async def runs(request):
-        return web.json_response({"runs": [e.to_json() for e in service.entries.values()]})
+        return web.json_response({"runs": [e.report().to_json() for e in service.entries.values()]})
 
     async def poll(request):
-        return web.json_response(await service.poll(await request.json()))
+        answer = await service.poll(PollRequest.from_json(await request.json()))
+        return web.json_response(answer.to_json())
 
     async def stop(request):
         entry = service.entries.get(request.match_info["run_id"])
         if entry is None:
             return web.json_response({"error": "no such run"}, status=404)
         service.stop_entry(entry)
-        return web.json_response(entry.to_json())
+        return web.json_response(entry.report().to_json())
 
     app = web.Application(middlewares=[auth], client_max_size=4 << 30)
-    app.add_routes([web.get(service_api.HELLO, hello), web.post(service_api.HAVE, have),
-                    web.post(service_api.RUNS, submit), web.get(service_api.RUNS, runs),
-                    web.post(service_api.POLL, poll), web.post(service_api.RUNS + "/{run_id}/stop", stop)])
+    app.add_routes([web.get(protocol.HELLO, hello), web.post(protocol.HAVE, have),
+                    web.post(protocol.RUNS, submit), web.get(protocol.RUNS, runs),
+                    web.post(protocol.POLL, poll), web.post(protocol.RUNS + "/{run_id}/stop", stop)])
     return app
 
 

@@ -381,6 +381,22 @@ def test_up_refuses_to_launch_against_this_machine(aws_project):
 
 
 @pytest.mark.loopback_namespace
+def test_the_cluster_api_refuses_too_before_it_says_or_creates_anything(aws_project):
+    """AWS's up sequence (refuse a fake endpoint, bootstrap, launch) is ``aws.up``'s own:
+    ``clusters.up`` of a plan refuses without the command line's check first."""
+    from dvcray_cli import clusters
+
+    before = inventory()
+    planned = clusters.plan("aws", aws_project)
+    said: list[str] = []
+    with pytest.raises(ClusterError, match="Refusing to launch"):
+        clusters.up(planned, say=said.append)
+    assert said == []
+    assert inventory() == before
+    assert not (aws_project / ".dvcray").exists()
+
+
+@pytest.mark.loopback_namespace
 def test_clear_errors_from_the_command_line_and_nothing_created(aws_project, tmp_path, monkeypatch):
     before = inventory()
     no_head = _write_config(tmp_path, lambda c: c.pop("head_node_type"))

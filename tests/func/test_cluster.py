@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from helpers import run_dvcray, sh
-from dvcray_cli import clusters, ray_api, state
+from dvcray_cli import clusters, ray_api, files
 from dvcray_cli.clusters import local
 from dvcray_cli.errors import ClusterError, UsageError
 
@@ -44,18 +44,18 @@ def named(pids: list[int], name: str) -> list[int]:
 def test_state_dir_is_hidden_from_git(tmp_path):
     sh("git", "init", "-q", cwd=tmp_path)
     (tmp_path / "sub").mkdir()
-    path = state.repo_dir_of(tmp_path / "sub")
+    path = files.repo_dir_of(tmp_path / "sub")
     assert path == tmp_path.resolve() / ".dvcray"
     assert (path / ".gitignore").read_text().splitlines()[-1] == "*"
     (path / "runs").mkdir()
     (path / "runs" / "r.json").write_text("{}")
     assert sh("git", "status", "--porcelain", "--untracked-files=all", cwd=tmp_path) == ""
-    assert state.repo_dir_of(tmp_path) == path  # idempotent
+    assert files.repo_dir_of(tmp_path) == path  # idempotent
 
 
 def test_state_dir_outside_git_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="not inside a git repository"):
-        state.repo_dir_of(tmp_path)
+        files.repo_dir_of(tmp_path)
 
 
 def test_token_is_created_private_and_kept(isolated_env):
@@ -87,7 +87,7 @@ def test_unknown_cluster_is_a_usage_error(config, message, tmp_path):
     assert info.value.exit_code == 2
     assert message in info.value.message
     assert "local" in (info.value.message + (info.value.hint or ""))
-    assert not (state.clusters_dir() / f"{config}.json").exists()
+    assert not (files.clusters_dir() / f"{config}.json").exists()
 
 
 @pytest.mark.parametrize("args", [("up", "nope"), ("down", "nope")])
@@ -120,7 +120,7 @@ def test_down_with_nothing_running_says_so():
 def test_a_stale_record_is_removed(isolated_env, tmp_path):
     dead = local.LocalCluster("local", "127.0.0.1:1", "http://127.0.0.1:1", str(tmp_path / "gone"),
                                 str(tmp_path / "tok"), "2020-01-01T00:00:00+00:00", 2, 0)
-    path = state.write_json(local.record_path("local"), dead.to_json())
+    path = files.write_json(local.record_path("local"), dead.to_json())
     assert local.recorded("local") is None
     assert not path.exists()
     assert clusters.status().local == []

@@ -155,9 +155,9 @@ def test_dropped_connection_to_the_runner_service_resumes_without_lost_or_repeat
     """A run of the runner service: its long polls through a proxy of the service."""
     root = make_dvc_project(talk("service"))
     store = tmp_path / "store"
-    from dvcray_cli.runs import warm
+    from dvcray_cli.runs.backends import service_reach
 
-    assert warm.reach(ray_cluster.dashboard_url) is not None  # the service runs; this machine knows its port
+    assert service_reach.reach(ray_cluster.dashboard_url) is not None  # the service runs; this machine knows its port
     services = Path.home() / ".dvcray" / "clusters" / "services.json"
     known = json.loads(services.read_text())
     entry = known[ray_cluster.dashboard_url]

@@ -220,3 +220,52 @@ def test_store_runs_of_other_repos_are_not_listed(make_dvc_project, store):
     assert entry["state"] == "RUNNING" and entry["source"] == "store" and entry["exp_name"] == "theirs"
     proc = run_dvcray("logs", "aaaaaa", "--store", str(store), cwd=root)  # the end of a run id will do
     assert proc.returncode == 0 and "no log yet" in proc.stderr
+
+
+def test_runs_as_ray_jobs_of_their_own_are_listed_logged_and_stopped_through_ray(
+        ray_cluster, make_dvc_project, store, monkeypatch):
+    """Without the runner service (``DVCRAY_SERVICE=0``) each run is a Ray Job (its record
+    says so), a sweep's experiments share one on the head, and ``runs``, ``logs`` and
+    ``stop`` reach each through Ray."""
+    monkeypatch.setenv("DVCRAY_SERVICE", "0")
+    root = make_dvc_project(SPEC)
+    proc = run_dvcray("run", "-n", "jobs", "-S", "lr=0.31,0.32", "--store", str(store), cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = [json.loads(p.read_text()) for p in sorted((root / ".dvcray" / "runs").glob("*.json"))]
+    assert {r["backend"] for r in records} == {"job"} and len({r["job_id"] for r in records}) == 1
+    assert all(r["job_id"] != r["run_id"] for r in records), "the sweep's experiments share one job"
+    listed = {r["exp_name"]: r for r in runs_json(root)}
+    assert listed["jobs-1"]["state"] == listed["jobs-2"]["state"] == "SUCCEEDED"
+    assert listed["jobs-2"]["metrics"] == {"metrics.json": {"acc": 0.82}}
+    logs = run_dvcray("logs", "jobs-2", cwd=root)
+    assert logs.returncode == 0, logs.stderr
+    assert "STAGE-START lr=0.32" in logs.stdout and "lr=0.31" not in logs.stdout, "its own log, from the store"
+
+    # Placed by resources, each experiment is a Ray Job of its own; its log comes from Ray.
+    proc = run_dvcray("run", "-n", "placed", "-S", "lr=0.34,0.35", "--cpus-per-exp", "1", "-j", "1",
+                      "--store", str(store), cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    placed = [json.loads(p.read_text()) for p in (root / ".dvcray" / "runs").glob("*.json")]
+    placed = [r for r in placed if r["exp_name"].startswith("placed-")]
+    assert len(placed) == 2 and all(r["job_id"] == r["run_id"] and r["backend"] == "job" for r in placed)
+    logs = run_dvcray("logs", "placed-1", cwd=root)
+    assert logs.returncode == 0 and "STAGE-START lr=0.34" in logs.stdout, logs.stderr
+    assert {r["exp_name"]: r["state"] for r in runs_json(root)}["placed-2"] == "SUCCEEDED"
+
+    proc = run_dvcray("run", "-n", "sleepy", "-S", "lr=0.33", "-S", "sleep=60", "--detach", "--store", str(store),
+                      cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    (record,) = [json.loads(p.read_text()) for p in (root / ".dvcray" / "runs").glob("*.json")
+                 if json.loads(p.read_text())["exp_name"] == "sleepy"]
+    assert record["backend"] == "job" and record["job_id"] == record["run_id"]
+    run_dir = store / "dvcray" / "runs" / record["run_id"]
+    wait_for(lambda: "STAGE-START" in store_log(run_dir), 90, "the stage to start")
+    stop = run_dvcray("stop", "sleepy", cwd=root, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    # It ended mid-stage and saved its result; ``stop`` and ``runs`` say how it ended. (The runner
+    # of a stopped Ray Job records FAILED, "went away mid-run", not STOPPED: so on main too; its
+    # parent shell dies with the job's process group. Left for the runner's owner: issue 16's note.)
+    status = json.loads((run_dir / "result.json").read_text())["status"]
+    assert status in ("STOPPED", "FAILED") and f"ended {status}" in stop.stderr, stop.stderr
+    assert "Traceback" not in stop.stderr and "STAGE-END" not in store_log(run_dir)
+    assert {r["exp_name"]: r["state"] for r in runs_json(root)}["sleepy"] == status

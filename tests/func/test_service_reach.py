@@ -4,7 +4,7 @@ clusters): a small fake service on loopback stands in for the forward's end."""
 
 from __future__ import annotations
 
-from dvcray_cli import service_api
+from dvcray_cli.service import client, protocol
 
 
 def _fake_service(token: str, service_id: str, runs: list[dict]):
@@ -17,10 +17,10 @@ def _fake_service(token: str, service_id: str, runs: list[dict]):
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
             url = urlparse(self.path)
-            if url.path == service_api.HELLO:
+            if url.path == protocol.HELLO:
                 nonce = parse_qs(url.query)["nonce"][0]
-                body = {"service_id": service_id, "proof": service_api.proof(token, nonce, service_id)}
-            elif url.path == service_api.RUNS and service_api.authorized(self.headers.get("Authorization"), token):
+                body = {"service_id": service_id, "proof": protocol.proof(token, nonce, service_id)}
+            elif url.path == protocol.RUNS and protocol.authorized(self.headers.get("Authorization"), token):
                 body = {"runs": runs}
             else:
                 self.send_response(401)
@@ -55,24 +55,24 @@ def test_a_forwarded_service_is_asked_through_its_forward_and_counts_busy_when_i
 
     try:
         # A launcher cluster's job API is on loopback (its forward), its service on the head's port 40123.
-        found = service_api.active_runs("http://127.0.0.1:45555", "tok", "dvcray-service-ab12", log, reach)
+        found = client.active_runs("http://127.0.0.1:45555", "tok", "dvcray-service-ab12", log, reach)
         assert asked == [40123]
         assert found == [{"run_id": "r1", "status": "RUNNING", "exp_name": "a", "job_id": "dvcray-service-ab12"}]
         idle = _fake_service("tok", "dvcray-service-ab12", [{"run_id": "r0", "state": "SUCCEEDED"}])
         try:
-            assert service_api.active_runs("http://127.0.0.1:45555", "tok", "dvcray-service-ab12", log,
+            assert client.active_runs("http://127.0.0.1:45555", "tok", "dvcray-service-ab12", log,
                                            lambda port: f"http://127.0.0.1:{idle.server_port}") == []
         finally:
             idle.shutdown()
         # Another service there, no forward, a forward that does not open: it cannot be asked.
-        assert service_api.active_runs("http://127.0.0.1:45555", "tok", "dvcray-service-zz99",
+        assert client.active_runs("http://127.0.0.1:45555", "tok", "dvcray-service-zz99",
                                        log.replace("ab12", "zz99"), reach) is None
-        assert service_api.active_runs("http://127.0.0.1:45555", "tok", "dvcray-service-ab12", log,
+        assert client.active_runs("http://127.0.0.1:45555", "tok", "dvcray-service-ab12", log,
                                        lambda port: None) is None
 
         def broken(port: int) -> str:
             raise ClusterError("the port-forward did not open")
 
-        assert service_api.active_runs("http://127.0.0.1:45555", "tok", "dvcray-service-ab12", log, broken) is None
+        assert client.active_runs("http://127.0.0.1:45555", "tok", "dvcray-service-ab12", log, broken) is None
     finally:
         server.shutdown()

@@ -105,9 +105,10 @@ def test_a_cluster_that_lost_what_the_bundle_needs_gets_the_whole_history(
         ray_cluster, make_dvc_project, tmp_path, monkeypatch):
     """The cluster said it had a commit, and lost it before the run arrived (wiped
     meanwhile): the service names what is missing and the client sends it all."""
-    from dvcray_cli.runs import submit, warm
-    from dvcray_cli.runs.follow import finish
+    from dvcray_cli.runs import submit
+    from dvcray_cli.runs.finish import finish
     from dvcray_cli.runs.model import RunOptions
+    from dvcray_cli.service.client import Service
 
     root = project(make_dvc_project)
     store = tmp_path / "store"
@@ -115,11 +116,11 @@ def test_a_cluster_that_lost_what_the_bundle_needs_gets_the_whole_history(
     commit(root, 1)
     root_commit = sh("git", "rev-list", "--max-parents=0", "HEAD", cwd=root)
     shutil.rmtree(node_dir(ray_cluster) / "repos" / f"{root_commit}.git")
-    monkeypatch.setattr(warm, "have", lambda service, root_, shas: shas[1:])  # stale: "I have HEAD~1"
+    monkeypatch.setattr(Service, "have", lambda service, root_, shas: shas[1:])  # stale: "I have HEAD~1"
     sub = submit.submit(RunOptions(exp_name="c2", overrides=["x=7202"], store=str(store)), root, lambda m: None)
-    assert sub.service is not None
-    status = warm.follow(sub.service, sub.address, sub.run_id, lambda text: None)
-    assert finish(sub, status).status == "SUCCEEDED"
+    assert sub.backend.recorded()["backend"] == "service"
+    state = sub.backend.follow(sub.run_id, lambda text: None)
+    assert finish(sub, state).status == "SUCCEEDED"
     assert sent(ray_cluster, sub.run_id) == []
     assert exp_metrics(root, "c2", "m.json") == {"y": 14404}
 

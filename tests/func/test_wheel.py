@@ -89,7 +89,7 @@ def test_wheel_has_no_caches_or_tests(wheel):
 def test_installed_wheel_uses_its_own_files(venv, tmp_path):
     python = venv / "bin" / "python"
     out = run(python, "-c",
-              "import dvcray_cli, dvcray_cli.resources as r; "
+              "import dvcray_cli, dvcray_cli.packaged as r; "
               "print(dvcray_cli.__file__); print(r.templates_dir()); print(r.cluster_configs_dir())",
               cwd=tmp_path, env=clean_env()).splitlines()
     for line in out:

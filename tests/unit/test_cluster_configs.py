@@ -20,7 +20,7 @@ CONFIGS = REPO / "cluster-configs"
 
 
 def test_max_resources_of_the_built_in_multinode_config(tmp_path):
-    from dvcray_cli.resources import cluster_configs_dir
+    from dvcray_cli.packaged import cluster_configs_dir
 
     record = local.LocalCluster("m", "", "", str(tmp_path), "", "", None,
                                 autoscaling_config=str(cluster_configs_dir() / "local-multinode.yaml"))
@@ -34,7 +34,7 @@ def test_the_built_in_multinode_config_has_every_key_the_provider_needs(tmp_path
     """Ray's wheel lacks fake_multinode's defaults: a missing key kills its autoscaler."""
     import yaml
 
-    from dvcray_cli.resources import cluster_configs_dir
+    from dvcray_cli.packaged import cluster_configs_dir
 
     config = yaml.safe_load((cluster_configs_dir() / "local-multinode.yaml").read_text())
     for key in ("cluster_name", "max_workers", "upscaling_speed", "idle_timeout_minutes", "provider", "auth",

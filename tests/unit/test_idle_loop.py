@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from dvcray_cli import clusters
 from dvcray_cli.clusters import idle
 from dvcray_cli.errors import UsageError
 
@@ -14,17 +15,17 @@ from dvcray_cli.errors import UsageError
     ("0", 0), ("off", 0), (" 10S ", 10),
 ])
 def test_parse_duration(text, seconds):
-    assert idle.parse_duration(text) == seconds
+    assert clusters.parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["ten minutes", "5x", "-3", "1h-5m", ""])
 def test_parse_duration_refuses(text):
     with pytest.raises(UsageError, match="Invalid duration"):
-        idle.parse_duration(text)
+        clusters.parse_duration(text)
 
 
 def test_format_duration():
-    assert [idle.format_duration(s) for s in (0, 10, 90, 3600, 5400)] == ["off", "10s", "1m30s", "1h", "1h30m"]
+    assert [clusters.format_duration(s) for s in (0, 10, 90, 3600, 5400)] == ["off", "10s", "1m30s", "1h", "1h30m"]
 
 
 class FakeClock:

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from dvcray_cli.runs.model import (ExpRef, ExpSpec, Manifest, Outcome, RunRecord, RunResult, RunState, RunStatus,
-                                   new_run_id, valid_exp_name)
+from dvcray_cli.runs.model import (ExpRef, ExpSpec, Manifest, Outcome, RunId, RunRecord, RunResult, RunState,
+                                   RunStatus, valid_exp_name)
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -17,10 +17,13 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
 def test_terminal_and_active_states():
-    assert {s for s in RunState if s.is_terminal()} == {RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED}
+    # LOST has ended (following, waiting and stopping end there) without an outcome of its
+    # own: its cluster may come back and say otherwise.
+    assert {s for s in RunState if s.is_terminal()} == \
+        {RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED, RunState.LOST}
+    assert {s for s in RunState if s.has_outcome()} == {RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED}
     assert {s for s in RunState if s.is_active()} == {RunState.PENDING, RunState.RUNNING}
-    # LOST is neither: no outcome, and its cluster may come back.
-    assert not RunState.LOST.is_terminal() and not RunState.LOST.is_active()
+    assert not RunState.WAITING.is_terminal() and not RunState.WAITING.is_active()
 
 
 def test_state_parses_rays_statuses_and_tolerates_junk():
@@ -152,7 +155,28 @@ def test_a_record_without_a_job_id_runs_in_its_own_job():
 
 
 def test_run_ids_sort_by_time_and_outcomes_serialize():
-    first, second = new_run_id(), new_run_id()
+    first, second = str(RunId.new()), str(RunId.new())
     assert first.startswith("dvcray-") and len(first) == len("dvcray-20250101-120000-abcdef")
     assert first[:22] <= second[:22]
     assert Outcome("r", "SUCCEEDED", metrics={"m": {"a": 1}}).to_json()["metrics"] == {"m": {"a": 1}}
+
+
+def test_a_run_id_parses_and_formats_itself():
+    one = RunId.parse("dvcray-20250101-120000-a1b2c3")
+    assert one == RunId("20250101-120000", "a1b2c3") and str(one) == "dvcray-20250101-120000-a1b2c3"
+    assert one.time == 1735732800.0  # 2025-01-01 12:00:00 UTC
+    member = one.member(12)
+    assert str(member) == "dvcray-20250101-120000-a1b2c3-12" and RunId.parse(str(member)) == member
+    assert member.index == 12 and member.submission == one and one.submission == one
+    assert RunId.parse("dvcray-20251399-250000-a1b2c3").time is None  # the shape of a stamp, not a time
+    for junk in ("dvcray-service-ab12", "lr-01", "dvcray-20250101-120000", "dvcray-20250101-120000-XYZ",
+                 " dvcray-20250101-120000-a1b2c3", None, 7):
+        assert RunId.parse(junk) is None, junk
+
+
+def test_a_record_names_how_its_run_executes():
+    assert RunRecord.from_json({"run_id": "r"}).backend == "job"
+    # Records written before the backend was named: the runner service's id said so.
+    assert RunRecord.from_json({"run_id": "r", "service": "dvcray-service-ab12"}).backend == "service"
+    assert RunRecord.from_json({"run_id": "r", "backend": "service", "service": "s"}).backend == "service"
+    assert RunRecord.from_json({"run_id": "r", "backend": 3}).backend == "job"

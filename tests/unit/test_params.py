@@ -43,3 +43,9 @@ def test_sweeps_are_recognised_and_their_keys_checked(root):
 def test_apply_writes_checked_overrides(root):
     params.apply(root, params.check(root, ["train.epochs=9"]))
     assert "epochs: 9" in (root / "params.yaml").read_text()
+
+
+def test_the_keys_overrides_set_are_read_with_dvcs_parser():
+    sets = ["train.lr=0.5", "other.yaml:depth=4", "+new=1", "++forced=2", "~seed", "note='a=b'"]
+    assert params.keys(sets) == {"train.lr", "depth", "new", "forced", "seed", "note"}
+    assert params.keys([]) == set()

@@ -14,7 +14,7 @@ def test_addresses_are_normalized():
 
 
 def test_terminal_statuses_are_rays():
-    assert [s for s in ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED") if ray_api.is_terminal(s)] == \
+    assert [s for s in ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED") if ray_api.job_state(s).is_terminal()] == \
         ["SUCCEEDED", "FAILED", "STOPPED"]
 
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import asyncio
 
-from dvcray_cli.runs.model import RunState
-from dvcray_cli.service import server
+from dvcray_cli.service import table
+from dvcray_cli.service.protocol import PollRequest, RunState
 
 
 def test_a_change_made_while_a_placed_runs_log_is_read_comes_with_the_next_poll(tmp_path, monkeypatch):
-    monkeypatch.setattr(server.forks, "Launcher", lambda: None)  # no forkserver: nothing is started here
+    monkeypatch.setattr(table.forks, "Launcher", lambda: None)  # no forkserver: nothing is started here
 
-    async def scenario() -> tuple[dict, dict]:
-        service = server.RunnerService("tok", "dvcray-service-t", tmp_path)
-        reading = service.entries["a"] = server.Entry("a", "j", "a", {}, state=RunState.RUNNING, placed=True)
-        ending = service.entries["b"] = server.Entry("b", "j", "b", {}, state=RunState.RUNNING, placed=True)
+    async def scenario():
+        service = table.RunnerService("tok", "dvcray-service-t", tmp_path)
+        reading = service.entries["a"] = table.Entry("a", "j", "a", {}, state=RunState.RUNNING, placed=True)
+        ending = service.entries["b"] = table.Entry("b", "j", "b", {}, state=RunState.RUNNING, placed=True)
 
         class Placer:
             async def read_log(self, entry, offset, size):
@@ -26,11 +26,11 @@ def test_a_change_made_while_a_placed_runs_log_is_read_comes_with_the_next_poll(
                 return b""
 
         service.placer = Placer()
-        first = await service.poll({"after": 0, "watch": ["a", "b"], "logs": {"a": 0}, "wait": 0})
-        second = await service.poll({"after": first["seq"], "watch": ["a", "b"], "logs": {}, "wait": 0})
+        first = await service.poll(PollRequest(0, ["a", "b"], {"a": 0}, 0))
+        second = await service.poll(PollRequest(first.seq, ["a", "b"], {}, 0))
         return first, second
 
     first, second = asyncio.run(scenario())
-    seen = {**first["runs"], **second["runs"]}
-    assert seen.get("b", {}).get("state") == "SUCCEEDED", (first, second)
-    assert second["seq"] >= 1
+    seen = {**first.runs, **second.runs}
+    assert "b" in seen and seen["b"].state == RunState.SUCCEEDED, (first, second)
+    assert second.seq >= 1

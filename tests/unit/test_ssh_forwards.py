@@ -29,7 +29,9 @@ def test_a_record_without_a_service_forward_has_none_alive():
     assert not ssh.service_forward_alive(_record(service_port=39769, service_forward_port=0, service_forward_pid=1))
 
 
-def test_the_forwards_of_a_cluster_are_those_to_its_head_with_its_pinned_key(monkeypatch):
+def test_stopping_a_cluster_forwards_stops_those_to_its_head_with_its_pinned_key(monkeypatch):
+    """A forward whose pid the record lost (two clients wrote it at once) is stopped
+    too; another cluster's forward to the same head, or one to another head, is not."""
     def proc(pid, cmd):
         return SimpleNamespace(pid=pid, info={"cmdline": cmd})
 
@@ -39,4 +41,8 @@ def test_the_forwards_of_a_cluster_are_those_to_its_head_with_its_pinned_key(mon
     monkeypatch.setattr(ssh.procs, "process_iter", lambda: [
         proc(11, mine), proc(12, other_cluster), proc(13, other_head), proc(14, ["ssh", "ubuntu@10.0.0.10"]),
         proc(15, None)])
-    assert ssh._forwards_to(_record()) == [(11, "UserKnownHostsFile=/h/lab.known_hosts")]
+    stopped = []
+    # The processes above are descriptions, not processes: record what would be stopped.
+    monkeypatch.setattr(ssh.procs, "stop_pid", lambda pid, marker, timeout=5.0: stopped.append((pid, marker)))
+    ssh.stop_forward(_record())
+    assert stopped == [(11, "UserKnownHostsFile=/h/lab.known_hosts")]

@@ -6,7 +6,7 @@ import time
 
 from rich.console import Console
 
-from dvcray_cli.cli.run import TABLE_ROWS, _live_table
+from dvcray_cli.cli._follow import TABLE_ROWS, live_table
 from dvcray_cli.runs.model import ExpSpec, Outcome, RunState
 from dvcray_cli.runs.sweep import ExpState
 
@@ -44,7 +44,7 @@ def _rows(text: str) -> dict[str, list[str]]:
 
 
 def test_the_header_names_the_columns():
-    header = next(ln for ln in _render(_live_table(_states(1, 0, 0))).splitlines() if "experiment" in ln)
+    header = next(ln for ln in _render(live_table(_states(1, 0, 0))).splitlines() if "experiment" in ln)
     assert [c.strip() for c in header.strip("┃│ ").split("┃")] == ["experiment", "state", "elapsed", "latest"]
 
 
@@ -55,7 +55,7 @@ def _running_for(cells: list[str], before: float) -> bool:
 
 def test_a_few_experiments_get_a_row_each_with_state_time_and_latest():
     before = time.time()
-    rows = _rows(_render(_live_table(_states(2, 1, 1))))
+    rows = _rows(_render(live_table(_states(2, 1, 1))))
     assert _running_for(rows["exp-2"], before)
     rows["exp-2"][1] = "-"
     assert rows == {
@@ -68,7 +68,7 @@ def test_a_few_experiments_get_a_row_each_with_state_time_and_latest():
 
 def test_hundreds_show_counts_the_running_ones_and_the_last_to_end():
     before = time.time()
-    text = _render(_live_table(_states(150, 8, 42)))
+    text = _render(live_table(_states(150, 8, 42)))
     assert "200 experiments: 150 succeeded, 8 running, 42 pending" in text
     rows = _rows(text)
     assert len(rows) <= TABLE_ROWS

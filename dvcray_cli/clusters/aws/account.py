@@ -174,7 +174,7 @@ def ensure_iam(p: Any, created: list[str], existing: list[str]) -> bool:
     brought up to date. Returns True when a profile is new (or got its role).
 
     Args:
-        p: the plan (``dvcray_cli.clusters.aws.Plan``): its region, cluster name,
+        p: the plan (``dvcray_cli.clusters.aws.AwsPlan``): its region, cluster name,
             store bucket and ``iam`` section.
     """
     from botocore.exceptions import ClientError

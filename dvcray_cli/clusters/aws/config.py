@@ -67,7 +67,7 @@ def is_aws_config(config: str) -> bool:
 
 def load_config(config: str) -> tuple[dict[str, Any], Path]:
     """The raw config named ``config`` and the file it came from."""
-    from dvcray_cli.resources import cluster_configs_dir
+    from dvcray_cli.packaged import cluster_configs_dir
 
     name = config.strip()
     path = cluster_configs_dir() / f"{name}.yaml" if name in BUILT_INS else Path(name).expanduser()

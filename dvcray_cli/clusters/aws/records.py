@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from dvcray_cli import ray_api, state
+from dvcray_cli import ray_api, files
 from dvcray_cli.clusters.launcher.records import Record
 
 
@@ -23,23 +23,23 @@ class AwsCluster(Record):
 def write_record(record: AwsCluster, repo_state: Path) -> Path:
     """``<repo>/.dvcray/clusters/<name>.json`` (``repo_state`` is ``<repo>/.dvcray``),
     and a pointer to it in ``~/.dvcray/aws/`` so ``cluster status`` lists it from anywhere."""
-    folder = state.private_dir(Path(repo_state) / "clusters")
-    path = state.write_json(folder / f"{record.name}.json", record.to_json())
-    state.write_json(state.private_dir(state.aws_index_dir()) / f"{record.name}.json", {"record": str(path)})
+    folder = files.private_dir(Path(repo_state) / "clusters")
+    path = files.write_json(folder / f"{record.name}.json", record.to_json())
+    files.write_json(files.private_dir(files.aws_index_dir()) / f"{record.name}.json", {"record": str(path)})
     return path
 
 
 def load(path: Path) -> AwsCluster | None:
-    return AwsCluster.from_json(state.read_json(path))
+    return AwsCluster.from_json(files.read_json(path))
 
 
 def _pointed(pointer: Path) -> Path | None:
-    target = (state.read_json(pointer) or {}).get("record")
+    target = (files.read_json(pointer) or {}).get("record")
     return Path(target) if isinstance(target, str) and target else None
 
 
 def remove_record(name: str, repo_state: Path | None) -> None:
-    pointer = state.aws_index_dir() / f"{name}.json"
+    pointer = files.aws_index_dir() / f"{name}.json"
     path = _pointed(pointer)
     if repo_state is not None:
         (Path(repo_state) / "clusters" / f"{name}.json").unlink(missing_ok=True)
@@ -50,7 +50,7 @@ def remove_record(name: str, repo_state: Path | None) -> None:
 
 def records() -> Iterator[tuple[AwsCluster, Path]]:
     """Every recorded AWS cluster of this user, with its record's path."""
-    index = state.aws_index_dir()
+    index = files.aws_index_dir()
     if not index.is_dir():
         return
     for pointer in sorted(index.glob("*.json")):
@@ -65,7 +65,7 @@ def repo_records(cwd: Path) -> list[AwsCluster]:
     from dvcray_cli.gitutil import git_root
 
     root = git_root(Path(cwd))
-    folder = state.repo_clusters_dir(root, create=False) if root else None
+    folder = files.repo_clusters_dir(root, create=False) if root else None
     if folder is None or not folder.is_dir():
         return []
     found = [r for r in (load(p) for p in folder.glob("*.json")) if r is not None and r.kind == "aws"]

@@ -30,14 +30,13 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from dvcray_cli.clusters.common import IDLE_MARKER, VERSION_LABEL
 from dvcray_cli.errors import UsageError
 
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,59}")
 TOKEN_REMOTE = "~/.dvcray/auth_token"
 DIST_REMOTE = "~/.dvcray/dist"
-IDLE_MARKER = "dvcray_cli.clusters.idle"
-VERSION_LABEL = "dvcray-version"
 DOCS = "https://docs.ray.io/en/latest/cluster/vms/references/ray-cluster-configuration.html"
 
 # The Python that runs Ray on the node (the first of python, python3 that imports ray):

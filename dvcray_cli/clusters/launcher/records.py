@@ -12,7 +12,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from dvcray_cli import ray_api, state
+from dvcray_cli import ray_api, files
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Record:
 
     @classmethod
     def from_json(cls, data: Any) -> Any:
-        return state.from_json(cls, data)
+        return files.from_json(cls, data)
 
     def token(self) -> str | None:
         return ray_api.read_token(self.token_path)
@@ -64,7 +64,7 @@ class LauncherCluster(Record):
 
 
 def folder() -> Path:
-    return state.launcher_dir()
+    return files.launcher_dir()
 
 
 def path_of(name: str) -> Path:
@@ -88,11 +88,11 @@ def log_path(name: str, action: str) -> Path:
 
 
 def write(record: LauncherCluster) -> Path:
-    return state.write_json(state.private_dir(folder()) / f"{record.name}.json", record.to_json())
+    return files.write_json(files.private_dir(folder()) / f"{record.name}.json", record.to_json())
 
 
 def load(name: str) -> LauncherCluster | None:
-    return LauncherCluster.from_json(state.read_json(path_of(name)))
+    return LauncherCluster.from_json(files.read_json(path_of(name)))
 
 
 def remove(name: str) -> None:
@@ -103,7 +103,7 @@ def records() -> Iterator[LauncherCluster]:
     """Every recorded launcher cluster of this user, oldest first."""
     if not folder().is_dir():
         return
-    found = [r for r in (LauncherCluster.from_json(state.read_json(p)) for p in folder().glob("*.json")) if r]
+    found = [r for r in (LauncherCluster.from_json(files.read_json(p)) for p in folder().glob("*.json")) if r]
     yield from sorted(found, key=lambda r: r.started_at)
 
 

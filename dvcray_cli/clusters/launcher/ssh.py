@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from dvcray_cli import state
+from dvcray_cli import files
 from dvcray_cli.clusters import procs
 from dvcray_cli.errors import ClusterError
 
@@ -90,7 +90,7 @@ def probe_all(nodes: list[tuple[str, str]], user: str, key_path: str) -> list[Pr
 
 def known_hosts_file(record_known_hosts: str = "") -> Path:
     """Where a head's SSH host key is pinned: the record's file, else ``~/.dvcray/known_hosts``."""
-    return Path(record_known_hosts) if record_known_hosts else state.home() / "known_hosts"
+    return Path(record_known_hosts) if record_known_hosts else files.home() / "known_hosts"
 
 
 def forward_command(head_ip: str, ssh_user: str, key_path: str, port: int, known_hosts: Path,
@@ -211,9 +211,9 @@ def ensure_service_forward(record: Any, head_port: int, save: Callable[[Any], An
 
     known_hosts = known_hosts_file(getattr(record, "known_hosts", ""))
     log = Path(f"{known_hosts}.forward.log")
-    state.private_dir(state.home())
+    files.private_dir(files.home())
     deadline = time.monotonic() + timeout
-    with open(state.home() / "service-forwards.lock", "w") as lock:
+    with open(files.home() / "service-forwards.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         fresh = reload() or record
         if fresh.service_port == head_port and service_forward_alive(fresh):

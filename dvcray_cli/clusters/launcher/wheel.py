@@ -16,7 +16,7 @@ import io
 import zipfile
 from pathlib import Path
 
-from dvcray_cli import __version__, state
+from dvcray_cli import __version__, files
 
 WHEEL_TAG = "py3-none-any"
 _EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -28,13 +28,13 @@ def wheel_name() -> str:
 
 def default_path() -> Path:
     """Where ``build`` writes the wheel: ``~/.dvcray/dist/<wheel_name>``."""
-    return state.dist_dir() / wheel_name()
+    return files.dist_dir() / wheel_name()
 
 
 def _package_files() -> dict[str, Path]:
     """``{path in the wheel: file}`` for the imported package, templates and configs included."""
     import dvcray_cli
-    from dvcray_cli.resources import cluster_configs_dir, templates_dir
+    from dvcray_cli.packaged import cluster_configs_dir, templates_dir
 
     package = Path(dvcray_cli.__file__).resolve().parent
     files: dict[str, Path] = {}
@@ -107,4 +107,4 @@ def build(path: Path | None = None) -> Path:
             return target
     except OSError:
         pass
-    return state.write_bytes(target, data, mode=0o644)
+    return files.write_bytes(target, data, mode=0o644)

@@ -1,4 +1,4 @@
-"""Where dvcray keeps its own state, and how it writes and reads it.
+"""dvcray's own files on this machine: where they live, how they are written and read.
 
 Two places, each spelled here only:
 

@@ -1,40 +1,26 @@
-"""The runner service's protocol, as both ends speak it (``dvcray_cli.service`` serves it).
-
-The runner service is one long-lived Ray Job per cluster that imports DVC once and
-forks a process per experiment (DESIGN.md, "Warm runners"): an experiment costs
-no Ray Job supervisor, no interpreter and no import of DVC. It listens on the
-head's 127.0.0.1 only, on a port it picks and names in its job log, and every
-request but ``hello`` carries the cluster's Ray auth token (``Authorization:
-Bearer``). ``hello`` proves the service knows the token before a client sends
-it (an HMAC of a nonce the client picked): a port remembered from an earlier
-service may belong to another process now.
+"""A client of the runner service (``protocol.py``): one request at a time, typed answers.
 
 Plain HTTP (``http.client``): a client of the service imports neither Ray nor
-``requests``.
+``requests``. Finding a cluster's service, starting one and following its runs is
+``dvcray_cli.runs.backends.service``'s job; this module only speaks the protocol.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import http.client
+import io
 import json
-import re
 import secrets
+import tarfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlencode, urlparse
 
 from dvcray_cli.errors import ClusterError
-
-# The metadata key that marks a Ray Job as a runner service (never a run: ``active_runs``
-# asks the service for its runs instead).
-SERVICE_MARKER = "dvcray_service"
-ENTRYPOINT = "python -m dvcray_cli.service"
-# The line the service writes to its job log once it listens.
-LISTENING = re.compile(r"dvcray-service: listening on 127\.0\.0\.1:(\d+) as (\S+)")
-HELLO, HAVE, RUNS, POLL = "/v1/hello", "/v1/have", "/v1/runs", "/v1/poll"
-TIMEOUT_S = 10.0
+from dvcray_cli.service.protocol import (HAVE, HELLO, POLL, RUNS, TIMEOUT_S, Hello, PollAnswer, PollRequest, ServiceRun,
+                                         listening_port, loopback, proof)
 
 
 class ServiceError(ClusterError):
@@ -47,20 +33,8 @@ class ServiceError(ClusterError):
         self.body = body or {}
 
 
-def proof(token: str, nonce: str, service_id: str) -> str:
-    """What a service that knows ``token`` answers to ``nonce``."""
-    return hmac.new(token.encode(), f"{nonce}:{service_id}".encode(), hashlib.sha256).hexdigest()
-
-
-def authorized(header: str | None, token: str) -> bool:
-    """``header`` is ``Bearer <token>`` (compared in constant time)."""
-    return bool(header) and hmac.compare_digest(header.encode(), f"Bearer {token}".encode())
-
-
-def listening_port(log: str) -> tuple[int, str] | None:
-    """``(port, service_id)`` from a service's job log, once it listens."""
-    found = LISTENING.findall(log or "")
-    return (int(found[-1][0]), found[-1][1]) if found else None
+class MissingCommits(Exception):
+    """The cluster's repository cache lacks commits a thin bundle needs."""
 
 
 @dataclass
@@ -124,7 +98,7 @@ class Service:
                                f"{answer.get('error') or '(no reason given)'}", status=status, body=answer)
         return answer
 
-    def hello(self, expect_id: str = "") -> dict[str, Any]:
+    def hello(self, expect_id: str = "") -> Hello:
         """Ask the service who it is and check that it knows the token (before the token is sent).
 
         Raises:
@@ -133,13 +107,50 @@ class Service:
         """
         nonce = secrets.token_hex(16)
         status, data = self.request("GET", HELLO, params={"nonce": nonce}, auth=False, timeout=5)
-        answer = data if isinstance(data, dict) else {}
-        service_id = str(answer.get("service_id") or "")
-        if status != 200 or not service_id or (expect_id and service_id != expect_id) or \
-                not hmac.compare_digest(str(answer.get("proof") or ""), proof(self.token, nonce, service_id)):
+        answer = Hello.from_json(data)
+        if status != 200 or not answer.service_id or (expect_id and answer.service_id != expect_id) or \
+                not hmac.compare_digest(answer.proof, proof(self.token, nonce, answer.service_id)):
             raise ServiceError(f"What answers at {self.url} is not this cluster's dvcray runner service.")
-        self.service_id, self.version = service_id, str(answer.get("version") or "")
+        self.service_id, self.version = answer.service_id, answer.version
         return answer
+
+    def have(self, root: str, shas: list[str]) -> list[str]:
+        """Which of ``shas`` the cluster's repository cache of project ``root`` holds."""
+        return list(self.call("POST", HAVE, {"root": root, "shas": shas}).get("have") or [])
+
+    def send(self, folder: Path, placement: str = "") -> dict[str, Any]:
+        """Send the snapshot in ``folder`` (its manifest names the experiments) to the service.
+
+        Raises:
+            MissingCommits: the cluster lacks commits the snapshot's bundle needs.
+            ServiceError: the service refused it or did not answer.
+        """
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for path in sorted(folder.iterdir()):
+                tar.add(path, arcname=path.name)
+        params = {"placement": placement} if placement else None
+        status, answer = self.request("POST", RUNS, buffer.getvalue(), params=params, timeout=120)
+        answer = answer if isinstance(answer, dict) else {}
+        if status == 409 and answer.get("missing"):
+            raise MissingCommits(", ".join(map(str, answer["missing"]))[:200])
+        if status != 200:
+            raise ServiceError(f"The dvcray runner service refused the run (HTTP {status}): "
+                               f"{answer.get('error') or '(no reason given)'}", status=status, body=answer)
+        return answer
+
+    def runs(self) -> dict[str, ServiceRun]:
+        """Every run the service knows."""
+        found = (ServiceRun.from_json(r) for r in self.call("GET", RUNS).get("runs") or [])
+        return {r.run_id: r for r in found if r is not None}
+
+    def poll(self, request: PollRequest, timeout: float) -> PollAnswer:
+        """One long poll (``PollRequest``)."""
+        return PollAnswer.from_json(self.call("POST", POLL, request.to_json(), timeout=timeout), request.after)
+
+    def stop(self, run_id: str) -> None:
+        """Ask the service to stop a run (SIGTERM, the grace to save, SIGKILL)."""
+        self.call("POST", f"{RUNS}/{run_id}/stop")
 
 
 def active_runs(job_api: str, token: str | None, job_id: str, log: str,
@@ -161,18 +172,15 @@ def active_runs(job_api: str, token: str | None, job_id: str, log: str,
         except ClusterError:
             return None
     else:
-        url = f"http://127.0.0.1:{found[0]}" if _loopback((urlparse(job_api).hostname or "").lower()) else None
+        url = f"http://127.0.0.1:{found[0]}" if loopback((urlparse(job_api).hostname or "").lower()) else None
     if url is None:
         return None
     service = Service(url, token)
     try:
         service.hello(found[1])
-        runs = service.call("GET", RUNS).get("runs") or []
+        runs = service.runs()
     except ServiceError:
         return None
-    return [{"run_id": r.get("run_id"), "status": r.get("state"), "exp_name": r.get("exp_name"), "job_id": job_id}
-            for r in runs if isinstance(r, dict) and r.get("state") in ("PENDING", "RUNNING")]
+    return [{"run_id": r.run_id, "status": r.state.value, "exp_name": r.exp_name, "job_id": job_id}
+            for r in runs.values() if r.state.is_active()]
 
-
-def _loopback(host: str) -> bool:
-    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
