@@ -57,11 +57,7 @@ def _bed_of(pid: int, timeout: float = 60) -> testbed.Bed:
     """The bed whose build runs in process ``pid``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for folder in testbed.BEDS.iterdir() if testbed.BEDS.is_dir() else []:
-            try:
-                bed = testbed.Bed.load(folder)
-            except (OSError, ValueError, TypeError, KeyError):
-                continue
+        for bed in _beds():
             if bed.owner_pid == pid:
                 return bed
         time.sleep(0.1)
@@ -216,16 +212,27 @@ def test_root_without_the_privileges_is_bed_unavailable_a_skip_or_under_ci_a_fai
               "no CAP_NET_ADMIN": ["setpriv", "--bounding-set", "-net_admin"]}[confined]
     reason = {"user namespace": "root here is the root of a user namespace",
               "no CAP_NET_ADMIN": "root here lacks CAP_NET_ADMIN"}[confined]
-    before = set(testbed.BEDS.iterdir()) if testbed.BEDS.is_dir() else set()
     for required, outcome in (("0", "1 skipped"), ("1", "1 failed")):
         env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), REQUIRE_BED_ENV: required}
-        proc = subprocess.run([*prefix, sys.executable, "-m", "pytest", "-q", "-rsf", "-p", "no:cacheprovider",
-                               str(tmp_path / "test_needs_a_bed.py")], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert outcome in proc.stdout, proc.stdout[-3000:]
-        assert f"bed unavailable: {reason}" in proc.stdout, proc.stdout[-3000:]
-        assert "Traceback" not in proc.stdout and "RTNETLINK" not in proc.stdout, proc.stdout[-3000:]
-    assert (set(testbed.BEDS.iterdir()) if testbed.BEDS.is_dir() else set()) == before, "nothing was made"
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "pytest", "-q", "-rsf", "-p", "no:cacheprovider",
+                                 str(tmp_path / "test_needs_a_bed.py")], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout, _ = proc.communicate(timeout=300)
+        assert outcome in stdout, stdout[-3000:]
+        assert f"bed unavailable: {reason}" in stdout, stdout[-3000:]
+        assert "Traceback" not in stdout and "RTNETLINK" not in stdout, stdout[-3000:]
+        made = [b for b in _beds() if b.owner_pid == proc.pid]
+        assert made == [], "nothing was made"
+
+
+def _beds() -> list[testbed.Bed]:
+    found = []
+    for folder in testbed.BEDS.iterdir() if testbed.BEDS.is_dir() else []:
+        try:
+            found.append(testbed.Bed.load(folder))
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+    return found
 
 
 DAEMONS = """
