@@ -28,6 +28,8 @@ gave its namespaces and links; a session sweeps beds left by a run that died
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import random
@@ -147,6 +149,7 @@ class Bed:
     venv: str
     nodes: list[Node] = field(default_factory=list)
     built_s: float = 0.0
+    owner_start: int = -1      # the owner's start time (clock ticks after boot): a recycled pid is not it
     # Namespaces on the bridge that are not machines (a client's), and servers the bed
     # started (``[pid, start time in ticks]``): torn down with it, by name and by pid.
     extra_netns: list[str] = field(default_factory=list)
@@ -169,10 +172,14 @@ class Bed:
     def save(self) -> None:
         data = asdict(self)
         path = Path(self.dir) / "bed.json"
-        # Atomic: a machine joins from a watcher thread while a sweep may read the file.
+        # Atomic: a machine joins from a watcher thread while another session's sweep may read it.
         temp = path.with_name(f"bed.json.{os.getpid()}.{threading.get_ident()}")
         temp.write_text(json.dumps(data, indent=2))
         os.replace(temp, path)
+
+    def owner_alive(self) -> bool:
+        """The process that built the bed still runs (the same process: pid and start time)."""
+        return _alive(self.owner_pid) and (self.owner_start < 0 or _start_ticks(self.owner_pid) == self.owner_start)
 
     @classmethod
     def load(cls, folder: Path) -> Bed:
@@ -265,6 +272,7 @@ class Bed:
                                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True)
         log.close()
+        _pause_if_asked("node-started")
         node.init_pid = _child_of(proc.pid, timeout=10)
         node.pid_ns = _ns_of(node.init_pid)
         self.save()
@@ -292,6 +300,9 @@ class Bed:
                 self.kill(node)
             except RuntimeError as exc:
                 problems.append(str(exc))
+            # An init started but not yet recorded (the run was killed in between) lives
+            # in the node's network namespace, which has the bed's name: kill by that.
+            problems += kill_netns_processes(node.netns)
         for pid, started in self.servers:
             if _start_ticks(pid) == started:
                 try:
@@ -317,6 +328,10 @@ class Bed:
 # ---------------------------------------------------------------------- building
 
 
+# What building a bed takes beyond uid 0: (bit in CapEff, name).
+_CAPABILITIES = [(12, "CAP_NET_ADMIN"), (21, "CAP_SYS_ADMIN"), (27, "CAP_MKNOD")]
+
+
 def check_host() -> None:
     """Refuse unless this machine can hold a bed and a bed cannot route off it.
 
@@ -326,6 +341,17 @@ def check_host() -> None:
     """
     if os.geteuid() != 0:
         raise BedUnavailable("the test bed needs root (network, mount and PID namespaces, a bridge)")
+    uid_map = Path("/proc/self/uid_map").read_text().split()
+    if uid_map[:3] != ["0", "0", "4294967295"]:
+        raise BedUnavailable("root here is the root of a user namespace (an unprivileged container?): "
+                             "it cannot make links on the host's network; run as real root, "
+                             "or in a privileged container")
+    effective = int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
+                         if line.startswith("CapEff:")), 16)
+    missing = [name for bit, name in _CAPABILITIES if not effective >> bit & 1]
+    if missing:
+        raise BedUnavailable(f"root here lacks {', '.join(missing)} (a container without them?): the bed "
+                             "makes namespaces, mounts and links; run in a privileged container")
     for tool in ("ip", "unshare", "nsenter", "ssh", "ssh-keygen", "rsync", "mount"):
         if shutil.which(tool) is None:
             raise BedUnavailable(f"the test bed needs `{tool}` (Debian: iproute2, util-linux, openssh-client, rsync)")
@@ -350,12 +376,8 @@ def build(count: int, venv: str | None = None, boot_timeout: float = 60) -> Bed:
         BedUnavailable: see ``check_host``.
     """
     started = time.monotonic()
-    bed = empty(venv)
+    bed = empty(venv, count)
     try:
-        for i in range(count):
-            bed.nodes.append(Node(name=f"n{i}", netns=f"dvcray-{bed.id}-n{i}", ip=f"{bed.subnet}.{10 + i}",
-                                  dir=str(Path(bed.dir) / f"n{i}"), hostname=f"bed{bed.id}-n{i}"))
-        bed.save()
         hosts = "127.0.0.1 localhost\n" + "".join(f"{n.ip} {n.hostname}\n" for n in bed.nodes)
         for node in bed.nodes:
             attach(bed, node.netns, f"{bed.bridge}{node.name}", node.ip, hosts)
@@ -364,39 +386,48 @@ def build(count: int, venv: str | None = None, boot_timeout: float = 60) -> Bed:
             bed.start(node, timeout=boot_timeout)
         for node in bed.nodes:
             _wait_ssh(bed, node, boot_timeout)
-    except BaseException:
-        bed.teardown()
+    except BaseException as exc:
+        _torn_down_after(bed, exc)
         raise
     bed.built_s = time.monotonic() - started
     bed.save()
+    _pause_if_asked("built")
     return bed
 
 
-def empty(venv: str | None = None) -> Bed:
-    """A bed without machines yet: its folder, keys, the image's whiteouts and the bridge
-    (machines join with ``add_machine``). Stale beds of killed runs are swept first.
+def empty(venv: str | None = None, count: int = 0) -> Bed:
+    """A bed with its folder, keys, the image's whiteouts and the bridge, and ``count``
+    machines named and recorded but not made yet (``build`` makes them; others join with
+    ``add_machine``). Stale beds of killed runs are swept first.
 
     Raises:
-        BedUnavailable: see ``check_host``.
+        BedUnavailable: see ``check_host``; or the kernel refused a privileged step.
     """
     check_host()
     sweep_stale()
-    BEDS.mkdir(parents=True, exist_ok=True)
-    os.chmod(BEDS, 0o700)
     bed_id = os.urandom(3).hex()
-    folder = BEDS / bed_id
-    folder.mkdir(mode=0o700)
-    bed = Bed(id=bed_id, dir=str(folder), bridge=f"dvb{bed_id}", subnet=_free_subnet(),
-              owner_pid=os.getpid(), venv=str(Path(venv or sys.prefix)))
-    bed.save()
+    bed = Bed(id=bed_id, dir=str(BEDS / bed_id), bridge=f"dvb{bed_id}", subnet="", owner_pid=os.getpid(),
+              owner_start=_start_ticks(os.getpid()), venv=str(Path(venv or sys.prefix)))
+    # The names of everything the bed will make are in bed.json before any of it exists.
+    reserve(bed, count)
+    folder = Path(bed.dir)
     try:
         _keys(folder)
         _whiteouts(folder / "whiteouts", Path(bed.venv))
         _bridge(bed)
-    except BaseException:
-        bed.teardown()
+    except BaseException as exc:
+        _torn_down_after(bed, exc)
         raise
     return bed
+
+
+def _torn_down_after(bed: Bed, exc: BaseException) -> None:
+    """Tear ``bed`` down after ``exc`` stopped its build; a privilege the kernel refused is
+    BedUnavailable (an unprivileged container), anything else the caller re-raises."""
+    bed.teardown()
+    if _not_permitted(exc):
+        raise BedUnavailable(f"this machine refused what the bed needs ({exc}): root without the "
+                             "privileges (an unprivileged container?)") from exc
 
 
 def add_machine(bed: Bed, name: str, ip: str, hostname: str, authorized_keys: str = "",
@@ -445,6 +476,61 @@ def add_namespace(bed: Bed, name: str, ip: str) -> str:
     return netns
 
 
+def reserve(bed: Bed, count: int, choices: range = range(1, 255)) -> None:
+    """Give ``bed`` a /24 no other bed has, its folder and ``count`` nodes, and record it.
+
+    Two builds at once (other test sessions on this machine) take turns here, under a
+    lock: each sees the /24s on this machine's links and routes and those recorded by
+    every bed folder, so none picks another's.
+
+    Raises:
+        BedUnavailable: no free /24 among ``choices``.
+    """
+    BEDS.mkdir(parents=True, exist_ok=True)
+    os.chmod(BEDS, 0o700)
+    with open(BEDS / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        used = _run(["ip", "-4", "-o", "addr", "show"], check=True).stdout + \
+            _run(["ip", "-4", "route", "show"], check=True).stdout
+        taken = {f"{PREFIX}.{x}." for x in choices if f"{PREFIX}.{x}." in used}
+        for folder in BEDS.iterdir():
+            try:
+                taken.add(json.loads((folder / "bed.json").read_text())["subnet"] + ".")
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        free = [x for x in choices if f"{PREFIX}.{x}." not in taken]
+        if not free:
+            raise BedUnavailable(f"no free /24 left in {PREFIX}.0.0/16")
+        bed.subnet = f"{PREFIX}.{random.choice(free)}"
+        Path(bed.dir).mkdir(mode=0o700)
+        for i in range(count):
+            bed.nodes.append(Node(name=f"n{i}", netns=f"dvcray-{bed.id}-n{i}", ip=f"{bed.subnet}.{10 + i}",
+                                  dir=str(Path(bed.dir) / f"n{i}"), hostname=f"bed{bed.id}-n{i}"))
+        bed.save()
+
+
+def _not_permitted(exc: BaseException) -> bool:
+    """The kernel refused a privileged step (EPERM/EACCES), as in an unprivileged container."""
+    if isinstance(exc, OSError) and exc.errno in (errno.EPERM, errno.EACCES):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("operation not permitted" in text or "permission denied" in text)
+
+
+# Set by tests of the bed's own cleanup (tests/func/test_testbed.py): the build stops
+# (sleeps) at this point, for the test to kill it there ("node-started": a node's init
+# runs but is not recorded; "built": the whole bed is up).
+PAUSE_ENV = "DVCRAY_TESTBED_PAUSE_AT"
+
+
+def _pause_if_asked(point: str) -> None:
+    if os.environ.get(PAUSE_ENV) != point:
+        return
+    print(f"PAUSED AT {point}", flush=True)
+    while True:
+        time.sleep(60)
+
+
 def _keys(folder: Path) -> None:
     for name in ("host_key", "id_bed"):
         _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"dvcray-bed-{name}", "-f", str(folder / name)])
@@ -486,15 +572,6 @@ def _hidden_paths(bed_dir: Path) -> list[Path]:
     """Folders nodes must not see: this checkout and the bed's own folder."""
     repo = Path(__file__).resolve().parent.parent
     return [repo, bed_dir]
-
-
-def _free_subnet() -> str:
-    used = _run(["ip", "-4", "-o", "addr", "show"], check=True).stdout + \
-        _run(["ip", "-4", "route", "show"], check=True).stdout
-    choices = [x for x in range(1, 255) if f"{PREFIX}.{x}." not in used]
-    if not choices:
-        raise BedUnavailable(f"no free /24 left in {PREFIX}.0.0/16")
-    return f"{PREFIX}.{random.choice(choices)}"
 
 
 def _disable_ipv6(interface: str, netns: str | None = None) -> None:
@@ -574,17 +651,23 @@ def _wait_ssh(bed: Bed, node: Node, timeout: float) -> None:
 
 
 def sweep_stale(owner: int | None = None) -> list[str]:
-    """Tear down beds whose owner process is gone (a test run that was killed), and
-    those of ``owner`` (a session ending: nothing it built outlives it)."""
+    """Tear down beds whose owner process is gone (a test run that was killed; a pid now
+    held by another process counts as gone), and those of ``owner`` (a session ending:
+    nothing it built outlives it). Every test session sweeps when it starts and ends."""
     swept = []
     if not BEDS.is_dir():
         return swept
     for folder in BEDS.iterdir():
+        if not folder.is_dir():
+            continue
         try:
             bed = Bed.load(folder)
         except (OSError, ValueError, TypeError, KeyError):
+            # No record: a build killed before it wrote one, so it made nothing but the folder.
+            if not (folder / "bed.json").exists() and time.time() - folder.stat().st_mtime > 60:
+                shutil.rmtree(folder, ignore_errors=True)
             continue
-        if _alive(bed.owner_pid) and bed.owner_pid != owner:
+        if bed.owner_alive() and bed.owner_pid != owner:
             continue
         bed.teardown()
         swept.append(bed.id)
@@ -698,7 +781,7 @@ def _link_exists(name: str) -> bool:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["up"]:
         made = build(int(sys.argv[2]) if len(sys.argv) > 2 else 3)
-        made.owner_pid = 1  # kept until `down`
+        made.owner_pid, made.owner_start = 1, _start_ticks(1)  # kept until `down`
         made.save()
         print(made.dir, made.host_ip, [n.ip for n in made.nodes], f"built in {made.built_s:.1f}s")
     elif sys.argv[1:2] == ["down"]:

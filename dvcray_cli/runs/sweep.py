@@ -141,7 +141,9 @@ class Sweep:
         sub = Submitted(state.spec.run_id, self.prepared.address, store, state.spec.exp_name,
                         state.spec.baseline or self.prepared.project.baseline, backend=self.backend,
                         project=self.prepared.project)
-        state.outcome = finish(sub, result.status, force=self.prepared.opts.force)
+        # An experiment queued with -f replaces one of its name, as dvcray run -f does.
+        force = self.prepared.opts.force or bool(state.spec.options.get("force"))
+        state.outcome = finish(sub, result.status, force=force)
         state.state = RunState.parse(state.outcome.status, RunState.FAILED)
         state.ended = time.time()
         return True

@@ -32,6 +32,8 @@ KEEP_SNAPSHOTS = 20
 # A log is read at most this much per run per poll.
 LOG_CHUNK = 1 << 20
 TICK_S = 0.2
+# How often an idle service looks whether dvcray on its node was upgraded.
+UPGRADE_CHECK_S = 5.0
 # Run and submission ids name files and folders on the node.
 _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 MAX_WAIT_S = 30.0
@@ -126,8 +128,12 @@ class RunnerService:
 
     async def tick(self) -> None:
         """Notice logs that grew (the runners write them; nobody tells the service)."""
+        checked = time.monotonic()
         while True:
             await asyncio.sleep(TICK_S)
+            if time.monotonic() - checked >= UPGRADE_CHECK_S:
+                checked = time.monotonic()
+                self.notice_upgrade()
             grew = False
             for entry in list(self.entries.values()):
                 if entry.state != RunState.RUNNING:
@@ -265,8 +271,7 @@ class RunnerService:
         return tmp, manifest
 
     async def submit(self, request) -> tuple[int, dict[str, Any]]:
-        if self.draining or self.outdated():
-            self.draining = True
+        if self.notice_upgrade():
             return 503, {"error": "this runner service is draining: start another"}
         try:
             tmp, manifest = await self.receive(request)
@@ -313,6 +318,14 @@ class RunnerService:
             + (f", each reserving {resources}" if resources else ""))
         self.pump(batch)
         return 200, {"job_id": job_id, "runs": [e.run_id for e in entries], "service_id": self.service_id}
+
+    def notice_upgrade(self) -> bool:
+        """Whether this service drains (takes no new runs, leaves once its runs have ended):
+        from the moment dvcray on its node was upgraded, so that clients start another."""
+        if not self.draining and self.outdated():
+            self.draining = True
+            say("dvcray on this node was upgraded: no new runs here; leaving once the runs going have ended")
+        return self.draining
 
     def outdated(self) -> bool:
         """The dvcray installed on this node is no longer the one this service runs:

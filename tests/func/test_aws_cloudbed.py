@@ -33,9 +33,7 @@ import yaml
 
 import cloudbed
 import testbed
-from conftest import REPO, laptop_env, sh
-from test_run import exp_metrics, exp_refs
-from test_run_s3 import bucket_objects, wait_stage_started
+from helpers import REPO, bucket_objects, exp_metrics, exp_refs, laptop_env, sh, wait_stage_started
 
 pytestmark = pytest.mark.slow
 

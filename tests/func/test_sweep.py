@@ -9,8 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import run_dvcray, sh
-from test_run import exp_metrics, exp_refs
+from helpers import exp_metrics, exp_refs, run_dvcray, sh
 
 STAGE = """\
 import json, sys, time, yaml

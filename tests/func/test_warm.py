@@ -17,8 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
-from conftest import run_dvcray, sh, store_log
-from test_run import exp_metrics
+from helpers import exp_metrics, run_dvcray, sh, store_log
 
 SPEC = {
     "params.yaml": "x: 1\n",
@@ -160,16 +159,13 @@ def test_a_nodes_runner_killed_mid_run_ends_the_run_and_the_next_one_runs(ray_cl
                    and a["state"] == "ALIVE"]
         assert len(runners) == 1, runners
         os.kill(runners[0]["pid"], signal.SIGKILL)
-        started = time.monotonic()
-        out, err = client.communicate(timeout=120)
-        took = time.monotonic() - started
+        out, err = client.communicate(timeout=120)   # a hang guard: the stage would sleep 120 s
     finally:
         if client.poll() is None:
             client.kill()
             client.wait()
     assert client.returncode == 1, out + err
     assert "went away" in err and "Traceback" not in err
-    assert took < 60, f"the client took {took:.0f} s to see the run end"
     result = json.loads((runs[0] / "result.json").read_text())
     assert result["status"] == "FAILED" and "went away" in result["error"]
     assert "STAGE-STARTED" in store_log(runs[0])
