@@ -75,15 +75,24 @@ def _table(found):
     table.add_column("state", no_wrap=True)
     table.add_column("started", no_wrap=True)
     table.add_column("took", justify="right", no_wrap=True)
+    table.add_column("machine", overflow="fold", min_width=7)
     table.add_column("metric", overflow="fold", min_width=8)
     for r in found:
         metric = r.key_metric()
         table.add_row(
             Text(r.run_id), Text(r.exp_name or "-"), Text(r.state.value, style=STATE_STYLE.get(r.state.value, "")),
             time.strftime("%m-%d %H:%M", time.localtime(r.started or r.submitted or 0)),
-            _duration(r.duration), Text("-" if metric is None else f"{metric[0]}={_value(metric[1])}"),
+            _duration(r.duration), Text(_machines(r)),
+            Text("-" if metric is None else f"{metric[0]}={_value(metric[1])}"),
         )
     return table
+
+
+def _machines(summary) -> str:
+    """Where it ran: ``n2``, or each attempt's machine (``n1 lost, n2``) when it was retried or lost."""
+    if not summary.attempts:
+        return summary.node or "-"
+    return ", ".join(f"{a.node or '?'}{' lost' if a.state.value == 'LOST' else ''}" for a in summary.attempts)
 
 
 def _duration(seconds: float | None) -> str:

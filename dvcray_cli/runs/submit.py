@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 
 from dvcray_cli import __version__, clusters, params, ray_api
 from dvcray_cli.errors import UsageError
-from dvcray_cli.runs import backends, placement, snapshot
+from dvcray_cli.runs import backends, placement, settings, snapshot
 from dvcray_cli.runs.backends import Backend
 from dvcray_cli.runs.model import MANIFEST, ExpSpec, Manifest, RunId, RunOptions, RunRecord, RunState
 from dvcray_cli.runs.project import (Project, check_exp_name, find_project, open_repo, push_inputs,
@@ -57,6 +57,7 @@ class Prepared:
     worktree_flags: dict[str, list[str]] = field(default_factory=dict)  # snapshot.Snapshot.flags
     repo_root: str = ""  # the project's first commit, when the bundle is made against the cluster's cache
     bundle_commits: int = -1  # how many commits the snapshot's bundle carries (Manifest.bundle_commits)
+    retries: int = 0  # how often the cluster tries a run lost with its machine again (0 where it cannot)
 
     def manifest(self, job_id: str, specs: list[ExpSpec], jobs: int = 0) -> Manifest:
         opts, project = self.opts, self.project
@@ -71,6 +72,7 @@ class Prepared:
             store=self.store.to_json(), dvcray_version=__version__, created=time.time(), address=self.address,
             experiments=[] if one else [s.to_json() for s in specs], jobs=jobs,
             worktree_flags=self.worktree_flags, repo_root=self.repo_root, bundle_commits=self.bundle_commits,
+            retries=self.retries,
         )
 
 
@@ -125,6 +127,7 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
         # time; do it while DVC reads the project. Its errors surface after DVC's.
         early = concurrent.futures.ThreadPoolExecutor(1).submit(backends.choose, known, say)
     project = find_project(cwd)
+    retries = retries_for(opts, project)
     snapshot.check_workspace(project.git_root)
     snapshot.check_copy_paths(project.dvc_root, opts.copy_paths)
     if not source:
@@ -165,7 +168,24 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
         packed = snapshot.create(project.git_root, project.dvc_root, snapshot_dir, opts.copy_paths, against)
         commits = snapshot.bundle_commits(project.git_root, against)
     return Prepared(opts, project, store, address, backend, started, experiments, snapshot_dir,
-                    packed.total, where, packed.flags, root, commits)
+                    packed.total, where, packed.flags, root, commits, retries if backend.retries_lost else 0)
+
+
+def retries_for(opts: RunOptions, project: Project) -> int:
+    """How often a run lost with its machine is tried again: ``--retries``, else the project's
+    ``[tool.dvcray] retries``, else ``DEFAULT_RETRIES``.
+
+    Raises:
+        UsageError: a negative number, or a project setting that is not one.
+    """
+    from dvcray_cli.service.protocol import DEFAULT_RETRIES
+
+    if opts.retries is not None:
+        if opts.retries < 0:
+            raise UsageError(f"--retries must be 0 or more (not {opts.retries}).", "0 turns retries off.")
+        return opts.retries
+    found = settings.read(project.dvc_root, project.git_root).retries
+    return DEFAULT_RETRIES if found is None else found
 
 
 def launch(prepared: Prepared, job_id: str, specs: list[ExpSpec], jobs: int = 0, placed: bool = False) -> None:
