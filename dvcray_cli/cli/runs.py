@@ -11,7 +11,7 @@ import typer
 from rich.text import Text
 
 from dvcray_cli.cli._common import boundary, err, out, write_json
-from dvcray_cli.errors import ExperimentFailed
+from dvcray_cli.errors import ClusterError, ExperimentFailed
 
 STORE_HELP = ("Look for runs in this store (s3://bucket/prefix or a folder) "
               "[default: the stores of this repo's runs, and the default store]")
@@ -121,7 +121,7 @@ def logs(
     """Print a run's log: from its cluster while it answers, else from the store.
 
     With --follow, stream it until the run ends; the exit code is then the
-    run's (0 succeeded, 1 failed or stopped). Ctrl-C stops following, not the run.
+    run's (0 succeeded, 1 failed or stopped, 3 lost). Ctrl-C stops following, not the run.
 
     Example:
 
@@ -140,8 +140,10 @@ def logs(
     if result.empty:
         err.print(f"Run {result.run_id} has no log yet ({result.state.value}).", markup=False)
     if result.state == RunState.LOST:
-        why = (f"{result.reason}; its runner saved what it had in the store" if result.reason
+        why = (f"{result.reason}; what it had is in the store" if result.reason
                else "its cluster is gone and it saved no result")
+        if follow:
+            raise ClusterError(f"Run {result.run_id} is LOST: {why}.", "dvcray runs shows its attempts.")
         err.print(f"Run {result.run_id} is LOST: {why}.", markup=False)
     if follow and result.state == RunState.STOPPED:
         raise ExperimentFailed(f"Run {result.run_id} was stopped.", "dvcray runs shows it.")

@@ -55,8 +55,10 @@ class NodeRunner:
     def start(self, run_id: str, job_id: str, data: bytes, spec: dict[str, Any], root: str, head: str,
               env: dict[str, str]) -> dict[str, Any]:
         """Unpack the snapshot, bring its bundle into this node's cache, fork the experiment."""
-        folder = self.base / "service" / "snapshots" / f"{job_id}--{run_id}"
-        logs = self.base / "service" / "logs"
+        # Folders of its own: on the head's node (or every fake node of local-multinode, which
+        # share one disk) the service's are beside them, and it copies these logs into its own.
+        folder = self.base / "node-runner" / "snapshots" / f"{job_id}--{run_id}"
+        logs = self.base / "node-runner" / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -193,9 +195,10 @@ class Placer:
         except ray.exceptions.RayActorError as exc:
             # Not the experiment's failure: the runner it ran under went away, with its machine
             # (died, spot instance reclaimed) or alone (its process killed). It is lost.
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             print(f"dvcray-service: the runner of run {entry.run_id} on {entry.node or 'its node'} died: "
-                  f"{first}", flush=True)
+                  f"{said[:300]}", flush=True)
+            first = said if len(said) <= 100 else said[:99] + "…"
             code = None
             ip = await _node_died(node_id, self.runner(node_id)) if node_id else None
             if ip is not None:
