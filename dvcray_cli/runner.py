@@ -227,9 +227,11 @@ def _run_many(here: Path, manifest: Manifest, specs: list[ExpSpec]) -> int:
     return 1 if failed else 0
 
 
-def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = "") -> int:
+def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = "", forked: bool = False) -> int:
     """Rebuild the workspace, run one experiment, save everything; return an exit code
-    (0, 1 its stage failed, 143 stopped, ``LOST_EXIT`` lost with its runner or cluster)."""
+    (0, 1 its stage failed, 143 stopped, ``LOST_EXIT`` lost with its runner or cluster).
+    ``forked``: by the runner service or a node's warm runner (``forks``), whose death sends
+    it SIGTERM; elsewhere (a Ray Job) a SIGTERM is a stop, its shell parent going with it."""
     store = Store.from_json(manifest.store)
     run_id, exp_name, overrides, attempt = spec.run_id, spec.exp_name, spec.overrides, spec.attempt
     if spec.own_workspace:  # from DVC's queue: its own baseline, changes and dvc exp run options
@@ -310,7 +312,7 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         result.status = RunState.SUCCEEDED
     except Terminated:
         gone = _cluster_gone(here)
-        if gone or os.getppid() != parent:
+        if gone or (forked and os.getppid() != parent):
             # Not a stop anyone asked for, nor the experiment's failure: the runner service
             # stops its runs because their cluster died under them, or the process this one
             # ran under (the runner service, a node's warm runner) died and took it down with

@@ -31,47 +31,48 @@ from test_run_s3 import bucket_objects
 
 pytestmark = pytest.mark.slow
 
-# The checkpointing stage keeps its epoch where dvcray tells Ray to keep checkpoints, under a
-# name that is the same for every attempt of a run (``integrations.storage``), through pyarrow
-# as Ray Train does.
+# Three stages; the middle one keeps its epoch where dvcray tells Ray to keep checkpoints (the
+# store), under a name that is the same for every attempt of a run (``integrations.storage``),
+# through pyarrow as Ray Train does. Each stage counts what it does in the bucket, an object per
+# event (``counts/SALT/EVENT-UNIQUE``, holding ``HOST PID``): a machine's own disk dies with it.
 STAGES = """\
-import json, os, sys, time
+import json, os, socket, sys, time, uuid
 from pathlib import Path
-import yaml
+import pyarrow.fs, yaml
+from dvcray_cli.integrations.storage import run_name, storage_path
+
 params = yaml.safe_load(open("params.yaml"))
-runs = Path(params["counts"])
+fs, root = pyarrow.fs.FileSystem.from_uri(storage_path(None))
+bucket = root.split("/", 1)[0]
+
+def mark(event):
+    with fs.open_output_stream(f"{bucket}/counts/{params['salt']}/{event}-{uuid.uuid4().hex[:8]}") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}".encode())
+
 stage = sys.argv[1]
-
-def mark(text):
-    with open(runs / "runs.txt", "a") as f:
-        f.write(text + "\\n")
-
 if stage == "a":
     mark("a")
     Path("a.txt").write_text(f"a {params['salt']}\\n")
 elif stage == "b":
-    import pyarrow.fs
-    from dvcray_cli.integrations.storage import run_name, storage_path
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage_path(None))
     folder = f"{root}/{run_name('b')}"
     try:
         with fs.open_input_stream(f"{folder}/epoch.json") as f:
             start = json.loads(f.read())["epoch"]
     except (FileNotFoundError, OSError):
         start = 0
-    mark(f"b-start {start}")
-    (runs / "b.pid").write_text(str(os.getpid()))
+    mark(f"b-start-{start}")
+    print(f"STAGE-B on {socket.gethostname()} from epoch {start}", flush=True)
     fs.create_dir(folder)
     for epoch in range(start + 1, params["epochs"] + 1):
         time.sleep(params["sleep"])
         with fs.open_output_stream(f"{folder}/epoch.json") as f:
             f.write(json.dumps({"epoch": epoch}).encode())
-        mark(f"b-epoch {epoch}")
+        mark(f"b-epoch-{epoch}")
         print(f"EPOCH {epoch}", flush=True)
     Path("b.txt").write_text(f"b resumed from {start}\\n")
 elif stage == "c":
     mark("c")
-    json.dump({"b": open("b.txt").read().strip(), "epochs": params["epochs"]}, open("c.json", "w"))
+    json.dump({"b": open("b.txt").read().strip()}, open("c.json", "w"))
 """
 
 PIPELINE = """\
@@ -101,6 +102,36 @@ with open(runs / "runs.txt", "a") as f:
 print("STAGE-STARTED", os.getpid(), flush=True)
 time.sleep(600)
 """
+
+
+def events(endpoint: str, bucket: str, salt: str) -> dict[str, str]:
+    """``{EVENT-UNIQUE: "HOST PID"}`` of what the stages counted (``STAGES``)."""
+    import boto3
+
+    api = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x",
+                       aws_secret_access_key="x")
+    prefix = f"counts/{salt}/"
+    found = {}
+    for page in api.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            found[obj["Key"][len(prefix):]] = api.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
+    return found
+
+
+def count(found: dict[str, str], name: str) -> int:
+    """How often event ``name`` happened (``b-epoch``: any epoch of stage b)."""
+    names = [key.rsplit("-", 1)[0] for key in found]     # the unique part off
+    return sum(1 for n in names if n == name or n.startswith(name + "-"))
+
+
+def starts(found: dict[str, str]) -> list[tuple[int, str, int]]:
+    """``(epoch, host, pid)`` of each start of stage b, in order."""
+    begun = []
+    for key, value in found.items():
+        if key.startswith("b-start-"):
+            host, pid = (value.split() + ["", "0"])[:2]
+            begun.append((int(key.split("-")[2]), host, int(pid)))
+    return sorted(begun)
 
 
 @pytest.fixture
@@ -207,12 +238,13 @@ def on_multinode(multinode, monkeypatch):
 def test_a_lost_machine_is_retried_and_resumes_where_it_was(project, on_multinode):
     make, counts, endpoint, bucket = project
     root = make({"stages.py": STAGES, "dvc.yaml": PIPELINE}, {"epochs": 6, "sleep": 1.5})
+    salt = json.loads((root / "params.yaml").read_text())["salt"]
     run = subprocess.Popen([sys.executable, "-m", "dvcray_cli", "run", "-n", "resumed", "--cpus-per-exp", "1"],
                            cwd=root, env=_env(on_multinode), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
     try:
-        _wait(lambda: "b-epoch 2" in _lines(counts), "epoch 2 of stage b", run)
-        killed = kill_node_of(int((counts / "b.pid").read_text()))
+        _wait(lambda: count(events(endpoint, bucket, salt), "b-epoch") >= 2, "epoch 2 of stage b", run)
+        killed = kill_node_of(starts(events(endpoint, bucket, salt))[0][2])
         out, err = run.communicate(timeout=400)
     finally:
         if run.poll() is None:
@@ -220,12 +252,12 @@ def test_a_lost_machine_is_retried_and_resumes_where_it_was(project, on_multinod
             run.communicate()
     assert run.returncode == 0, f"exit {run.returncode}\n{out[-4000:]}\n{err[-4000:]}"
     assert _gone(killed)
-    lines = _lines(counts)
-    starts = [int(x.split()[1]) for x in lines if x.startswith("b-start")]
-    assert lines.count("a") == 1, f"stage a ran again: {lines}"
-    assert lines.count("c") == 1, lines
-    assert starts[0] == 0 and len(starts) == 2 and starts[1] >= 2, f"stage b did not resume: {lines}"
-    assert exp_metrics(root, "resumed", "c.json") == {"b": f"b resumed from {starts[1]}", "epochs": 6}
+    found = events(endpoint, bucket, salt)
+    begun = [epoch for epoch, _, _ in starts(found)]
+    assert count(found, "a") == 1, f"stage a ran again: {sorted(found)}"
+    assert count(found, "c") == 1, sorted(found)
+    assert begun[0] == 0 and len(begun) == 2 and begun[1] >= 2, f"stage b did not resume: {sorted(found)}"
+    assert exp_metrics(root, "resumed", "c.json") == {"b": f"b resumed from {begun[1]}"}
     # What the person saw: the loss, the retry, the finished stage restored.
     assert "lost" in out and "retrying (1/3)" in out and "retry 1/3 runs on" in out, out[-4000:]
     assert "Stage 'a' is cached - skipping run" in out, out[-4000:]

@@ -187,3 +187,23 @@ def test_a_run_waiting_for_its_retry_stops_at_once_and_says_so_in_the_store(tmp_
     assert entry.state == RunState.STOPPED
     result = RunResult.from_json(store.read_json(store.run_path("r", "result.json")))
     assert result.status == RunState.STOPPED and "while it waited for a retry" in result.error
+
+
+def test_a_sweep_retries_only_its_lost_experiments(tmp_path, monkeypatch):
+    async def scenario():
+        service, batch, lost, store = _service(tmp_path, monkeypatch, retries=3)
+        done = table.Entry("r-2", "r", "e-2", ExpSpec("r-2", "e-2").to_json(), placed=True)
+        service.entries["r-2"] = done
+        batch.pending.append(done)
+        batch.limit = 2
+        service.pump(batch)
+        done.state = RunState.RUNNING
+        done.begin("n2")
+        service.ended(batch, done, 0)
+        _lose(service, batch, lost, "n1")
+        return service, lost, done
+
+    service, lost, done = asyncio.run(scenario())
+    assert done.state == RunState.SUCCEEDED and done.attempt == 1
+    assert lost.state == RunState.PENDING and lost.attempt == 2
+    assert service.placer.started == [("r", 1), ("r-2", 1), ("r", 2)]
