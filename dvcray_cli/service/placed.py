@@ -206,6 +206,10 @@ class Placer:
             else:
                 entry.lost = f"dvcray's runner on {entry.node or 'its node'} went away (Ray: {first})"
             print(f"dvcray-service: run {entry.run_id} is lost: {entry.lost}", flush=True)
+        except (ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError) as exc:
+            # Ray lost what ran it (its node, its worker): a loss too, never the experiment's failure.
+            entry.lost = f"Ray lost its runner on {entry.node or 'its node'} ({type(exc).__name__})"
+            print(f"dvcray-service: run {entry.run_id} is lost: {entry.lost}: {str(exc)[:300]}", flush=True)
         except Exception as exc:  # noqa: BLE001 - the run fails; the service goes on
             print(f"dvcray-service: run {entry.run_id} could not start: {type(exc).__name__}: {exc}", flush=True)
             code = 1
