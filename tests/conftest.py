@@ -84,6 +84,26 @@ def run_dvcray(*args: str, cwd: Path | None = None, env: dict | None = None,
     return proc
 
 
+# What a user's shell would not carry into a test that plays the user (the test's own Ray, CI, AWS).
+LAPTOP_DROP = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE",
+               "DVC_STUDIO_TOKEN", "CI", "PYTEST_ADDOPTS")
+
+
+def laptop_env(home: Path, user: str, email: str) -> dict[str, str]:
+    """This machine as a user's laptop, for tests that drive ``dvcray`` as its user would:
+    this environment without the test's Ray, CI and AWS variables, a HOME of its own, this
+    venv's tools first, a git identity, nothing that phones home."""
+    env = {k: v for k, v in os.environ.items() if k not in LAPTOP_DROP and not k.startswith("AWS_")}
+    env.update({
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), "XDG_CACHE_HOME": str(home / ".cache"),
+        "RAY_USAGE_STATS_ENABLED": "0", "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "true",
+        "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": user, "GIT_AUTHOR_EMAIL": email,
+        "GIT_COMMITTER_NAME": user, "GIT_COMMITTER_EMAIL": email,
+    })
+    return env
+
+
 def sh(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> str:
     proc = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, **(env or {})})

@@ -37,6 +37,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -123,6 +124,7 @@ class Node:
     hostname: str
     init_pid: int = 0         # host pid of PID 1 of its PID namespace
     pid_ns: str = ""          # "pid:[inode]" of that namespace
+    instance: str = ""        # the cloud instance it stands for (tests/cloudbed.py), if any
 
     @property
     def root(self) -> Path:
@@ -145,6 +147,10 @@ class Bed:
     venv: str
     nodes: list[Node] = field(default_factory=list)
     built_s: float = 0.0
+    # Namespaces on the bridge that are not machines (a client's), and servers the bed
+    # started (``[pid, start time in ticks]``): torn down with it, by name and by pid.
+    extra_netns: list[str] = field(default_factory=list)
+    servers: list[list[int]] = field(default_factory=list)
 
     # ------------------------------------------------------------------ addresses, keys
 
@@ -163,7 +169,10 @@ class Bed:
     def save(self) -> None:
         data = asdict(self)
         path = Path(self.dir) / "bed.json"
-        path.write_text(json.dumps(data, indent=2))
+        # Atomic: a machine joins from a watcher thread while a sweep may read the file.
+        temp = path.with_name(f"bed.json.{os.getpid()}.{threading.get_ident()}")
+        temp.write_text(json.dumps(data, indent=2))
+        os.replace(temp, path)
 
     @classmethod
     def load(cls, folder: Path) -> Bed:
@@ -283,13 +292,21 @@ class Bed:
                 self.kill(node)
             except RuntimeError as exc:
                 problems.append(str(exc))
-        for node in self.nodes:
-            _run(["ip", "netns", "del", node.netns], check=False)
-            shutil.rmtree(Path("/etc/netns") / node.netns, ignore_errors=True)
+        for pid, started in self.servers:
+            if _start_ticks(pid) == started:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for netns in self.extra_netns:
+            problems += kill_netns_processes(netns)
+        for netns in [n.netns for n in self.nodes] + self.extra_netns:
+            _run(["ip", "netns", "del", netns], check=False)
+            shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
         _run(["ip", "link", "del", self.bridge], check=False)
         if not problems:
             shutil.rmtree(self.dir, ignore_errors=True)
-        left = [n.netns for n in self.nodes if n.netns in _netns_names()]
+        left = [n for n in [n.netns for n in self.nodes] + self.extra_netns if n in _netns_names()]
         if left:
             problems.append(f"network namespaces left: {left}")
         if _link_exists(self.bridge):
@@ -332,25 +349,16 @@ def build(count: int, venv: str | None = None, boot_timeout: float = 60) -> Bed:
     Raises:
         BedUnavailable: see ``check_host``.
     """
-    check_host()
     started = time.monotonic()
-    sweep_stale()
-    BEDS.mkdir(parents=True, exist_ok=True)
-    os.chmod(BEDS, 0o700)
-    bed_id = os.urandom(3).hex()
-    folder = BEDS / bed_id
-    folder.mkdir(mode=0o700)
-    bed = Bed(id=bed_id, dir=str(folder), bridge=f"dvb{bed_id}", subnet=_free_subnet(),
-              owner_pid=os.getpid(), venv=str(Path(venv or sys.prefix)))
-    for i in range(count):
-        bed.nodes.append(Node(name=f"n{i}", netns=f"dvcray-{bed_id}-n{i}", ip=f"{bed.subnet}.{10 + i}",
-                              dir=str(folder / f"n{i}"), hostname=f"bed{bed_id}-n{i}"))
-    bed.save()
+    bed = empty(venv)
     try:
-        _keys(folder)
-        _whiteouts(folder / "whiteouts", Path(bed.venv))
-        _network(bed)
+        for i in range(count):
+            bed.nodes.append(Node(name=f"n{i}", netns=f"dvcray-{bed.id}-n{i}", ip=f"{bed.subnet}.{10 + i}",
+                                  dir=str(Path(bed.dir) / f"n{i}"), hostname=f"bed{bed.id}-n{i}"))
+        bed.save()
+        hosts = "127.0.0.1 localhost\n" + "".join(f"{n.ip} {n.hostname}\n" for n in bed.nodes)
         for node in bed.nodes:
+            attach(bed, node.netns, f"{bed.bridge}{node.name}", node.ip, hosts)
             _node_dirs(bed, node)
         for node in bed.nodes:
             bed.start(node, timeout=boot_timeout)
@@ -362,6 +370,79 @@ def build(count: int, venv: str | None = None, boot_timeout: float = 60) -> Bed:
     bed.built_s = time.monotonic() - started
     bed.save()
     return bed
+
+
+def empty(venv: str | None = None) -> Bed:
+    """A bed without machines yet: its folder, keys, the image's whiteouts and the bridge
+    (machines join with ``add_machine``). Stale beds of killed runs are swept first.
+
+    Raises:
+        BedUnavailable: see ``check_host``.
+    """
+    check_host()
+    sweep_stale()
+    BEDS.mkdir(parents=True, exist_ok=True)
+    os.chmod(BEDS, 0o700)
+    bed_id = os.urandom(3).hex()
+    folder = BEDS / bed_id
+    folder.mkdir(mode=0o700)
+    bed = Bed(id=bed_id, dir=str(folder), bridge=f"dvb{bed_id}", subnet=_free_subnet(),
+              owner_pid=os.getpid(), venv=str(Path(venv or sys.prefix)))
+    bed.save()
+    try:
+        _keys(folder)
+        _whiteouts(folder / "whiteouts", Path(bed.venv))
+        _bridge(bed)
+    except BaseException:
+        bed.teardown()
+        raise
+    return bed
+
+
+def add_machine(bed: Bed, name: str, ip: str, hostname: str, authorized_keys: str = "",
+                files: dict[str, str] | None = None, instance: str = "", boot_timeout: float = 60) -> Node:
+    """A machine joins the bed at ``ip`` and boots: its namespaces, disk and sshd, which
+    accepts the bed's key and ``authorized_keys`` (OpenSSH public keys, one a line);
+    ``files`` (``{path under /root: text}``, mode 0600) are on its disk before it boots.
+    Recorded in the bed before anything is made, so teardown finds what was made."""
+    node = Node(name=name, netns=f"dvcray-{bed.id}-{name}", ip=ip, dir=str(Path(bed.dir) / name),
+                hostname=hostname, instance=instance)
+    bed.nodes.append(node)
+    bed.save()
+    attach(bed, node.netns, f"{bed.bridge}{name}", ip, f"127.0.0.1 localhost\n{ip} {hostname}\n")
+    _node_dirs(bed, node, authorized_keys)
+    for rel, text in (files or {}).items():
+        target = node.root / rel
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        target.write_text(text)
+        os.chmod(target, 0o600)
+    bed.start(node, timeout=boot_timeout)
+    _wait_ssh(bed, node, boot_timeout)
+    return node
+
+
+def forget_machine(bed: Bed, node: Node, keep_disk: bool = False) -> None:
+    """A machine leaves the bed for good: killed (by its init's pid), its namespace and
+    link deleted (by name), its folder removed (with ``keep_disk``, left for a post-mortem
+    until the bed goes)."""
+    bed.kill(node)
+    _run(["ip", "netns", "del", node.netns], check=False)
+    shutil.rmtree(Path("/etc/netns") / node.netns, ignore_errors=True)
+    if not keep_disk:
+        shutil.rmtree(node.dir, ignore_errors=True)
+    bed.nodes.remove(node)
+    bed.save()
+
+
+def add_namespace(bed: Bed, name: str, ip: str) -> str:
+    """A network namespace on the bridge that is not a machine (a client's: commands run
+    in it with ``ip netns exec``), at ``ip`` with an on-link default route and no gateway.
+    Recorded in the bed: its processes are killed and it is deleted with the bed."""
+    netns = f"dvcray-{bed.id}-{name}"
+    bed.extra_netns.append(netns)
+    bed.save()
+    attach(bed, netns, f"{bed.bridge}{name}", ip, f"127.0.0.1 localhost\n")
+    return netns
 
 
 def _keys(folder: Path) -> None:
@@ -424,33 +505,37 @@ def _disable_ipv6(interface: str, netns: str | None = None) -> None:
         Path(path).write_text("1")
 
 
-def _network(bed: Bed) -> None:
+def _bridge(bed: Bed) -> None:
     _run(["ip", "link", "add", bed.bridge, "type", "bridge"])
     _disable_ipv6(bed.bridge)
     _run(["ip", "addr", "add", f"{bed.host_ip}/24", "dev", bed.bridge])
     _run(["ip", "link", "set", bed.bridge, "up"])
-    hosts = "127.0.0.1 localhost\n" + "".join(f"{n.ip} {n.hostname}\n" for n in bed.nodes)
-    for i, node in enumerate(bed.nodes):
-        host_end = f"{bed.bridge}n{i}"
-        _run(["ip", "netns", "add", node.netns])
-        etc = Path("/etc/netns") / node.netns
-        etc.mkdir(parents=True, exist_ok=True)
-        (etc / "hosts").write_text(hosts)
-        (etc / "resolv.conf").write_text("# dvcray test bed: no name server\n")
-        _run(["ip", "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", node.netns])
-        _disable_ipv6(host_end)
-        _run(["ip", "link", "set", host_end, "master", bed.bridge])
-        _run(["ip", "link", "set", host_end, "up"])
-        for interface in ("all", "default", "lo", "eth0"):
-            _disable_ipv6(interface, node.netns)
-        _run(["ip", "-n", node.netns, "link", "set", "lo", "up"])
-        _run(["ip", "-n", node.netns, "addr", "add", f"{node.ip}/24", "dev", "eth0"])
-        _run(["ip", "-n", node.netns, "link", "set", "eth0", "up"])
-        # On-link, no gateway: Ray's "which address do I use" finds eth0's, nothing is routed.
-        _run(["ip", "-n", node.netns, "route", "add", "default", "dev", "eth0"])
 
 
-def _node_dirs(bed: Bed, node: Node) -> None:
+def attach(bed: Bed, netns: str, link: str, ip: str, hosts: str) -> None:
+    """Make the network namespace ``netns`` with ``eth0`` at ``ip`` on the bed's bridge
+    (its host end named ``link``), ``hosts`` as its /etc/hosts and no name server."""
+    if len(link) > 15:
+        raise ValueError(f"link name {link!r} is longer than 15 characters")
+    _run(["ip", "netns", "add", netns])
+    etc = Path("/etc/netns") / netns
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "hosts").write_text(hosts)
+    (etc / "resolv.conf").write_text("# dvcray test bed: no name server\n")
+    _run(["ip", "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", netns])
+    _disable_ipv6(link)
+    _run(["ip", "link", "set", link, "master", bed.bridge])
+    _run(["ip", "link", "set", link, "up"])
+    for interface in ("all", "default", "lo", "eth0"):
+        _disable_ipv6(interface, netns)
+    _run(["ip", "-n", netns, "link", "set", "lo", "up"])
+    _run(["ip", "-n", netns, "addr", "add", f"{ip}/24", "dev", "eth0"])
+    _run(["ip", "-n", netns, "link", "set", "eth0", "up"])
+    # On-link, no gateway: Ray's "which address do I use" finds eth0's, nothing is routed.
+    _run(["ip", "-n", netns, "route", "add", "default", "dev", "eth0"])
+
+
+def _node_dirs(bed: Bed, node: Node, authorized_keys: str = "") -> None:
     nd = Path(node.dir)
     nd.mkdir()
     for sub in ("upper", "work"):
@@ -460,7 +545,7 @@ def _node_dirs(bed: Bed, node: Node) -> None:
     os.chmod(root, 0o700)
     os.chmod(root / ".ssh", 0o700)
     pub = (Path(bed.dir) / "id_bed.pub").read_text()
-    (root / ".ssh" / "authorized_keys").write_text(pub)
+    (root / ".ssh" / "authorized_keys").write_text(pub + authorized_keys.strip() + "\n" if authorized_keys else pub)
     os.chmod(root / ".ssh" / "authorized_keys", 0o600)
     # The machine's Python: login shells (Ray runs every command in one) put the image first.
     # No tool on a node phones home (nothing could leave the bridge anyway).
@@ -557,6 +642,48 @@ def _child_of(pid: int, timeout: float) -> int:
                 return int(child)
         time.sleep(0.05)
     raise RuntimeError(f"no init process appeared under pid {pid}")
+
+
+def _start_ticks(pid: int) -> int:
+    """When ``pid`` started (clock ticks after boot): with the pid, names one process for good."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def server_entry(pid: int) -> list[int]:
+    """``[pid, start time]`` of a server the bed started, for ``Bed.servers``."""
+    return [pid, _start_ticks(pid)]
+
+
+def kill_netns_processes(netns: str, timeout: float = 10) -> list[str]:
+    """SIGKILL every process that lives in the network namespace ``netns`` (one the bed
+    made: what runs there was started in it by the bed's user); returns problems."""
+    try:
+        inode = os.stat(f"/run/netns/{netns}").st_ino
+    except OSError:
+        return []
+    deadline = time.monotonic() + timeout
+    while True:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if os.stat(entry / "ns" / "net").st_ino == inode and _state(int(entry.name)) != "Z":
+                        found.append(int(entry.name))
+                except OSError:
+                    continue
+        if not found:
+            return []
+        if time.monotonic() > deadline:
+            return [f"processes {found} kept running in {netns}"]
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
 
 
 def _netns_names() -> list[str]:

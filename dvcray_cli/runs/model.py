@@ -70,6 +70,7 @@ class RunOptions:
     copy_paths: list[str] = field(default_factory=list)
     cpus_per_exp: float | None = None  # reserve for each runner: Ray places it where there is room
     gpus_per_exp: float | None = None
+    env: list[str] = field(default_factory=list)  # --env NAME=VALUE / NAME, as given (runs.stage_env)
     retries: int | None = None  # how often a run lost with its machine is retried (None: the project's, or 3)
 
 
@@ -154,6 +155,10 @@ class Manifest:
     # How many commits the snapshot's bundle carries as first sent (0: none, the cluster had HEAD; -1:
     # not counted): what a thin bundle saved is visible in the store (DESIGN.md, "Snapshot").
     bundle_commits: int = -1
+    # The stage's environment (runs/stage_env.py): variables by name (never secret-like names:
+    # this goes to the store), and PYTHONPATH entries relative to the DVC root.
+    env: dict[str, str] = field(default_factory=dict)
+    pythonpath: list[str] = field(default_factory=list)
     # How often the runner service submits an experiment lost with its machine again (0: never).
     retries: int = 0
 
@@ -175,6 +180,9 @@ class Manifest:
         manifest.retries = manifest.retries if isinstance(manifest.retries, int) and manifest.retries > 0 else 0
         manifest.worktree_flags = {k: [p for p in v if isinstance(p, str)]
                                    for k, v in _mapping(manifest.worktree_flags).items() if isinstance(v, list)}
+        manifest.env = {k: v for k, v in _mapping(manifest.env).items() if isinstance(v, str)}
+        manifest.pythonpath = [p for p in manifest.pythonpath if isinstance(p, str)] \
+            if isinstance(manifest.pythonpath, list) else []
         return manifest
 
     def specs(self) -> list[ExpSpec]:
@@ -337,6 +345,7 @@ class RunRecord:
     # How it runs (``runs.backends``): "job" (a Ray Job) or "service" (the cluster's runner service)
     backend: str = ""
     service: str = ""              # the runner service that runs it (its Ray Job id); "": a Ray Job of its own
+    env: list[str] = field(default_factory=list)  # the names of the variables it carried (never values)
     attempts: list[Attempt] = field(default_factory=list)  # its tries, once it was retried or lost
 
     def to_json(self) -> dict[str, Any]:
@@ -356,6 +365,7 @@ class RunRecord:
         record.submitted = _number(record.submitted) or 0.0
         record.job_id = record.job_id if isinstance(record.job_id, str) and record.job_id else record.run_id
         record.service = record.service if isinstance(record.service, str) else ""
+        record.env = [n for n in record.env if isinstance(n, str)] if isinstance(record.env, list) else []
         record.attempts = attempts_of([a.to_json() if isinstance(a, Attempt) else a for a in record.attempts]
                                       if isinstance(record.attempts, list) else [])
         if not isinstance(record.backend, str) or not record.backend:  # a record from before it was named

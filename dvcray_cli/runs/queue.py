@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from dvcray_cli import gitutil
 from dvcray_cli.errors import UsageError
-from dvcray_cli.runs import snapshot
+from dvcray_cli.runs import snapshot, stage_env
 from dvcray_cli.runs.model import ExpRef, ExpSpec, RunId, RunOptions, valid_exp_name
 from dvcray_cli.runs.project import Project, find_project, open_repo
 from dvcray_cli.runs.submit import prepare
@@ -200,6 +200,7 @@ def start(opts: RunOptions, names: list[str], cwd: Path, say: Callable[[str], No
     """
     if jobs is not None and jobs < 1:
         raise UsageError("--jobs must be at least 1.")
+    stage_env.parse(opts.env)  # a bad --env is refused even when nothing is queued
     picked = read_queue(find_project(cwd), names)
     if not picked:
         say("DVC's queue has no experiments waiting. Queue one with: dvc exp run --queue -S KEY=VALUE")

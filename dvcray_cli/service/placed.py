@@ -192,9 +192,12 @@ class Placer:
             while await self.refresh(entry):  # its last lines too
                 pass
             actor.forget.remote(key)
-        except ray.exceptions.RayActorError as exc:
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError,
+                ray.exceptions.NodeDiedError) as exc:
             # Not the experiment's failure: the runner it ran under went away, with its machine
-            # (died, spot instance reclaimed) or alone (its process killed). It is lost.
+            # (died, spot instance reclaimed) or alone (its process killed), or the reserved node
+            # died before the runner started there (unschedulable: a spot worker reclaimed as it
+            # joined). It is lost.
             said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             print(f"dvcray-service: the runner of run {entry.run_id} on {entry.node or 'its node'} died: "
                   f"{said[:300]}", flush=True)
@@ -206,7 +209,7 @@ class Placer:
             else:
                 entry.lost = f"dvcray's runner on {entry.node or 'its node'} went away (Ray: {first})"
             print(f"dvcray-service: run {entry.run_id} is lost: {entry.lost}", flush=True)
-        except (ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError) as exc:
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError) as exc:
             # Ray lost what ran it (its node, its worker): a loss too, never the experiment's failure.
             entry.lost = f"Ray lost its runner on {entry.node or 'its node'} ({type(exc).__name__})"
             print(f"dvcray-service: run {entry.run_id} is lost: {entry.lost}: {str(exc)[:300]}", flush=True)

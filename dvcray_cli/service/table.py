@@ -119,7 +119,7 @@ class RunnerService:
         self.node = socket.gethostname()
         self.grace = ray_api.stop_grace_s()
         self.placer: Any = None  # placed.Placer, made for the first placed experiment
-        self.writes: set[asyncio.Task] = set()  # records on their way to a store
+        self.writes: dict[str, asyncio.Task] = {}  # each run's latest record on its way to a store
 
     # ------------------------------------------------------------------ changes
 
@@ -221,18 +221,22 @@ class RunnerService:
         self.record(batch, entry)
 
     def record(self, batch: Batch, entry: Entry, ended: RunState | None = None) -> None:
-        """The run's attempts to the store, in the background (``retries.record``)."""
+        """The run's attempts to the store, in the background (``retries.record``), one write
+        of a run after the other (an older list never lands after a newer one)."""
         attempts = [Attempt(**vars(a)) for a in entry.attempts]
+        before = self.writes.get(entry.run_id)
 
         async def write() -> None:
+            if before is not None:
+                await asyncio.wait([before])
             problem = await asyncio.to_thread(retries.record, batch.manifest, entry.run_id, entry.exp_name,
                                               attempts, ended)
             if problem:
                 say(f"run {entry.run_id}: could not record its attempts in the store: {problem}")
 
-        task = asyncio.get_running_loop().create_task(write())
-        self.writes.add(task)
-        task.add_done_callback(self.writes.discard)
+        task = self.writes[entry.run_id] = asyncio.get_running_loop().create_task(write())
+        task.add_done_callback(lambda done: self.writes.pop(entry.run_id, None) if self.writes.get(
+            entry.run_id) is done else None)
 
     def pump(self, batch: Batch) -> None:
         """Start the batch's next experiments while it has room; forget it once all ended."""

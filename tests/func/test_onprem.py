@@ -30,15 +30,14 @@ import pytest
 import yaml
 
 import testbed
-from conftest import REPO, free_port, sh
+from conftest import REPO, free_port, laptop_env, sh
 from test_run import exp_metrics, exp_refs
-from test_run_s3 import bucket_objects
+from test_run_s3 import bucket_objects, wait_stage_started
+from test_stage_env import SPEC as SRC_LAYOUT, seen_by
 
 pytestmark = pytest.mark.slow
 
 BUCKET = "lab-store"
-_DROP = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE",
-         "DVC_STUDIO_TOKEN", "CI", "PYTEST_ADDOPTS")
 TIMES: dict[str, float] = {}
 
 
@@ -126,15 +125,8 @@ def client(bed, s3, tmp_path_factory):
     """This machine as a user's laptop: a HOME of its own, a project (first commit shared by
     every clone) whose DVC default remote is the bucket, credentials for it."""
     home = tmp_path_factory.mktemp("lab-home")
-    env = {k: v for k, v in os.environ.items() if k not in _DROP and not k.startswith("AWS_")}
-    env.update({
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), "XDG_CACHE_HOME": str(home / ".cache"),
-        "RAY_USAGE_STATS_ENABLED": "0", "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "true",
-        "GIT_CONFIG_NOSYSTEM": "1", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1", "GIT_AUTHOR_NAME": "Lab User", "GIT_AUTHOR_EMAIL": "lab@example.com",
-        "GIT_COMMITTER_NAME": "Lab User", "GIT_COMMITTER_EMAIL": "lab@example.com",
-    })
+    env = laptop_env(home, "Lab User", "lab@example.com")
+    env.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
     root = tmp_path_factory.mktemp("lab-projects")
     origin = root / "origin"
     origin.mkdir()
@@ -430,6 +422,32 @@ def test_run_puts_its_runner_on_a_worker_and_its_tasks_on_the_other(bed, client,
     assert (project / "result.txt").read_text() == f"made by edited on {out['task_host']}\n"
 
 
+def test_a_src_layout_with_pythonpath_runs_its_own_copy_on_the_machines(bed, client, lab):
+    """``export PYTHONPATH=$PWD`` (issue 17): the stage on a worker, a Ray task on the other and a Ray
+    Train worker import ``src.*`` from the run's copy; ``--env`` and the project's list reach them all."""
+    project = _clone(client, "src-layout")
+    sh("dvc", "init", "-q", cwd=project, env=client.env)
+    _with_store(client, project)
+    for rel, text in SRC_LAYOUT.items():
+        (project / rel).parent.mkdir(parents=True, exist_ok=True)
+        (project / rel).write_text(text)
+    sh("git", "add", "-A", cwd=project, env=client.env)
+    sh("git", "commit", "-qm", "a src/ layout", cwd=project, env=client.env)
+    env = {**client.env, "PYTHONPATH": str(project), "SEED": "seed-bed", "LISTED": "listed-bed"}
+    proc = _dvcray("run", "-n", "srcbed", "--cpus-per-exp", "1", "--env", "MODE=bed-mode", "--env", "SEED",
+                   "--env", "TRAIN=1", "--env", "TASK_CPUS=2", env=env, cwd=project, timeout=900)
+    assert proc.returncode == 0, _out(proc)
+    seen = seen_by(project, "srcbed")
+    workers = {bed.node("n1").hostname, bed.node("n2").hostname}
+    for who in ("stage", "task", "train"):
+        view = seen[who]
+        assert view["value"] == 1 and view["host"] in workers, (who, view)
+        assert (view["MODE"], view["SEED"], view["LISTED"]) == ("bed-mode", "seed-bed", "listed-bed"), (who, view)
+    assert seen["task"]["host"] != seen["stage"]["host"], "the task ran on the other machine"
+    assert str(project) not in seen["stage"]["pythonpath"], "never this machine's working copy"
+    assert _manifest(client, "srcbed")["pythonpath"] == ["."]
+
+
 def test_mnist_across_the_machines_keeps_ray_train_checkpoints_in_the_store(bed, client, lab):
     project = _clone(client, "mnist")
     proc = _dvcray("scaffold", "mnist", str(project), "--set", "data.source=digits", env=client.env,
@@ -554,19 +572,10 @@ def test_with_retries_off_a_lost_worker_ends_its_run_lost_with_its_log_and_the_n
     run = subprocess.Popen([sys.executable, "-m", "dvcray_cli", "run", "-n", "doomed", "--cpus-per-exp", "1",
                             "--retries", "0"],
                            cwd=project, env=client.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    victim = None
     try:
-        deadline = time.monotonic() + 180
-        while victim is None and time.monotonic() < deadline:
-            assert run.poll() is None, run.communicate()
-            for key, data in bucket_objects(client.s3, BUCKET).items():
-                # A running run's log is in the store as pieces (log.parts/NNNNNN); log.txt comes at its end.
-                if ("/log.parts/" in key or key.endswith("/log.txt")) and b"STAGE-STARTED on" in data:
-                    host = data.split(b"STAGE-STARTED on ", 1)[1].split()[0].decode()
-                    victim = bed.node(host)
-                    run_id = key.split("/runs/", 1)[1].split("/")[0]
-            time.sleep(1)
-        assert victim is not None and victim.name in ("n1", "n2"), "the stage did not start on a worker"
+        host, run_id = wait_stage_started(client.s3, BUCKET, run, 180)
+        victim = bed.node(host)
+        assert victim.name in ("n1", "n2"), "the stage did not start on a worker"
         # The runner service's run counts: `down` without --yes is refused, naming it.
         refused = _dvcray("cluster", "down", str(lab.config), env=client.env, cwd=lab.project)
         assert refused.returncode == 2 and run_id in refused.stderr, _out(refused)

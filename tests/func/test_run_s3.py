@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import boto3
@@ -46,6 +47,21 @@ def bucket_objects(endpoint: str, bucket: str) -> dict[str, bytes]:
         for obj in page.get("Contents", []):
             found[obj["Key"]] = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
     return found
+
+
+def wait_stage_started(endpoint: str, bucket: str, run, timeout: float,
+                       marker: bytes = b"STAGE-STARTED on") -> tuple[str, str]:
+    """Wait until a running run's log in the store has ``marker HOST`` (a stage's first
+    line); returns ``(HOST, run id)``. ``run`` (the ``dvcray run`` process) must not end first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert run.poll() is None, run.communicate()
+        for key, data in bucket_objects(endpoint, bucket).items():
+            # A running run's log is in the store as pieces (log.parts/NNNNNN); log.txt comes at its end.
+            if ("/log.parts/" in key or key.endswith("/log.txt")) and marker in data:
+                return data.split(marker + b" ", 1)[1].split()[0].decode(), key.split("/runs/", 1)[1].split("/")[0]
+        time.sleep(1)
+    raise AssertionError(f"no stage started within {timeout:.0f} s")
 
 
 def test_s3_store_from_dvc_default_remote_and_no_secret_reaches_ray(s3_head, s3_bucket, make_dvc_project,

@@ -13,7 +13,6 @@ from dvcray_cli.errors import UsageError
 from dvcray_cli.runs import settings
 from dvcray_cli.runs.logtee import StoreLog
 from dvcray_cli.runs.model import ExpSpec, Manifest, RunOptions, RunRecord, RunResult, RunStatus, attempt_file
-from dvcray_cli.runs.project import Project
 from dvcray_cli.runs.submit import retries_for
 from dvcray_cli.service import protocol, table
 from dvcray_cli.service.protocol import LOST_EXIT, Attempt, RunState, ended_as, losses_text, retry
@@ -84,13 +83,12 @@ def test_records_carry_attempts_and_old_records_still_read():
 
 
 def test_retries_come_from_the_option_then_the_project_then_the_default(tmp_path):
-    project = Project(tmp_path, tmp_path, "0" * 40, ("a", "b"))
-    assert retries_for(RunOptions(), project) == protocol.DEFAULT_RETRIES
+    assert retries_for(RunOptions(), settings.read(tmp_path)) == protocol.DEFAULT_RETRIES
     (tmp_path / settings.FILE).write_text("[tool.dvcray]\nretries = 1\n")
-    assert retries_for(RunOptions(), project) == 1
-    assert retries_for(RunOptions(retries=0), project) == 0
+    assert retries_for(RunOptions(), settings.read(tmp_path)) == 1
+    assert retries_for(RunOptions(retries=0), settings.read(tmp_path)) == 0
     with pytest.raises(UsageError, match="--retries must be 0 or more"):
-        retries_for(RunOptions(retries=-1), project)
+        retries_for(RunOptions(retries=-1), settings.read(tmp_path))
 
 
 def test_the_store_log_of_a_retried_run_is_each_attempts_in_order_with_a_line_between(tmp_path):
@@ -146,7 +144,7 @@ def test_a_lost_placed_run_goes_back_for_another_attempt_until_its_retries_are_s
         assert "machine n1 lost (its node n1 died); retrying (1/1)" in (service.logs_dir / "r.log").read_text()
         assert service.placer.started == [("r", 1), ("r", 2)], "submitted again, from the same snapshot"
         _lose(service, batch, entry, "n2")
-        await asyncio.gather(*service.writes)
+        await asyncio.gather(*service.writes.values())
         return entry, store, service
 
     entry, store, service = asyncio.run(scenario())
@@ -180,7 +178,7 @@ def test_a_run_waiting_for_its_retry_stops_at_once_and_says_so_in_the_store(tmp_
         _lose(service, batch, entry, "n1")
         assert entry.state == RunState.PENDING and entry in batch.pending
         service.stop_entry(entry)
-        await asyncio.gather(*service.writes)
+        await asyncio.gather(*service.writes.values())
         return entry, store
 
     entry, store = asyncio.run(scenario())
