@@ -53,6 +53,16 @@ class Lines:
         return "".join(line for _, line in self.lines)
 
 
+def _reboot(bed, node, timeout: float = 240) -> None:
+    """The machine comes back, and Ray's autoscaler starts Ray there again (over SSH, from the
+    head): wait for that, so that the lab's ``cluster down`` does not race it."""
+    bed.start(node)
+    deadline = time.monotonic() + timeout
+    while not any(" raylet" in p or "/raylet " in p for p in bed.ray_processes(node)) \
+            and time.monotonic() < deadline:
+        time.sleep(2)
+
+
 def test_a_killed_machine_mid_stage_is_retried_elsewhere_and_resumes(bed, client, lab):
     project = _clone(client, "resumed")
     sh("dvc", "init", "-q", cwd=project, env=client.env)
@@ -89,7 +99,7 @@ def test_a_killed_machine_mid_stage_is_retried_elsewhere_and_resumes(bed, client
             run.kill()
             run.wait()
         if victim is not None:
-            bed.start(victim)     # a reboot: the lab's teardown takes it down with the others
+            _reboot(bed, victim)
     out = lines.text
     assert run.returncode == 0, f"exit {run.returncode}\n{out[-4000:]}\n{stderr[-4000:]}"
     found = events(client.s3, BUCKET, salt)
