@@ -130,7 +130,8 @@ class Sweep:
                 state.state = RunState.LOST if lost else info.state
                 state.outcome = Outcome(run_id=state.spec.run_id, status=state.state.value,
                                         exp_name=state.spec.exp_name,
-                                        error=info.lost or "the runner ended without a result", store=store.url)
+                                        error=info.lost or "the runner ended without a result", store=store.url,
+                                        attempts=[a.to_json() for a in info.attempts])
                 state.ended = time.time()
                 return True
             status = RunStatus.from_json(store.read_json(store.run_path(state.spec.run_id, STATUS)))

@@ -651,7 +651,9 @@ time.sleep(600)
 """
 
 
-def test_a_lost_worker_ends_its_run_lost_with_its_log_and_the_next_run_works(bed, client, lab):
+def test_with_retries_off_a_lost_worker_ends_its_run_lost_with_its_log_and_the_next_run_works(bed, client, lab):
+    """``--retries 0``: the run ends LOST, exit 3, as before retries (with them, the run goes on
+    on the other worker: test_retry_onprem.py)."""
     project = _clone(client, "doomed")
     sh("dvc", "init", "-q", cwd=project, env=client.env)
     _with_store(client, project)
@@ -659,7 +661,8 @@ def test_a_lost_worker_ends_its_run_lost_with_its_log_and_the_next_run_works(bed
     (project / "dvc.yaml").write_text("stages:\n  s:\n    cmd: python stage.py\n    deps: [stage.py]\n")
     sh("git", "add", "-A", cwd=project, env=client.env)
     sh("git", "commit", "-qm", "a long stage", cwd=project, env=client.env)
-    run = subprocess.Popen([sys.executable, "-m", "dvcray_cli", "run", "-n", "doomed", "--cpus-per-exp", "1"],
+    run = subprocess.Popen([sys.executable, "-m", "dvcray_cli", "run", "-n", "doomed", "--cpus-per-exp", "1",
+                            "--retries", "0"],
                            cwd=project, env=client.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         host, run_id = wait_stage_started(client.s3, BUCKET, run, 180)
