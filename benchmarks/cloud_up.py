@@ -114,13 +114,13 @@ def measure(cloud: cloudbed.Cloud, rounds: int) -> dict[str, dict[str, list[floa
             down()
 
     run: dict[str, list[float]] = {"`dvcray run` to the stage's first log line (no worker)": [],
-                                   "spot reclaim to LOST (exit 3)": []}
+                                   "spot reclaim to LOST (exit 3, `--retries 0`)": []}
     dvcray("cluster", "up", str(config), "--yes")
     try:
         for i in range(rounds):
             first, lost = doomed_run(cloud, env, project, f"doomed{i}-{os.getpid()}")
             run["`dvcray run` to the stage's first log line (no worker)"].append(first)
-            run["spot reclaim to LOST (exit 3)"].append(lost)
+            run["spot reclaim to LOST (exit 3, `--retries 0`)"].append(lost)
             print(f"round {i + 1}: first line {first:.1f} s, reclaim to LOST {lost:.1f} s", flush=True)
     finally:
         down()
@@ -132,7 +132,7 @@ def doomed_run(cloud: cloudbed.Cloud, env: dict[str, str], project: Path, name: 
     then its worker is reclaimed: seconds until the run ends LOST."""
     start = time.perf_counter()
     proc = subprocess.Popen(cloud.command([sys.executable, "-m", "dvcray_cli", "run", "-n", name,
-                                           "--cpus-per-exp", "1"]), cwd=project, env=env,
+                                           "--cpus-per-exp", "1", "--retries", "0"]), cwd=project, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = threading.Event()
     host: list[str] = []

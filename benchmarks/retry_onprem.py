@@ -1,8 +1,8 @@
 """Work redone after a machine is lost mid-run, and how soon the run goes on, on the on-prem bed.
 
-Runs ``tests/func/test_retry_onprem.py`` (machines made of namespaces: Ray's on-prem launcher
-over SSH, head n0 and workers n1, n2, an S3 store on a moto server on the bed's bridge) ``-n``
-times. Each time a three-stage pipeline runs with ``--cpus-per-exp 1``; its middle stage
+Runs ``tests/func/test_onprem.py -k killed_machine_mid_stage`` (machines made of namespaces:
+Ray's on-prem launcher over SSH, head n0 and workers n1, n2, an S3 store on a moto server on the
+bed's bridge) ``-n`` times. Each time a three-stage pipeline runs with ``--cpus-per-exp 1``; its middle stage
 checkpoints every 2 s epoch in the store; after its second epoch the machine it runs on is
 killed (every process at once). The test writes what it measured (``DVCRAY_BENCH_OUT``):
 
@@ -46,7 +46,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="dvcray-retry-bench-") as tmp:
             out = Path(tmp) / "measured.json"
             proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                   str(REPO / "tests/func/test_retry_onprem.py")], cwd=REPO,
+                                   str(REPO / "tests/func/test_onprem.py"), "-k",
+                                   "killed_machine_mid_stage"], cwd=REPO,
                                   env={**os.environ, "DVCRAY_BENCH_OUT": str(out)}, capture_output=True, text=True)
             if proc.returncode != 0 or not out.exists():
                 raise SystemExit(f"round {i + 1} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")

@@ -497,3 +497,114 @@ def seen_by(root: Path, exp_name: str) -> dict:
     leaves out values that are no numbers)."""
     [ref] = [r for r in exp_refs(root) if r.endswith(f"/{exp_name}")]
     return json.loads(sh("git", "show", f"{ref}:seen.json", cwd=root))
+
+
+CLUSTER_ENV_DROP = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE",
+         "DVC_STUDIO_TOKEN", "CI")
+
+
+def cluster_env(home: Path) -> dict[str, str]:
+    """The environment ``dvcray cluster up`` of a local multi-node cluster runs with: HOME of its
+    own, no Ray address or token of this shell's, the nodes' own AWS credentials."""
+    env = {k: v for k, v in os.environ.items() if k not in CLUSTER_ENV_DROP and not k.startswith("AWS_")}
+    env.update({
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), "XDG_CACHE_HOME": str(home / ".cache"),
+        "RAY_USAGE_STATS_ENABLED": "0", "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "true",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        # The nodes' own credentials (an instance profile on AWS); the client's never travel.
+        "AWS_ACCESS_KEY_ID": "node-key", "AWS_SECRET_ACCESS_KEY": "node-secret", "AWS_DEFAULT_REGION": "us-east-1",
+    })
+    return env
+
+
+# Three stages; the middle one keeps its epoch where dvcray tells Ray to keep checkpoints (the
+# store), under a name that is the same for every attempt of a run (``integrations.storage``),
+# through pyarrow as Ray Train does. Each stage counts what it does in the bucket, an object per
+# event (``counts/SALT/EVENT-UNIQUE``, holding ``HOST PID``): a machine's own disk dies with it.
+RETRY_STAGES = """\
+import json, os, socket, sys, time, uuid
+from pathlib import Path
+import pyarrow.fs, yaml
+from dvcray_cli.integrations.storage import run_name, storage_path
+
+params = yaml.safe_load(open("params.yaml"))
+fs, root = pyarrow.fs.FileSystem.from_uri(storage_path(None))
+bucket = root.split("/", 1)[0]
+
+def mark(event):
+    with fs.open_output_stream(f"{bucket}/counts/{params['salt']}/{event}-{uuid.uuid4().hex[:8]}") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}".encode())
+
+stage = sys.argv[1]
+if stage == "a":
+    mark("a")
+    Path("a.txt").write_text(f"a {params['salt']}\\n")
+elif stage == "b":
+    folder = f"{root}/{run_name('b')}"
+    try:
+        with fs.open_input_stream(f"{folder}/epoch.json") as f:
+            start = json.loads(f.read())["epoch"]
+    except (FileNotFoundError, OSError):
+        start = 0
+    mark(f"b-start-{start}")
+    print(f"STAGE-B on {socket.gethostname()} from epoch {start}", flush=True)
+    fs.create_dir(folder)
+    for epoch in range(start + 1, params["epochs"] + 1):
+        time.sleep(params["sleep"])
+        with fs.open_output_stream(f"{folder}/epoch.json") as f:
+            f.write(json.dumps({"epoch": epoch}).encode())
+        mark(f"b-epoch-{epoch}")
+        print(f"EPOCH {epoch}", flush=True)
+    Path("b.txt").write_text(f"b resumed from {start}\\n")
+elif stage == "c":
+    mark("c")
+    json.dump({"b": open("b.txt").read().strip()}, open("c.json", "w"))
+"""
+
+RETRY_PIPELINE = """\
+stages:
+  a:
+    cmd: python stages.py a
+    deps: [stages.py]
+    params: [salt]
+    outs: [a.txt]
+  b:
+    cmd: python stages.py b
+    deps: [stages.py, a.txt]
+    params: [epochs, sleep]
+    outs: [b.txt]
+  c:
+    cmd: python stages.py c
+    deps: [stages.py, b.txt]
+    metrics: [{c.json: {cache: false}}]
+"""
+
+def retry_events(endpoint: str, bucket: str, salt: str) -> dict[str, str]:
+    """``{EVENT-UNIQUE: "HOST PID"}`` of what the stages counted (``RETRY_STAGES``)."""
+    import boto3
+
+    api = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x",
+                       aws_secret_access_key="x")
+    prefix = f"counts/{salt}/"
+    found = {}
+    for page in api.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            found[obj["Key"][len(prefix):]] = api.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
+    return found
+
+
+def retry_count(found: dict[str, str], name: str) -> int:
+    """How often event ``name`` happened (``b-epoch``: any epoch of stage b)."""
+    names = [key.rsplit("-", 1)[0] for key in found]     # the unique part off
+    return sum(1 for n in names if n == name or n.startswith(name + "-"))
+
+
+def retry_starts(found: dict[str, str]) -> list[tuple[int, str, int]]:
+    """``(epoch, host, pid)`` of each start of stage b, in order."""
+    begun = []
+    for key, value in found.items():
+        if key.startswith("b-start-"):
+            host, pid = (value.split() + ["", "0"])[:2]
+            begun.append((int(key.split("-")[2]), host, int(pid)))
+    return sorted(begun)

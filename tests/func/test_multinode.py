@@ -23,31 +23,15 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from helpers import bucket_objects, exp_metrics, s3_default_remote, sh, store_log
+from helpers import bucket_objects, cluster_env, exp_metrics, s3_default_remote, sh, store_log
 
 pytestmark = pytest.mark.slow
 
 HEAD_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"  # fake_multinode's head node id
-_DROP = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE",
-         "DVC_STUDIO_TOKEN", "CI")
-
 
 def _dvcray(*args: str, env: dict, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dvcray_cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def _cluster_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _DROP and not k.startswith("AWS_")}
-    env.update({
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), "XDG_CACHE_HOME": str(home / ".cache"),
-        "RAY_USAGE_STATS_ENABLED": "0", "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "true",
-        "GIT_CONFIG_NOSYSTEM": "1",
-        # The nodes' own credentials (an instance profile on AWS); the client's never travel.
-        "AWS_ACCESS_KEY_ID": "node-key", "AWS_SECRET_ACCESS_KEY": "node-secret", "AWS_DEFAULT_REGION": "us-east-1",
-    })
-    return env
 
 
 def _left_behind(gcs_address: str, temp_dir: str) -> list[str]:
@@ -75,7 +59,7 @@ def multinode(tmp_path_factory):
     from dvcray_cli.clusters import local
 
     home = tmp_path_factory.mktemp("multinode-home")
-    env = _cluster_env(home)
+    env = cluster_env(home)
     t = time.monotonic()
     proc = _dvcray("cluster", "up", "local-multinode", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -6,7 +6,7 @@ workers (``--cpus-per-exp``), where the runner service retries them.
 
 Each stage of the test pipeline appends a line to a file outside the run (``runs.txt``):
 how often each command ran, and the epoch the checkpointing stage started from. The same
-scenario on machines of their own (a namespace test bed): ``test_retry_onprem.py``.
+scenario on machines of their own (a namespace test bed): ``test_onprem.py`` (a killed machine mid-stage).
 """
 
 from __future__ import annotations
@@ -24,74 +24,16 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from conftest import sh
-from test_multinode import _cluster_env, _dvcray
-from test_run import exp_metrics
-from test_run_s3 import bucket_objects
+from helpers import (RETRY_PIPELINE, RETRY_STAGES, bucket_objects, cluster_env, exp_metrics, retry_count, retry_events,
+                     retry_starts, sh)
 
 pytestmark = pytest.mark.slow
 
-# Three stages; the middle one keeps its epoch where dvcray tells Ray to keep checkpoints (the
-# store), under a name that is the same for every attempt of a run (``integrations.storage``),
-# through pyarrow as Ray Train does. Each stage counts what it does in the bucket, an object per
-# event (``counts/SALT/EVENT-UNIQUE``, holding ``HOST PID``): a machine's own disk dies with it.
-STAGES = """\
-import json, os, socket, sys, time, uuid
-from pathlib import Path
-import pyarrow.fs, yaml
-from dvcray_cli.integrations.storage import run_name, storage_path
 
-params = yaml.safe_load(open("params.yaml"))
-fs, root = pyarrow.fs.FileSystem.from_uri(storage_path(None))
-bucket = root.split("/", 1)[0]
+def dvcray(*args: str, env: dict, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvcray_cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
-def mark(event):
-    with fs.open_output_stream(f"{bucket}/counts/{params['salt']}/{event}-{uuid.uuid4().hex[:8]}") as f:
-        f.write(f"{socket.gethostname()} {os.getpid()}".encode())
-
-stage = sys.argv[1]
-if stage == "a":
-    mark("a")
-    Path("a.txt").write_text(f"a {params['salt']}\\n")
-elif stage == "b":
-    folder = f"{root}/{run_name('b')}"
-    try:
-        with fs.open_input_stream(f"{folder}/epoch.json") as f:
-            start = json.loads(f.read())["epoch"]
-    except (FileNotFoundError, OSError):
-        start = 0
-    mark(f"b-start-{start}")
-    print(f"STAGE-B on {socket.gethostname()} from epoch {start}", flush=True)
-    fs.create_dir(folder)
-    for epoch in range(start + 1, params["epochs"] + 1):
-        time.sleep(params["sleep"])
-        with fs.open_output_stream(f"{folder}/epoch.json") as f:
-            f.write(json.dumps({"epoch": epoch}).encode())
-        mark(f"b-epoch-{epoch}")
-        print(f"EPOCH {epoch}", flush=True)
-    Path("b.txt").write_text(f"b resumed from {start}\\n")
-elif stage == "c":
-    mark("c")
-    json.dump({"b": open("b.txt").read().strip()}, open("c.json", "w"))
-"""
-
-PIPELINE = """\
-stages:
-  a:
-    cmd: python stages.py a
-    deps: [stages.py]
-    params: [salt]
-    outs: [a.txt]
-  b:
-    cmd: python stages.py b
-    deps: [stages.py, a.txt]
-    params: [epochs, sleep]
-    outs: [b.txt]
-  c:
-    cmd: python stages.py c
-    deps: [stages.py, b.txt]
-    metrics: [{c.json: {cache: false}}]
-"""
 
 LONG_STAGE = """\
 import os, socket, time, yaml
@@ -103,35 +45,6 @@ print("STAGE-STARTED", os.getpid(), flush=True)
 time.sleep(600)
 """
 
-
-def events(endpoint: str, bucket: str, salt: str) -> dict[str, str]:
-    """``{EVENT-UNIQUE: "HOST PID"}`` of what the stages counted (``STAGES``)."""
-    import boto3
-
-    api = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x",
-                       aws_secret_access_key="x")
-    prefix = f"counts/{salt}/"
-    found = {}
-    for page in api.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            found[obj["Key"][len(prefix):]] = api.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
-    return found
-
-
-def count(found: dict[str, str], name: str) -> int:
-    """How often event ``name`` happened (``b-epoch``: any epoch of stage b)."""
-    names = [key.rsplit("-", 1)[0] for key in found]     # the unique part off
-    return sum(1 for n in names if n == name or n.startswith(name + "-"))
-
-
-def starts(found: dict[str, str]) -> list[tuple[int, str, int]]:
-    """``(epoch, host, pid)`` of each start of stage b, in order."""
-    begun = []
-    for key, value in found.items():
-        if key.startswith("b-start-"):
-            host, pid = (value.split() + ["", "0"])[:2]
-            begun.append((int(key.split("-")[2]), host, int(pid)))
-    return sorted(begun)
 
 
 @pytest.fixture
@@ -212,15 +125,15 @@ def multinode(tmp_path_factory):
     from dvcray_cli.clusters import local
 
     home = tmp_path_factory.mktemp("retry-multinode-home")
-    env = _cluster_env(home)
-    proc = _dvcray("cluster", "up", "local-multinode", env=env)
+    env = cluster_env(home)
+    proc = dvcray("cluster", "up", "local-multinode", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     head = local.LocalCluster.from_json(json.loads((home / ".dvcray" / "clusters" / "local-multinode.json")
                                                    .read_text()))
     try:
         yield SimpleNamespace(home=home, env=env, head=head)
     finally:
-        down = _dvcray("cluster", "down", "local-multinode", "--yes", env=env)
+        down = dvcray("cluster", "down", "local-multinode", "--yes", env=env)
         left = head.pids() + [p.pid for p in psutil.process_iter(["cmdline"])
                               if head.temp_dir in " ".join(p.info["cmdline"] or [])]
         if left:
@@ -237,14 +150,14 @@ def on_multinode(multinode, monkeypatch):
 
 def test_a_lost_machine_is_retried_and_resumes_where_it_was(project, on_multinode):
     make, counts, endpoint, bucket = project
-    root = make({"stages.py": STAGES, "dvc.yaml": PIPELINE}, {"epochs": 6, "sleep": 1.5})
+    root = make({"stages.py": RETRY_STAGES, "dvc.yaml": RETRY_PIPELINE}, {"epochs": 6, "sleep": 1.5})
     salt = json.loads((root / "params.yaml").read_text())["salt"]
     run = subprocess.Popen([sys.executable, "-m", "dvcray_cli", "run", "-n", "resumed", "--cpus-per-exp", "1"],
                            cwd=root, env=_env(on_multinode), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
     try:
-        _wait(lambda: count(events(endpoint, bucket, salt), "b-epoch") >= 2, "epoch 2 of stage b", run)
-        killed = kill_node_of(starts(events(endpoint, bucket, salt))[0][2])
+        _wait(lambda: retry_count(retry_events(endpoint, bucket, salt), "b-epoch") >= 2, "epoch 2 of stage b", run)
+        killed = kill_node_of(retry_starts(retry_events(endpoint, bucket, salt))[0][2])
         out, err = run.communicate(timeout=400)
     finally:
         if run.poll() is None:
@@ -252,10 +165,10 @@ def test_a_lost_machine_is_retried_and_resumes_where_it_was(project, on_multinod
             run.communicate()
     assert run.returncode == 0, f"exit {run.returncode}\n{out[-4000:]}\n{err[-4000:]}"
     assert _gone(killed)
-    found = events(endpoint, bucket, salt)
-    begun = [epoch for epoch, _, _ in starts(found)]
-    assert count(found, "a") == 1, f"stage a ran again: {sorted(found)}"
-    assert count(found, "c") == 1, sorted(found)
+    found = retry_events(endpoint, bucket, salt)
+    begun = [epoch for epoch, _, _ in retry_starts(found)]
+    assert retry_count(found, "a") == 1, f"stage a ran again: {sorted(found)}"
+    assert retry_count(found, "c") == 1, sorted(found)
     assert begun[0] == 0 and len(begun) == 2 and begun[1] >= 2, f"stage b did not resume: {sorted(found)}"
     assert exp_metrics(root, "resumed", "c.json") == {"b": f"b resumed from {begun[1]}"}
     # What the person saw: the loss, the retry, the finished stage restored.
@@ -263,11 +176,11 @@ def test_a_lost_machine_is_retried_and_resumes_where_it_was(project, on_multinod
     assert "Stage 'a' is cached - skipping run" in out, out[-4000:]
     assert "It took 2 attempts" in err, err[-3000:]
 
-    runs = json.loads(_dvcray("runs", "--json", cwd=root, env=_env(on_multinode)).stdout)
+    runs = json.loads(dvcray("runs", "--json", cwd=root, env=_env(on_multinode)).stdout)
     [mine] = [r for r in runs if r["exp_name"] == "resumed"]
     assert mine["state"] == "SUCCEEDED" and [a["state"] for a in mine["attempts"]] == ["LOST", "SUCCEEDED"], mine
     assert all(a["node"] for a in mine["attempts"]) and "died" in mine["attempts"][0]["lost"], mine
-    logs = _dvcray("logs", mine["run_id"], cwd=root, env=_env(on_multinode))
+    logs = dvcray("logs", mine["run_id"], cwd=root, env=_env(on_multinode))
     assert logs.returncode == 0 and "EPOCH 1" in logs.stdout and "EPOCH 6" in logs.stdout, logs.stdout[-3000:]
     # In the store: attempt 1's log beside the run's, attempt 2's under attempt-2/, the attempts
     # recorded, and what each attempt saved as its stages ended.
@@ -290,7 +203,7 @@ def test_a_failing_stage_is_not_retried(project, on_multinode):
                             "p.open('a').write('fail\\n')\nsys.exit(3)\n",
                  "dvc.yaml": "stages:\n  f:\n    cmd: python fail.py\n    deps: [fail.py]\n    params: [salt]\n"
                              "    outs: [never.txt]\n"}, {})
-    proc = _dvcray("run", "-n", "fails", "--cpus-per-exp", "1", cwd=root, env=_env(on_multinode))
+    proc = dvcray("run", "-n", "fails", "--cpus-per-exp", "1", cwd=root, env=_env(on_multinode))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert _lines(counts) == ["fail"], "the stage ran once"
     assert "retrying (" not in proc.stdout and "The experiment failed" in proc.stderr, proc.stdout + proc.stderr
@@ -304,7 +217,7 @@ def test_retries_exhausted_end_lost_naming_each_loss_with_every_attempts_log(pro
     root = make({"long.py": LONG_STAGE,
                  "dvc.yaml": "stages:\n  s:\n    cmd: python long.py\n    deps: [long.py]\n    params: [salt]\n"},
                 {})
-    proc = _dvcray("run", "-n", "doomed", "--cpus-per-exp", "1", "--retries", "1", "--detach", cwd=root,
+    proc = dvcray("run", "-n", "doomed", "--cpus-per-exp", "1", "--retries", "1", "--detach", cwd=root,
                    env=_env(on_multinode))
     assert proc.returncode == 0, proc.stdout + proc.stderr   # detached: it is retried without a client
     run_id = proc.stderr.split("Submitted run ", 1)[1].split()[0]
@@ -319,18 +232,18 @@ def test_retries_exhausted_end_lost_naming_each_loss_with_every_attempts_log(pro
         started = _wait(lambda: [x for x in _lines(counts) if x.startswith("started")][attempt - 1:] if
                         in_store_log(folder) else None, f"attempt {attempt}")
         kill(int(started[0].split()[1]))
-    follow = _dvcray("logs", run_id, "--follow", cwd=root, env=_env(on_multinode), timeout=300)
+    follow = dvcray("logs", run_id, "--follow", cwd=root, env=_env(on_multinode), timeout=300)
     assert follow.returncode == 3 and f"Run {run_id} is LOST: lost 2 times" in follow.stderr, \
         follow.stdout[-3000:] + follow.stderr
     assert "retrying (1/1)" in follow.stdout and "attempt 2 of at most 2" in follow.stdout, follow.stdout[-3000:]
-    runs = json.loads(_dvcray("runs", "--json", cwd=root, env=_env(on_multinode)).stdout)
+    runs = json.loads(dvcray("runs", "--json", cwd=root, env=_env(on_multinode)).stdout)
     [mine] = [r for r in runs if r["run_id"] == run_id]
     assert mine["state"] == "LOST" and [a["state"] for a in mine["attempts"]] == ["LOST", "LOST"], mine
     assert "lost 2 times" in mine["error"] and "attempt 1 on" in mine["error"] and "attempt 2 on" in mine["error"]
     assert "runner" in mine["attempts"][0]["lost"] and "went away" in mine["attempts"][0]["lost"], mine
     assert "died" in mine["attempts"][1]["lost"], mine
     # Every attempt's log, in order, with the line between them that says what happened.
-    logs = _dvcray("logs", run_id, cwd=root, env=_env(on_multinode))
+    logs = dvcray("logs", run_id, cwd=root, env=_env(on_multinode))
     assert logs.stdout.count("STAGE-STARTED") == 2, logs.stdout[-3000:] + logs.stderr
     assert logs.stdout.index("STAGE-STARTED") < logs.stdout.index("retrying (1/1)") < logs.stdout.rindex(
         "STAGE-STARTED"), logs.stdout[-3000:]
