@@ -162,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id", required=True, help="the service's id (its Ray Job's submission id)")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
+    from dvcray_cli.runner import interpreter_problem
+
+    problem = interpreter_problem()
+    if problem:
+        say(problem)
+        return 3
     token = ray_api.env_token() or ray_api.read_token(ray_api.default_token_path())
     if not token:
         say("this cluster has no Ray auth token: the service does not run without one")
