@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from dvcray_cli import files
 from dvcray_cli.gitutil import git
 from dvcray_cli.runs import live, snapshot
 from dvcray_cli.runs.logtee import LogTee
@@ -202,9 +203,9 @@ def fetch_parts(here: Path, manifest: Manifest) -> Path:
     """A snapshot too big for the job's package waits in the store: fetch it into a
     folder of its own (then remove it from the store: it served its one job)."""
     store = Store.from_json(manifest.store)
-    folder = runner_dir() / "snapshots" / manifest.run_id
+    folder = files.private_dir(runner_dir() / "snapshots") / manifest.run_id
     shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    folder.mkdir(mode=0o700)
     for name in store.list(manifest.parts):
         store.download(f"{manifest.parts}/{name}", folder / name)
     shutil.copyfile(here / MANIFEST, folder / MANIFEST)
@@ -257,10 +258,11 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         manifest = dataclasses.replace(manifest, baseline=spec.baseline or manifest.baseline,
                                        targets=list(spec.options.get("targets") or manifest.targets),
                                        options={**manifest.options, **spec.options})
-    work = runner_dir() / "runs" / run_id
+    # The run's workspace and log are this user's alone on a shared node (issue 20, point 10).
+    work = files.private_dir(runner_dir() / "runs") / run_id
     if work.exists():
         shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work.mkdir(mode=0o700)
     tee = LogTee(work / LOG, store, run_id, prefix)
 
     def _on_term(signum, frame):
@@ -370,8 +372,8 @@ def push_run_cache(repo, since: float) -> int:
     if not os.path.isdir(runs):
         return 0
     fresh = []
-    for folder, _, files in os.walk(runs):
-        for name in files:
+    for folder, _, names in os.walk(runs):
+        for name in names:
             path = os.path.join(folder, name)
             try:
                 if os.stat(path).st_mtime >= since - 1:

@@ -24,6 +24,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dvcray_cli import files
 from dvcray_cli.errors import GitError, UsageError
 from dvcray_cli.gitutil import git
 from dvcray_cli.runs.model import Manifest
@@ -281,7 +282,7 @@ def cache_path(base: Path, root: str) -> Path:
 def _cache_lock(cache: Path):
     import fcntl
 
-    cache.parent.mkdir(parents=True, exist_ok=True)
+    files.private_dir(cache.parent)  # the project's history: this user's alone on a shared node
     handle = open(cache.parent / f"{cache.name}.lock", "w")
     fcntl.flock(handle, fcntl.LOCK_EX)
     return handle

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dvcray_cli import __version__
+from dvcray_cli import __version__, files
 from dvcray_cli.runs import snapshot
 from dvcray_cli.runs.model import RunState
 from dvcray_cli.service import forks
@@ -56,9 +56,10 @@ class NodeRunner:
         """Unpack the snapshot, bring its bundle into this node's cache, fork the experiment."""
         folder = self.base / "service" / "snapshots" / f"{job_id}--{run_id}"
         logs = self.base / "service" / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
+        for private in (self.base / "service", logs, folder.parent):
+            files.private_dir(private)
         shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
+        folder.mkdir(mode=0o700)
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             tar.extractall(folder, filter="data")
         if root:

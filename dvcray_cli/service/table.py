@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dvcray_cli import __version__, compatible, ray_api
+from dvcray_cli import __version__, compatible, files, ray_api
 from dvcray_cli.runs import snapshot
 from dvcray_cli.runs.model import Manifest
 from dvcray_cli.service import forks, protocol
@@ -95,8 +95,9 @@ class RunnerService:
         self.token, self.service_id, self.base = token, service_id, base
         self.logs_dir = base / "service" / "logs"
         self.snapshots = base / "service" / "snapshots"
-        for folder in (self.logs_dir, self.snapshots):
-            folder.mkdir(parents=True, exist_ok=True)
+        # Runs' logs and snapshots (the user's code) are this user's alone on a shared head.
+        for folder in (base / "service", self.logs_dir, self.snapshots):
+            files.private_dir(folder)
         self.launcher = forks.Launcher()
         self.entries: dict[str, Entry] = {}
         self.batches: dict[str, Batch] = {}
@@ -249,7 +250,7 @@ class RunnerService:
     async def receive(self, request) -> tuple[Path, Manifest]:
         """Unpack the snapshot the request carries into a folder of its own."""
         tmp = self.snapshots / f".incoming-{os.getpid()}-{time.monotonic_ns()}"
-        tmp.mkdir(parents=True)
+        tmp.mkdir(parents=True, mode=0o700)
         tar_path = tmp.with_suffix(".tar")
         try:
             with open(tar_path, "wb") as f:
