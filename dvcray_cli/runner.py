@@ -28,7 +28,7 @@ from dvcray_cli.runs import live, snapshot
 from dvcray_cli.runs.logtee import LogTee
 from dvcray_cli.runs.project import shown_files
 from dvcray_cli.runs.model import (BUNDLE, LOG, MANIFEST, RESULT, STATUS, ExpRef, ExpSpec, Manifest, RunResult,
-                                   RunState, RunStatus)
+                                   RunState, RunStatus, made_line)
 from dvcray_cli.store import REMOTE_NAME, Store
 
 # Each step of the end-of-run save is tried this often before it is reported as failed.
@@ -447,7 +447,9 @@ def _save(repo, ws: Path, store: Store, baseline: str, exp_name: str | None, res
             if _attempt(BUNDLE_STEP, save_bundle, errors):
                 result.ref = str(ref)
                 result.exp_name = ref.name
-                say(f"experiment {ref.name} saved ({ref})")
+                # Said in the run's log, which reaches the client over the channel the cluster
+                # authenticates: the client takes the commit from here, not from the store.
+                say(made_line(ref, git("rev-parse", str(ref), cwd=ws), result.run_id))
             else:
                 result.status = RunState.FAILED
                 result.error = f"the experiment could not be saved to the store: {errors[BUNDLE_STEP]}"

@@ -140,7 +140,7 @@ class Sweep:
             return False
         sub = Submitted(state.spec.run_id, self.prepared.address, store, state.spec.exp_name,
                         state.spec.baseline or self.prepared.project.baseline, backend=self.backend,
-                        project=self.prepared.project)
+                        project=self.prepared.project, job_id=state.job_id or "")
         state.outcome = finish(sub, result.status, force=self.prepared.opts.force)
         state.state = RunState.parse(state.outcome.status, RunState.FAILED)
         state.ended = time.time()

@@ -20,7 +20,7 @@ from dvcray_cli import __version__, clusters, ray_api
 from dvcray_cli.errors import ClusterError, Interrupted
 from dvcray_cli.runs import snapshot
 from dvcray_cli.runs.backends.base import Emit, Followed, LogGone, RunInfo, Say, lost_contact
-from dvcray_cli.runs.model import MANIFEST, RESULT, ExpSpec, Manifest, RunState
+from dvcray_cli.runs.model import MANIFEST, RESULT, ExpSpec, Manifest, RunState, made_in_log
 from dvcray_cli.service.protocol import SERVICE_MARKER
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -327,6 +327,12 @@ class JobBackend:
             return info_of(job) if job is not None else None
         try:
             return info_of(self.client.get_job_info(job_id))
+        except Exception:  # noqa: BLE001 - the cluster forgot it, or does not answer
+            return None
+
+    def made(self, run_id: str, job_id: str) -> tuple[str, str] | None:
+        try:
+            return made_in_log(self.client.get_job_logs(job_id), run_id)
         except Exception:  # noqa: BLE001 - the cluster forgot it, or does not answer
             return None
 

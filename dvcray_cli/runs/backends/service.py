@@ -17,7 +17,7 @@ from dvcray_cli.errors import ClusterError, Interrupted
 from dvcray_cli.runs import snapshot
 from dvcray_cli.runs.backends import service_reach
 from dvcray_cli.runs.backends.base import Emit, Followed, LogGone, RunInfo, Say, lost_contact
-from dvcray_cli.runs.model import ExpSpec, Manifest, RunState
+from dvcray_cli.runs.model import ExpSpec, Manifest, RunState, made_in_log
 from dvcray_cli.service.client import MissingCommits, Service, ServiceError
 from dvcray_cli.service.protocol import PollRequest, ServiceRun, placement_text
 
@@ -236,6 +236,21 @@ class ServiceBackend:
             self._runs = self.service.runs()
         run = self._runs.get(run_id)
         return info_of(run) if run is not None else None
+
+    def made(self, run_id: str, job_id: str) -> tuple[str, str] | None:
+        chunks: list[bytes] = []
+        offset = 0
+        try:
+            while True:
+                answer = self.service.poll(PollRequest(0, [run_id], {run_id: offset}, 0), timeout=30)
+                start, data = answer.logs.get(run_id, (offset, b""))
+                if start != offset or not data:
+                    break
+                chunks.append(data)
+                offset += len(data)
+        except ServiceError:
+            return None
+        return made_in_log(b"".join(chunks).decode(errors="replace"), run_id)
 
     def show_log(self, run_id: str, emit: Emit, follow: bool) -> RunState | None:
         info = self.info(run_id, run_id)

@@ -1,0 +1,101 @@
+"""A store writer cannot plant code (issue 20, points 1-3).
+
+Anyone who can write to a shared store can change what is in it at any time: a run's
+bundle and result, the snapshot parts a runner fetches from it, the live updates the
+client relays to DVC Studio. Each test plays that writer (at the moment it would matter)
+and checks that what it planted never becomes the user's experiment, never runs on the
+cluster, and never reaches Studio under the user's token.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_dvcray, sh
+from dvcray_cli.runs.model import ExpRef
+
+SPEC = {
+    "params.yaml": "x: 1\n",
+    "train.py": "import json, yaml\njson.dump({'y': yaml.safe_load(open('params.yaml'))['x'] * 2}, "
+                "open('m.json', 'w'))\n",
+    "dvc.yaml": "stages:\n  train:\n    cmd: python train.py\n    deps: [train.py]\n    params: [x]\n"
+                "    metrics: [{m.json: {cache: false}}]\n",
+}
+EVIL = "import os\nopen(os.path.expanduser('~/PLANTED'), 'w').write('ran')\n"
+RUN = "dvcray-20260102-120000-abcdef"
+
+
+def planted_bundle(root: Path, tmp_path: Path, ref: ExpRef, orphan: bool) -> tuple[Path, str]:
+    """A bundle of ``ref`` pointing at a commit whose train.py is the writer's: an orphan
+    commit, or one on top of the baseline (it descends from it, as an experiment does)."""
+    other = tmp_path / f"writer-{'orphan' if orphan else 'child'}"
+    sh("git", "clone", "-q", str(root), str(other), cwd=tmp_path)
+    if orphan:
+        sh("git", "checkout", "-q", "--orphan", "planted", cwd=other)
+    (other / "train.py").write_text(EVIL)
+    sh("git", "add", "-A", cwd=other)
+    sh("git", "commit", "-qm", "planted", cwd=other)
+    sha = sh("git", "rev-parse", "HEAD", cwd=other)
+    sh("git", "update-ref", str(ref), sha, cwd=other)
+    bundle = tmp_path / f"planted-{sha[:7]}.bundle"
+    sh("git", "bundle", "create", "-q", str(bundle), str(ref), *([] if orphan else [f"^{ref.baseline}"]), cwd=other)
+    return bundle, sha
+
+
+def test_a_planted_orphan_commit_never_becomes_an_experiment(make_dvc_project, tmp_path):
+    """Point 1: a bundle under ``refs/exps/<baseline>/lr-01`` whose commit does not descend from
+    the baseline is refused by ``dvcray pull``; nothing lands under refs/exps, and
+    ``dvc exp apply`` has nothing to write into the workspace."""
+    root = make_dvc_project(SPEC)
+    head = sh("git", "rev-parse", "HEAD", cwd=root)
+    ref = ExpRef(head, "lr-01")
+    bundle, sha = planted_bundle(root, tmp_path, ref, orphan=True)
+    folder = tmp_path / "store" / "dvcray" / "runs" / RUN
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"run_id": RUN, "baseline": head, "exp_name": "lr-01"}))
+    (folder / "result.json").write_text(json.dumps({"run_id": RUN, "status": "SUCCEEDED", "baseline": head,
+                                                    "exp_name": "lr-01", "ref": str(ref), "exp_sha": sha}))
+    (folder / "exp.bundle").write_bytes(bundle.read_bytes())
+
+    proc = run_dvcray("pull", "lr-01", "--store", str(tmp_path / "store"), cwd=root)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert "does not descend from the run's baseline" in proc.stderr and "Traceback" not in proc.stderr
+    assert sh("git", "for-each-ref", "refs/exps", cwd=root) == ""
+    assert (root / "train.py").read_text() == SPEC["train.py"]
+
+
+@pytest.mark.parametrize("service", ["1", "0"], ids=["runner-service", "ray-job"])
+def test_a_bundle_swapped_after_the_run_saved_it_is_refused(ray_cluster, make_dvc_project, tmp_path, monkeypatch,
+                                                            service):
+    """Point 1: between the runner's save and the client's import, the writer swaps the bundle
+    for a commit on top of the baseline (it descends, as a real experiment does) and fixes
+    up result.json to match. The client takes the commit the run made from the cluster (the
+    run's log, over the authenticated channel), not from the store: the swap is refused."""
+    from dvcray_cli.runs import submit
+    from dvcray_cli.runs.finish import finish, raise_for
+    from dvcray_cli.runs.model import RunOptions
+    from dvcray_cli.errors import StoreError
+
+    monkeypatch.setenv("DVCRAY_SERVICE", service)
+    root = make_dvc_project({**SPEC, "unique.txt": f"{service}-{tmp_path.name}"})
+    store = tmp_path / "store"
+    sub = submit.submit(RunOptions(exp_name="lr-01", overrides=[f"x={9100 + int(service)}"], store=str(store)),
+                        root, lambda m: None)
+    state = sub.backend.follow(sub.run_id, lambda text: None)
+    assert state.value == "SUCCEEDED"
+    ref = ExpRef(sub.baseline, "lr-01")
+    bundle, sha = planted_bundle(root, tmp_path, ref, orphan=False)
+    folder = store / "dvcray" / "runs" / sub.run_id
+    (folder / "exp.bundle").write_bytes(bundle.read_bytes())
+    result = json.loads((folder / "result.json").read_text())
+    assert result["ref"] == str(ref) and result["exp_sha"] != sha
+    (folder / "result.json").write_text(json.dumps({**result, "exp_sha": sha}))
+
+    outcome = finish(sub, state)
+    assert not outcome.home and "the cluster says run" in (outcome.store_error or ""), outcome
+    with pytest.raises(StoreError):
+        raise_for(outcome)
+    assert sh("git", "for-each-ref", "refs/exps", cwd=root) == ""
