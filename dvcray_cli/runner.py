@@ -187,9 +187,12 @@ def main() -> int:
         return 3
     here = Path.cwd()
     manifest = Manifest.read(here)
-    if manifest.parts:
-        here = fetch_parts(here, manifest)
     specs = manifest.specs()
+    if manifest.parts:
+        try:
+            here = fetch_parts(here, manifest)
+        except RuntimeError as exc:
+            return _refused(manifest, specs, str(exc))
     try:
         if len(specs) == 1:
             return run_experiment(here, manifest, specs[0])
@@ -201,13 +204,28 @@ def main() -> int:
 
 def fetch_parts(here: Path, manifest: Manifest) -> Path:
     """A snapshot too big for the job's package waits in the store: fetch it into a
-    folder of its own (then remove it from the store: it served its one job)."""
+    folder of its own (then remove it from the store: it served its one job).
+
+    Only the files the manifest names, each checked against the sha256 it gives: the
+    manifest came in the job's package, the files through the store, where anyone who
+    writes to it could have changed them meanwhile (issue 20, point 2).
+
+    Raises:
+        RuntimeError: a file is missing or not what the client sent (nothing of it is used).
+    """
     store = Store.from_json(manifest.store)
     folder = files.private_dir(runner_dir() / "snapshots") / manifest.run_id
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(mode=0o700)
-    for name in store.list(manifest.parts):
+    if not manifest.parts_sha256:
+        raise RuntimeError(f"the snapshot in the store ({manifest.parts}) comes without the checksums of its "
+                           "files: it is not used (a client of another dvcray version?)")
+    for name, expected in sorted(manifest.parts_sha256.items()):
         store.download(f"{manifest.parts}/{name}", folder / name)
+        if files.sha256_of(folder / name) != expected:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise RuntimeError(f"the snapshot's {name} in the store ({manifest.parts}) is not the file the client "
+                               "sent (its sha256 differs): someone changed it in the store; nothing of it was used")
     shutil.copyfile(here / MANIFEST, folder / MANIFEST)
     try:
         store.delete(manifest.parts, recursive=True)
@@ -215,6 +233,21 @@ def fetch_parts(here: Path, manifest: Manifest) -> Path:
         say(f"could not remove the snapshot from the store ({manifest.parts}): {exc}")
     say(f"snapshot fetched from the store ({sum(p.stat().st_size for p in folder.iterdir()) / 2**20:.1f} MiB)")
     return folder
+
+
+def _refused(manifest: Manifest, specs: list[ExpSpec], why: str) -> int:
+    """End every experiment of the job FAILED with ``why``, before anything of it ran."""
+    print(f"dvcray: {why}", file=sys.stderr, flush=True)
+    store = Store.from_json(manifest.store)
+    for spec in specs:
+        result = RunResult(run_id=spec.run_id, exp_name=spec.exp_name, baseline=manifest.baseline,
+                           overrides=spec.overrides, status=RunState.FAILED, error=why, node=socket.gethostname(),
+                           started=time.time(), ended=time.time(), dvcray_version=manifest.dvcray_version)
+        try:
+            store.write(store.run_path(spec.run_id, RESULT), json.dumps(result.to_json(), default=str).encode())
+        except Exception as exc:  # noqa: BLE001 - the job's log says why it failed
+            print(f"dvcray: could not save {RESULT}: {exc}", file=sys.stderr, flush=True)
+    return 1
 
 
 def _run_many(here: Path, manifest: Manifest, specs: list[ExpSpec]) -> int:

@@ -250,6 +250,10 @@ class Manifest:
     # Where in the store the snapshot's other files wait, when they were too big to travel
     # as the Ray Job's package (``dvcray/snapshots/JOB_ID``); the runner fetches them.
     parts: str = ""
+    # The sha256 of each of those files, by name: the manifest travels in the job's package (through
+    # Ray, authenticated), the files through the store (anyone who writes it): the runner takes
+    # only these files, and only as they were sent (issue 20, point 2).
+    parts_sha256: dict[str, str] = field(default_factory=dict)
     # How many commits the snapshot's bundle carries as first sent (0: none, the cluster had HEAD; -1:
     # not counted): what a thin bundle saved is visible in the store (DESIGN.md, "Snapshot").
     bundle_commits: int = -1
@@ -268,6 +272,9 @@ class Manifest:
             _SHA.fullmatch(manifest.repo_root) else ""
         manifest.parts = manifest.parts if isinstance(manifest.parts, str) and \
             re.fullmatch(r"dvcray/snapshots/[A-Za-z0-9_.-]+", manifest.parts) and ".." not in manifest.parts else ""
+        manifest.parts_sha256 = {k: v for k, v in _mapping(manifest.parts_sha256).items()
+                                 if isinstance(k, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", k)
+                                 and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)}
         manifest.created = _number(manifest.created) or 0.0
         manifest.worktree_flags = {k: [p for p in v if isinstance(p, str)]
                                    for k, v in _mapping(manifest.worktree_flags).items() if isinstance(v, list)}

@@ -99,3 +99,55 @@ def test_a_bundle_swapped_after_the_run_saved_it_is_refused(ray_cluster, make_dv
     with pytest.raises(StoreError):
         raise_for(outcome)
     assert sh("git", "for-each-ref", "refs/exps", cwd=root) == ""
+
+
+def test_snapshot_parts_changed_in_the_store_before_the_runner_fetches_them_never_run(
+        ray_cluster, make_dvc_project, tmp_path, monkeypatch):
+    """Point 2: on the Ray Job path a big snapshot waits in the store until its runner starts
+    (minutes while a node is added). The writer swaps its untracked files for a train.py of
+    their own meanwhile: the runner checks each file against the sha256 the manifest (in the
+    job's package) gives, and refuses; the writer's code never runs."""
+    import os
+
+    from dvcray_cli.runs import submit
+    from dvcray_cli.runs.finish import finish
+    from dvcray_cli.runs.model import RunOptions
+
+    monkeypatch.setenv("DVCRAY_SERVICE", "0")
+    monkeypatch.setenv("DVCRAY_SNAPSHOT_VIA_STORE_MB", "1")
+    root = make_dvc_project({**SPEC, "unique.txt": tmp_path.name})
+    (root / "big.bin").write_bytes(os.urandom(2 * 2**20))  # untracked: the snapshot goes through the store
+    store = tmp_path / "store"
+    marker = tmp_path / "PLANTED"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "train.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    import tarfile
+
+    with tarfile.open(tmp_path / "evil.tar", "w") as tar:
+        tar.add(evil / "train.py", arcname="train.py")
+
+    real_prepare = submit.prepare
+
+    def prepare_then_plant(*args, **kwargs):
+        prepared = real_prepare(*args, **kwargs)
+        real_submit = prepared.backend.submit
+
+        def plant_then_submit(prepared_, folder, job_id, specs, placed):
+            # The writer, between the client's upload and the runner's fetch.
+            parts = store / "dvcray" / "snapshots" / job_id
+            assert (parts / "untracked.tar").is_file(), sorted(parts.iterdir())
+            (parts / "untracked.tar").write_bytes((tmp_path / "evil.tar").read_bytes())
+            return real_submit(prepared_, folder, job_id, specs, placed)
+
+        prepared.backend.submit = plant_then_submit
+        return prepared
+
+    monkeypatch.setattr(submit, "prepare", prepare_then_plant)
+    sub = submit.submit(RunOptions(exp_name="big", overrides=["x=9201"], store=str(store)), root, lambda m: None)
+    state = sub.backend.follow(sub.run_id, lambda text: None)
+    outcome = finish(sub, state)
+    assert outcome.status == "FAILED" and "untracked.tar" in (outcome.error or "") and "sha256" in outcome.error, \
+        outcome
+    assert not marker.exists(), "the writer's code ran on the cluster"
+    assert sh("git", "for-each-ref", "refs/exps", cwd=root) == ""

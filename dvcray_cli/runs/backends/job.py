@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from dvcray_cli import __version__, clusters, ray_api
+from dvcray_cli import __version__, clusters, files, ray_api
 from dvcray_cli.errors import ClusterError, Interrupted
 from dvcray_cli.runs import snapshot
 from dvcray_cli.runs.backends.base import Emit, Followed, LogGone, RunInfo, Say, lost_contact
@@ -211,6 +211,7 @@ class JobBackend:
         manifest.parts = f"{store_mod.SNAPSHOTS}/{manifest.run_id}"
         for part in sorted(folder.iterdir()):
             if part.is_file() and part.name != MANIFEST:
+                manifest.parts_sha256[part.name] = files.sha256_of(part)
                 prepared.store.upload(f"{manifest.parts}/{part.name}", part)
         return Path(tempfile.mkdtemp(prefix="manifest-", dir=folder.parent))
 
