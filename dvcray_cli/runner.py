@@ -54,32 +54,6 @@ def _cluster_gone(here: Path) -> str | None:
     return why or "its cluster died mid-run"
 
 
-# The oldest patch levels whose tarfile has extraction filters (snapshots are unpacked with
-# ``filter="data"``) and whose forkserver socket only its user can reach (CVE-2022-42919).
-PYTHON_NEEDED = {(3, 10): 12, (3, 11): 4}
-
-
-def interpreter_problem(version: tuple[int, ...] | None = None, has_filters: bool | None = None) -> str | None:
-    """What is wrong with this Python for running experiments (the runner service, the runner),
-    in one line; None when nothing.
-
-    ``version`` and ``has_filters`` default to this interpreter's (``sys.version_info``,
-    ``tarfile.data_filter``)."""
-    import tarfile
-
-    version = tuple(version or sys.version_info[:3])
-    has_filters = hasattr(tarfile, "data_filter") if has_filters is None else has_filters
-    needed = PYTHON_NEEDED.get(version[:2])
-    too_old = version[:2] < (3, 10) or (needed is not None and version[2] < needed)
-    if too_old or not has_filters:
-        shown = ".".join(map(str, version))
-        return (f"dvcray on a cluster needs Python 3.10.12, 3.11.4 or later (tarfile's extraction filters, "
-                f"a private forkserver socket: CVE-2022-42919); this node runs Python {shown}"
-                + ("" if has_filters else " without tarfile's extraction filters")
-                + ". Install a newer Python on the cluster's nodes.")
-    return None
-
-
 def runner_dir() -> Path:
     return Path(os.environ.get("DVCRAY_RUNNER_DIR") or Path.home() / ".cache" / "dvcray")
 
@@ -181,7 +155,7 @@ def _check_version(client_version: str) -> None:
 
 def main() -> int:
     """Run the manifest's experiment, or a sweep's experiments side by side."""
-    problem = interpreter_problem()
+    problem = snapshot.interpreter_problem()
     if problem:
         say(problem)
         return 3

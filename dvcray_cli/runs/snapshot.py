@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
@@ -412,3 +413,29 @@ def create_queued(git_root: Path, dvc_root: Path, out: Path, entries: list[tuple
         (out / name).write_bytes(diff)
         sizes[name] = len(diff)
     return Snapshot(sizes)
+
+
+# The oldest patch levels whose tarfile has extraction filters (snapshots are unpacked with
+# ``filter="data"``) and whose forkserver socket only its user can reach (CVE-2022-42919).
+PYTHON_NEEDED = {(3, 10): 12, (3, 11): 4}
+
+
+def interpreter_problem(version: tuple[int, ...] | None = None, has_filters: bool | None = None) -> str | None:
+    """What is wrong with this Python for running experiments (the runner service, the runner),
+    in one line; None when nothing.
+
+    ``version`` and ``has_filters`` default to this interpreter's (``sys.version_info``,
+    ``tarfile.data_filter``)."""
+    import tarfile
+
+    version = tuple(version or sys.version_info[:3])
+    has_filters = hasattr(tarfile, "data_filter") if has_filters is None else has_filters
+    needed = PYTHON_NEEDED.get(version[:2])
+    too_old = version[:2] < (3, 10) or (needed is not None and version[2] < needed)
+    if too_old or not has_filters:
+        shown = ".".join(map(str, version))
+        return (f"dvcray on a cluster needs Python 3.10.12, 3.11.4 or later (tarfile's extraction filters, "
+                f"a private forkserver socket: CVE-2022-42919); this node runs Python {shown}"
+                + ("" if has_filters else " without tarfile's extraction filters")
+                + ". Install a newer Python on the cluster's nodes.")
+    return None

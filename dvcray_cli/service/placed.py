@@ -38,9 +38,7 @@ class NodeRunner:
     """The warm runner of one node (a Ray actor, methods called from the service)."""
 
     def __init__(self, base: str) -> None:
-        from dvcray_cli.runner import interpreter_problem
-
-        problem = interpreter_problem()
+        problem = snapshot.interpreter_problem()
         if problem:
             raise RuntimeError(problem)
         self.base = Path(base)

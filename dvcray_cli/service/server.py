@@ -162,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id", required=True, help="the service's id (its Ray Job's submission id)")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
-    from dvcray_cli.runner import interpreter_problem
-
-    problem = interpreter_problem()
+    problem = snapshot.interpreter_problem()
     if problem:
         say(problem)
         return 3

@@ -11,7 +11,7 @@ import pytest
 from packaging.specifiers import SpecifierSet
 
 from conftest import REPO
-from dvcray_cli.runner import interpreter_problem
+from dvcray_cli.runs.snapshot import interpreter_problem
 from dvcray_cli.service import server
 
 
