@@ -160,6 +160,11 @@ class Sweep:
                 ids.append(state.spec.run_id)
         return ids
 
+    def _expect(self, run_id: str) -> tuple[str, str | None]:
+        """The baseline and name of the experiment ``run_id``: its live updates must carry them."""
+        spec = next(s.spec for s in self.states if s.spec.run_id == run_id)
+        return spec.baseline or self.prepared.project.baseline, spec.exp_name
+
     def _progress(self, run_id: str, progress: live.Progress) -> None:
         for state in self.states:
             if state.spec.run_id == run_id:
@@ -169,7 +174,7 @@ class Sweep:
         self.on_change(self.states)
 
     def run(self) -> SweepResult:
-        relay = live.Relay(self.prepared.store, self.prepared.project, self._live, self._progress)
+        relay = live.Relay(self.prepared.store, self.prepared.project, self._live, self._progress, self._expect)
         try:
             self.submit_next()
             self.backend.follow_many(self)

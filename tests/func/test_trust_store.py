@@ -151,3 +151,51 @@ def test_snapshot_parts_changed_in_the_store_before_the_runner_fetches_them_neve
         outcome
     assert not marker.exists(), "the writer's code ran on the cluster"
     assert sh("git", "for-each-ref", "refs/exps", cwd=root) == ""
+
+
+def test_live_updates_planted_in_the_store_never_reach_studio_and_never_stop_the_run(
+        make_dvc_project, tmp_path, studio_capture, monkeypatch, caplog):
+    """Point 3: the client relays a run's live updates from the store to DVC Studio with the
+    user's own token. A writer adds posts under another experiment's name, another baseline,
+    and malformed ones (metrics that are no object: an AttributeError took the relay down).
+    Only the run's own events reach Studio; the rest are dropped with one warning."""
+    import logging
+
+    from dvcray_cli.runs import live
+    from dvcray_cli.runs.project import find_project
+    from dvcray_cli.store import Store
+
+    root = make_dvc_project(SPEC)
+    sh("git", "remote", "add", "origin", "https://git.example.com/team/trust.git", cwd=root)
+    for key, value in studio_capture.env("isat_user-token").items():
+        monkeypatch.setenv(key, value)
+    project = find_project(root)
+    head = project.baseline
+    store = Store(str(tmp_path / "store"))
+
+    def event(kind: str, **extra) -> dict:
+        return {"type": kind, "repo_url": live.RELAY_REPO_URL, "baseline_sha": head, "name": "mine",
+                "client": "dvclive" if kind == "data" else "dvc", **extra}
+
+    good = [event("start"), event("data", step=0, metrics={"dvclive/metrics.json": {"data": {"acc": 0.5}}})]
+    planted = [event("data", step=1, name="theirs", metrics={"m.json": {"data": {"acc": 1.0}}}),
+               event("data", step=1, baseline_sha="cd" * 20),
+               event("data", step=2, metrics=[1, 2]),
+               event("data", step="3"),
+               event("done", experiment_rev="not-a-sha")]
+    store.write(live.batch_path(store, RUN, 1), json.dumps({"events": good[:1] + planted + good[1:]}).encode())
+
+    caplog.set_level(logging.WARNING)
+    relay = live.Relay(store, project, lambda: [RUN])   # the run's name unknown: the first event's holds
+    relay.close([RUN])
+    posted = [(p["body"]["type"], p["body"]["name"], p["body"].get("step")) for p in studio_capture.take()]
+    assert posted == [("start", "mine", None), ("data", "mine", 0)], posted
+    warnings = [r for r in caplog.records if "Dropped a live update" in r.getMessage()]
+    assert len(warnings) == 1 and RUN in warnings[0].getMessage()
+
+    # Its name known from the start (dvcray run -n mine): an event of another name never goes.
+    store.write(live.batch_path(store, "other-run", 1), json.dumps({"events": [
+        event("start", name="theirs"), event("start")]}).encode())
+    with live.relayed(store, project, {"other-run": (head, "mine")}):
+        pass
+    assert [(p["body"]["type"], p["body"]["name"]) for p in studio_capture.take()] == [("start", "mine")]
