@@ -80,6 +80,14 @@ def clean_event(body: Any) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- on the cluster
 
 
+# The node's 127.0.0.1 is every local user's (and every Ray job's): the Capture endpoint
+# checks the key before it reads a body, takes bodies up to MAX_POST_BYTES, gives a client
+# TIMEOUT_S per read, and serves at most MAX_CONNECTIONS at once (issue 20, point 8).
+MAX_POST_BYTES = 16 << 20
+TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 8
+
+
 class Capture:
     """Studio's ``api/live`` for one experiment, on the node's 127.0.0.1.
 
@@ -88,6 +96,7 @@ class Capture:
     """
 
     def __init__(self, store: Store, run_id: str) -> None:
+        import hmac
         import socketserver
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -100,13 +109,25 @@ class Capture:
         capture = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = TIMEOUT_S  # per read of the socket: a client that stops sending is let go
+
+            def refuse(self, code: int) -> None:
+                self.close_connection = True
+                self.send_response(code)
+                self.send_header("Connection", "close")
+                self.end_headers()
+
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                length = int(self.headers.get("Content-Length") or 0)
+                given = (self.headers.get("Authorization") or "").encode()
+                if not hmac.compare_digest(given, f"token {capture.key}".encode()):
+                    return self.refuse(403)  # before a byte of the body is read
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    return self.refuse(400)
+                if not 0 <= length <= MAX_POST_BYTES:
+                    return self.refuse(413)
                 body = self.rfile.read(length)
-                if self.headers.get("Authorization") != f"token {capture.key}":
-                    self.send_response(403)
-                    self.end_headers()
-                    return
                 try:
                     event = clean_event(json.loads(body))
                 except ValueError:
@@ -124,6 +145,19 @@ class Capture:
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
+            slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+            def process_request(self, request, client_address) -> None:
+                if not self.slots.acquire(blocking=False):
+                    self.shutdown_request(request)  # at the cap: no thread for it
+                    return
+                super().process_request(request, client_address)
+
+            def process_request_thread(self, request, client_address) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    self.slots.release()
 
             def server_bind(self) -> None:
                 # HTTPServer's own asks DNS for the host's full name (socket.getfqdn):
