@@ -25,10 +25,10 @@ from typing import Any
 from dvcray_cli import files
 from dvcray_cli.gitutil import git
 from dvcray_cli.runs import live, snapshot
-from dvcray_cli.runs.logtee import LogTee
+from dvcray_cli.runs.logtee import LogTee, made_line
 from dvcray_cli.runs.project import shown_files
 from dvcray_cli.runs.model import (BUNDLE, LOG, MANIFEST, RESULT, STATUS, ExpRef, ExpSpec, Manifest, RunResult,
-                                   RunState, RunStatus, made_line)
+                                   RunState, RunStatus)
 from dvcray_cli.store import REMOTE_NAME, Store
 
 # Each step of the end-of-run save is tried this often before it is reported as failed.

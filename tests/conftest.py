@@ -170,7 +170,8 @@ class CaptureServer:
     what it was sent: it stands in for any address a test must not reach
     (a foreign cluster named by a store, DVC Studio)."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
+        """``port``: a port of this machine's 127.0.0.1 to take (a thief's), else any free one."""
         import http.server
         import threading
 
@@ -193,7 +194,7 @@ class CaptureServer:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()

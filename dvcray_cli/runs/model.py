@@ -202,20 +202,15 @@ class RunId:
             return None
 
 
-# The line a runner writes to its run's log once the experiment is saved: the client reads the
-# commit from there (the cluster's authenticated channel), never from the store (issue 20, point 1).
-_MADE = re.compile(r"experiment \S+ saved \((refs/exps/\S+) at ([0-9a-f]{40}), run (\S+)\)")
+# The most experiments one submission may carry.
+MAX_EXPERIMENTS = 10000
 
 
-def made_line(ref: ExpRef, sha: str, run_id: str) -> str:
-    """What the runner says once run ``run_id`` saved experiment ``ref`` at commit ``sha``."""
-    return f"experiment {ref.name} saved ({ref} at {sha}, run {run_id})"
-
-
-def made_in_log(text: str, run_id: str) -> tuple[str, str] | None:
-    """``(ref, commit)`` the run's log says run ``run_id`` saved (the last such line), or None."""
-    found = [(ref, sha) for ref, sha, rid in _MADE.findall(text or "") if rid == run_id]
-    return found[-1] if found else None
+def _relative(path: str) -> bool:
+    """``path`` is empty or a relative path that stays below where it starts."""
+    parts = path.split("/")
+    return path == "" or (not path.startswith("/") and "\\" not in path and ".." not in parts and "" not in parts
+                          and "\x00" not in path)
 
 
 @dataclass
@@ -265,6 +260,10 @@ class Manifest:
     def from_json(cls, data: Any) -> Manifest | None:
         manifest = files.from_json(cls, data)
         if manifest is None or not isinstance(manifest.run_id, str) or not isinstance(manifest.baseline, str):
+            return None
+        if not (isinstance(manifest.subdir, str) and _relative(manifest.subdir)  # the project is in the clone
+                and isinstance(manifest.experiments, list) and len(manifest.experiments) <= MAX_EXPERIMENTS
+                and type(manifest.jobs) is int and manifest.jobs >= 0):
             return None
         manifest.exp_name = _text(manifest.exp_name)
         manifest.address = manifest.address if isinstance(manifest.address, str) else ""

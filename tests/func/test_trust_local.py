@@ -24,10 +24,13 @@ def connect(port: int, timeout: float = 30.0) -> socket.socket:
 
 
 def answer(sock: socket.socket) -> bytes:
-    """What the server sends until it closes the connection."""
+    """What the server sends until it closes the connection (or resets it)."""
     got = b""
     while True:
-        chunk = sock.recv(65536)
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return got
         if not chunk:
             return got
         got += chunk
@@ -68,3 +71,94 @@ def test_the_runners_studio_endpoint_checks_its_key_first_and_bounds_what_it_hol
         capture.close()
     batch = json.loads((tmp_path / "store" / "dvcray" / "runs" / RUN / "live" / "000001.json").read_text())
     assert [e["type"] for e in batch["events"]] == ["start"]
+
+
+def _service(address: str):
+    from dvcray_cli.runs.backends import service_reach
+
+    service = service_reach.reach(address)
+    assert service is not None and service.service_id
+    return service
+
+
+def _service_pid(address: str, service_id: str) -> int:
+    import re
+
+    from dvcray_cli import clusters
+
+    log = clusters.connect(address).get_job_logs(service_id)
+    return int(re.findall(r"listening on 127\.0\.0\.1:\d+ as \S+ \(dvcray \S+, pid (\d+)\)", log)[-1])
+
+
+def _fds(pid: int) -> int:
+    import os
+
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_the_runner_service_lets_go_of_half_sent_requests_and_bounds_what_clients_send(ray_cluster, tmp_path):
+    """Point 9: 200 connections that send half a request and no token hold nothing for long
+    (each is closed: at once beyond the connection cap, after the header timeout before it);
+    a client with the token that sends a wait of NaN, JSON that is not JSON, a body over the
+    cap, a poll of too many runs or a snapshot whose project lies outside its clone gets 400
+    (or 413) with the reason, and the service goes on answering."""
+    import io
+    import tarfile
+    import time
+
+    from dvcray_cli.service import protocol
+    from dvcray_cli.service.client import ServiceError
+
+    address = ray_cluster.dashboard_url
+    service = _service(address)
+    port = int(service.url.rsplit(":", 1)[1])
+    pid = _service_pid(address, service.service_id)
+    before = _fds(pid)
+
+    half = []
+    for _ in range(200):
+        sock = connect(port)
+        sock.sendall(b"POST /v1/poll HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n")
+        half.append(sock)
+    for sock in half:
+        assert answer(sock) == b"", "a half-sent request got an answer"
+        sock.close()
+    deadline = time.monotonic() + 30
+    while _fds(pid) > before + 5 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _fds(pid) <= before + 5, f"{_fds(pid)} fds, {before} before"
+
+    def refused(body, status: int = 400, path: str = protocol.POLL, method: str = "POST") -> str:
+        got, data = service.request(method, path, body, timeout=30)
+        assert got == status, (got, data)
+        return data["error"]
+
+    assert "wait" in refused({"after": 0, "watch": [], "logs": {}, "wait": float("nan")})
+    assert "wait" in refused({"after": 0, "watch": [], "logs": {}, "wait": float("inf")})
+    assert "not JSON" in refused(b"{this is not json")
+    assert "over" in refused({"watch": ["r" * 100] * 20000}, status=413)
+    assert "watch" in refused({"watch": ["r"] * (protocol.MAX_POLL_RUNS + 1)})
+    assert "shas" in refused({"root": "ab" * 20, "shas": ["cd" * 20] * 1001}, path=protocol.HAVE)
+
+    buffer = io.BytesIO()
+    manifest = json.dumps({"run_id": "dvcray-20260103-130000-abcdef", "baseline": "ab" * 20,
+                           "subdir": "../../outside", "dvcray_version": "0.1.0"}).encode()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(manifest)
+        tar.addfile(info, io.BytesIO(manifest))
+    assert "not a snapshot" in refused(buffer.getvalue(), path=protocol.RUNS)
+
+    # Unsigned, or signed with another token: refused before the body is read.
+    from dvcray_cli.service.client import exchange
+
+    status, _, _ = exchange(service.url, "POST", protocol.POLL, b"{}", {"Content-Type": "application/json"}, 10)
+    assert status == 401
+    service.hello(service.service_id)
+    assert service.runs() is not None
+    try:
+        type(service)(service.url, "another-token").runs()
+    except ServiceError as exc:
+        assert "did not sign" in exc.message
+    else:
+        raise AssertionError("a request signed with another token was answered as the service's own")

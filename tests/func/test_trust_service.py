@@ -63,3 +63,79 @@ def test_run_logs_snapshots_and_workspaces_on_the_head_are_the_users_alone(ray_c
     monkeypatch.setenv("DVCRAY_SERVICE", "0")
     run(root, "modes-job", 8102, store)
     assert private(base / "runs")
+
+
+def _service(address: str):
+    """The cluster's runner service, as a client reaches it (started if it runs none)."""
+    from dvcray_cli.runs.backends import service_reach
+
+    service = service_reach.reach(address)
+    assert service is not None and service.service_id
+    return service
+
+
+def _service_pid(address: str, service_id: str) -> int:
+    """The service's process (the head runs on this machine): its job log names it."""
+    import re
+
+    from dvcray_cli import clusters
+
+    log = clusters.connect(address).get_job_logs(service_id)
+    return int(re.findall(r"listening on 127\.0\.0\.1:\d+ as \S+ \(dvcray \S+, pid (\d+)\)", log)[-1])
+
+
+def test_the_token_never_goes_to_whoever_holds_the_port_after_the_service_died(ray_cluster, monkeypatch):
+    """Point 4: a client holds a service it proved (hello); the service dies, and another
+    process takes its port on 127.0.0.1 (another local user; on a head, through the forward).
+    Whatever the client sends there next (a poll, a stop, the run table) carries no token:
+    requests are signed with it, never send it, and the thief's answers are refused."""
+    import os
+    import signal
+    import time
+
+    from conftest import CaptureServer
+    from dvcray_cli.runs.backends import base
+    from dvcray_cli.runs.backends.service import ServiceBackend
+    from dvcray_cli.errors import ClusterError
+    from dvcray_cli.service.client import ServiceError
+    from dvcray_cli.service.protocol import PollRequest
+
+    address = ray_cluster.dashboard_url
+    token = ray_cluster.token()
+    service = _service(address)
+    port = int(service.url.rsplit(":", 1)[1])
+    os.kill(_service_pid(address, service.service_id), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            thief = CaptureServer(port)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, f"port {port} was not freed"
+            time.sleep(0.1)
+    try:
+        for call in (lambda: service.poll(PollRequest(0, ["r1"], {"r1": 0}, 0), timeout=5),
+                     lambda: service.stop("r1"), lambda: service.runs(), lambda: service.have("ab" * 20, ["cd" * 20])):
+            try:
+                call()
+            except ServiceError as exc:
+                assert "did not sign its answer" in exc.message
+            else:
+                raise AssertionError("the client took an answer its service did not sign")
+        # A client following a run goes on asking (it may be a short outage), then gives up.
+        monkeypatch.setattr(base, "RECONNECT_TIMEOUT_S", 3)
+        backend = ServiceBackend(address, service)
+        try:
+            backend.follow("r1", lambda text: None)
+        except ClusterError as exc:
+            assert "Lost contact" in exc.message
+        else:
+            raise AssertionError("following ended on the thief's word")
+        backend.stop({"r1": "r1"}, timeout=3)
+    finally:
+        thief.close()
+    assert len(thief.requests) >= 5, thief.requests
+    for request in thief.requests:
+        seen = f"{request['path']} {request['headers']} ".encode() + request["body"]
+        assert token.encode() not in seen, f"the token went to whoever held the port: {request}"
+        assert "Authorization" not in request["headers"]

@@ -20,7 +20,8 @@ from dvcray_cli import __version__, clusters, files, ray_api
 from dvcray_cli.errors import ClusterError, Interrupted
 from dvcray_cli.runs import snapshot
 from dvcray_cli.runs.backends.base import Emit, Followed, LogGone, RunInfo, Say, lost_contact
-from dvcray_cli.runs.model import MANIFEST, RESULT, ExpSpec, Manifest, RunState, made_in_log
+from dvcray_cli.runs.logtee import made_in_log
+from dvcray_cli.runs.model import MANIFEST, RESULT, ExpSpec, Manifest, RunState
 from dvcray_cli.service.protocol import SERVICE_MARKER
 
 if TYPE_CHECKING:  # pragma: no cover

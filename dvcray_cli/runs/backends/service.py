@@ -17,7 +17,8 @@ from dvcray_cli.errors import ClusterError, Interrupted
 from dvcray_cli.runs import snapshot
 from dvcray_cli.runs.backends import service_reach
 from dvcray_cli.runs.backends.base import Emit, Followed, LogGone, RunInfo, Say, lost_contact
-from dvcray_cli.runs.model import ExpSpec, Manifest, RunState, made_in_log
+from dvcray_cli.runs.logtee import made_in_log
+from dvcray_cli.runs.model import ExpSpec, Manifest, RunState
 from dvcray_cli.service.client import MissingCommits, Service, ServiceError
 from dvcray_cli.service.protocol import PollRequest, ServiceRun, placement_text
 
@@ -49,6 +50,7 @@ class Watch:
         self.decoders = {r: codecs.getincrementaldecoder("utf-8")(errors="replace") for r in run_ids}
         self.lost_since: float | None = None
         self.checked = time.monotonic()
+        self.cut: list[str] = []  # runs whose logs the last answer left for the next (it was full)
 
     def poll(self, watch: list[str], logs: list[str],
              wait: float = POLL_WAIT_S) -> tuple[dict[str, ServiceRun], dict[str, str], list[str]]:
@@ -76,6 +78,7 @@ class Watch:
             return {}, {}, []
         self.lost_since = None
         self.after = answer.seq
+        self.cut = answer.cut
         text: dict[str, str] = {}
         for run_id, (start, data) in answer.logs.items():
             if start != self.offsets.get(run_id, 0) or not data:
@@ -180,7 +183,7 @@ class ServiceBackend:
                     emit(text[run_id])
                 if unknown:
                     return RunState.LOST  # the service forgot it
-                if ended and not text:
+                if ended and not text and not watch.cut:
                     return watch.state(run_id)
                 ended = watch.state(run_id).is_terminal()
         except KeyboardInterrupt:
@@ -207,7 +210,7 @@ class ServiceBackend:
                 partial[run_id] = lines.pop()
                 for line in lines:
                     sweep.line(by_id[run_id].name, line)
-            draining &= set(text)
+            draining &= set(text) | set(watch.cut)
             moved = False
             for run_id, run in changed.items():
                 state = by_id.get(run_id)
