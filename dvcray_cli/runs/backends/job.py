@@ -108,6 +108,15 @@ async def _call(func: Callable[..., Any], *args: Any, timeout: float) -> Any:
     return await asyncio.wait_for(future, timeout)
 
 
+def _reopen(address: str) -> None:
+    """Reopen the port-forward to the job API at ``address`` if it is a launcher or AWS
+    cluster's and its ssh died (a laptop's sleep): on the port it had, when still free."""
+    try:
+        clusters.job_api(address)
+    except ClusterError:
+        pass  # not (yet): asked again at the next failure, until lost_contact gives up
+
+
 class StatusWatch:
     """Ray's tail notices the end of a job only after a second of sleep
     (LOG_TAIL_SLEEP_S); polling the status ends the wait at once. A cluster
@@ -128,6 +137,7 @@ class StatusWatch:
                                             self.lost_since)
             if error is not None:
                 raise error from None
+            await asyncio.to_thread(_reopen, self.client.get_address())
             await asyncio.sleep(1.0)
             return None
         self.lost_since = None

@@ -74,6 +74,7 @@ class Watch:
             error = lost_contact(self.address, watch, exc, self.lost_since)
             if error is not None:
                 raise error from None
+            self.reconnect()
             time.sleep(1.0)
             return {}, {}, []
         self.lost_since = None
@@ -88,6 +89,21 @@ class Watch:
             text[run_id] = decoder.decode(data)
         self.states.update(answer.runs)
         return answer.runs, text, answer.unknown
+
+    def reconnect(self) -> None:
+        """Reopen the way to the service when it broke: the SSH port-forward to a launcher or
+        AWS cluster's head dies with a laptop's sleep or a network change, and is not the
+        run's loss (issue 19, item 5). The new forward is verified (its own ssh listens, the
+        head's host key is the pinned one), and the service's answers are signed: nothing is
+        lost, and the log goes on from where it was."""
+        if not self.service.head_port:
+            return
+        try:
+            url = clusters.service_url(self.address, self.service.head_port)
+        except ClusterError:
+            return  # not (yet): asked again at the next failure, until lost_contact gives up
+        if url:
+            self.service.url = url
 
     def state(self, run_id: str) -> RunState:
         found = self.states.get(run_id)
