@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dvcray_cli.errors import ExperimentFailed, StoreError, UsageError
-from dvcray_cli.runs import backends
+from dvcray_cli.runs import backends, queue_journal
 from dvcray_cli.runs.lookup import context, in_repo, locate
 from dvcray_cli.runs.model import RESULT, ExpRef, RunRecord, RunState, valid_exp_name
 from dvcray_cli.runs.project import find_project, import_experiment, pull_outputs
@@ -97,6 +97,7 @@ def pull(cwd: Path, key: str, store: str | None = None, as_name: str | None = No
     target, exp_sha = import_experiment(ctx.git_root, run.store, run.run_id, ref, as_name=as_name, force=force,
                                         made=made[1] if made else None)
     fetched = pull_outputs(project, run.store, exp_sha)
+    queue_journal.pulled(project, run.run_id)  # taken from DVC's queue (queue start --detach): it leaves it now
     if run.record:
         RunRecord.update(ctx.git_root, run.run_id, state=RunState.SUCCEEDED, exp_name=target.name)
     return PullResult(run.run_id, target.name, str(target), exp_sha, fetched, run.store.url,

@@ -339,6 +339,11 @@ def cache_bundle(cache: Path, head: str) -> bytes:
         return out.read_bytes()
 
 
+def queued_files(patch: str) -> str:
+    """The tar of a queued experiment's ``--copy-paths``, named after its patch file."""
+    return f"{Path(patch).stem}.tar"
+
+
 def restore(folder: Path, dest: Path, manifest: Manifest, patch: str = "", cache: Path | None = None) -> Path:
     """Rebuild the workspace from a snapshot: clone, check out the baseline,
     apply the changes (``patch``: another file of the snapshot than the workspace's,
@@ -370,6 +375,10 @@ def restore(folder: Path, dest: Path, manifest: Manifest, patch: str = "", cache
             os.fspath(changes), cwd=dest)
     with tarfile.open(folder / UNTRACKED) as tar:
         tar.extractall(dest, filter="tar")
+    extra = folder / queued_files(patch) if patch else None
+    if extra is not None and extra.is_file():  # a queued experiment's --copy-paths
+        with tarfile.open(extra) as tar:
+            tar.extractall(dest, filter="tar")
     flags = manifest.worktree_flags or {}
     for rel in flags.get("absent", []):
         (dest / rel).unlink(missing_ok=True)
@@ -381,16 +390,19 @@ def restore(folder: Path, dest: Path, manifest: Manifest, patch: str = "", cache
     return dest / manifest.subdir if manifest.subdir else dest
 
 
-def create_queued(git_root: Path, dvc_root: Path, out: Path, entries: list[tuple[str, str, str]]) -> Snapshot:
+def create_queued(git_root: Path, dvc_root: Path, out: Path,
+                  entries: list[tuple[str, str, str, list[str]]]) -> Snapshot:
     """Write a snapshot of experiments queued with ``dvc exp run --queue`` into ``out``.
 
-    Each entry ``(patch file, baseline, stash commit)`` travels as the changes of
-    its stash commit against its baseline: the workspace it was queued with
+    Each entry ``(patch file, baseline, stash commit, copy paths)`` travels as the
+    changes of its stash commit against its baseline: the workspace it was queued with
     (uncommitted edits and ``-S`` values included), never DVC's internal stash
     commit itself, and never ``.dvc/tmp`` (where ``repro.dat`` holds DVC's pickled
-    run variables, a Studio token included). The bundle holds HEAD and every
-    baseline; the workspace's own changes and untracked files do not travel (as
-    with DVC's queue).
+    run variables, a Studio token included). Its ``--copy-paths`` (relative to the DVC
+    root) travel as they are in the workspace now, in a tar named as its patch
+    (``queued-1.patch``: ``queued-1.tar``), as DVC copies them when it runs one. The
+    bundle holds HEAD and every baseline; the workspace's own changes and untracked
+    files do not travel (as with DVC's queue).
 
     Returns:
         The parts' sizes, for reporting.
@@ -406,7 +418,14 @@ def create_queued(git_root: Path, dvc_root: Path, out: Path, entries: list[tuple
     prefix = "" if prefix == "." else prefix + "/"
     never = [f":(exclude){prefix}{n}" for n in NEVER] + [":(exclude,glob)**/.dvc/tmp/**"]
     sizes = {name: (out / name).stat().st_size for name in (BUNDLE, PATCH, UNTRACKED)}
-    for name, base, rev in entries:
+    for name, base, rev, copy_paths in entries:
+        if copy_paths:
+            check_copy_paths(dvc_root, copy_paths)
+            with tarfile.open(out / queued_files(name), "w", format=tarfile.PAX_FORMAT) as tar:
+                for extra in copy_paths:
+                    tar.add(dvc_root / extra, arcname=prefix + Path(extra).as_posix(),
+                            filter=lambda info: None if _excluded(info.name[len(prefix):]) else info)
+            sizes[queued_files(name)] = (out / queued_files(name)).stat().st_size
         # diff-tree is plumbing: no diff.noprefix, external drivers or textconv can change it.
         diff = _run_bytes(["diff-tree", "-r", "-p", "--binary", "--full-index", "--no-color", "--no-renames",
                            "--src-prefix=a/", "--dst-prefix=b/", base, rev, "--", ".", *never], git_root)

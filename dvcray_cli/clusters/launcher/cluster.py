@@ -284,7 +284,7 @@ def status() -> list[dict[str, Any]]:
         try:
             ssh.ensure_forward(record, records.write)
         except ssh.HostKeyChanged as exc:
-            entry["error"] = exc.message
+            entry["error"] = f"{exc.message} {exc.hint}"
             entries.append(entry)
             continue
         except ClusterError:
