@@ -409,7 +409,7 @@ def create_queued(git_root: Path, dvc_root: Path, out: Path,
     """
     out = out.absolute()
     out.mkdir(parents=True, exist_ok=True)
-    bases = sorted({base for _, base, _ in entries})
+    bases = sorted({entry[1] for entry in entries})
     git("bundle", "create", "-q", os.fspath(out / BUNDLE), "HEAD", *bases, cwd=git_root)
     (out / PATCH).write_bytes(b"")
     with tarfile.open(out / UNTRACKED, "w"):
