@@ -14,6 +14,7 @@ import threading
 
 from dvcray_cli.runs import live
 from dvcray_cli.store import Store
+from test_trust_service import cluster_service, service_pid
 
 RUN = "dvcray-20260103-120000-abcdef"
 
@@ -73,23 +74,6 @@ def test_the_runners_studio_endpoint_checks_its_key_first_and_bounds_what_it_hol
     assert [e["type"] for e in batch["events"]] == ["start"]
 
 
-def _service(address: str):
-    from dvcray_cli.runs.backends import service_reach
-
-    service = service_reach.reach(address)
-    assert service is not None and service.service_id
-    return service
-
-
-def _service_pid(address: str, service_id: str) -> int:
-    import re
-
-    from dvcray_cli import clusters
-
-    log = clusters.connect(address).get_job_logs(service_id)
-    return int(re.findall(r"listening on 127\.0\.0\.1:\d+ as \S+ \(dvcray \S+, pid (\d+)\)", log)[-1])
-
-
 def _fds(pid: int) -> int:
     import os
 
@@ -110,9 +94,9 @@ def test_the_runner_service_lets_go_of_half_sent_requests_and_bounds_what_client
     from dvcray_cli.service.client import ServiceError
 
     address = ray_cluster.dashboard_url
-    service = _service(address)
+    service = cluster_service(address)
     port = int(service.url.rsplit(":", 1)[1])
-    pid = _service_pid(address, service.service_id)
+    pid = service_pid(address, service.service_id)
     before = _fds(pid)
 
     half = []

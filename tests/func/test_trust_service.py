@@ -14,18 +14,7 @@ from pathlib import Path
 
 from conftest import run_dvcray
 
-SPEC = {
-    "params.yaml": "x: 1\n",
-    "stage.py": "import json, yaml\njson.dump({'y': yaml.safe_load(open('params.yaml'))['x'] * 2}, "
-                "open('m.json', 'w'))\n",
-    "dvc.yaml": "stages:\n  s:\n    cmd: python stage.py\n    deps: [stage.py]\n    params: [x]\n"
-                "    metrics: [{m.json: {cache: false}}]\n",
-}
-
-
-def node_dir(head) -> Path:
-    """The runner's folder on the head's node (its HOME's cache)."""
-    return Path(head.token_path).parents[1] / ".cache" / "dvcray"
+from test_warm import SPEC, node_dir
 
 
 def project(make_dvc_project, name: str = "project") -> Path:
@@ -65,7 +54,7 @@ def test_run_logs_snapshots_and_workspaces_on_the_head_are_the_users_alone(ray_c
     assert private(base / "runs")
 
 
-def _service(address: str):
+def cluster_service(address: str):
     """The cluster's runner service, as a client reaches it (started if it runs none)."""
     from dvcray_cli.runs.backends import service_reach
 
@@ -74,7 +63,7 @@ def _service(address: str):
     return service
 
 
-def _service_pid(address: str, service_id: str) -> int:
+def service_pid(address: str, service_id: str) -> int:
     """The service's process (the head runs on this machine): its job log names it."""
     import re
 
@@ -102,9 +91,9 @@ def test_the_token_never_goes_to_whoever_holds_the_port_after_the_service_died(r
 
     address = ray_cluster.dashboard_url
     token = ray_cluster.token()
-    service = _service(address)
+    service = cluster_service(address)
     port = int(service.url.rsplit(":", 1)[1])
-    os.kill(_service_pid(address, service.service_id), signal.SIGKILL)
+    os.kill(service_pid(address, service.service_id), signal.SIGKILL)
     deadline = time.monotonic() + 30
     while True:
         try:
