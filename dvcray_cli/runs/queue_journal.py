@@ -372,6 +372,6 @@ def recover(project: Project, say: Callable[[str], None], only: str | None = Non
     if failed:
         say(f"Recorded as failed in DVC's queue (dvc queue status): {', '.join(failed)}.")
     if running:
-        say(f"Still running from an earlier dvcray queue start: {', '.join(running)} (dvcray runs); the next "
-            "dvcray queue start records them once they have ended.")
+        say(f"Not ended yet, or their cluster does not answer now: {', '.join(running)}, from an earlier dvcray "
+            "queue start (dvcray runs shows them); the next dvcray queue start records them once they have ended.")
     return running
