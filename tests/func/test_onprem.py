@@ -305,8 +305,9 @@ def _jobs(client, lab) -> list[dict]:
 
     record = _record(client, lab)
     token = Path(record["token_path"]).read_text().strip()
-    answer = requests.get(f"{record['dashboard_url']}/api/jobs/", headers={"Authorization": f"Bearer {token}"},
-                          timeout=10)
+    # Where its forward listens now (it moves to a fresh port when its port was taken meanwhile).
+    answer = requests.get(f"http://127.0.0.1:{record['forward_port']}/api/jobs/",
+                          headers={"Authorization": f"Bearer {token}"}, timeout=10)
     assert answer.status_code == 200, answer.text
     return answer.json()
 
@@ -610,10 +611,22 @@ def _kill_forwards(bed) -> list[int]:
     """The client's SSH port-forwards to the head die at once (a laptop's sleep, a network change)."""
     import signal
 
+    import psutil
+
     pids = [int(line.split(":", 1)[0]) for line in _our_ssh_to(bed.node("n0").ip)]
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
+    psutil.wait_procs([p for p in map(_process, pids) if p is not None], timeout=30)  # their ports are free now
     return pids
+
+
+def _process(pid: int):
+    import psutil
+
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
 
 
 def test_forwards_killed_mid_run_twice_are_reopened_and_the_run_comes_home(bed, client, lab):

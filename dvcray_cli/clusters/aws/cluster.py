@@ -202,7 +202,7 @@ def status() -> list[dict[str, Any]]:
     for record, path in records.records():
         entry: dict[str, Any] = {
             "name": record.name, "kind": "aws", "config": record.config_label, "region": record.region,
-            "alive": None, "dashboard_url": record.dashboard_url, "started_at": record.started_at,
+            "alive": None, "dashboard_url": record.api_url, "started_at": record.started_at,
             "age_s": _age_s(record.started_at), "idle_timeout_s": record.idle_timeout_s,
             "instances": [], "cost_so_far_usd": None, "error": None,
         }

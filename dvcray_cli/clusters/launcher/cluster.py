@@ -278,7 +278,7 @@ def status() -> list[dict[str, Any]]:
         entry: dict[str, Any] = {
             "name": record.name, "kind": "launcher", "provider": record.provider, "config": record.config_label,
             "head_ip": record.head_ip, "worker_ips": record.worker_ips, "alive": None,
-            "dashboard_url": record.dashboard_url, "started_at": record.started_at,
+            "dashboard_url": record.api_url, "started_at": record.started_at,
             "idle_timeout_s": record.idle_timeout_s, "nodes": [], "cpus": None, "runs": [], "error": None,
         }
         try:
