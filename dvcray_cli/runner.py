@@ -24,7 +24,7 @@ from typing import Any
 
 from dvcray_cli import files
 from dvcray_cli.gitutil import git
-from dvcray_cli.runs import live, snapshot
+from dvcray_cli.runs import live, snapshot, stage_env
 from dvcray_cli.runs.logtee import LogTee, made_line
 from dvcray_cli.runs.project import shown_files
 from dvcray_cli.runs.model import (BUNDLE, LOG, MANIFEST, RESULT, STATUS, ExpRef, ExpSpec, Manifest, RunResult,
@@ -265,6 +265,7 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         manifest = dataclasses.replace(manifest, baseline=spec.baseline or manifest.baseline,
                                        targets=list(spec.options.get("targets") or manifest.targets),
                                        options={**manifest.options, **spec.options})
+    job_dir = Path.cwd()  # a Ray Job's package: on the runner's PYTHONPATH, not the stage's
     # The run's workspace and log are this user's alone on a shared node (issue 20, point 10).
     work = files.private_dir(runner_dir() / "runs") / run_id
     if work.exists():
@@ -301,6 +302,15 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         say(f"workspace ready at baseline {manifest.baseline[:7]} ({result.timings['restore']:.1f}s)")
 
         os.environ["DVCRAY_WORKSPACE"] = os.fspath(dvc_root)
+        # The stage's environment: the node's, plus the run's variables and PYTHONPATH (runs/stage_env.py).
+        to_set, to_unset = stage_env.for_stage(manifest.env, manifest.pythonpath, dvc_root, os.environ, job_dir)
+        os.environ.update(to_set)
+        for name in to_unset:
+            os.environ.pop(name, None)
+        names, rels = to_set[stage_env.ENV_VAR], to_set[stage_env.PYTHONPATH_VAR]
+        if names or rels:
+            say(f"the stage's variables: {names.replace(',', ', ') or 'none'}; PYTHONPATH in the project: "
+                f"{rels.replace(os.pathsep, ', ') or 'none'}")
         os.environ["RAY_RUNTIME_ENV_HOOK"] = "dvcray_cli.integrations.runtime_env.hook"
         os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
         # DVC and DVCLive post their live updates to the runner, as they would to Studio (runs/live.py).

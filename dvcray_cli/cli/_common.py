@@ -6,7 +6,7 @@ import functools
 import os
 import sys
 import traceback
-from typing import Any, Callable, TypeVar
+from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -35,6 +35,12 @@ class _Console(Console):
 # Results (tables, --json) go to stdout; messages, progress and errors to stderr.
 out = _Console(highlight=False, soft_wrap=True, **_ci_style)
 err = _Console(stderr=True, highlight=False, soft_wrap=True, **_ci_style)
+
+# `--env` of the commands that run experiments (runs/stage_env.py).
+EnvOption = Annotated[Optional[list[str]], typer.Option(
+    "--env", metavar="NAME[=VALUE]", show_default=False,
+    help="Give the stage and its Ray workers this variable: NAME=VALUE, or NAME for its value here (repeatable; "
+         "also the env list of tool.dvcray in pyproject.toml). Secret-like names are refused: values go to the store.")]
 
 # The root options every command honours (`--verbose`).
 flags = {"verbose": False}

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dvcray_cli.cli._common import boundary, check_jobs
+from dvcray_cli.cli._common import EnvOption, boundary, check_jobs
 from dvcray_cli.cli._follow import follow_many
 
 app = typer.Typer(help="Run DVC's own experiment queue (dvc exp run --queue) on a Ray cluster.",
@@ -29,6 +29,7 @@ def start(
     store: Annotated[Optional[str], typer.Option("--store", help="Where outputs and run records go: s3://bucket/prefix or a folder (default: as dvcray run)", show_default=False)] = None,
     detach: Annotated[bool, typer.Option("--detach", help="Return once every experiment is submitted; dvcray runs, logs and pull take it from there.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print the outcomes as JSON on stdout; messages go to stderr.")] = False,
+    env: EnvOption = None,
     cwd: Annotated[Path, typer.Option("--cwd", hidden=True)] = Path("."),
 ) -> None:
     """Run the experiments waiting in DVC's queue on a Ray cluster.
@@ -48,7 +49,8 @@ def start(
     from dvcray_cli.runs.model import RunOptions
 
     check_jobs(jobs)
-    opts = RunOptions(address=address, store=store, cpus_per_exp=cpus_per_exp, gpus_per_exp=gpus_per_exp)
+    opts = RunOptions(address=address, store=store, cpus_per_exp=cpus_per_exp, gpus_per_exp=gpus_per_exp,
+                      env=env or [])
     where = cwd.resolve()
     follow_many(lambda say, on_line, on_change, on_progress:
                 queue.start(opts, names or [], where, say, jobs, on_line, on_change, on_progress, detach), json_)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.text import Text
 
-from dvcray_cli.cli._common import boundary, check_jobs, err, out, write_json
+from dvcray_cli.cli._common import EnvOption, boundary, check_jobs, err, out, write_json
 from dvcray_cli.cli._follow import follow_many, interruptible, log_stream, say
 from dvcray_cli.errors import UsageError
 
@@ -36,17 +36,20 @@ def run(
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="With a sweep: at most this many experiments at once (default: all).", show_default=False)] = None,
     cpus_per_exp: Annotated[Optional[float], typer.Option("--cpus-per-exp", min=0, help="CPUs reserved for each experiment's runner and its stage's own processes (Ray tasks the stage starts ask for their own); Ray places the runner on any node with room (needs an S3 store).", show_default=False)] = None,
     gpus_per_exp: Annotated[Optional[float], typer.Option("--gpus-per-exp", min=0, help="GPUs reserved for each experiment's runner.", show_default=False)] = None,
+    env: EnvOption = None,
     cwd: Annotated[Path, typer.Option("--cwd", hidden=True)] = Path("."),
 ) -> None:
     """Run the pipeline as a DVC experiment on a Ray cluster.
 
     The experiment sees your workspace exactly as dvc exp run would (uncommitted
     changes included), its log streams here, and when it ends it is in your repo:
-    dvc exp show lists it, dvcray pull NAME brings its outputs.
+    dvc exp show lists it, dvcray pull NAME brings its outputs. The stage runs with
+    the node's own environment, your PYTHONPATH entries inside the project (as
+    folders of the run's own copy) and the variables you name with --env.
 
     Example:
 
-        dvcray run --exp-name lr-01 -S train.lr=0.1
+        dvcray run --exp-name lr-01 -S train.lr=0.1 --env OMP_NUM_THREADS=2
     """
     from dvcray_cli import params
     from dvcray_cli.runs import submit, sweep
@@ -57,7 +60,7 @@ def run(
         targets=targets or [], exp_name=exp_name, overrides=set_param or [], address=address,
         store=store, force=force, downstream=downstream, message=message, pull=pull,
         allow_missing=allow_missing, copy_paths=copy_paths or [], cpus_per_exp=cpus_per_exp,
-        gpus_per_exp=gpus_per_exp,
+        gpus_per_exp=gpus_per_exp, env=env or [],
     )
     where = cwd.resolve()
     check_jobs(jobs)

@@ -7,7 +7,10 @@ the project's own module would fail there (DESIGN.md). The runner points
 clone as ``working_dir`` (Ray follows its .gitignore, so DVC outputs and data
 stay behind) and DVC's variables as ``env_vars`` (without secrets:
 ``dvcray_cli.integrations.dvclive.dvc_env_vars``; with the store's S3 endpoint when
-it has its own), with no change to the user's script.
+it has its own), with no change to the user's script. The run's own stage environment
+(``dvcray_cli.runs.stage_env``) goes with them: the variables it names (``--env``, the
+project's ``env`` list; never secret-like names, which the client refuses) and its
+``PYTHONPATH`` entries inside the project, relative to the workers' copy of it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ import sys
 from typing import Any
 
 WORKSPACE_VAR = "DVCRAY_WORKSPACE"
+# Set by the runner for the stage: the names of the variables the run carries (comma-separated)
+# and its PYTHONPATH entries inside the project, relative to the workspace (os.pathsep-separated).
+ENV_VAR = "DVCRAY_ENV"
+PYTHONPATH_VAR = "DVCRAY_PYTHONPATH"
 
 # What Ray's packaging says when it ships a working_dir: that it skips .git, follows
 # the .gitignore files, zips and pushes. Shipping the run's clone is dvcray's doing,
@@ -65,6 +72,10 @@ def hook(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
     # the run's manifest already.
     if os.environ.get("AWS_ENDPOINT_URL_S3"):
         dvc_vars["AWS_ENDPOINT_URL_S3"] = os.environ["AWS_ENDPOINT_URL_S3"]
+    # The run's own variables, by the names the runner set (values are the stage's).
+    for name in filter(None, os.environ.get(ENV_VAR, "").split(",")):
+        if name in os.environ:
+            dvc_vars[name] = os.environ[name]
     if dvc_vars:
         env["env_vars"] = {**dvc_vars, **(env.get("env_vars") or {})}
     root = os.environ.get(WORKSPACE_VAR)
@@ -74,7 +85,8 @@ def hook(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
         env["working_dir"] = root
         _quiet_shipping()
         # Folders of the workspace on the driver's sys.path (python src/train.py
-        # puts src/ there) go on the workers' path too, relative to their copy.
+        # puts src/ there) go on the workers' path too, relative to their copy; so do the
+        # run's PYTHONPATH entries (the workspace itself is their working_dir, first on it).
         extra = []
         for entry in sys.path:
             entry = os.path.abspath(entry or os.getcwd())
@@ -82,6 +94,9 @@ def hook(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
                 rel = os.path.relpath(entry, root)
                 if rel not in extra:
                     extra.append(rel)
+        for rel in os.environ.get(PYTHONPATH_VAR, "").split(os.pathsep):
+            if rel and rel != "." and rel not in extra:
+                extra.append(rel)
         if extra:
             env_vars = dict(env.get("env_vars") or {})
             current = env_vars.get("PYTHONPATH")

@@ -41,6 +41,7 @@ class RunSummary:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
     source: str = "record"          # "record": submitted from this clone; "store": found in the store
+    env: list[str] = field(default_factory=list)  # the names of the variables it carried (never values)
 
     @property
     def duration(self) -> float | None:
@@ -62,7 +63,7 @@ class RunSummary:
             "submitted": _iso(self.submitted), "started": _iso(self.started), "ended": _iso(self.ended),
             "duration_s": None if self.duration is None else round(self.duration, 3),
             "baseline": self.baseline, "address": self.address, "store": self.store,
-            "metrics": self.metrics, "error": self.error, "source": self.source,
+            "metrics": self.metrics, "error": self.error, "source": self.source, "env": self.env,
         }
 
 
@@ -122,7 +123,7 @@ def summarize(run: Run, seen: backends.Clusters, fallbacks: list[str], git_root:
     summary = RunSummary(run_id=run.run_id, exp_name=run.exp_name(),
                          state=record.state if record else RunState.PENDING, submitted=run.submitted(),
                          baseline=run.baseline(), address=run.address, store=run.store.url,
-                         source="record" if record else "store")
+                         source="record" if record else "store", env=run.env_names())
     if record and record.state.has_outcome() and record.ended:
         # Final and already looked up once: nothing can change any more.
         summary.started, summary.ended = record.started, record.ended

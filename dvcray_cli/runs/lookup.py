@@ -90,6 +90,13 @@ class Run:
                 return source.baseline
         return None
 
+    def env_names(self) -> list[str]:
+        """The names of the variables it carried to its stage (never their values)."""
+        if self.record is not None:
+            return list(self.record.env)
+        manifest = self.manifest
+        return sorted(manifest.env) if manifest else []
+
     def submitted(self) -> float | None:
         if self.record and self.record.submitted:
             return self.record.submitted

@@ -110,6 +110,7 @@ class RunOptions:
     copy_paths: list[str] = field(default_factory=list)
     cpus_per_exp: float | None = None  # reserve for each runner: Ray places it where there is room
     gpus_per_exp: float | None = None
+    env: list[str] = field(default_factory=list)  # --env NAME=VALUE / NAME, as given (runs.stage_env)
 
 
 @dataclass
@@ -202,15 +203,9 @@ class RunId:
             return None
 
 
-# The most experiments one submission may carry.
-MAX_EXPERIMENTS = 10000
-
-
-def _relative(path: str) -> bool:
-    """``path`` is empty or a relative path that stays below where it starts."""
-    parts = path.split("/")
-    return path == "" or (not path.startswith("/") and "\\" not in path and ".." not in parts and "" not in parts
-                          and "\x00" not in path)
+MAX_EXPERIMENTS = 10000  # in one submission
+# A DVC project's path in its clone: relative, and below it.
+_SUBDIR = re.compile(r"(?!/)(?!.*(^|/)\.\.(/|$))(?!.*//)[^\\\x00]*(?<!/)")
 
 
 @dataclass
@@ -245,13 +240,15 @@ class Manifest:
     # Where in the store the snapshot's other files wait, when they were too big to travel
     # as the Ray Job's package (``dvcray/snapshots/JOB_ID``); the runner fetches them.
     parts: str = ""
-    # The sha256 of each of those files, by name: the manifest travels in the job's package (through
-    # Ray, authenticated), the files through the store (anyone who writes it): the runner takes
-    # only these files, and only as they were sent (issue 20, point 2).
+    # Their sha256 by name: the manifest comes through Ray, the files through the store (issue 20, point 2).
     parts_sha256: dict[str, str] = field(default_factory=dict)
     # How many commits the snapshot's bundle carries as first sent (0: none, the cluster had HEAD; -1:
     # not counted): what a thin bundle saved is visible in the store (DESIGN.md, "Snapshot").
     bundle_commits: int = -1
+    # The stage's environment (runs/stage_env.py): variables by name (never secret-like names:
+    # this goes to the store), and PYTHONPATH entries relative to the DVC root.
+    env: dict[str, str] = field(default_factory=dict)
+    pythonpath: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -261,9 +258,9 @@ class Manifest:
         manifest = files.from_json(cls, data)
         if manifest is None or not isinstance(manifest.run_id, str) or not isinstance(manifest.baseline, str):
             return None
-        if not (isinstance(manifest.subdir, str) and _relative(manifest.subdir)  # the project is in the clone
-                and isinstance(manifest.experiments, list) and len(manifest.experiments) <= MAX_EXPERIMENTS
-                and type(manifest.jobs) is int and manifest.jobs >= 0):
+        if not (isinstance(manifest.subdir, str) and _SUBDIR.fullmatch(manifest.subdir) and type(manifest.jobs) is int
+                and manifest.jobs >= 0 and isinstance(manifest.experiments, list)
+                and len(manifest.experiments) <= MAX_EXPERIMENTS):
             return None
         manifest.exp_name = _text(manifest.exp_name)
         manifest.address = manifest.address if isinstance(manifest.address, str) else ""
@@ -271,12 +268,14 @@ class Manifest:
             _SHA.fullmatch(manifest.repo_root) else ""
         manifest.parts = manifest.parts if isinstance(manifest.parts, str) and \
             re.fullmatch(r"dvcray/snapshots/[A-Za-z0-9_.-]+", manifest.parts) and ".." not in manifest.parts else ""
-        manifest.parts_sha256 = {k: v for k, v in _mapping(manifest.parts_sha256).items()
-                                 if isinstance(k, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", k)
-                                 and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)}
+        manifest.parts_sha256 = {k: v for k, v in _mapping(manifest.parts_sha256).items() if isinstance(v, str)
+                                 and re.fullmatch(r"[A-Za-z0-9_.-]+", k) and re.fullmatch(r"[0-9a-f]{64}", v)}
         manifest.created = _number(manifest.created) or 0.0
         manifest.worktree_flags = {k: [p for p in v if isinstance(p, str)]
                                    for k, v in _mapping(manifest.worktree_flags).items() if isinstance(v, list)}
+        manifest.env = {k: v for k, v in _mapping(manifest.env).items() if isinstance(v, str)}
+        manifest.pythonpath = [p for p in manifest.pythonpath if isinstance(p, str)] \
+            if isinstance(manifest.pythonpath, list) else []
         return manifest
 
     def specs(self) -> list[ExpSpec]:
@@ -427,6 +426,7 @@ class RunRecord:
     # How it runs (``runs.backends``): "job" (a Ray Job) or "service" (the cluster's runner service)
     backend: str = ""
     service: str = ""              # the runner service that runs it (its Ray Job id); "": a Ray Job of its own
+    env: list[str] = field(default_factory=list)  # the names of the variables it carried (never values)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -444,6 +444,7 @@ class RunRecord:
         record.submitted = _number(record.submitted) or 0.0
         record.job_id = record.job_id if isinstance(record.job_id, str) and record.job_id else record.run_id
         record.service = record.service if isinstance(record.service, str) else ""
+        record.env = [n for n in record.env if isinstance(n, str)] if isinstance(record.env, list) else []
         if not isinstance(record.backend, str) or not record.backend:  # a record from before it was named
             record.backend = "service" if record.service else "job"
         return record

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from dvcray_cli import gitutil
 from dvcray_cli.errors import Interrupted, UsageError
 from dvcray_cli.runs import queue_journal as journal
-from dvcray_cli.runs import snapshot
+from dvcray_cli.runs import snapshot, stage_env
 from dvcray_cli.runs.model import ExpRef, ExpSpec, RunId, RunOptions, RunRecord, valid_exp_name
 from dvcray_cli.runs.project import Project, find_project, open_repo
 from dvcray_cli.runs.submit import prepare
@@ -180,6 +180,7 @@ def start(opts: RunOptions, names: list[str], cwd: Path, say: Callable[[str], No
     """
     if jobs is not None and jobs < 1:
         raise UsageError("--jobs must be at least 1.")
+    stage_env.parse(opts.env)  # a bad --env is refused even when nothing is queued
     project = find_project(cwd)
     with journal.interruptible():
         journal.recover(project, say)

@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 
 from dvcray_cli import __version__, clusters, params, ray_api
 from dvcray_cli.errors import UsageError
-from dvcray_cli.runs import backends, placement, snapshot
+from dvcray_cli.runs import backends, placement, settings, snapshot, stage_env
 from dvcray_cli.runs.backends import Backend
 from dvcray_cli.runs.model import MANIFEST, ExpSpec, Manifest, RunId, RunOptions, RunRecord, RunState
 from dvcray_cli.runs.project import (Project, check_exp_name, find_project, open_repo, push_inputs,
@@ -58,6 +58,7 @@ class Prepared:
     worktree_flags: dict[str, list[str]] = field(default_factory=dict)  # snapshot.Snapshot.flags
     repo_root: str = ""  # the project's first commit, when the bundle is made against the cluster's cache
     bundle_commits: int = -1  # how many commits the snapshot's bundle carries (Manifest.bundle_commits)
+    stage: stage_env.StageEnv = field(default_factory=stage_env.StageEnv)  # what the stage gets on purpose
 
     def manifest(self, job_id: str, specs: list[ExpSpec], jobs: int = 0) -> Manifest:
         opts, project = self.opts, self.project
@@ -72,6 +73,7 @@ class Prepared:
             store=self.store.to_json(), dvcray_version=__version__, created=time.time(), address=self.address,
             experiments=[] if one else [s.to_json() for s in specs], jobs=jobs,
             worktree_flags=self.worktree_flags, repo_root=self.repo_root, bundle_commits=self.bundle_commits,
+            env=dict(self.stage.env), pythonpath=list(self.stage.pythonpath),
         )
 
 
@@ -118,6 +120,10 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
     ray_api.stop_grace_s()
     ray_api.keep_jobs()
     snapshot.via_store_bytes()
+    project = find_project(cwd)
+    # The stage's variables and PYTHONPATH: refused before anything starts (a runner service included).
+    listed = settings.read(project.dvc_root, project.git_root)
+    stage = stage_env.resolve(opts.env, listed.env, listed.path, project.dvc_root, cwd, opts.copy_paths)
     known = clusters.known_address(opts.address, cwd)
     asked = opts.cpus_per_exp is not None or opts.gpus_per_exp is not None
     early = None
@@ -125,7 +131,6 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
         # Reaching the cluster (its runner service, or Ray's SDK) takes a while the first
         # time; do it while DVC reads the project. Its errors surface after DVC's.
         early = concurrent.futures.ThreadPoolExecutor(1).submit(backends.choose, known, say)
-    project = find_project(cwd)
     snapshot.check_workspace(project.git_root)
     snapshot.check_copy_paths(project.dvc_root, opts.copy_paths)
     if not source:
@@ -146,6 +151,8 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
         address, started = clusters.ensure_address(opts.address, cwd, say)
         backend = backends.choose(address, say)
 
+    for note in stage.notes:
+        say(note)
     where = placement.decide(clusters.shape(address) if asked else None, opts.cpus_per_exp, opts.gpus_per_exp,
                              store.is_local, store.url, len(experiments), jobs)
     if where.note:
@@ -166,7 +173,7 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
         packed = snapshot.create(project.git_root, project.dvc_root, snapshot_dir, opts.copy_paths, against)
         commits = snapshot.bundle_commits(project.git_root, against)
     return Prepared(opts, project, store, address, backend, started, experiments, snapshot_dir,
-                    packed.total, where, packed.flags, root, commits)
+                    packed.total, where, packed.flags, root, commits, stage)
 
 
 def launch(prepared: Prepared, job_id: str, specs: list[ExpSpec], jobs: int = 0, placed: bool = False) -> None:
@@ -186,7 +193,8 @@ def launch(prepared: Prepared, job_id: str, specs: list[ExpSpec], jobs: int = 0,
     for spec in specs:
         RunRecord(run_id=spec.run_id, job_id=job_id, address=prepared.address, store=prepared.store.to_json(),
                   exp_name=spec.exp_name, baseline=spec.baseline or prepared.project.baseline, submitted=time.time(),
-                  state=RunState.PENDING, **prepared.backend.recorded()).save(prepared.project.git_root)
+                  state=RunState.PENDING, env=sorted(prepared.stage.env),
+                  **prepared.backend.recorded()).save(prepared.project.git_root)
 
 
 def submit(opts: RunOptions, cwd: Path, say: Say) -> Submitted:

@@ -47,6 +47,8 @@ def refused(root: Path, *args: str, env: dict | None = None) -> str:
     (("-C", "../.."), "outside the DVC project"),
     (("nostage",), "nostage is not a stage of this pipeline"),
     (("--jobs", "0"), "--jobs must be at least 1"),
+    (("--env", "GH_TOKEN=x"), "GH_TOKEN (--env) looks like a secret"),
+    (("--env", "UNSET_NAME_FOR_17"), "UNSET_NAME_FOR_17 (--env) is not set here"),
 ])
 def test_bad_run_options(project, args, message):
     assert message in refused(project, *args)

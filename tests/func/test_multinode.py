@@ -54,8 +54,11 @@ def _cluster_env(home: Path) -> dict[str, str]:
 
 def _left_behind(gcs_address: str, temp_dir: str) -> list[str]:
     """Processes that still belong to the cluster by their environment or command line
-    (a stronger test than find_pids, which follows the process tree)."""
+    (a stronger test than find_pids, which follows the process tree). Its GCS address
+    spelled out, not its port alone: Ray clusters of test beds (other namespaces, other
+    addresses) use port 6379 too."""
     port = gcs_address.rsplit(":", 1)[1]
+    marks = (temp_dir, gcs_address, f"127.0.0.1:{port}")
     found = []
     for p in psutil.process_iter(["pid", "name", "cmdline"]):
         if p.pid == os.getpid():
@@ -64,7 +67,7 @@ def _left_behind(gcs_address: str, temp_dir: str) -> list[str]:
             text = " ".join(p.info["cmdline"] or []) + " " + " ".join(p.environ().values())
         except psutil.Error:
             continue
-        if temp_dir in text or f":{port}" in text:
+        if any(mark in text for mark in marks):
             found.append(f"{p.pid} {p.info['name']}")
     return found
 

@@ -33,6 +33,7 @@ import testbed
 from conftest import REPO, free_port, sh
 from test_run import exp_metrics, exp_refs
 from test_run_s3 import bucket_objects
+from test_stage_env import SPEC as SRC_LAYOUT, seen_by
 
 pytestmark = pytest.mark.slow
 
@@ -429,6 +430,32 @@ def test_run_puts_its_runner_on_a_worker_and_its_tasks_on_the_other(bed, client,
     assert proc.returncode == 0, _out(proc)
     sh("dvc", "exp", "apply", "onbed", cwd=project, env=client.env)
     assert (project / "result.txt").read_text() == f"made by edited on {out['task_host']}\n"
+
+
+def test_a_src_layout_with_pythonpath_runs_its_own_copy_on_the_machines(bed, client, lab):
+    """``export PYTHONPATH=$PWD`` (issue 17): the stage on a worker, a Ray task on the other and a Ray
+    Train worker import ``src.*`` from the run's copy; ``--env`` and the project's list reach them all."""
+    project = _clone(client, "src-layout")
+    sh("dvc", "init", "-q", cwd=project, env=client.env)
+    _with_store(client, project)
+    for rel, text in SRC_LAYOUT.items():
+        (project / rel).parent.mkdir(parents=True, exist_ok=True)
+        (project / rel).write_text(text)
+    sh("git", "add", "-A", cwd=project, env=client.env)
+    sh("git", "commit", "-qm", "a src/ layout", cwd=project, env=client.env)
+    env = {**client.env, "PYTHONPATH": str(project), "SEED": "seed-bed", "LISTED": "listed-bed"}
+    proc = _dvcray("run", "-n", "srcbed", "--cpus-per-exp", "1", "--env", "MODE=bed-mode", "--env", "SEED",
+                   "--env", "TRAIN=1", "--env", "TASK_CPUS=2", env=env, cwd=project, timeout=900)
+    assert proc.returncode == 0, _out(proc)
+    seen = seen_by(project, "srcbed")
+    workers = {bed.node("n1").hostname, bed.node("n2").hostname}
+    for who in ("stage", "task", "train"):
+        view = seen[who]
+        assert view["value"] == 1 and view["host"] in workers, (who, view)
+        assert (view["MODE"], view["SEED"], view["LISTED"]) == ("bed-mode", "seed-bed", "listed-bed"), (who, view)
+    assert seen["task"]["host"] != seen["stage"]["host"], "the task ran on the other machine"
+    assert str(project) not in seen["stage"]["pythonpath"], "never this machine's working copy"
+    assert _manifest(client, "srcbed")["pythonpath"] == ["."]
 
 
 def test_mnist_across_the_machines_keeps_ray_train_checkpoints_in_the_store(bed, client, lab):

@@ -15,6 +15,7 @@ from pathlib import Path
 from dvcray_cli import __version__, ray_api
 from dvcray_cli.clusters import procs
 from dvcray_cli.clusters.common import VERSION_LABEL, utc_now
+from dvcray_cli.clusters.local.environment import head_environment
 from dvcray_cli.clusters.local.multinode import head_type_cpus, resolve_autoscaling_config
 from dvcray_cli.clusters.local.registry import LocalCluster, default_temp_dir
 from dvcray_cli.errors import ClusterError
@@ -38,7 +39,8 @@ def start_head(name: str, *, num_cpus: float | None = None, temp_dir: str | Path
         temp_dir: Ray's ``--temp-dir`` for this cluster (``default_temp_dir(name)``).
         gcs_port, dashboard_port: fixed ports; when None, 6379 and 8265 if free,
             else free ones.
-        env: extra environment for the head's processes (and so for its jobs).
+        env: variables set on purpose for the head's processes (and so for its jobs),
+            over what it keeps of this one's (``environment.head_environment``).
         token_path: the auth token file (``~/.ray/auth_token``); created if missing.
         timeout: seconds to wait for the job API.
         autoscaling_config: a Ray autoscaler YAML for the head's autoscaler
@@ -75,26 +77,6 @@ class _PortClash(Exception):
     pass
 
 
-def _head_env(env: dict[str, str] | None, bindir: str, token_file: Path) -> dict[str, str]:
-    """The environment of the head's processes: this one's, ``env``, and token auth."""
-    head_env = {**os.environ, **(env or {})}
-    # Jobs run `python ...` from the head's PATH: make it the interpreter dvcray runs in.
-    head_env["PATH"] = bindir + os.pathsep + head_env.get("PATH", "")
-    # Token auth on, explicitly, with this cluster's token file. Every process of the
-    # cluster inherits both, drivers inside Ray Jobs included, so their plain
-    # `ray.init()` authenticates. A RAY_AUTH_TOKEN meant for another cluster must not
-    # override the file.
-    head_env["RAY_AUTH_MODE"] = "token"
-    head_env["RAY_AUTH_TOKEN_PATH"] = str(token_file)
-    for var in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
-        head_env.pop(var, None)
-    # A DVC Studio token stays with the client, which relays runs' live updates itself
-    # (runs/studio.py): no process of the cluster, runners included, ever has it.
-    for var in ("DVC_STUDIO_TOKEN", "STUDIO_TOKEN"):
-        head_env.pop(var, None)
-    return head_env
-
-
 def _start_once(name: str, temp: Path, token_file: Path, num_cpus: float | None,
                 gcs_port: int | None, dashboard_port: int | None, env: dict[str, str] | None,
                 timeout: float, prefer_defaults: bool,
@@ -112,7 +94,8 @@ def _start_once(name: str, temp: Path, token_file: Path, num_cpus: float | None,
     agent_port = procs.pick_port(None, taken)
 
     bindir = str(Path(sys.executable).parent)
-    head_env = _head_env(env, bindir, token_file)
+    # Built from an allowlist, never the whole environment of this shell (environment.py).
+    head_env = head_environment(os.environ, token_file, env)
     ray_bin = Path(bindir) / "ray"
     cmd = [str(ray_bin) if ray_bin.exists() else "ray", "start", "--head",
            "--port", str(gcs), "--node-ip-address", "127.0.0.1",
