@@ -133,9 +133,9 @@ def on_this_machine(address: str) -> bool:
     import socket
     from urllib.parse import urlparse
 
+    if launcher_records.at_address(address) is not None or any(r.answers_at(address) for r, _ in aws_records()):
+        return False  # known without opening its forward
     url = job_api(address)
-    if launcher_records.at_address(url) is not None or any(r.answers_at(url) for r, _ in aws_records()):
-        return False
     if any(cluster.same_address(address) for cluster in local.records()):
         return True
     host = (urlparse(url).hostname or "").lower()
@@ -163,8 +163,7 @@ def reaches_service(address: str) -> bool:
     (``service_url``); where it cannot, runs go there as Ray Jobs of their own."""
     if on_this_machine(address):
         return True
-    url = job_api(address)
-    return launcher.recorded_at(url) or aws.recorded_at(url)
+    return launcher.recorded_at(address) or aws.recorded_at(address)
 
 
 def service_url(address: str, head_port: int) -> str | None:
