@@ -62,7 +62,7 @@ def make_app(service: RunnerService, connections: guard.Connections | None = Non
         nonce = request.query.get("nonce", "")
         return web.json_response(Hello(service.service_id, __version__,
                                        protocol.proof(service.token, nonce, service.service_id),
-                                       service.node, service.draining, time.time(), True).to_json())
+                                       service.node, service.notice_upgrade(), time.time(), True).to_json())
 
     async def have(request):
         body = _json(request)

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_dvcray, sh
-from test_run import exp_metrics, exp_refs
+from helpers import exp_metrics, exp_refs, run_dvcray, sh
 
 STAGE = """\
 import json, os, sys, time, yaml

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_dvcray, sh, store_log
+from helpers import run_dvcray, sh, store_log
 
 TRAIN_PY = """\
 import json, time, yaml
@@ -140,12 +140,11 @@ def test_stop_a_running_run(ray_cluster, make_dvc_project, store):
     follower = subprocess.Popen([sys.executable, "-m", "dvcray_cli", "logs", run_id, "--follow"], cwd=root,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        started = time.monotonic()
-        proc = run_dvcray("stop", run_id, cwd=root, timeout=60)
-        took = time.monotonic() - started
+        proc = run_dvcray("stop", run_id, cwd=root, timeout=60)   # the stage would sleep 60 s
         assert proc.returncode == 0, proc.stderr
         assert "STOPPED" in proc.stderr
-        assert took < 15, f"stop took {took:.1f}s"
+        # `stop` returns once the run has ended and saved what it had.
+        assert json.loads((run_dir / "result.json").read_text())["status"] == "STOPPED"
         followed, follow_err = follower.communicate(timeout=30)
     finally:
         follower.kill()
@@ -263,10 +262,10 @@ def test_runs_as_ray_jobs_of_their_own_are_listed_logged_and_stopped_through_ray
     wait_for(lambda: "STAGE-START" in store_log(run_dir), 90, "the stage to start")
     stop = run_dvcray("stop", "sleepy", cwd=root, timeout=120)
     assert stop.returncode == 0, stop.stderr
-    # It ended mid-stage and saved its result; ``stop`` and ``runs`` say how it ended. (The runner
-    # of a stopped Ray Job records FAILED, "went away mid-run", not STOPPED: so on main too; its
-    # parent shell dies with the job's process group. Left for the runner's owner: issue 16's note.)
+    # It ended mid-stage and saved its result; ``stop`` and ``runs`` say how it ended: STOPPED (its
+    # parent shell dies with the job's process group, and that is no loss: only a runner forked
+    # by the runner service or a node's warm runner is lost with its parent).
     status = json.loads((run_dir / "result.json").read_text())["status"]
-    assert status in ("STOPPED", "FAILED") and f"ended {status}" in stop.stderr, stop.stderr
+    assert status == "STOPPED" and f"ended {status}" in stop.stderr, stop.stderr
     assert "Traceback" not in stop.stderr and "STAGE-END" not in store_log(run_dir)
     assert {r["exp_name"]: r["state"] for r in runs_json(root)}["sleepy"] == status

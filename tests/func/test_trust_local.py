@@ -14,7 +14,7 @@ import threading
 
 from dvcray_cli.runs import live
 from dvcray_cli.store import Store
-from test_trust_service import cluster_service, service_pid
+from helpers import cluster_service, service_pid
 
 RUN = "dvcray-20260103-120000-abcdef"
 

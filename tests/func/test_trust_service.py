@@ -7,24 +7,11 @@ Real Ray (the session head), the real service it runs as a Ray Job, real `dvc ex
 
 from __future__ import annotations
 
-import json
 import stat
-import uuid
 from pathlib import Path
 
-from conftest import run_dvcray
-
-from test_warm import SPEC, node_dir
-
-
-def project(make_dvc_project, name: str = "project") -> Path:
-    return make_dvc_project({**SPEC, "unique.txt": uuid.uuid4().hex}, name=name)
-
-
-def run(root: Path, name: str, x: int, store: Path, *args: str) -> str:
-    proc = run_dvcray("run", "-n", name, "-S", f"x={x}", "--store", str(store), "--json", *args, cwd=root)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return json.loads(proc.stdout)["run_id"]
+from helpers import CaptureServer, cluster_service, double_project as project, node_dir, run_double as run, \
+    service_pid
 
 
 def private(path: Path) -> bool:
@@ -54,25 +41,6 @@ def test_run_logs_snapshots_and_workspaces_on_the_head_are_the_users_alone(ray_c
     assert private(base / "runs")
 
 
-def cluster_service(address: str):
-    """The cluster's runner service, as a client reaches it (started if it runs none)."""
-    from dvcray_cli.runs.backends import service_reach
-
-    service = service_reach.reach(address)
-    assert service is not None and service.service_id
-    return service
-
-
-def service_pid(address: str, service_id: str) -> int:
-    """The service's process (the head runs on this machine): its job log names it."""
-    import re
-
-    from dvcray_cli import clusters
-
-    log = clusters.connect(address).get_job_logs(service_id)
-    return int(re.findall(r"listening on 127\.0\.0\.1:\d+ as \S+ \(dvcray \S+, pid (\d+)\)", log)[-1])
-
-
 def test_the_token_never_goes_to_whoever_holds_the_port_after_the_service_died(ray_cluster, monkeypatch):
     """Point 4: a client holds a service it proved (hello); the service dies, and another
     process takes its port on 127.0.0.1 (another local user; on a head, through the forward).
@@ -82,7 +50,6 @@ def test_the_token_never_goes_to_whoever_holds_the_port_after_the_service_died(r
     import signal
     import time
 
-    from conftest import CaptureServer
     from dvcray_cli.runs.backends import base
     from dvcray_cli.runs.backends.service import ServiceBackend
     from dvcray_cli.errors import ClusterError

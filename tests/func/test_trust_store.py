@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_dvcray, sh
+from helpers import run_dvcray, sh
 from dvcray_cli.runs.model import ExpRef
 
 SPEC = {

@@ -7,10 +7,9 @@ from __future__ import annotations
 import tarfile
 import tomllib
 
-import pytest
 from packaging.specifiers import SpecifierSet
 
-from conftest import REPO
+from helpers import REPO
 from dvcray_cli.runs.snapshot import interpreter_problem
 from dvcray_cli.service import server
 

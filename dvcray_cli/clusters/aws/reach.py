@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dvcray_cli.clusters.aws import records
-from dvcray_cli.clusters.aws.planning import project_cluster_names
+from dvcray_cli.clusters.aws.planning import is_projects
 from dvcray_cli.clusters.aws.records import AwsCluster
 from dvcray_cli.clusters.launcher import service_reach, ssh
 
@@ -25,9 +25,8 @@ def recorded_address(cwd: Path) -> str | None:
     found = records.repo_records(cwd)
     if found:
         return found[0].dashboard_url
-    names = project_cluster_names(root)
     for record, _ in sorted(records.records(), key=lambda item: item[0].started_at, reverse=True):
-        if record.name in names:
+        if is_projects(record.name, root):
             return record.dashboard_url
     return None
 

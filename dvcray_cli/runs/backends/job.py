@@ -148,6 +148,10 @@ class JobBackend:
     """Each run a Ray Job of its own (a sweep's experiments on the head share one)."""
 
     name = "job"
+    # Ray Jobs are not retried (Ray: "retries should be handled by the submitter"), and
+    # dvcray retries where a run lives, not in a client that may be gone: a run sent as
+    # a Ray Job of its own that is lost with its machine ends LOST.
+    retries_lost = False
 
     def __init__(self, address: str, client: Any, many: bool = False) -> None:
         """``many``: what the cluster says of runs is read once, for all (``dvcray runs``)."""
