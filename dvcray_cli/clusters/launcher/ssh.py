@@ -191,7 +191,7 @@ def open_forward(head_ip: str, ssh_user: str, key_path: str, known_hosts: Path, 
         port = procs.pick_port(prefer if attempt == 0 else None)
         log.unlink(missing_ok=True)
         pid = start_forward(head_ip, ssh_user, key_path, port, known_hosts, remote_port, log)
-        while time.monotonic() < deadline and _alive(pid, _marker(port, remote_port)):
+        while time.monotonic() < deadline and _running(pid):
             if listens(pid, port):
                 return pid, port
             time.sleep(0.1)
@@ -217,6 +217,16 @@ def forget_host(head_ip: str, known_hosts: Path) -> None:
 
 def _marker(local_port: int, remote_port: int | None = None) -> str:
     return f"127.0.0.1:{local_port}:" + (f"127.0.0.1:{remote_port}" if remote_port else "")
+
+
+def _running(pid: int) -> bool:
+    """This process's own child ``pid`` (an ssh ``start_forward`` just started) has not exited.
+    Not read from /proc: right after ``Popen`` returns, the new program's command line may not
+    be set up yet (exec does that after the parent goes on), and a loaded machine widens that."""
+    try:
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return False
 
 
 def _alive(pid: int, marker: str) -> bool:
