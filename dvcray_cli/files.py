@@ -66,6 +66,17 @@ def default_store_dir() -> Path:
     return home() / "store"
 
 
+def sha256_of(path: Path) -> str:
+    """The sha256 of the file at ``path``, in hex."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def private_dir(path: Path) -> Path:
     """Create ``path`` (and ``~/.dvcray``) readable by this user only; return it."""
     path.mkdir(parents=True, exist_ok=True)

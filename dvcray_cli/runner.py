@@ -27,11 +27,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from dvcray_cli import files
 from dvcray_cli.gitutil import git
-from dvcray_cli.runs import live, resume, snapshot, stage_env
-from dvcray_cli.runs.logtee import LogTee
+from dvcray_cli.runs import live, parts, resume, snapshot, stage_env
+from dvcray_cli.runs.logtee import LogTee, made_line
 from dvcray_cli.runs.project import shown_files
-from dvcray_cli.runs.model import (BUNDLE, LOG, MANIFEST, RESULT, STATUS, ExpRef, ExpSpec, Manifest, RunResult,
+from dvcray_cli.runs.model import (BUNDLE, LOG, RESULT, STATUS, ExpRef, ExpSpec, Manifest, RunResult,
                                    RunState, RunStatus)
 from dvcray_cli.service.protocol import LOST_EXIT, Attempt, attempts_of, losses_text
 from dvcray_cli.store import REMOTE_NAME, Store
@@ -162,11 +163,18 @@ def _check_version(client_version: str) -> None:
 
 def main() -> int:
     """Run the manifest's experiment, or a sweep's experiments side by side."""
+    problem = snapshot.interpreter_problem()
+    if problem:
+        say(problem)
+        return 3
     here = Path.cwd()
     manifest = Manifest.read(here)
-    if manifest.parts:
-        here = fetch_parts(here, manifest)
     specs = manifest.specs()
+    if manifest.parts:
+        try:
+            here = parts.fetch(here, manifest, runner_dir() / "snapshots" / manifest.run_id, say)
+        except RuntimeError as exc:
+            return _refused(manifest, specs, str(exc))
     try:
         if len(specs) == 1:
             return run_experiment(here, manifest, specs[0])
@@ -176,22 +184,19 @@ def main() -> int:
             shutil.rmtree(here, ignore_errors=True)
 
 
-def fetch_parts(here: Path, manifest: Manifest) -> Path:
-    """A snapshot too big for the job's package waits in the store: fetch it into a
-    folder of its own (then remove it from the store: it served its one job)."""
+def _refused(manifest: Manifest, specs: list[ExpSpec], why: str) -> int:
+    """End every experiment of the job FAILED with ``why``, before anything of it ran."""
+    print(f"dvcray: {why}", file=sys.stderr, flush=True)
     store = Store.from_json(manifest.store)
-    folder = runner_dir() / "snapshots" / manifest.run_id
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    for name in store.list(manifest.parts):
-        store.download(f"{manifest.parts}/{name}", folder / name)
-    shutil.copyfile(here / MANIFEST, folder / MANIFEST)
-    try:
-        store.delete(manifest.parts, recursive=True)
-    except Exception as exc:  # noqa: BLE001 - a leftover in the store, said in the log
-        say(f"could not remove the snapshot from the store ({manifest.parts}): {exc}")
-    say(f"snapshot fetched from the store ({sum(p.stat().st_size for p in folder.iterdir()) / 2**20:.1f} MiB)")
-    return folder
+    for spec in specs:
+        result = RunResult(run_id=spec.run_id, exp_name=spec.exp_name, baseline=manifest.baseline,
+                           overrides=spec.overrides, status=RunState.FAILED, error=why, node=socket.gethostname(),
+                           started=time.time(), ended=time.time(), dvcray_version=manifest.dvcray_version)
+        try:
+            store.write(store.run_path(spec.run_id, RESULT), json.dumps(result.to_json(), default=str).encode())
+        except Exception as exc:  # noqa: BLE001 - the job's log says why it failed
+            print(f"dvcray: could not save {RESULT}: {exc}", file=sys.stderr, flush=True)
+    return 1
 
 
 def _run_many(here: Path, manifest: Manifest, specs: list[ExpSpec]) -> int:
@@ -240,10 +245,11 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
                                        options={**manifest.options, **spec.options})
     job_dir = Path.cwd()  # a Ray Job's package: on the runner's PYTHONPATH, not the stage's
     # Its own folder per attempt: a lost attempt's runner may still be saving on this node.
-    work = runner_dir() / "runs" / (run_id if attempt == 1 else f"{run_id}.attempt-{attempt}")
+    # The run's workspace and log are this user's alone on a shared node (issue 20, point 10).
+    work = files.private_dir(runner_dir() / "runs") / (run_id if attempt == 1 else f"{run_id}.attempt-{attempt}")
     if work.exists():
         shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work.mkdir(mode=0o700)
     tee = LogTee(work / LOG, store, run_id, prefix, attempt)
 
     def _on_term(signum, frame):
@@ -443,7 +449,9 @@ def _save(repo, ws: Path, store: Store, baseline: str, exp_name: str | None, res
             if _attempt(BUNDLE_STEP, save_bundle, errors):
                 result.ref = str(ref)
                 result.exp_name = ref.name
-                say(f"experiment {ref.name} saved ({ref})")
+                # Said in the run's log, which reaches the client over the channel the cluster
+                # authenticates: the client takes the commit from here, not from the store.
+                say(made_line(ref, git("rev-parse", str(ref), cwd=ws), result.run_id))
             else:
                 result.status = RunState.FAILED
                 result.error = f"the experiment could not be saved to the store: {errors[BUNDLE_STEP]}"

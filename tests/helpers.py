@@ -290,7 +290,8 @@ class CaptureServer:
     what it was sent: it stands in for any address a test must not reach
     (a foreign cluster named by a store, DVC Studio)."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
+        """``port``: a port of this machine's 127.0.0.1 to take (a thief's), else any free one."""
         import http.server
         import threading
 
@@ -313,7 +314,7 @@ class CaptureServer:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -608,3 +609,52 @@ def retry_starts(found: dict[str, str]) -> list[tuple[int, str, int]]:
             host, pid = (value.split() + ["", "0"])[:2]
             begun.append((int(key.split("-")[2]), host, int(pid)))
     return sorted(begun)
+
+
+# ----------------------------------------------------------------- the runner service on a test head
+
+# A one-stage project whose metric is twice its parameter: m.json {"y": 2 * x}.
+DOUBLE_SPEC = {
+    "params.yaml": "x: 1\n",
+    "stage.py": "import json, yaml\njson.dump({'y': yaml.safe_load(open('params.yaml'))['x'] * 2}, "
+                "open('m.json', 'w'))\n",
+    "dvc.yaml": "stages:\n  s:\n    cmd: python stage.py\n    deps: [stage.py]\n    params: [x]\n"
+                "    metrics: [{m.json: {cache: false}}]\n",
+}
+
+
+def double_project(make_dvc_project, name: str = "project") -> Path:
+    """A DOUBLE_SPEC project with a root commit of its own (a node's repository cache is keyed by it)."""
+    return make_dvc_project({**DOUBLE_SPEC, "unique.txt": uuid.uuid4().hex}, name=name)
+
+
+def run_double(root: Path, name: str, x: int, store: Path, *args: str) -> str:
+    """``dvcray run`` of a DOUBLE_SPEC project with ``x``; checks its metric came home; its run id."""
+    proc = run_dvcray("run", "-n", name, "-S", f"x={x}", "--store", str(store), "--json", *args, cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert exp_metrics(root, name, "m.json") == {"y": 2 * x}
+    return json.loads(proc.stdout)["run_id"]
+
+
+def node_dir(head) -> Path:
+    """The runner's folder on the head's node (its HOME's cache)."""
+    return Path(head.token_path).parents[1] / ".cache" / "dvcray"
+
+
+def cluster_service(address: str):
+    """The cluster's runner service, as a client reaches it (started if it runs none)."""
+    from dvcray_cli.runs.backends import service_reach
+
+    service = service_reach.reach(address)
+    assert service is not None and service.service_id
+    return service
+
+
+def service_pid(address: str, service_id: str) -> int:
+    """The service's process (the head runs on this machine): its job log names it."""
+    import re
+
+    from dvcray_cli import clusters
+
+    log = clusters.connect(address).get_job_logs(service_id)
+    return int(re.findall(r"listening on 127\.0\.0\.1:\d+ as \S+ \(dvcray \S+, pid (\d+)\)", log)[-1])

@@ -110,7 +110,7 @@ def _raise_for(result) -> None:
         names = ", ".join(o.exp_name or o.run_id for o in result.failed)
         raise ExperimentFailed(f"{len(result.failed)} of {len(result.outcomes)} experiments failed: {names}.",
                                "Read one's log with: dvcray logs NAME")
-    away = [o for o in result.outcomes if not o.home]
+    away = [o for o in result.outcomes if not o.home and not o.store_error]
     if away:
         for o in away:
             say(f"{o.error} {o.hint or ''}")

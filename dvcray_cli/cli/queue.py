@@ -28,16 +28,18 @@ def start(
     retries: Annotated[Optional[int], typer.Option("--retries", min=0, help="Run an experiment again, on another machine, when it is lost with its machine (died, spot instance reclaimed); finished stages are restored, not rerun. 0: never. [default: the project's retries in \\[tool.dvcray] of pyproject.toml, else 3]", show_default=False)] = None,
     address: Annotated[Optional[str], typer.Option("--address", help="Ray job API, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS, the recorded cluster, or a local one)", show_default=False)] = None,
     store: Annotated[Optional[str], typer.Option("--store", help="Where outputs and run records go: s3://bucket/prefix or a folder (default: as dvcray run)", show_default=False)] = None,
+    detach: Annotated[bool, typer.Option("--detach", help="Return once every experiment is submitted; dvcray runs, logs and pull take it from there.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print the outcomes as JSON on stdout; messages go to stderr.")] = False,
     env: EnvOption = None,
     cwd: Annotated[Path, typer.Option("--cwd", hidden=True)] = Path("."),
 ) -> None:
     """Run the experiments waiting in DVC's queue on a Ray cluster.
 
-    Each leaves DVC's queue (dvc queue status no longer lists it) and runs with
-    exactly the workspace, name and params it was queued with; each comes home
-    as it ends, as with a dvcray run sweep. One that fails is recorded where
-    DVC's queue records failures.
+    Each leaves DVC's queue (dvc queue status no longer lists it as queued) and
+    runs with exactly the workspace, name, params and --copy-paths it was queued
+    with; each comes home as it ends, as with a dvcray run sweep. One that fails
+    is recorded as DVC records a local failure (dvc queue status lists it). One
+    never submitted goes back to DVC's queue if dvcray is stopped or killed.
 
     Example:
 
@@ -52,4 +54,4 @@ def start(
                       env=env or [], retries=retries)
     where = cwd.resolve()
     follow_many(lambda say, on_line, on_change, on_progress:
-                queue.start(opts, names or [], where, say, jobs, on_line, on_change, on_progress), json_)
+                queue.start(opts, names or [], where, say, jobs, on_line, on_change, on_progress, detach), json_)

@@ -101,7 +101,7 @@ def up(planned: Any, say: Say = quiet) -> UpResult:
                         watcher["timeout_s"] if watcher else None)
     if planned.kind == "launcher":
         record = launcher.up(planned, say)
-        workers = [n["ip"] for n in ray_api.list_nodes(record.dashboard_url, record.token())
+        workers = [n["ip"] for n in ray_api.list_nodes(record.api_url, record.token())
                    if n["alive"] and not n["is_head"]]
         return UpResult(record.name, "launcher", True, record.dashboard_url, record.started_at,
                         idle_timeout_s=record.idle_timeout_s or None, head_ip=record.head_ip,

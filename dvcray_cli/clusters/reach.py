@@ -40,22 +40,29 @@ def token_for(address: str | None = None) -> str | None:
                 token = cluster.token()
                 if token:
                     return token
+        # A cluster reached through a port-forward: its token only to where this machine's own
+        # ssh listens now, and nothing else (never the default token) to a port of its.
         token = token_for_address(address)
-        if token:
-            return token
+        if token is not None:
+            return token or None
         record = launcher_records.at_address(address)
-        token = record.token() if record is not None else None
-        if token:
-            return token
+        if record is not None:
+            return record.token_at(address)
     return ray_api.read_token(ray_api.default_token_path())
 
 
 def job_api(address: str) -> str:
-    """The job API of ``address``: a recorded local cluster's GCS address maps to its dashboard."""
+    """The job API of ``address``: a recorded local cluster's GCS address maps to its dashboard,
+    a launcher or AWS cluster's address to where its port-forward answers now (reopened when
+    its ssh died: ``ssh.ensure_forward``).
+
+    Raises:
+        ClusterError: the port-forward of a cluster recorded there could not be opened.
+    """
     for cluster in local.records():
         if address.strip() == cluster.gcs_address:
             return cluster.dashboard_url
-    return ray_api.normalize(address)
+    return launcher.forward_url(address) or aws.forward_url(address) or ray_api.normalize(address)
 
 
 def connect(address: str) -> JobSubmissionClient:
@@ -65,8 +72,8 @@ def connect(address: str) -> JobSubmissionClient:
     Raises:
         ClusterError: nothing answers there, or it refused the token.
     """
-    url = job_api(address)
-    launcher.ensure_reachable(url)
+    launcher.ensure_reachable(job_api(address))
+    url = job_api(address)  # where its job API answers now (a reopened forward may have moved)
     return ray_api.client(url, token_for(url))
 
 
@@ -126,9 +133,9 @@ def on_this_machine(address: str) -> bool:
     import socket
     from urllib.parse import urlparse
 
+    if launcher_records.at_address(address) is not None or any(r.answers_at(address) for r, _ in aws_records()):
+        return False  # known without opening its forward
     url = job_api(address)
-    if launcher_records.at_address(url) is not None or any(r.dashboard_url == url for r, _ in aws_records()):
-        return False
     if any(cluster.same_address(address) for cluster in local.records()):
         return True
     host = (urlparse(url).hostname or "").lower()
@@ -156,8 +163,7 @@ def reaches_service(address: str) -> bool:
     (``service_url``); where it cannot, runs go there as Ray Jobs of their own."""
     if on_this_machine(address):
         return True
-    url = job_api(address)
-    return launcher.recorded_at(url) or aws.recorded_at(url)
+    return launcher.recorded_at(address) or aws.recorded_at(address)
 
 
 def service_url(address: str, head_port: int) -> str | None:

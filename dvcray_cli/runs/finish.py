@@ -84,11 +84,24 @@ def finish(sub: Submitted, state: RunState, apply: bool = False, force: bool = F
         outcome.status = RunState.FAILED.value
         outcome.error = "the runner reported success but saved no experiment of this baseline"
         return outcome
+    # The commit comes from what the cluster said over its authenticated channel (the run's
+    # log), never from the store alone (issue 20, point 1).
+    made = sub.backend.made(sub.run_id, sub.job_id or sub.run_id) if sub.backend is not None else None
     try:
-        target, sha = import_experiment(project.git_root, sub.store, sub.run_id, ref, force=force)
+        if made is not None and made[0] != str(ref):
+            raise StoreError(f"Run {sub.run_id}'s result in the store {sub.store.url} names {ref}, but the cluster "
+                             f"says the run saved {made[0]}: nothing was brought home.",
+                             "The store holds records dvcray did not write; ask who writes to it.")
+        target, sha = import_experiment(project.git_root, sub.store, sub.run_id, ref, force=force,
+                                        made=made[1] if made else None)
     except NameTaken as exc:
         outcome.home = False
         outcome.error, outcome.hint = exc.message, exc.hint
+        return outcome
+    except StoreError as exc:
+        outcome.home = False
+        outcome.error = outcome.store_error = exc.message
+        outcome.hint = exc.hint
         return outcome
     outcome.ref, outcome.exp_sha = str(target), sha
     if result.shown_files and not result.push_error:
@@ -123,7 +136,8 @@ def raise_for(outcome: Outcome) -> None:
     """Raise the error an outcome's exit code comes from (none when it succeeded and is home)."""
     if outcome.status == "SUCCEEDED":
         if not outcome.home:
-            raise UsageError(outcome.error or "The experiment could not come home.", outcome.hint)
+            raise (StoreError if outcome.store_error else UsageError)(
+                outcome.error or "The experiment could not come home.", outcome.hint)
         if outcome.store_error:
             raise StoreError(f"Experiment {outcome.exp_name} is in your repo, but {outcome.store_error}.",
                              f"Its log: dvcray logs {outcome.run_id}")

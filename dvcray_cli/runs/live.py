@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import secrets
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from dvcray_cli.store import Store
+
+logger = logging.getLogger(__name__)
 
 LIVE = "live"
 FLUSH_EVERY_S = 1.0
@@ -37,6 +40,29 @@ EVENT_KEYS = ("type", "repo_url", "baseline_sha", "name", "client", "step", "met
 
 def batch_path(store: Store, run_id: str, seq: int) -> str:
     return store.run_path(run_id, f"{LIVE}/{seq:06d}.json")
+
+
+def check_event(event: dict[str, Any], baseline: str, name: str | None) -> str | None:
+    """Why ``event`` (``clean_event``'s) is not one of the run followed (its ``baseline`` and
+    experiment ``name``; None: not known yet), in words; None when it is. Every field is
+    checked as DVC Studio's own schema (``dvc_studio_client.schema``) takes it, so nothing
+    the store holds reaches Studio, or the terminal, unless a post of DVC or DVCLive for
+    that very experiment would have carried it (issue 20, point 3)."""
+    from dvc_studio_client.schema import SCHEMAS_BY_TYPE
+    from voluptuous import Invalid
+
+    if event.get("baseline_sha") != baseline:
+        return f"it is for baseline {str(event.get('baseline_sha'))[:12]!r}, not the run's {baseline[:7]}"
+    if name is not None and event.get("name") != name:
+        return f"it is for experiment {str(event.get('name'))[:40]!r}, not the run's {name!r}"
+    step = event.get("step")
+    if "step" in event and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        return "its step is not a count"
+    try:
+        SCHEMAS_BY_TYPE[event["type"]](event)
+    except Invalid as exc:
+        return f"it is not what DVC Studio takes ({exc})"
+    return None
 
 
 def clean_event(body: Any) -> dict[str, Any] | None:
@@ -54,6 +80,14 @@ def clean_event(body: Any) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- on the cluster
 
 
+# The node's 127.0.0.1 is every local user's (and every Ray job's): the Capture endpoint
+# checks the key before it reads a body, takes bodies up to MAX_POST_BYTES, gives a client
+# TIMEOUT_S per read, and serves at most MAX_CONNECTIONS at once (issue 20, point 8).
+MAX_POST_BYTES = 16 << 20
+TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 8
+
+
 class Capture:
     """Studio's ``api/live`` for one experiment, on the node's 127.0.0.1.
 
@@ -63,6 +97,7 @@ class Capture:
 
     def __init__(self, store: Store, run_id: str, resume: bool = False) -> None:
         """``resume``: a retry of the run, whose batches follow those of its earlier attempts."""
+        import hmac
         import socketserver
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -78,13 +113,25 @@ class Capture:
         capture = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = TIMEOUT_S  # per read of the socket: a client that stops sending is let go
+
+            def refuse(self, code: int) -> None:
+                self.close_connection = True
+                self.send_response(code)
+                self.send_header("Connection", "close")
+                self.end_headers()
+
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                length = int(self.headers.get("Content-Length") or 0)
+                given = (self.headers.get("Authorization") or "").encode()
+                if not hmac.compare_digest(given, f"token {capture.key}".encode()):
+                    return self.refuse(403)  # before a byte of the body is read
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    return self.refuse(400)
+                if not 0 <= length <= MAX_POST_BYTES:
+                    return self.refuse(413)
                 body = self.rfile.read(length)
-                if self.headers.get("Authorization") != f"token {capture.key}":
-                    self.send_response(403)
-                    self.end_headers()
-                    return
                 try:
                     event = clean_event(json.loads(body))
                 except ValueError:
@@ -102,6 +149,19 @@ class Capture:
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
+            slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+            def process_request(self, request, client_address) -> None:
+                if not self.slots.acquire(blocking=False):
+                    self.shutdown_request(request)  # at the cap: no thread for it
+                    return
+                super().process_request(request, client_address)
+
+            def process_request_thread(self, request, client_address) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    self.slots.release()
 
             def server_bind(self) -> None:
                 # HTTPServer's own asks DNS for the host's full name (socket.getfqdn):
@@ -238,17 +298,26 @@ class Feed:
         self.stopped.set()
         self.thread.join(timeout=10)
         for run_id in run_ids if run_ids is not None else sorted(self.seen):
-            self.read(run_id)
+            try:
+                self.read(run_id)
+            except Exception as exc:  # noqa: BLE001 - a display aid: never the reason a run fails
+                logger.warning("Could not read run %s's last live updates: %s", run_id, exc)
 
 
 
 class Relay:
     """Runs' live events, home: the latest step of each to ``on_progress`` (at most
     once a second each), and every event to DVC Studio when this project would post
-    there (``studio.config``: the user's own token, URL and offline setting)."""
+    there (``studio.config``: the user's own token, URL and offline setting).
+
+    Only events of the run they are read for go on: ``expect(run_id)`` gives its baseline
+    and experiment name (None: DVC names it; the name of its first event then holds), and
+    ``check_event`` every field. Anything else is dropped, with one warning per run: the
+    store is data anyone who writes to it may have planted, and never stops a run."""
 
     def __init__(self, store: Store, project, watch: Callable[[], list[str]],
-                 on_progress: Callable[[str, Progress], None] | None = None) -> None:
+                 on_progress: Callable[[str, Progress], None] | None = None,
+                 expect: Callable[[str], tuple[str, str | None]] | None = None) -> None:
         from dvc.exceptions import DvcException
 
         from dvcray_cli.runs import studio
@@ -259,9 +328,31 @@ class Relay:
             settings = {}  # DVC read this project's config before the run: nothing to add here
         self.poster = studio.Poster(settings) if settings else None
         self.on_progress = on_progress
+        self.expect = expect or (lambda run_id: (project.baseline, None))
+        self.names: dict[str, str] = {}   # the name each run's events carry, once seen
+        self.warned: set[str] = set()
         self.feed = Feed(store, watch, self._on_events)
 
+    def accepted(self, run_id: str, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The events of ``run_id`` that are its own (``check_event``); one warning for the rest."""
+        baseline, name = self.expect(run_id)
+        kept = []
+        for event in events:
+            why = check_event(event, baseline, name or self.names.get(run_id))
+            if why is None:
+                if not name and isinstance(event.get("name"), str):
+                    self.names.setdefault(run_id, event["name"])
+                kept.append(event)
+            elif run_id not in self.warned:
+                self.warned.add(run_id)
+                logger.warning("Dropped a live update of run %s from the store: %s. Someone may be writing "
+                               "into the store; the run goes on.", run_id, why)
+        return kept
+
     def _on_events(self, run_id: str, events: list[dict[str, Any]]) -> None:
+        events = self.accepted(run_id, events)
+        if not events:
+            return
         if self.poster is not None:
             self.poster.put(events)
         latest = None
@@ -279,10 +370,12 @@ class Relay:
 
 
 @contextlib.contextmanager
-def relayed(store: Store, project, run_ids: list[str],
+def relayed(store: Store, project, runs: dict[str, tuple[str, str | None]],
             on_progress: Callable[[str, Progress], None] | None = None) -> Iterator[Relay]:
-    """A ``Relay`` of ``run_ids`` while the block follows them; their last events when it ends."""
-    relay = Relay(store, project, lambda: run_ids, on_progress)
+    """A ``Relay`` of ``runs`` (``{run_id: (baseline, experiment name or None)}``) while the
+    block follows them; their last events when it ends."""
+    run_ids = list(runs)
+    relay = Relay(store, project, lambda: run_ids, on_progress, expect=runs.__getitem__)
     try:
         yield relay
     finally:

@@ -18,13 +18,14 @@ they are read one after the other, with a line between that says which attempt f
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
-from dvcray_cli.runs.model import ATTEMPTS, HEARTBEAT_EVERY_S, LOG, LOG_PARTS, attempt_file
+from dvcray_cli.runs.model import ATTEMPTS, HEARTBEAT_EVERY_S, LOG, LOG_PARTS, ExpRef, attempt_file
 from dvcray_cli.service.protocol import attempts_of
 from dvcray_cli.store import Store
 
@@ -227,3 +228,19 @@ class StoreLog:
                 except FileNotFoundError:
                     break
         return b"".join(data for (n, _), data in sorted(self.pieces.items()) if n == number)
+
+
+# The line a runner writes to its run's log once the experiment is saved: the client reads the
+# commit from there (the cluster's authenticated channel), never from the store (issue 20, point 1).
+_MADE = re.compile(r"experiment \S+ saved \((refs/exps/\S+) at ([0-9a-f]{40}), run (\S+)\)")
+
+
+def made_line(ref: ExpRef, sha: str, run_id: str) -> str:
+    """What the runner says once run ``run_id`` saved experiment ``ref`` at commit ``sha``."""
+    return f"experiment {ref.name} saved ({ref} at {sha}, run {run_id})"
+
+
+def made_in_log(text: str, run_id: str) -> tuple[str, str] | None:
+    """``(ref, commit)`` the run's log says run ``run_id`` saved (the last such line), or None."""
+    found = [(ref, sha) for ref, sha, rid in _MADE.findall(text or "") if rid == run_id]
+    return found[-1] if found else None

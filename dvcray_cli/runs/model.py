@@ -120,6 +120,11 @@ class ExpSpec:
         return bool(self.baseline or self.patch or self.options)
 
 
+MAX_EXPERIMENTS = 10000  # in one submission
+# A DVC project's path in its clone: relative, and below it.
+_SUBDIR = re.compile(r"(?!/)(?!.*(^|/)\.\.(/|$))(?!.*//)[^\\\x00]*(?<!/)")
+
+
 @dataclass
 class Manifest:
     """What the runner needs to rebuild the workspace and run its experiments."""
@@ -152,6 +157,8 @@ class Manifest:
     # Where in the store the snapshot's other files wait, when they were too big to travel
     # as the Ray Job's package (``dvcray/snapshots/JOB_ID``); the runner fetches them.
     parts: str = ""
+    # Their sha256 by name: the manifest comes through Ray, the files through the store (issue 20, point 2).
+    parts_sha256: dict[str, str] = field(default_factory=dict)
     # How many commits the snapshot's bundle carries as first sent (0: none, the cluster had HEAD; -1:
     # not counted): what a thin bundle saved is visible in the store (DESIGN.md, "Snapshot").
     bundle_commits: int = -1
@@ -170,12 +177,18 @@ class Manifest:
         manifest = files.from_json(cls, data)
         if manifest is None or not isinstance(manifest.run_id, str) or not isinstance(manifest.baseline, str):
             return None
+        if not (isinstance(manifest.subdir, str) and _SUBDIR.fullmatch(manifest.subdir) and type(manifest.jobs) is int
+                and manifest.jobs >= 0 and isinstance(manifest.experiments, list)
+                and len(manifest.experiments) <= MAX_EXPERIMENTS):
+            return None
         manifest.exp_name = _text(manifest.exp_name)
         manifest.address = manifest.address if isinstance(manifest.address, str) else ""
         manifest.repo_root = manifest.repo_root if isinstance(manifest.repo_root, str) and \
             _SHA.fullmatch(manifest.repo_root) else ""
         manifest.parts = manifest.parts if isinstance(manifest.parts, str) and \
             re.fullmatch(r"dvcray/snapshots/[A-Za-z0-9_.-]+", manifest.parts) and ".." not in manifest.parts else ""
+        manifest.parts_sha256 = {k: v for k, v in _mapping(manifest.parts_sha256).items() if isinstance(v, str)
+                                 and re.fullmatch(r"[A-Za-z0-9_.-]+", k) and re.fullmatch(r"[0-9a-f]{64}", v)}
         manifest.created = _number(manifest.created) or 0.0
         manifest.retries = manifest.retries if isinstance(manifest.retries, int) and manifest.retries > 0 else 0
         manifest.worktree_flags = {k: [p for p in v if isinstance(p, str)]

@@ -170,18 +170,24 @@ def exp_sha_of(git_root: Path, ref: ExpRef) -> str | None:
 
 
 def import_experiment(git_root: Path, store: Store, run_id: str, ref: ExpRef, as_name: str | None = None,
-                      force: bool = False) -> tuple[ExpRef, str]:
+                      force: bool = False, made: str | None = None) -> tuple[ExpRef, str]:
     """Bring the experiment ``ref`` home from the bundle the runner saved, as ``as_name``
     when given. Only that ref is fetched (never DVC's internal refs), and an
     existing experiment of the same name is never replaced unless ``force``
     (``refs/exps`` has no reflog: a replaced experiment would be gone).
+
+    The store is data anyone with write access may have changed: the commit must descend
+    from the run's baseline (an experiment of it), and be ``made``, the commit the cluster
+    said the run made over its authenticated channel, when the cluster could say
+    (``Backend.made``). A planted commit never becomes one of the user's experiments.
 
     Returns:
         The experiment's ref here and its commit.
 
     Raises:
         UsageError: the name is taken here by another experiment and not ``force``.
-        StoreError: the bundle is missing or does not hold the experiment.
+        StoreError: the bundle is missing or does not hold the experiment, or holds
+            a commit the run did not make.
     """
     target = ExpRef(ref.baseline, as_name or ref.name)
     incoming = f"refs/dvcray/incoming/{run_id}"
@@ -195,6 +201,15 @@ def import_experiment(git_root: Path, store: Store, run_id: str, ref: ExpRef, as
                              f"Its log says what happened: dvcray logs {run_id}") from None
     try:
         sha = gitutil.git("rev-parse", incoming, cwd=git_root)
+        planted = None
+        if made and sha != made:
+            planted = f"holds commit {sha[:7]}, but the cluster says run {run_id} made {made[:7]}"
+        elif not descends(git_root, sha, ref.baseline):
+            planted = f"holds commit {sha[:7]}, which does not descend from the run's baseline {ref.baseline[:7]}"
+        if planted:
+            raise StoreError(f"The bundle of run {run_id} in the store {store.url} {planted}: it was not made by "
+                             "the run, and nothing was brought home.",
+                             "The store holds records dvcray did not write; ask who writes to it.")
         existing = exp_sha_of(git_root, target)
         if existing == sha:
             return target, sha
@@ -205,6 +220,15 @@ def import_experiment(git_root: Path, store: Store, run_id: str, ref: ExpRef, as
         return target, sha
     finally:
         gitutil.git("update-ref", "-d", incoming, cwd=git_root, check=False)
+
+
+def descends(git_root: Path, sha: str, baseline: str) -> bool:
+    """Whether commit ``sha`` descends from ``baseline`` (an experiment of it does)."""
+    try:
+        gitutil.git("merge-base", "--is-ancestor", baseline, sha, cwd=git_root)
+    except GitError:
+        return False  # not an ancestor (exit 1), or no such commit here (exit 128)
+    return True
 
 
 class NameTaken(UsageError):

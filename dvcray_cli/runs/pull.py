@@ -12,9 +12,21 @@ from pathlib import Path
 from typing import Any
 
 from dvcray_cli.errors import ExperimentFailed, StoreError, UsageError
+from dvcray_cli.runs import backends, queue_journal
 from dvcray_cli.runs.lookup import context, in_repo, locate
 from dvcray_cli.runs.model import RESULT, ExpRef, RunRecord, RunState, valid_exp_name
 from dvcray_cli.runs.project import find_project, import_experiment, pull_outputs
+
+
+def _made(run) -> tuple[str, str] | None:
+    """What the cluster this clone submitted ``run`` to says it saved (``Backend.made``), over
+    its authenticated channel; None for a run known only from the store, or a cluster that
+    cannot say (gone, or it forgot the run): then the commit need only descend from the
+    run's baseline."""
+    if run.record is None or not run.address:
+        return None
+    backend, _, _ = backends.locate(run.record, run.address, run.run_id, run.job_id)
+    return backend.made(run.run_id, run.job_id) if backend is not None else None
 
 
 @dataclass
@@ -77,8 +89,15 @@ def pull(cwd: Path, key: str, store: str | None = None, as_name: str | None = No
     if baseline not in in_repo(ctx.git_root, [baseline]):
         raise UsageError(f"Run {run.run_id} ran on commit {baseline[:7]}, which this repo does not have.",
                          "Fetch it first (git fetch / git pull), then rerun dvcray pull.")
-    target, exp_sha = import_experiment(ctx.git_root, run.store, run.run_id, ref, as_name=as_name, force=force)
+    made = _made(run)
+    if made is not None and made[0] != str(ref):
+        raise StoreError(f"Run {run.run_id}'s result in the store names {ref}, but its cluster says the run saved "
+                         f"{made[0]}: nothing was fetched.",
+                         "The store holds records dvcray did not write; ask who writes to it.")
+    target, exp_sha = import_experiment(ctx.git_root, run.store, run.run_id, ref, as_name=as_name, force=force,
+                                        made=made[1] if made else None)
     fetched = pull_outputs(project, run.store, exp_sha)
+    queue_journal.pulled(project, run.run_id)  # taken from DVC's queue (queue start --detach): it leaves it now
     if run.record:
         RunRecord.update(ctx.git_root, run.run_id, state=RunState.SUCCEEDED, exp_name=target.name)
     return PullResult(run.run_id, target.name, str(target), exp_sha, fetched, run.store.url,

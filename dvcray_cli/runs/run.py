@@ -36,7 +36,7 @@ def follow(sub: Submitted, emit: Callable[[str], None],
         ClusterError, StoreError: following or bringing it home failed; the run goes on.
     """
     try:
-        with live.relayed(sub.store, sub.project, [sub.run_id], on_progress):
+        with live.relayed(sub.store, sub.project, {sub.run_id: (sub.baseline, sub.exp_name)}, on_progress):
             state = sub.backend.follow(sub.run_id, emit)
         outcome = finish(sub, state, apply=apply, force=force)
         sub.backend.tidy(sub.store)

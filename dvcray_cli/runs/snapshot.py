@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dvcray_cli import files
 from dvcray_cli.errors import GitError, UsageError
 from dvcray_cli.gitutil import git
 from dvcray_cli.runs.model import Manifest
@@ -281,7 +283,7 @@ def cache_path(base: Path, root: str) -> Path:
 def _cache_lock(cache: Path):
     import fcntl
 
-    cache.parent.mkdir(parents=True, exist_ok=True)
+    files.private_dir(cache.parent)  # the project's history: this user's alone on a shared node
     handle = open(cache.parent / f"{cache.name}.lock", "w")
     fcntl.flock(handle, fcntl.LOCK_EX)
     return handle
@@ -337,6 +339,11 @@ def cache_bundle(cache: Path, head: str) -> bytes:
         return out.read_bytes()
 
 
+def queued_files(patch: str) -> str:
+    """The tar of a queued experiment's ``--copy-paths``, named after its patch file."""
+    return f"{Path(patch).stem}.tar"
+
+
 def restore(folder: Path, dest: Path, manifest: Manifest, patch: str = "", cache: Path | None = None) -> Path:
     """Rebuild the workspace from a snapshot: clone, check out the baseline,
     apply the changes (``patch``: another file of the snapshot than the workspace's,
@@ -368,6 +375,10 @@ def restore(folder: Path, dest: Path, manifest: Manifest, patch: str = "", cache
             os.fspath(changes), cwd=dest)
     with tarfile.open(folder / UNTRACKED) as tar:
         tar.extractall(dest, filter="tar")
+    extra = folder / queued_files(patch) if patch else None
+    if extra is not None and extra.is_file():  # a queued experiment's --copy-paths
+        with tarfile.open(extra) as tar:
+            tar.extractall(dest, filter="tar")
     flags = manifest.worktree_flags or {}
     for rel in flags.get("absent", []):
         (dest / rel).unlink(missing_ok=True)
@@ -379,23 +390,26 @@ def restore(folder: Path, dest: Path, manifest: Manifest, patch: str = "", cache
     return dest / manifest.subdir if manifest.subdir else dest
 
 
-def create_queued(git_root: Path, dvc_root: Path, out: Path, entries: list[tuple[str, str, str]]) -> Snapshot:
+def create_queued(git_root: Path, dvc_root: Path, out: Path,
+                  entries: list[tuple[str, str, str, list[str]]]) -> Snapshot:
     """Write a snapshot of experiments queued with ``dvc exp run --queue`` into ``out``.
 
-    Each entry ``(patch file, baseline, stash commit)`` travels as the changes of
-    its stash commit against its baseline: the workspace it was queued with
+    Each entry ``(patch file, baseline, stash commit, copy paths)`` travels as the
+    changes of its stash commit against its baseline: the workspace it was queued with
     (uncommitted edits and ``-S`` values included), never DVC's internal stash
     commit itself, and never ``.dvc/tmp`` (where ``repro.dat`` holds DVC's pickled
-    run variables, a Studio token included). The bundle holds HEAD and every
-    baseline; the workspace's own changes and untracked files do not travel (as
-    with DVC's queue).
+    run variables, a Studio token included). Its ``--copy-paths`` (relative to the DVC
+    root) travel as they are in the workspace now, in a tar named as its patch
+    (``queued-1.patch``: ``queued-1.tar``), as DVC copies them when it runs one. The
+    bundle holds HEAD and every baseline; the workspace's own changes and untracked
+    files do not travel (as with DVC's queue).
 
     Returns:
         The parts' sizes, for reporting.
     """
     out = out.absolute()
     out.mkdir(parents=True, exist_ok=True)
-    bases = sorted({base for _, base, _ in entries})
+    bases = sorted({entry[1] for entry in entries})
     git("bundle", "create", "-q", os.fspath(out / BUNDLE), "HEAD", *bases, cwd=git_root)
     (out / PATCH).write_bytes(b"")
     with tarfile.open(out / UNTRACKED, "w"):
@@ -404,10 +418,43 @@ def create_queued(git_root: Path, dvc_root: Path, out: Path, entries: list[tuple
     prefix = "" if prefix == "." else prefix + "/"
     never = [f":(exclude){prefix}{n}" for n in NEVER] + [":(exclude,glob)**/.dvc/tmp/**"]
     sizes = {name: (out / name).stat().st_size for name in (BUNDLE, PATCH, UNTRACKED)}
-    for name, base, rev in entries:
+    for name, base, rev, copy_paths in entries:
+        if copy_paths:
+            check_copy_paths(dvc_root, copy_paths)
+            with tarfile.open(out / queued_files(name), "w", format=tarfile.PAX_FORMAT) as tar:
+                for extra in copy_paths:
+                    tar.add(dvc_root / extra, arcname=prefix + Path(extra).as_posix(),
+                            filter=lambda info: None if _excluded(info.name[len(prefix):]) else info)
+            sizes[queued_files(name)] = (out / queued_files(name)).stat().st_size
         # diff-tree is plumbing: no diff.noprefix, external drivers or textconv can change it.
         diff = _run_bytes(["diff-tree", "-r", "-p", "--binary", "--full-index", "--no-color", "--no-renames",
                            "--src-prefix=a/", "--dst-prefix=b/", base, rev, "--", ".", *never], git_root)
         (out / name).write_bytes(diff)
         sizes[name] = len(diff)
     return Snapshot(sizes)
+
+
+# The oldest patch levels whose tarfile has extraction filters (snapshots are unpacked with
+# ``filter="data"``) and whose forkserver socket only its user can reach (CVE-2022-42919).
+PYTHON_NEEDED = {(3, 10): 12, (3, 11): 4}
+
+
+def interpreter_problem(version: tuple[int, ...] | None = None, has_filters: bool | None = None) -> str | None:
+    """What is wrong with this Python for running experiments (the runner service, the runner),
+    in one line; None when nothing.
+
+    ``version`` and ``has_filters`` default to this interpreter's (``sys.version_info``,
+    ``tarfile.data_filter``)."""
+    import tarfile
+
+    version = tuple(version or sys.version_info[:3])
+    has_filters = hasattr(tarfile, "data_filter") if has_filters is None else has_filters
+    needed = PYTHON_NEEDED.get(version[:2])
+    too_old = version[:2] < (3, 10) or (needed is not None and version[2] < needed)
+    if too_old or not has_filters:
+        shown = ".".join(map(str, version))
+        return (f"dvcray on a cluster needs Python 3.10.12, 3.11.4 or later (tarfile's extraction filters, "
+                f"a private forkserver socket: CVE-2022-42919); this node runs Python {shown}"
+                + ("" if has_filters else " without tarfile's extraction filters")
+                + ". Install a newer Python on the cluster's nodes.")
+    return None

@@ -45,7 +45,11 @@ def config(project: Project) -> dict[str, Any]:
         repo_url = get_repo_url(repo)  # exp.git_remote, as DVC's own start post
     finally:
         repo.close()
-    # Else the git remote of the repo around the cwd, as in a local run (dvc-studio-client).
+    # Else the git remote of the repo around the cwd, as in a local run (dvc-studio-client, which
+    # remembers the first one it found for the whole process: this project's, not an earlier one's).
+    from dvc_studio_client.config import get_studio_repo_url
+
+    get_studio_repo_url.cache_clear()
     cwd = os.getcwd()
     os.chdir(project.dvc_root)
     try:

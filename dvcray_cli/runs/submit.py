@@ -38,6 +38,7 @@ class Submitted:
     snapshot_bytes: int = 0
     backend: Backend | None = field(default=None, repr=False)  # how it runs there
     project: Project | None = field(default=None, repr=False)  # where it comes home
+    job_id: str = ""  # the submission it went in (a sweep's experiments share one); "" : its own
 
 
 @dataclass

@@ -44,6 +44,10 @@ class ExpState:
         return self.spec.exp_name or self.spec.run_id
 
 
+class _AllSubmitted(BaseException):
+    """Every experiment is submitted, and the sweep returns then (``detach``)."""
+
+
 @dataclass
 class SweepResult:
     outcomes: list[Outcome] = field(default_factory=list)
@@ -74,6 +78,11 @@ class Sweep:
             # Runners that held every CPU would wait forever for their stages' tasks (placement.py).
             self.limit = min(self.limit, prepared.placement.limit)
         self.jobs: dict[str, list[ExpState]] = {}
+        # Around each submission and each outcome (DVC's queue journals them: ``queue_journal``).
+        self.before_launch: Callable[[list[ExpSpec]], None] = lambda specs: None
+        self.after_launch: Callable[[list[ExpSpec]], None] = lambda specs: None
+        self.on_outcome: Callable[[ExpState], None] = lambda state: None
+        self.detach = False  # return once every experiment is submitted
 
     # ------------------------------------------------------------------ submit
 
@@ -82,7 +91,10 @@ class Sweep:
         if self.backend.one_submission(self.placed):
             if not self.jobs:
                 job_id = str(RunId.parse(self.states[0].spec.run_id).submission)
-                launch(self.prepared, job_id, [s.spec for s in self.states], jobs=self.limit, placed=self.placed)
+                specs = [s.spec for s in self.states]
+                self.before_launch(specs)
+                launch(self.prepared, job_id, specs, jobs=self.limit, placed=self.placed)
+                self.after_launch(specs)
                 self._started(job_id, self.states)
             return
         active = sum(1 for s in self.states if s.state.is_active())
@@ -90,7 +102,9 @@ class Sweep:
             if active >= self.limit:
                 break
             if state.state == RunState.WAITING:
+                self.before_launch([state.spec])
                 launch(self.prepared, state.spec.run_id, [state.spec], placed=True)
+                self.after_launch([state.spec])
                 self._started(state.spec.run_id, [state])
                 active += 1
 
@@ -117,6 +131,8 @@ class Sweep:
     def changed(self) -> None:
         self.on_change(self.states)
         self.submit_next()
+        if self.detach and all(s.state != RunState.WAITING for s in self.states):
+            raise _AllSubmitted()
 
     def collect(self, state: ExpState, info: RunInfo) -> bool:
         """Bring an experiment home once its result is in the store; without one, record how
@@ -133,6 +149,7 @@ class Sweep:
                                         error=info.lost or "the runner ended without a result", store=store.url,
                                         attempts=[a.to_json() for a in info.attempts])
                 state.ended = time.time()
+                self.on_outcome(state)
                 return True
             status = RunStatus.from_json(store.read_json(store.run_path(state.spec.run_id, STATUS)))
             if status is not None and status.state == RunState.RUNNING and state.state == RunState.PENDING:
@@ -141,12 +158,13 @@ class Sweep:
             return False
         sub = Submitted(state.spec.run_id, self.prepared.address, store, state.spec.exp_name,
                         state.spec.baseline or self.prepared.project.baseline, backend=self.backend,
-                        project=self.prepared.project)
+                        project=self.prepared.project, job_id=state.job_id or "")
         # An experiment queued with -f replaces one of its name, as dvcray run -f does.
         force = self.prepared.opts.force or bool(state.spec.options.get("force"))
         state.outcome = finish(sub, result.status, force=force)
         state.state = RunState.parse(state.outcome.status, RunState.FAILED)
         state.ended = time.time()
+        self.on_outcome(state)
         return True
 
     # ------------------------------------------------------------------ live metrics
@@ -163,6 +181,11 @@ class Sweep:
                 ids.append(state.spec.run_id)
         return ids
 
+    def _expect(self, run_id: str) -> tuple[str, str | None]:
+        """The baseline and name of the experiment ``run_id``: its live updates must carry them."""
+        spec = next(s.spec for s in self.states if s.spec.run_id == run_id)
+        return spec.baseline or self.prepared.project.baseline, spec.exp_name
+
     def _progress(self, run_id: str, progress: live.Progress) -> None:
         for state in self.states:
             if state.spec.run_id == run_id:
@@ -172,10 +195,14 @@ class Sweep:
         self.on_change(self.states)
 
     def run(self) -> SweepResult:
-        relay = live.Relay(self.prepared.store, self.prepared.project, self._live, self._progress)
+        relay = live.Relay(self.prepared.store, self.prepared.project, self._live, self._progress, self._expect)
         try:
             self.submit_next()
+            if self.detach and all(s.state != RunState.WAITING for s in self.states):
+                raise _AllSubmitted()
             self.backend.follow_many(self)
+        except _AllSubmitted:
+            return SweepResult([])
         except KeyboardInterrupt:
             self.backend.stop({s.spec.run_id: s.job_id for s in self.states if s.outcome is None and s.job_id})
             raise Interrupted("Interrupted: every experiment of the sweep was stopped.",

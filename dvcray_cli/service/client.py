@@ -13,14 +13,16 @@ import io
 import json
 import secrets
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlencode, urlparse
 
 from dvcray_cli.errors import ClusterError
-from dvcray_cli.service.protocol import (HAVE, HELLO, POLL, RUNS, TIMEOUT_S, Hello, PollAnswer, PollRequest, ServiceRun,
-                                         listening_port, loopback, proof)
+from dvcray_cli.service.protocol import (ANSWER_SIGNATURE, HAVE, HELLO, POLL, RUNS, SIGNATURE, TIMEOUT_S, Hello,
+                                         PollAnswer, PollRequest, ServiceRun, answer_signed, body_digest,
+                                         listening_port, loopback, proof, sign_request)
 
 
 class ServiceError(ClusterError):
@@ -37,9 +39,55 @@ class MissingCommits(Exception):
     """The cluster's repository cache lacks commits a thin bundle needs."""
 
 
+def exchange(url: str, method: str, target: str, body: bytes | None, headers: dict[str, str],
+             timeout: float) -> tuple[int, dict[str, str], bytes]:
+    """One plain HTTP request to ``url`` (``target``: path and query): ``(status, headers, body)``.
+
+    Raises:
+        ServiceError: no answer (connection refused, timeout).
+    """
+    parsed = urlparse(url)
+    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout)
+    try:
+        conn.request(method, target, body=body, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise ServiceError(f"Nothing answers at {url} ({type(exc).__name__}).") from None
+    finally:
+        conn.close()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+
+
+def decoded(headers: dict[str, str], data: bytes) -> dict[str, Any] | bytes:
+    """A JSON answer as an object ({} when it is torn); anything else as its bytes."""
+    if (headers.get("content-type") or "").startswith("application/json"):
+        try:
+            return json.loads(data)
+        except ValueError:
+            return {}
+    return data
+
+
+def bearer_request(url: str, token: str | None, method: str, path: str, body: dict | None = None,
+                   timeout: float = TIMEOUT_S) -> tuple[int, dict[str, Any] | bytes]:
+    """A request to Ray's own job API, which takes its token as ``Authorization: Bearer``
+    (Ray's protocol; only ever to an address the user configured, through a verified
+    port-forward for a cluster elsewhere)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    data = None
+    if body is not None:
+        data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+    status, answer_headers, raw = exchange(url, method, path, data, headers, timeout)
+    return status, decoded(answer_headers, raw)
+
+
 @dataclass
 class Service:
-    """A runner service a client talks to: its URL (reachable from here), id and version."""
+    """A runner service a client talks to: its URL (reachable from here), id and version.
+
+    The token never goes to it: each request is signed with it, and each answer must be
+    signed by it (``protocol.sign_request``, ``protocol.sign_answer``)."""
 
     url: str            # http://127.0.0.1:PORT (directly, or through a port-forward)
     token: str
@@ -47,42 +95,35 @@ class Service:
     version: str = ""
     job_api: str = ""   # the cluster's job API, where its Ray Job is recorded
     head_port: int = 0  # the port it listens on, on its head's 127.0.0.1
+    skew: float = 0.0   # its clock minus this machine's (from hello)
 
     def request(self, method: str, path: str, body: bytes | dict | None = None,
                 params: dict[str, Any] | None = None, timeout: float = TIMEOUT_S,
-                auth: bool = True) -> tuple[int, dict[str, Any] | bytes]:
-        """One request; JSON in and out (raw bytes in for a tar, raw bytes out when not JSON).
+                nonce: str | None = None) -> tuple[int, dict[str, Any] | bytes]:
+        """One signed request, whose answer must be signed by the service; JSON in and out
+        (raw bytes in for a tar, raw bytes out when not JSON). ``nonce``: hello's own (its
+        query names it); other requests get a fresh one.
 
         Raises:
-            ServiceError: no answer (connection refused, timeout).
+            ServiceError: no answer (connection refused, timeout), or an answer the service
+                did not sign (whoever answers there does not know the token).
         """
-        parsed = urlparse(self.url)
         headers = {}
-        if auth:
-            headers["Authorization"] = f"Bearer {self.token}"
         if isinstance(body, dict):
             body = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
         elif body is not None:
             headers["Content-Type"] = "application/x-tar"
-        if params:
-            path = f"{path}?{urlencode(params)}"
-        conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers=headers)
-            response = conn.getresponse()
-            data = response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            raise ServiceError(f"The dvcray runner service at {self.url} does not answer "
-                               f"({type(exc).__name__}).") from None
-        finally:
-            conn.close()
-        if (response.getheader("Content-Type") or "").startswith("application/json"):
-            try:
-                return response.status, json.loads(data)
-            except ValueError:
-                return response.status, {}
-        return response.status, data
+        target = f"{path}?{urlencode(params)}" if params else path
+        if nonce is None:
+            nonce = secrets.token_hex(16)
+            headers[SIGNATURE] = sign_request(self.token, method, target, int(time.time() + self.skew), nonce,
+                                              body_digest(body or b""))
+        status, answer_headers, data = exchange(self.url, method, target, body, headers, timeout)
+        if not answer_signed(self.token, nonce, status, data, answer_headers.get(ANSWER_SIGNATURE.lower())):
+            raise ServiceError(f"What answers at {self.url} did not sign its answer with this cluster's token: it "
+                               "is not this cluster's dvcray runner service (nothing was sent that it could use).")
+        return status, decoded(answer_headers, data)
 
     def call(self, method: str, path: str, body: bytes | dict | None = None, timeout: float = TIMEOUT_S,
              **params: Any) -> dict[str, Any]:
@@ -106,12 +147,19 @@ class Service:
                 prove that it knows the token.
         """
         nonce = secrets.token_hex(16)
-        status, data = self.request("GET", HELLO, params={"nonce": nonce}, auth=False, timeout=5)
+        asked = time.time()
+        try:
+            status, data = self.request("GET", HELLO, params={"nonce": nonce}, timeout=5, nonce=nonce)
+        except ServiceError as exc:
+            raise ServiceError(f"What answers at {self.url} is not this cluster's dvcray runner service "
+                               f"({exc.message})") from None
         answer = Hello.from_json(data)
         if status != 200 or not answer.service_id or (expect_id and answer.service_id != expect_id) or \
                 not hmac.compare_digest(answer.proof, proof(self.token, nonce, answer.service_id)):
             raise ServiceError(f"What answers at {self.url} is not this cluster's dvcray runner service.")
         self.service_id, self.version = answer.service_id, answer.version
+        if answer.time:
+            self.skew = answer.time - (asked + time.time()) / 2
         return answer
 
     def have(self, root: str, shas: list[str]) -> list[str]:

@@ -37,7 +37,9 @@ def _child(folder: str, spec: dict[str, Any], log_path: str, env: dict[str, str]
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.setsid()
     die_with_parent()
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    # The run's log is the user's: nobody else on a shared head reads it (issue 20, point 10).
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)

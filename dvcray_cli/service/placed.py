@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dvcray_cli import __version__
+from dvcray_cli import __version__, files
 from dvcray_cli.runs import snapshot
 from dvcray_cli.runs.model import RunState
 from dvcray_cli.service import forks, retries
@@ -44,6 +44,9 @@ class NodeRunner:
     """The warm runner of one node (a Ray actor, methods called from the service)."""
 
     def __init__(self, base: str) -> None:
+        problem = snapshot.interpreter_problem()
+        if problem:
+            raise RuntimeError(problem)
         self.base = Path(base)
         self.launcher = forks.Launcher()
         self.runs: dict[str, tuple[forks.Fork, Path, Path]] = {}
@@ -57,11 +60,13 @@ class NodeRunner:
         """Unpack the snapshot, bring its bundle into this node's cache, fork the experiment."""
         # Folders of its own: on the head's node (or every fake node of local-multinode, which
         # share one disk) the service's are beside them, and it copies these logs into its own.
+        # This user's alone on a shared node (issue 20, point 10).
         folder = self.base / "node-runner" / "snapshots" / f"{job_id}--{run_id}"
         logs = self.base / "node-runner" / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
+        for private in (self.base / "node-runner", logs, folder.parent):
+            files.private_dir(private)
         shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
+        folder.mkdir(mode=0o700)
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             tar.extractall(folder, filter="data")
         if root:

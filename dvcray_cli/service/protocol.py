@@ -4,11 +4,15 @@ service knows the cluster's token, the messages, and the states of a run.
 The runner service is one long-lived Ray Job per cluster that imports DVC once and
 forks a process per experiment (DESIGN.md, "Warm runners"): an experiment costs
 no Ray Job supervisor, no interpreter and no import of DVC. It listens on the
-head's 127.0.0.1 only, on a port it picks and names in its job log, and every
-request but ``hello`` carries the cluster's Ray auth token (``Authorization:
-Bearer``). ``hello`` proves the service knows the token before a client sends
-it (an HMAC of a nonce the client picked): a port remembered from an earlier
-service may belong to another process now.
+head's 127.0.0.1 only, on a port it picks and names in its job log. The cluster's
+Ray auth token never travels to it: every request but ``hello`` is signed with it
+(``SIGNATURE``: an HMAC over method, path, time, a nonce and the body's sha256),
+and every answer too (``ANSWER_SIGNATURE``: over the request's nonce, the status and
+the body's sha256). Whoever holds the port after the service died (another local
+user, another process on the head) learns nothing it could use, and cannot answer
+in the service's name (issue 20, point 4). ``hello`` proves the service knows the
+token (an HMAC of a nonce the client picked) and gives its clock, which signed
+requests then use.
 
 As Ray keeps a job's wire types in one module for its client and its server
 (``ray/dashboard/modules/job/common.py``), the messages are typed here once:
@@ -34,6 +38,8 @@ ENTRYPOINT = "python -m dvcray_cli.service"
 LISTENING = re.compile(r"dvcray-service: listening on 127\.0\.0\.1:(\d+) as (\S+)")
 HELLO, HAVE, RUNS, POLL = "/v1/hello", "/v1/have", "/v1/runs", "/v1/poll"
 TIMEOUT_S = 10.0
+# The most runs one poll may name (to watch, and to read logs of).
+MAX_POLL_RUNS = 10000
 
 
 class RunState(str, Enum):
@@ -81,9 +87,62 @@ def proof(token: str, nonce: str, service_id: str) -> str:
     return hmac.new(token.encode(), f"{nonce}:{service_id}".encode(), hashlib.sha256).hexdigest()
 
 
-def authorized(header: str | None, token: str) -> bool:
-    """``header`` is ``Bearer <token>`` (compared in constant time)."""
-    return bool(header) and hmac.compare_digest(header.encode(), f"Bearer {token}".encode())
+# --------------------------------------------------------------------------- signatures
+
+SIGNATURE = "X-Dvcray-Signature"          # a request's: t=TIME,n=NONCE,b=BODY_SHA256,s=HMAC
+ANSWER_SIGNATURE = "X-Dvcray-Answer"      # an answer's: HMAC
+# How far a signed request's time may be from the service's clock (the client uses the
+# service's clock, from hello); a nonce is taken once within it.
+WINDOW_S = 120.0
+_SIGNED = re.compile(r"t=(\d{1,12}),n=([0-9a-f]{32}),b=([0-9a-f]{64}),s=([0-9a-f]{64})")
+
+
+def body_digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def _mac(token: str, text: str) -> str:
+    return hmac.new(token.encode(), text.encode(), hashlib.sha256).hexdigest()
+
+
+def sign_request(token: str, method: str, target: str, when: int, nonce: str, digest: str) -> str:
+    """The ``SIGNATURE`` header of a request to ``target`` (its path and query, as sent)."""
+    mac = _mac(token, f"request\n{method.upper()}\n{target}\n{when}\n{nonce}\n{digest}")
+    return f"t={when},n={nonce},b={digest},s={mac}"
+
+
+@dataclass(frozen=True)
+class Signed:
+    """A request's signature, read: its time, nonce and the sha256 of its body."""
+
+    when: int
+    nonce: str
+    digest: str
+
+
+def check_request(token: str, method: str, target: str, header: str | None, now: float) -> Signed | str:
+    """The request's signature when ``header`` signs it with ``token`` within ``WINDOW_S`` of
+    ``now``; else why not, in words (the nonce is for the caller to take only once)."""
+    found = _SIGNED.fullmatch(header or "")
+    if found is None:
+        return "the request is not signed with this cluster's token"
+    when, nonce, digest, mac = int(found[1]), found[2], found[3], found[4]
+    expected = sign_request(token, method, target, when, nonce, digest).rsplit("=", 1)[1]
+    if not hmac.compare_digest(mac, expected):
+        return "the request is not signed with this cluster's token"
+    if abs(now - when) > WINDOW_S:
+        return f"the request's signature is {abs(now - when):.0f} s off this service's clock"
+    return Signed(when, nonce, digest)
+
+
+def sign_answer(token: str, nonce: str, status: int, body: bytes) -> str:
+    """The ``ANSWER_SIGNATURE`` of an answer to the request with ``nonce``."""
+    return _mac(token, f"answer\n{nonce}\n{status}\n{body_digest(body)}")
+
+
+def answer_signed(token: str, nonce: str, status: int, body: bytes, header: str | None) -> bool:
+    """The answer is the service's own, to this very request."""
+    return bool(header) and hmac.compare_digest(header, sign_answer(token, nonce, status, body))
 
 
 def listening_port(log: str) -> tuple[int, str] | None:
@@ -213,16 +272,19 @@ class Hello:
     proof: str = ""
     node: str = ""
     draining: bool = False  # it takes no new runs (it stops once its runs have ended)
+    time: float = 0.0       # its clock: signed requests are timed by it
+    signs: bool = False     # it takes signed requests (a service from before them does not)
 
     def to_json(self) -> dict[str, Any]:
         return {"service_id": self.service_id, "version": self.version, "proof": self.proof, "node": self.node,
-                "draining": self.draining}
+                "draining": self.draining, "time": self.time, "signs": self.signs}
 
     @classmethod
     def from_json(cls, data: Any) -> Hello:
         data = data if isinstance(data, dict) else {}
         return cls(str(data.get("service_id") or ""), str(data.get("version") or ""), str(data.get("proof") or ""),
-                   str(data.get("node") or ""), bool(data.get("draining")))
+                   str(data.get("node") or ""), bool(data.get("draining")), _number(data.get("time")) or 0.0,
+                   data.get("signs") is True)
 
 
 @dataclass
@@ -276,9 +338,25 @@ class PollRequest:
 
     @classmethod
     def from_json(cls, data: Any) -> PollRequest:
-        data = data if isinstance(data, dict) else {}
-        return cls(int(data.get("after") or 0), [str(r) for r in data.get("watch") or []],
-                   {str(k): int(v) for k, v in (data.get("logs") or {}).items()}, float(data.get("wait") or 0))
+        """The request in ``data``.
+
+        Raises:
+            ValueError: it is not one (names the field): the service answers 400.
+        """
+        if not isinstance(data, dict):
+            raise ValueError("a poll is a JSON object")
+        after, wait = data.get("after", 0), data.get("wait", 0)
+        watch, logs = data.get("watch") or [], data.get("logs") or {}
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise ValueError("after: not a sequence number")
+        if _number(wait) is None or not 0 <= wait <= 3600:  # NaN and infinities fail this too
+            raise ValueError("wait: not a number of seconds between 0 and 3600")
+        if not isinstance(watch, list) or len(watch) > MAX_POLL_RUNS or not all(isinstance(r, str) for r in watch):
+            raise ValueError(f"watch: not a list of at most {MAX_POLL_RUNS} run ids")
+        if not isinstance(logs, dict) or len(logs) > MAX_POLL_RUNS or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in logs.values()):
+            raise ValueError(f"logs: not at most {MAX_POLL_RUNS} run ids with their offsets")
+        return cls(after, list(watch), dict(logs), float(wait))
 
 
 @dataclass
@@ -291,12 +369,13 @@ class PollAnswer:
     runs: dict[str, ServiceRun] = field(default_factory=dict)
     logs: dict[str, tuple[int, bytes]] = field(default_factory=dict)
     unknown: list[str] = field(default_factory=list)
+    cut: list[str] = field(default_factory=list)  # runs whose logs were not read: the answer was full
 
     def to_json(self) -> dict[str, Any]:
         return {"seq": self.seq, "runs": {r: run.to_json() for r, run in self.runs.items()},
                 "logs": {r: {"offset": offset, "data": base64.b64encode(data).decode()}
                          for r, (offset, data) in self.logs.items()},
-                "unknown": list(self.unknown)}
+                "unknown": list(self.unknown), "cut": list(self.cut)}
 
     @classmethod
     def from_json(cls, data: Any, after: int = 0) -> PollAnswer:
@@ -311,4 +390,5 @@ class PollAnswer:
         for run_id, piece in (data.get("logs") or {}).items():
             if isinstance(piece, dict):
                 logs[run_id] = (int(piece.get("offset") or 0), base64.b64decode(piece.get("data") or ""))
-        return cls(int(data.get("seq") or after), runs, logs, [str(r) for r in data.get("unknown") or []])
+        return cls(int(data.get("seq") or after), runs, logs, [str(r) for r in data.get("unknown") or []],
+                   [str(r) for r in data.get("cut") or []])

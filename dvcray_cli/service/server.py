@@ -21,43 +21,58 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import signal
 import socket
+import time
 
 from dvcray_cli import __version__, ray_api
 from dvcray_cli.runs import snapshot
-from dvcray_cli.service import protocol
+from dvcray_cli.service import guard, protocol
 from dvcray_cli.service.protocol import Hello, PollRequest, RunState
 from dvcray_cli.service.table import RunnerService, say
 
 # --------------------------------------------------------------------------- HTTP
 
 
-def make_app(service: RunnerService):
+def _json(request) -> dict:
+    """The request's JSON object (read and checked by the front door, ``guard``).
+
+    Raises:
+        guard.Refused: it is not one (400).
+    """
+    try:
+        body = json.loads(request["body"] or b"{}")
+    except ValueError as exc:
+        raise guard.Refused(400, f"the body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise guard.Refused(400, "the body is not a JSON object")
+    return body
+
+
+def make_app(service: RunnerService, connections: guard.Connections | None = None):
     from aiohttp import web
 
-    @web.middleware
-    async def auth(request, handler):
-        if request.path != protocol.HELLO and not protocol.authorized(request.headers.get("Authorization"),
-                                                                      service.token):
-            return web.json_response({"error": "missing or wrong auth token"}, status=401)
-        return await handler(request)
+    connections = connections or guard.Connections(lambda: None)
+    front = guard.middleware(service.token, connections, guard.Nonces(), streamed={("POST", protocol.RUNS)})
 
     async def hello(request):
         nonce = request.query.get("nonce", "")
         return web.json_response(Hello(service.service_id, __version__,
                                        protocol.proof(service.token, nonce, service.service_id),
-                                       service.node, service.notice_upgrade()).to_json())
+                                       service.node, service.notice_upgrade(), time.time(), True).to_json())
 
     async def have(request):
-        body = await request.json()
-        root = str(body.get("root") or "")
-        if not re.fullmatch(r"[0-9a-f]{40}", root):
+        body = _json(request)
+        root, shas = body.get("root"), body.get("shas") or []
+        if not isinstance(root, str) or not re.fullmatch(r"[0-9a-f]{40}", root):
             return web.json_response({"error": "root is not a commit id"}, status=400)
+        if not isinstance(shas, list) or len(shas) > 1000:
+            return web.json_response({"error": "shas is not a list of at most 1000 commit ids"}, status=400)
         cache = snapshot.cache_path(service.base, root)
-        found = await asyncio.to_thread(snapshot.cache_has, cache, list(body.get("shas") or []))
+        found = await asyncio.to_thread(snapshot.cache_has, cache, shas)
         return web.json_response({"have": found})
 
     async def submit(request):
@@ -68,7 +83,11 @@ def make_app(service: RunnerService):
         return web.json_response({"runs": [e.report().to_json() for e in service.entries.values()]})
 
     async def poll(request):
-        answer = await service.poll(PollRequest.from_json(await request.json()))
+        try:
+            asked = PollRequest.from_json(_json(request))
+        except ValueError as exc:
+            return web.json_response({"error": f"not a poll: {exc}"}, status=400)
+        answer = await service.poll(asked)
         return web.json_response(answer.to_json())
 
     async def stop(request):
@@ -78,7 +97,7 @@ def make_app(service: RunnerService):
         service.stop_entry(entry)
         return web.json_response(entry.report().to_json())
 
-    app = web.Application(middlewares=[auth], client_max_size=4 << 30)
+    app = web.Application(middlewares=[front], client_max_size=guard.MAX_JSON_BYTES)
     app.add_routes([web.get(protocol.HELLO, hello), web.post(protocol.HAVE, have),
                     web.post(protocol.RUNS, submit), web.get(protocol.RUNS, runs),
                     web.post(protocol.POLL, poll), web.post(protocol.RUNS + "/{run_id}/stop", stop)])
@@ -88,13 +107,15 @@ def make_app(service: RunnerService):
 async def serve(service: RunnerService, port: int) -> None:
     from aiohttp import web
 
-    app = make_app(service)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    connections = guard.Connections(lambda: runner.server())
+    app = make_app(service, connections)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=guard.HEADER_TIMEOUT_S)
     await runner.setup()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
-    await web.SockSite(runner, sock).start()
+    # aiohttp's own protocol, behind the front door's connection cap and header timeout.
+    listening = await asyncio.get_running_loop().create_server(connections, sock=sock)
     done = asyncio.Event()
 
     async def stop(lost: str | None = None) -> None:
@@ -122,6 +143,7 @@ async def serve(service: RunnerService, port: int) -> None:
     finally:
         ticker.cancel()
         watchdog.cancel()
+        listening.close()
         await runner.cleanup()
 
 
@@ -162,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id", required=True, help="the service's id (its Ray Job's submission id)")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
+    problem = snapshot.interpreter_problem()
+    if problem:
+        say(problem)
+        return 3
     token = ray_api.env_token() or ray_api.read_token(ray_api.default_token_path())
     if not token:
         say("this cluster has no Ray auth token: the service does not run without one")

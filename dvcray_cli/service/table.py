@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dvcray_cli import __version__, compatible, ray_api
+from dvcray_cli import __version__, compatible, files, ray_api
 from dvcray_cli.runs import snapshot
 from dvcray_cli.runs.model import Manifest
 from dvcray_cli.service import forks, protocol, retries
@@ -35,6 +35,8 @@ KEEP_FINISHED = 1000
 KEEP_SNAPSHOTS = 20
 # A log is read at most this much per run per poll.
 LOG_CHUNK = 1 << 20
+# One poll's answer carries at most about this much of logs (a run's chunk more at most).
+MAX_ANSWER_LOG_BYTES = 8 << 20
 TICK_S = 0.2
 # How often an idle service looks whether dvcray on its node was upgraded.
 UPGRADE_CHECK_S = 5.0
@@ -110,8 +112,9 @@ class RunnerService:
         self.token, self.service_id, self.base = token, service_id, base
         self.logs_dir = base / "service" / "logs"
         self.snapshots = base / "service" / "snapshots"
-        for folder in (self.logs_dir, self.snapshots):
-            folder.mkdir(parents=True, exist_ok=True)
+        # Runs' logs and snapshots (the user's code) are this user's alone on a shared head.
+        for folder in (base / "service", self.logs_dir, self.snapshots):
+            files.private_dir(folder)
         self.launcher = forks.Launcher()
         self.entries: dict[str, Entry] = {}
         self.batches: dict[str, Batch] = {}
@@ -309,14 +312,28 @@ class RunnerService:
     # ------------------------------------------------------------------ submissions
 
     async def receive(self, request) -> tuple[Path, Manifest]:
-        """Unpack the snapshot the request carries into a folder of its own."""
+        """Unpack the snapshot the request carries into a folder of its own: at most
+        ``guard.MAX_SNAPSHOT_BYTES``, and only the one its signature covers.
+
+        Raises:
+            guard.Refused: too big, too slow, or not the body signed.
+            ValueError, OSError, tarfile.TarError: not a snapshot.
+        """
+        import hashlib
+
+        from dvcray_cli.service import guard
+
         tmp = self.snapshots / f".incoming-{os.getpid()}-{time.monotonic_ns()}"
-        tmp.mkdir(parents=True)
+        tmp.mkdir(parents=True, mode=0o700)
         tar_path = tmp.with_suffix(".tar")
+        digest = hashlib.sha256()
         try:
             with open(tar_path, "wb") as f:
-                async for chunk in request.content.iter_chunked(1 << 20):
+                async for chunk in guard.chunks(request, guard.MAX_SNAPSHOT_BYTES):
+                    digest.update(chunk)
                     f.write(chunk)
+            if digest.hexdigest() != request.get("digest"):
+                raise guard.Refused(400, "the snapshot is not the one the request's signature covers")
             await asyncio.to_thread(_unpack, tar_path, tmp)
             manifest = Manifest.read(tmp)
         except BaseException:
@@ -364,7 +381,7 @@ class RunnerService:
             from dvcray_cli.service.placed import Placer
 
             self.placer = await Placer.make(self)
-        limit = manifest.jobs or (len(entries) if resources else min(len(entries), default_limit()))
+        limit = min(manifest.jobs or (len(entries) if resources else default_limit()), len(entries))
         batch = Batch(job_id, folder, manifest, list(entries), max(1, limit), resources=resources)
         for entry in entries:
             self.entries[entry.run_id] = entry
@@ -409,14 +426,18 @@ class RunnerService:
             runs = {r: self.entries[r].report() for r in request.watch
                     if r in self.entries and self.entries[r].seq > request.after}
             unknown = [r for r in request.watch if r not in self.entries]
-            logs = {}
+            logs, cut, total = {}, [], 0
             for run_id, offset in request.logs.items():
+                if total >= MAX_ANSWER_LOG_BYTES:
+                    cut.append(run_id)  # its log comes with the next poll
+                    continue
                 entry = self.entries.get(run_id)
                 data = await self.read_log(entry, offset) if entry is not None else b""
                 if data:
                     logs[run_id] = (offset, data)
+                    total += len(data)
             if runs or logs or unknown or time.monotonic() >= deadline:
-                return PollAnswer(seq, runs, logs, unknown)
+                return PollAnswer(seq, runs, logs, unknown, cut)
             await self.wait_change(deadline - time.monotonic())
 
     # ------------------------------------------------------------------ shutdown

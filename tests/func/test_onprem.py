@@ -34,7 +34,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from helpers import (REPO, RETRY_PIPELINE, RETRY_STAGES, SRC_LAYOUT, bucket_objects, build_bed, exp_metrics, exp_refs,
+from helpers import (REPO, RETRY_PIPELINE, RETRY_STAGES, SRC_LAYOUT, CaptureServer, bucket_objects, build_bed, exp_metrics, exp_refs,
                      free_port, laptop_env, out,
                      retry_count, retry_events, retry_starts, seen_by, sh, wait_stage_started)
 
@@ -372,8 +372,9 @@ def _jobs(client, lab) -> list[dict]:
 
     record = _record(client, lab)
     token = Path(record["token_path"]).read_text().strip()
-    answer = requests.get(f"{record['dashboard_url']}/api/jobs/", headers={"Authorization": f"Bearer {token}"},
-                          timeout=10)
+    # Where its forward listens now (it moves to a fresh port when its port was taken meanwhile).
+    answer = requests.get(f"http://127.0.0.1:{record['forward_port']}/api/jobs/",
+                          headers={"Authorization": f"Bearer {token}"}, timeout=10)
     assert answer.status_code == 200, answer.text
     return answer.json()
 
@@ -823,6 +824,126 @@ def test_a_killed_machine_mid_stage_is_retried_elsewhere_and_resumes(bed, client
     print(f"\nretry on the bed: {measured}")
     if os.environ.get("DVCRAY_BENCH_OUT"):
         Path(os.environ["DVCRAY_BENCH_OUT"]).write_text(json.dumps(measured))
+
+
+TICKS = """\
+import json, time
+for i in range(24):
+    print(f"TICK {i:02d}", flush=True)
+    time.sleep(1)
+json.dump({"ticks": 24}, open("m.json", "w"))
+"""
+
+
+def _kill_forwards(bed) -> list[int]:
+    """The client's SSH port-forwards to the head die at once (a laptop's sleep, a network change)."""
+    import signal
+
+    import psutil
+
+    pids = [int(line.split(":", 1)[0]) for line in _our_ssh_to(bed.node("n0").ip)]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    psutil.wait_procs([p for p in map(_process, pids) if p is not None], timeout=30)  # their ports are free now
+    return pids
+
+
+def _process(pid: int):
+    import psutil
+
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
+def test_forwards_killed_mid_run_twice_are_reopened_and_the_run_comes_home(bed, client, lab):
+    """Issue 19, item 5: the client follows a run through its SSH port-forwards; they die twice
+    while the stage runs. The client reopens them (fresh ssh, pinned host key, each one's own
+    port checked) and goes on: every line of the log once, in order, and the run home."""
+    import threading
+
+    project = _metric_project(client, "forwards", TICKS, x=3)
+    run = subprocess.Popen([sys.executable, "-m", "dvcray_cli", "run", "-n", "through"], cwd=project,
+                           env=client.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    killed: list[list[int]] = []
+
+    def read() -> None:
+        for line in run.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith(("TICK 03", "TICK 12")):
+                killed.append(_kill_forwards(bed))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        err = run.stderr.read()
+        run.wait(timeout=600)
+        reader.join(timeout=30)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 0, f"exit {run.returncode}\n" + "\n".join(lines[-30:]) + "\n" + err[-3000:]
+    assert len(killed) == 2 and all(killed), f"forwards killed: {killed}"
+    ticks = [ln for ln in lines if ln.startswith("TICK ")]
+    assert ticks == [f"TICK {i:02d}" for i in range(24)], ticks
+    assert any(r.endswith("/through") for r in exp_refs(project)), "the experiment is home"
+    assert _our_ssh_to(bed.node("n0").ip), "the forwards run again"
+
+
+def test_a_port_taken_while_its_forward_was_gone_never_gets_the_token(bed, client, lab):
+    """Issue 20, point 5: the forwards' ssh died (a laptop's sleep) and another local user took
+    their ports. The next commands reopen each forward on a fresh port, checked to be the new
+    ssh's own: the thief gets nothing, the run works, the cluster's address stays the same."""
+    before = _record(client, lab)
+    _kill_forwards(bed)
+    thieves = [CaptureServer(before["forward_port"]), CaptureServer(before["service_forward_port"])]
+    try:
+        [entry] = _status(client)
+        assert entry["alive"], entry
+        project = _metric_project(client, "thief", THIN_STAGE, x=5)
+        proc = _dvcray("run", "-n", "past-thief", env=client.env, cwd=project)
+        assert proc.returncode == 0, _out(proc)
+        assert exp_metrics(project, "past-thief", "m.json")["x"] == 5
+    finally:
+        for thief in thieves:
+            thief.close()
+    token = Path(before["token_path"]).read_text().strip()
+    for thief in thieves:
+        assert not [r for r in thief.requests if token.encode() in f"{r['headers']}".encode() + r["body"]], \
+            thief.requests
+    after = _record(client, lab)
+    assert after["dashboard_url"] == before["dashboard_url"], "the cluster's address stays"
+    assert after["forward_port"] != before["forward_port"]
+    assert after["service_forward_port"] != before["service_forward_port"]
+
+
+def test_a_changed_host_key_is_refused_with_how_to_accept_it(bed, client, lab, tmp_path):
+    """Issue 20, point 6: the head's SSH host key changes (someone stands in for it, or it was
+    reinstalled). Every ssh dvcray runs checks it against the key pinned for the cluster: the
+    forward is not reopened, `cluster up` does not log in, and both say how to accept the new
+    key knowingly; with the old key back, everything works again."""
+    record = _record(client, lab)
+    known_hosts = Path(record["known_hosts"])
+    original = known_hosts.read_text()
+    assert bed.ssh("n0", "cp /run/dvcray-bed/host_key /run/dvcray-bed/host_key.orig && rm -f /tmp/newkey* && "
+                         "ssh-keygen -q -t ed25519 -N '' -f /tmp/newkey && "
+                         "cp /tmp/newkey /run/dvcray-bed/host_key").returncode == 0
+    try:
+        _kill_forwards(bed)
+        [entry] = _status(client)
+        assert "host key" in (entry["error"] or "") and "ssh-keygen -R" in entry["error"], entry
+        up = _dvcray("cluster", "up", str(lab.config), env=client.env, cwd=lab.project, timeout=300)
+        assert up.returncode == 3, _out(up)
+        assert "is not the one dvcray pinned" in up.stderr and f"ssh-keygen -R {bed.node('n0').ip}" in up.stderr
+        assert known_hosts.read_text() == original, "the pinned key stays"
+        assert not _our_ssh_to(bed.node("n0").ip), "no forward to a head whose key changed"
+    finally:
+        assert bed.ssh("n0", "cp /run/dvcray-bed/host_key.orig /run/dvcray-bed/host_key").returncode == 0
+    [entry] = _status(client)
+    assert entry["alive"] and not entry["error"], entry
 
 
 def test_down_leaves_no_ray_process_on_any_node(bed, client, lab):

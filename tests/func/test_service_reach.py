@@ -1,6 +1,7 @@
 """How ``cluster down`` and the idle watcher ask a runner service for its runs when it is
 not on this machine's 127.0.0.1 but reached through a port-forward (launcher and AWS
-clusters): a small fake service on loopback stands in for the forward's end."""
+clusters): a small service on loopback that speaks the protocol (signed requests and
+answers) stands in for the forward's end."""
 
 from __future__ import annotations
 
@@ -16,12 +17,16 @@ def _fake_service(token: str, service_id: str, runs: list[dict]):
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
+            import time
+
             url = urlparse(self.path)
+            checked = protocol.check_request(token, "GET", self.path, self.headers.get(protocol.SIGNATURE),
+                                             time.time())
             if url.path == protocol.HELLO:
                 nonce = parse_qs(url.query)["nonce"][0]
                 body = {"service_id": service_id, "proof": protocol.proof(token, nonce, service_id)}
-            elif url.path == protocol.RUNS and protocol.authorized(self.headers.get("Authorization"), token):
-                body = {"runs": runs}
+            elif url.path == protocol.RUNS and not isinstance(checked, str):
+                nonce, body = checked.nonce, {"runs": runs}
             else:
                 self.send_response(401)
                 self.end_headers()
@@ -30,6 +35,7 @@ def _fake_service(token: str, service_id: str, runs: list[dict]):
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            self.send_header(protocol.ANSWER_SIGNATURE, protocol.sign_answer(token, nonce, 200, data))
             self.end_headers()
             self.wfile.write(data)
 

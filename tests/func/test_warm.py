@@ -17,32 +17,9 @@ import time
 import uuid
 from pathlib import Path
 
-from helpers import exp_metrics, run_dvcray, sh, store_log
-
-SPEC = {
-    "params.yaml": "x: 1\n",
-    "stage.py": "import json, yaml\njson.dump({'y': yaml.safe_load(open('params.yaml'))['x'] * 2}, "
-                "open('m.json', 'w'))\n",
-    "dvc.yaml": "stages:\n  s:\n    cmd: python stage.py\n    deps: [stage.py]\n    params: [x]\n"
-                "    metrics: [{m.json: {cache: false}}]\n",
-}
-
-
-def project(make_dvc_project, name: str = "project") -> Path:
-    # A root commit of its own: the node's repository cache is keyed by it.
-    return make_dvc_project({**SPEC, "unique.txt": uuid.uuid4().hex}, name=name)
-
-
-def node_dir(head) -> Path:
-    """The runner's folder on the head's node (its HOME's cache)."""
-    return Path(head.token_path).parents[1] / ".cache" / "dvcray"
-
-
-def run(root: Path, name: str, x: int, store: Path, *args: str) -> str:
-    proc = run_dvcray("run", "-n", name, "-S", f"x={x}", "--store", str(store), "--json", *args, cwd=root)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert exp_metrics(root, name, "m.json") == {"y": 2 * x}
-    return json.loads(proc.stdout)["run_id"]
+from helpers import DOUBLE_SPEC as SPEC
+from helpers import double_project as project
+from helpers import exp_metrics, node_dir, run_double as run, run_dvcray, sh, store_log
 
 
 def sent(head, run_id: str) -> list[str] | None:

@@ -9,11 +9,38 @@ from dvcray_cli.service import client, protocol
 from dvcray_cli.service.protocol import Attempt, Hello, PollAnswer, PollRequest, RunState, ServiceRun
 
 
-def test_only_the_clusters_token_is_authorized():
-    assert protocol.authorized("Bearer s3cret", "s3cret")
-    assert not protocol.authorized("Bearer other", "s3cret")
-    assert not protocol.authorized("s3cret", "s3cret")
-    assert not protocol.authorized(None, "s3cret") and not protocol.authorized("", "s3cret")
+def test_only_requests_signed_with_the_clusters_token_now_are_taken_and_the_token_never_travels():
+    nonce, digest = "ab" * 16, protocol.body_digest(b'{"after": 0}')
+    header = protocol.sign_request("s3cret", "POST", "/v1/poll", 1000, nonce, digest)
+    assert "s3cret" not in header
+    checked = protocol.check_request("s3cret", "POST", "/v1/poll", header, 1010)
+    assert checked == protocol.Signed(1000, nonce, digest)
+    for method, target, token, now in (("GET", "/v1/poll", "s3cret", 1010), ("POST", "/v1/runs", "s3cret", 1010),
+                                       ("POST", "/v1/poll", "other", 1010)):
+        assert isinstance(protocol.check_request(token, method, target, header, now), str)
+    assert "off this service's clock" in protocol.check_request("s3cret", "POST", "/v1/poll", header, 1000 + 600)
+    for bad in (None, "", "Bearer s3cret", header.replace("t=1000", "t=1001"), header + ",x=1"):
+        assert isinstance(protocol.check_request("s3cret", "POST", "/v1/poll", bad, 1010), str), bad
+    # An answer is the service's own, to this very request.
+    mark = protocol.sign_answer("s3cret", nonce, 200, b"{}")
+    assert protocol.answer_signed("s3cret", nonce, 200, b"{}", mark)
+    assert not protocol.answer_signed("s3cret", "cd" * 16, 200, b"{}", mark)
+    assert not protocol.answer_signed("s3cret", nonce, 200, b'{"x": 1}', mark)
+    assert not protocol.answer_signed("s3cret", nonce, 200, b"{}", None)
+
+
+def test_a_poll_that_is_not_one_is_refused_by_name():
+    assert PollRequest.from_json({"after": 3, "watch": ["r"], "logs": {"r": 5}, "wait": 2.5}) == \
+        PollRequest(3, ["r"], {"r": 5}, 2.5)
+    for bad, field in (({"wait": float("nan")}, "wait"), ({"wait": float("inf")}, "wait"), ({"wait": -1}, "wait"),
+                       ({"after": "x"}, "after"), ({"watch": "r"}, "watch"), ({"logs": {"r": -1}}, "logs"),
+                       ({"watch": ["r"] * (protocol.MAX_POLL_RUNS + 1)}, "watch"), ([], "object")):
+        try:
+            PollRequest.from_json(bad)
+        except ValueError as exc:
+            assert field in str(exc), (bad, exc)
+        else:
+            raise AssertionError(f"{bad} was taken")
 
 
 def test_the_proof_depends_on_the_token_the_nonce_and_the_service():

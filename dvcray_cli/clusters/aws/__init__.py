@@ -31,10 +31,10 @@ from dvcray_cli.clusters.aws.cluster import IAM_PROPAGATION_S, AwsDown, Bootstra
 from dvcray_cli.clusters.aws.config import BUILT_INS, NodeTypePlan, is_aws_config
 from dvcray_cli.clusters.aws.planning import DEFAULT_IDLE_TIMEOUT_S, AwsPlan, first_commit, plan, \
     is_projects
-from dvcray_cli.clusters.aws.reach import recorded_address, recorded_at, service_url
+from dvcray_cli.clusters.aws.reach import forward_url, recorded_address, recorded_at, service_url
 from dvcray_cli.clusters.aws.records import AwsCluster
 from dvcray_cli.clusters.launcher import Check
 
 __all__ = ["BUILT_INS", "DEFAULT_IDLE_TIMEOUT_S", "IAM_PROPAGATION_S", "AwsCluster", "AwsDown", "AwsPlan",
-           "Bootstrapped", "Check", "NodeTypePlan", "bootstrap", "down", "first_commit", "is_aws_config", "launch",
-           "plan", "is_projects", "recorded_address", "recorded_at", "service_url", "status", "up"]
+           "Bootstrapped", "Check", "NodeTypePlan", "bootstrap", "down", "first_commit", "forward_url", "is_aws_config",
+           "is_projects", "launch", "plan", "recorded_address", "recorded_at", "service_url", "status", "up"]

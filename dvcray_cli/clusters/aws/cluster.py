@@ -133,12 +133,9 @@ def launch(p: AwsPlan, boot: Bootstrapped, forward_timeout: float = 300.0) -> Aw
         raise ClusterError("The head node has no public IP address.",
                            f"Stop it: dvcray cluster down {p.config_label} --yes")
     ssh_user = str(boot.resolved.get("auth", {}).get("ssh_user", "ubuntu"))
-    from dvcray_cli.clusters import procs
-
-    port = procs.pick_port(None)
     known_hosts = Path(p.state_dir) / "known_hosts"
-    ssh.forget_host(head_ip, known_hosts)
-    pid = ssh.start_forward(head_ip, ssh_user, boot.key_path, port, known_hosts)
+    ssh.forget_host(head_ip, known_hosts)  # a new instance: a new key, maybe at an old address
+    pid, port = ssh.open_forward(head_ip, ssh_user, boot.key_path, known_hosts, timeout=forward_timeout)
     record = AwsCluster(name=p.cluster_name, config_label=p.config_label, config_path=boot.config_path,
                         region=p.region, token_path=p.token_path, dashboard_url=f"http://127.0.0.1:{port}",
                         forward_port=port, forward_pid=pid, head_ip=head_ip, ssh_user=ssh_user,
@@ -183,8 +180,12 @@ def down(config: str, cwd: Path, yes: bool = False) -> AwsDown:
     record = records.load(repo_state / "clusters" / f"{cluster_name}.json")
     stopped: list[str] = []
     if record is not None:
-        opened = ssh.ensure_forward(record, lambda r: records.write_record(r, repo_state))
-        stopped = stop_runs(opened, yes, config, lambda r: records.write_record(r, repo_state))
+        try:
+            opened = ssh.ensure_forward(record, lambda r: records.write_record(r, repo_state))
+        except ClusterError:
+            opened = None  # the head does not answer (gone): its instances are terminated all the same
+        if opened is not None:
+            stopped = stop_runs(opened, yes, config, lambda r: records.write_record(r, repo_state))
     ids = account.terminate_cluster(provider_config, cluster_name)
     if record is not None:
         ssh.stop_forward(record)
@@ -205,7 +206,7 @@ def status() -> list[dict[str, Any]]:
     for record, path in records.records():
         entry: dict[str, Any] = {
             "name": record.name, "kind": "aws", "config": record.config_label, "region": record.region,
-            "alive": None, "dashboard_url": record.dashboard_url, "started_at": record.started_at,
+            "alive": None, "dashboard_url": record.api_url, "started_at": record.started_at,
             "age_s": _age_s(record.started_at), "idle_timeout_s": record.idle_timeout_s,
             "instances": [], "cost_so_far_usd": None, "error": None,
         }

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dvcray_cli import ray_api, files
 from dvcray_cli.clusters.aws import records
 from dvcray_cli.clusters.aws.planning import is_projects
 from dvcray_cli.clusters.aws.records import AwsCluster
@@ -25,17 +24,29 @@ def recorded_address(cwd: Path) -> str | None:
         return None
     found = records.repo_records(cwd)
     if found:
-        repo_state = files.repo_dir(root, create=False)
-        return ssh.ensure_forward(found[0], lambda r: records.write_record(r, repo_state)).dashboard_url
-    for record, path in sorted(records.records(), key=lambda item: item[0].started_at, reverse=True):
+        return found[0].dashboard_url
+    for record, _ in sorted(records.records(), key=lambda item: item[0].started_at, reverse=True):
         if is_projects(record.name, root):
-            return ssh.ensure_forward(record, lambda r, where=path.parent.parent: records.write_record(r, where)).dashboard_url
+            return record.dashboard_url
     return None
 
 
 def _at(address: str) -> tuple[AwsCluster, Path] | None:
-    url = ray_api.normalize(address)
-    return next(((r, p) for r, p in records.records() if r.dashboard_url == url), None)
+    return next(((r, p) for r, p in records.records() if r.answers_at(address)), None)
+
+
+def forward_url(address: str) -> str | None:
+    """Where the job API of the recorded AWS cluster at ``address`` answers now, through its
+    port-forward (reopened and verified: ``ssh.ensure_forward``); None when none is recorded there.
+
+    Raises:
+        ClusterError: the forward could not be opened.
+    """
+    found = _at(address)
+    if found is None:
+        return None
+    record, path = found
+    return ssh.ensure_forward(record, lambda r: records.write_record(r, path.parent.parent)).api_url
 
 
 def recorded_at(address: str) -> bool:

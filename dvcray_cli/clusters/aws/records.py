@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from dvcray_cli import ray_api, files
+from dvcray_cli import files
 from dvcray_cli.clusters.launcher.records import Record
 
 
@@ -74,8 +74,7 @@ def repo_records(cwd: Path) -> list[AwsCluster]:
 
 def token_for_address(address: str) -> str | None:
     """The token of the recorded AWS cluster whose forwarded job API is ``address``."""
-    url = ray_api.normalize(address)
     for record, _path in records():
-        if record.dashboard_url == url:
-            return record.token()
+        if record.answers_at(address):
+            return record.token_at(address) or ""  # "": its cluster's, but not to be sent there now
     return None

@@ -24,11 +24,12 @@ from dvcray_cli.clusters.launcher.cluster import (DOWN_NOW, WORKERS_TIMEOUT_S, L
                                                   stop_machines, stop_runs, up, wait_workers, write_config)
 from dvcray_cli.clusters.launcher.planning import (CLOUD_IDLE_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, ON_PREM, Check,
                                                    LauncherPlan, check_machines, plan)
-from dvcray_cli.clusters.launcher.reach import (ensure_reachable, recorded_address, recorded_at, service_reach,
-                                                service_url)
+from dvcray_cli.clusters.launcher.reach import (ensure_reachable, forward_url, recorded_address, recorded_at,
+                                                service_reach, service_url)
 from dvcray_cli.clusters.launcher.records import LauncherCluster
 
 __all__ = ["CLOUD_IDLE_TIMEOUT_S", "DEFAULT_IDLE_TIMEOUT_S", "DOWN_NOW", "ON_PREM", "WORKERS_TIMEOUT_S", "Check",
-           "LauncherCluster", "LauncherDown", "LauncherPlan", "check_machines", "down", "ensure_reachable", "plan",
+           "LauncherCluster", "LauncherDown", "LauncherPlan", "check_machines", "down", "ensure_reachable",
+           "forward_url", "plan",
            "recorded_address", "recorded_at", "service_reach", "service_url", "status", "stop_machines",
            "stop_runs", "up", "wait_workers", "write_config"]

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dvcray_cli import ray_api, files
-from dvcray_cli.clusters import procs
 from dvcray_cli.clusters.common import Say, quiet, utc_now
 from dvcray_cli.clusters.launcher import config as cfg, launch, records, ssh
 from dvcray_cli.clusters.launcher.planning import LauncherPlan, plan
@@ -80,13 +79,16 @@ def up(p: LauncherPlan, say: Say = quiet) -> LauncherCluster:
     previous = records.load(p.cluster_name)
     if previous is not None:
         ssh.stop_forward(previous)
-    port = procs.pick_port(None)
     known_hosts = records.known_hosts_path(p.cluster_name)
-    ssh.forget_host(head_ip, known_hosts)
+    if not p.on_prem:
+        # A cloud's head may be a new machine with a new key at an old address. An on-prem
+        # head is a fixed machine: its pinned key holds, and a changed one is refused.
+        ssh.forget_host(head_ip, known_hosts)
+    pid, port = ssh.open_forward(head_ip, p.ssh_user, p.key_path, known_hosts, timeout=120)
     record = LauncherCluster(
         name=p.cluster_name, provider=p.provider, project=p.project, config_label=p.config_label,
         config_path=str(config_path), token_path=p.token_path, dashboard_url=f"http://127.0.0.1:{port}",
-        forward_port=port, forward_pid=ssh.start_forward(head_ip, p.ssh_user, p.key_path, port, known_hosts),
+        forward_port=port, forward_pid=pid,
         head_ip=head_ip, ssh_user=p.ssh_user, key_path=str(Path(p.key_path).expanduser()), started_at=utc_now(),
         idle_timeout_s=p.idle_timeout_s, worker_ips=list(p.worker_ips), known_hosts=str(known_hosts))
     records.write(record)
@@ -110,7 +112,7 @@ def _refuse_restart_under_runs(p: LauncherPlan) -> None:
         ssh.ensure_forward(record, records.write)
         if not ssh.head_answers(record, settle_s=2):
             return
-        runs = ray_api.active_runs(ray_api.client(record.dashboard_url, record.token()),
+        runs = ray_api.active_runs(ray_api.client(record.api_url, record.token()),
                                    service_reach(record, records.write))
     except (ClusterError, OSError):
         return
@@ -138,7 +140,7 @@ def wait_workers(record: LauncherCluster, want: int, timeout: float, say: Say) -
     joined: list[str] = []
     while True:
         try:
-            nodes = ray_api.list_nodes(record.dashboard_url, record.token())
+            nodes = ray_api.list_nodes(record.api_url, record.token())
         except ClusterError:
             nodes = []
         now = sorted({str(n["ip"]) for n in nodes if n["alive"] and not n["is_head"]})
@@ -165,7 +167,7 @@ def _autoscaler_says(record: LauncherCluster, hosts: list[str]) -> str:
     command = (f"grep -h -E '{pattern}' /tmp/ray/session_latest/logs/monitor.log "
                "/tmp/ray/session_latest/logs/monitor.out 2>/dev/null | grep -v VVINFO | "
                "grep -i -E 'fail|error|dvcray|version' | tail -n 6")
-    proc = ssh.run(record.head_ip, record.ssh_user, record.key_path, command, timeout=30)
+    proc = ssh.run(record.head_ip, record.ssh_user, record.key_path, command, Path(record.known_hosts), timeout=30)
     return "\n".join(launch.clean(ln) for ln in proc.stdout.splitlines() if ln.strip())
 
 
@@ -182,7 +184,7 @@ def stop_runs(record: Any, yes: bool, config_label: str, save: Callable[[Any], A
     """
     try:
         ssh.wait_job_api(record, timeout=10, reopen=False)
-        client = ray_api.client(record.dashboard_url, record.token())
+        client = ray_api.client(record.api_url, record.token())
         runs = ray_api.active_runs(client, service_reach(record, save))
     except (ClusterError, OSError):
         return []  # the head does not answer (gone, or unreachable): down goes on
@@ -205,7 +207,14 @@ def down(config: str, cwd: Path, yes: bool = False) -> LauncherDown:
     result = LauncherDown(p.cluster_name, p.provider, record is not None)
     config_path = Path(record.config_path) if record is not None else records.config_path(p.cluster_name)
     if record is not None:
-        result.stopped_runs = stop_runs(ssh.ensure_forward(record, records.write), yes, config)
+        try:
+            opened = ssh.ensure_forward(record, records.write)
+        except ssh.HostKeyChanged:
+            raise
+        except ClusterError:
+            opened = None  # the head does not answer: down goes on
+        if opened is not None:
+            result.stopped_runs = stop_runs(opened, yes, config)
     if not config_path.is_file():
         write_config(config_path, p.config)
     if p.on_prem:
@@ -241,7 +250,8 @@ def stop_machines(p: LauncherPlan, record: LauncherCluster | None) -> tuple[list
     # What was started (the record) wins over what the YAML says now.
     head = record.head_ip if record is not None else p.head_ip
     workers = record.worker_ips if record is not None else p.worker_ips
-    done = ssh.run(head, p.ssh_user, p.key_path, DOWN_NOW, timeout=300)
+    known_hosts = records.known_hosts_path(p.cluster_name)
+    done = ssh.run(head, p.ssh_user, p.key_path, DOWN_NOW, known_hosts, timeout=300)
     if done.returncode == 0:
         lines = [ln.split("=", 1)[1] for ln in done.stdout.splitlines() if ln.startswith("dvcray-unreachable=")]
         unreachable = [ip for ln in lines for ip in ln.split(",") if ip]
@@ -250,7 +260,8 @@ def stop_machines(p: LauncherPlan, record: LauncherCluster | None) -> tuple[list
 
     hosts = [*workers, head]
     with ThreadPoolExecutor(max(1, len(hosts))) as pool:
-        answers = list(pool.map(lambda ip: ssh.run(ip, p.ssh_user, p.key_path, "ray stop", timeout=120), hosts))
+        answers = list(pool.map(lambda ip: ssh.run(ip, p.ssh_user, p.key_path, "ray stop", known_hosts, timeout=120),
+                                hosts))
     stopped = [ip for ip, a in zip(hosts, answers) if a.returncode == 0]
     return stopped, [ip for ip, a in zip(hosts, answers) if a.returncode == 255 or a.returncode == 124]
 
@@ -267,10 +278,17 @@ def status() -> list[dict[str, Any]]:
         entry: dict[str, Any] = {
             "name": record.name, "kind": "launcher", "provider": record.provider, "config": record.config_label,
             "head_ip": record.head_ip, "worker_ips": record.worker_ips, "alive": None,
-            "dashboard_url": record.dashboard_url, "started_at": record.started_at,
+            "dashboard_url": record.api_url, "started_at": record.started_at,
             "idle_timeout_s": record.idle_timeout_s, "nodes": [], "cpus": None, "runs": [], "error": None,
         }
-        ssh.ensure_forward(record, records.write)
+        try:
+            ssh.ensure_forward(record, records.write)
+        except ssh.HostKeyChanged as exc:
+            entry["error"] = f"{exc.message} {exc.hint}"
+            entries.append(entry)
+            continue
+        except ClusterError:
+            pass  # head_answers tells what reaches the head
         answers = ssh.head_answers(record)
         if answers is None:
             entry["error"] = f"the head {record.head_ip} does not answer over SSH"
@@ -281,9 +299,9 @@ def status() -> list[dict[str, Any]]:
             records.remove(record.name)
         else:
             try:
-                nodes = [n for n in ray_api.list_nodes(record.dashboard_url, record.token()) if n["alive"]]
+                nodes = [n for n in ray_api.list_nodes(record.api_url, record.token()) if n["alive"]]
                 entry.update(alive=True, nodes=nodes, cpus=sum(n["resources"].get("CPU", 0) for n in nodes))
-                entry["runs"] = ray_api.active_runs(ray_api.client(record.dashboard_url, record.token()),
+                entry["runs"] = ray_api.active_runs(ray_api.client(record.api_url, record.token()),
                                                     service_reach(record, records.write))
             except DvcrayError as exc:
                 entry["error"] = exc.message

@@ -147,7 +147,8 @@ def check_machines(p: LauncherPlan) -> list[Check]:
         ClusterError: a machine is unreachable, refuses the key, or runs another Ray.
     """
     nodes = [(p.head_ip, "head")] + [(ip, "worker") for ip in p.worker_ips]
-    found = ssh.probe_all(nodes, p.ssh_user, p.key_path)
+    # Every node's host key is pinned in the cluster's own file on first contact, and checked after.
+    found = ssh.probe_all(nodes, p.ssh_user, p.key_path, records.known_hosts_path(p.cluster_name))
     checks = []
     for probe in found:
         where = f"{probe.role} {probe.host}"

@@ -63,7 +63,8 @@ def stop_machines_from_head(config: dict[str, Any]) -> tuple[list[str], list[str
     unreachable: list[str] = []
     if workers:
         with ThreadPoolExecutor(len(workers)) as pool:
-            answers = list(pool.map(lambda ip: ssh.run(ip, user, key, "ray stop", timeout=120), workers))
+            answers = list(pool.map(lambda ip: ssh.run(ip, user, key, "ray stop", ssh.known_hosts_file(), timeout=120),
+                                    workers))
         for ip, answer in zip(workers, answers):
             (stopped if answer.returncode == 0 else unreachable).append(ip)
     ray = Path(sys.executable).parent / "ray"

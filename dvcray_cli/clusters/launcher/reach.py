@@ -21,8 +21,8 @@ def service_reach(record: Any, save: Callable[[Any], Any],
 
 
 def recorded_address(cwd: Path) -> str | None:
-    """The job API (through its port-forward, reopened if it died) of the newest
-    launcher cluster of the project around ``cwd``, in any clone of it."""
+    """The address of the newest launcher cluster of the project around ``cwd``, in any clone
+    of it (``job_api`` gives where its job API answers now, through its port-forward)."""
     from dvcray_cli.gitutil import git_root, root_commit
 
     if not any(True for _ in records.records()):
@@ -31,7 +31,19 @@ def recorded_address(cwd: Path) -> str | None:
     found = records.for_project(root_commit(root) if root else None)
     if not found:
         return None
-    return ssh.ensure_forward(found[0], records.write).dashboard_url
+    return found[0].dashboard_url
+
+
+def forward_url(address: str) -> str | None:
+    """Where the job API of the recorded cluster at ``address`` answers now: this machine's end
+    of its port-forward, reopened (and verified: ``ssh.ensure_forward``) when its ssh died;
+    None when no launcher cluster is recorded there.
+
+    Raises:
+        ClusterError: the forward could not be opened (the head's host key changed...).
+    """
+    record = records.at_address(address)
+    return ssh.ensure_forward(record, records.write).api_url if record is not None else None
 
 
 def ensure_reachable(address: str) -> None:

@@ -51,6 +51,26 @@ class Record:
     def token(self) -> str | None:
         return ray_api.read_token(self.token_path)
 
+    @property
+    def api_url(self) -> str:
+        """Where the job API answers now: this machine's end of the forward, which moves to a
+        fresh port when the port it had is taken while its ssh was gone (``ssh.ensure_forward``).
+        ``dashboard_url`` stays the cluster's address, in records and runs."""
+        return f"http://127.0.0.1:{self.forward_port}"
+
+    def token_at(self, address: str) -> str | None:
+        """The token, for a request to ``address``: only where the job API answers now, through
+        this machine's own ssh (``ssh.forward_alive``), never a port someone else may hold."""
+        from dvcray_cli.clusters.launcher import ssh
+
+        if ray_api.normalize(address) != self.api_url or not ssh.forward_alive(self):
+            return None
+        return self.token()
+
+    def answers_at(self, address: str) -> bool:
+        """``address`` is this cluster's: its address, or where its job API answers now."""
+        return ray_api.normalize(address) in (self.dashboard_url, self.api_url)
+
 
 @dataclass
 class LauncherCluster(Record):
@@ -116,5 +136,4 @@ def for_project(project: str | None) -> list[LauncherCluster]:
 
 def at_address(address: str) -> LauncherCluster | None:
     """The recorded cluster whose forwarded job API is ``address``."""
-    url = ray_api.normalize(address)
-    return next((r for r in records() if r.dashboard_url == url), None)
+    return next((r for r in records() if r.answers_at(address)), None)

@@ -120,6 +120,11 @@ class Backend(Protocol):
             ClusterError: the cluster does not answer.
         """
 
+    def made(self, run_id: str, job_id: str) -> tuple[str, str] | None:
+        """``(ref, commit)`` of the experiment the run saved, as the cluster says it over the
+        channel it authenticates (the run's log: ``model.made_in_log``); None when the cluster
+        cannot say (it forgot the run, or does not answer). Never from the store."""
+
     def show_log(self, run_id: str, emit: Emit, follow: bool) -> RunState | None:
         """Write the run's log as the cluster keeps it (with ``follow``: until it ends);
         its state then, or None when the cluster does not know it.

@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from dvcray_cli import __version__, clusters, ray_api
+from dvcray_cli import __version__, clusters, files, ray_api
 from dvcray_cli.errors import ClusterError, Interrupted
 from dvcray_cli.runs import snapshot
 from dvcray_cli.runs.backends.base import Emit, Followed, LogGone, RunInfo, Say, lost_contact
+from dvcray_cli.runs.logtee import made_in_log
 from dvcray_cli.runs.model import MANIFEST, RESULT, ExpSpec, Manifest, RunState
 from dvcray_cli.service.protocol import SERVICE_MARKER
 
@@ -107,6 +108,15 @@ async def _call(func: Callable[..., Any], *args: Any, timeout: float) -> Any:
     return await asyncio.wait_for(future, timeout)
 
 
+def _reopen(address: str) -> None:
+    """Reopen the port-forward to the job API at ``address`` if it is a launcher or AWS
+    cluster's and its ssh died (a laptop's sleep): on the port it had, when still free."""
+    try:
+        clusters.job_api(address)
+    except ClusterError:
+        pass  # not (yet): asked again at the next failure, until lost_contact gives up
+
+
 class StatusWatch:
     """Ray's tail notices the end of a job only after a second of sleep
     (LOG_TAIL_SLEEP_S); polling the status ends the wait at once. A cluster
@@ -127,6 +137,7 @@ class StatusWatch:
                                             self.lost_since)
             if error is not None:
                 raise error from None
+            await asyncio.to_thread(_reopen, self.client.get_address())
             await asyncio.sleep(1.0)
             return None
         self.lost_since = None
@@ -215,6 +226,7 @@ class JobBackend:
         manifest.parts = f"{store_mod.SNAPSHOTS}/{manifest.run_id}"
         for part in sorted(folder.iterdir()):
             if part.is_file() and part.name != MANIFEST:
+                manifest.parts_sha256[part.name] = files.sha256_of(part)
                 prepared.store.upload(f"{manifest.parts}/{part.name}", part)
         return Path(tempfile.mkdtemp(prefix="manifest-", dir=folder.parent))
 
@@ -331,6 +343,12 @@ class JobBackend:
             return info_of(job) if job is not None else None
         try:
             return info_of(self.client.get_job_info(job_id))
+        except Exception:  # noqa: BLE001 - the cluster forgot it, or does not answer
+            return None
+
+    def made(self, run_id: str, job_id: str) -> tuple[str, str] | None:
+        try:
+            return made_in_log(self.client.get_job_logs(job_id), run_id)
         except Exception:  # noqa: BLE001 - the cluster forgot it, or does not answer
             return None
 

@@ -17,6 +17,7 @@ from dvcray_cli.errors import ClusterError, Interrupted
 from dvcray_cli.runs import snapshot
 from dvcray_cli.runs.backends import service_reach
 from dvcray_cli.runs.backends.base import Emit, Followed, LogGone, RunInfo, Say, lost_contact
+from dvcray_cli.runs.logtee import made_in_log
 from dvcray_cli.runs.model import ExpSpec, Manifest, RunState
 from dvcray_cli.service.client import MissingCommits, Service, ServiceError
 from dvcray_cli.service.protocol import PollRequest, ServiceRun, placement_text
@@ -49,6 +50,7 @@ class Watch:
         self.decoders = {r: codecs.getincrementaldecoder("utf-8")(errors="replace") for r in run_ids}
         self.lost_since: float | None = None
         self.checked = time.monotonic()
+        self.cut: list[str] = []  # runs whose logs the last answer left for the next (it was full)
 
     def poll(self, watch: list[str], logs: list[str],
              wait: float = POLL_WAIT_S) -> tuple[dict[str, ServiceRun], dict[str, str], list[str]]:
@@ -72,10 +74,12 @@ class Watch:
             error = lost_contact(self.address, watch, exc, self.lost_since)
             if error is not None:
                 raise error from None
+            self.reconnect()
             time.sleep(1.0)
             return {}, {}, []
         self.lost_since = None
         self.after = answer.seq
+        self.cut = answer.cut
         text: dict[str, str] = {}
         for run_id, (start, data) in answer.logs.items():
             if start != self.offsets.get(run_id, 0) or not data:
@@ -85,6 +89,21 @@ class Watch:
             text[run_id] = decoder.decode(data)
         self.states.update(answer.runs)
         return answer.runs, text, answer.unknown
+
+    def reconnect(self) -> None:
+        """Reopen the way to the service when it broke: the SSH port-forward to a launcher or
+        AWS cluster's head dies with a laptop's sleep or a network change, and is not the
+        run's loss (issue 19, item 5). The new forward is verified (its own ssh listens, the
+        head's host key is the pinned one), and the service's answers are signed: nothing is
+        lost, and the log goes on from where it was."""
+        if not self.service.head_port:
+            return
+        try:
+            url = clusters.service_url(self.address, self.service.head_port)
+        except ClusterError:
+            return  # not (yet): asked again at the next failure, until lost_contact gives up
+        if url:
+            self.service.url = url
 
     def state(self, run_id: str) -> RunState:
         found = self.states.get(run_id)
@@ -181,7 +200,7 @@ class ServiceBackend:
                     emit(text[run_id])
                 if unknown:
                     return RunState.LOST  # the service forgot it
-                if ended and not text:
+                if ended and not text and not watch.cut:
                     return watch.state(run_id)
                 ended = watch.state(run_id).is_terminal()
         except KeyboardInterrupt:
@@ -208,7 +227,7 @@ class ServiceBackend:
                 partial[run_id] = lines.pop()
                 for line in lines:
                     sweep.line(by_id[run_id].name, line)
-            draining &= set(text)
+            draining &= set(text) | set(watch.cut)
             moved = False
             for run_id, run in changed.items():
                 state = by_id.get(run_id)
@@ -237,6 +256,21 @@ class ServiceBackend:
             self._runs = self.service.runs()
         run = self._runs.get(run_id)
         return info_of(run) if run is not None else None
+
+    def made(self, run_id: str, job_id: str) -> tuple[str, str] | None:
+        chunks: list[bytes] = []
+        offset = 0
+        try:
+            while True:
+                answer = self.service.poll(PollRequest(0, [run_id], {run_id: offset}, 0), timeout=30)
+                start, data = answer.logs.get(run_id, (offset, b""))
+                if start != offset or not data:
+                    break
+                chunks.append(data)
+                offset += len(data)
+        except ServiceError:
+            return None
+        return made_in_log(b"".join(chunks).decode(errors="replace"), run_id)
 
     def show_log(self, run_id: str, emit: Emit, follow: bool) -> RunState | None:
         info = self.info(run_id, run_id)

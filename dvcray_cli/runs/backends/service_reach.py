@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from dvcray_cli import __version__, clusters, compatible, ray_api, files
 from dvcray_cli.errors import ClusterError
-from dvcray_cli.service.client import Service, ServiceError
+from dvcray_cli.service.client import Service, ServiceError, bearer_request
 from dvcray_cli.service.protocol import ENTRYPOINT, SERVICE_MARKER, listening_port
 
 # How long the first run waits for a service to start (a Ray Job importing DVC).
@@ -41,9 +41,8 @@ def _job_api(url: str, token: str, method: str, path: str, body: dict | None = N
     Raises:
         ClusterError: no answer, or an error status.
     """
-    api = Service(url, token)
     try:
-        status, data = api.request(method, path, body, timeout=ray_api.HTTP_TIMEOUT_S)
+        status, data = bearer_request(url, token, method, path, body, timeout=ray_api.HTTP_TIMEOUT_S)
     except ServiceError:
         raise ClusterError(f"No Ray cluster answers at {url}.", ray_api.UP_HINT) from None
     if status != 200:
