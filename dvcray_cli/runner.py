@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dvcray_cli.gitutil import git
-from dvcray_cli.runs import live, snapshot, stage_env
+from dvcray_cli.runs import live, snapshot, stage_env, workspaces
 from dvcray_cli.runs.logtee import LogTee
 from dvcray_cli.runs.project import shown_files
 from dvcray_cli.runs.model import (BUNDLE, LOG, MANIFEST, RESULT, STATUS, ExpRef, ExpSpec, Manifest, RunResult,
@@ -61,9 +61,11 @@ def say(msg: str) -> None:
     print(f"dvcray: {msg}", flush=True)
 
 
-def configure_dvc(ws: Path, store: Store) -> None:
+def configure_dvc(ws: Path, store: Store, site_cache: Path | None = None) -> None:
     """The store as the clone's default remote and the node's shared cache, both
-    in ``.dvc/config.local`` so nothing of it lands in the experiment's commit."""
+    in ``.dvc/config.local`` so nothing of it lands in the experiment's commit;
+    ``site_cache``: DVC's site cache of the clone (its state of file hashes), which
+    goes with the clone (else DVC leaves one folder per workspace in /var/tmp/dvc)."""
     from dvc.config import Config
 
     config = Config(dvc_dir=os.fspath(ws / ".dvc"), validate=False)
@@ -74,6 +76,8 @@ def configure_dvc(ws: Path, store: Store) -> None:
         conf.setdefault("core", {})["remote"] = REMOTE_NAME
         conf.setdefault("cache", {})["dir"] = os.fspath(cache)
         conf["cache"]["shared"] = "group"
+        if site_cache is not None:
+            conf.setdefault("core", {})["site_cache_dir"] = os.fspath(site_cache)
 
 
 def storage_env(store: Store) -> None:
@@ -140,6 +144,15 @@ def collect(repo, kind: str) -> dict[str, dict[str, Any]]:
         _flatten("", entry.get("data", {}), flat)
         result[file] = flat
     return result
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and the children it waited for (git, the stage): a
+    step's cost apart from what else the machine runs."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _check_version(client_version: str) -> None:
@@ -245,6 +258,7 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
                        dvcray_version=manifest.dvcray_version)
     repo = None
     capture = None
+    slot = None
     ws = work / "repo"
 
     def beat() -> None:
@@ -255,11 +269,18 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         _check_version(manifest.dvcray_version)
         beat()
         tee.heartbeat = beat
-        t = time.time()
+        t, cpu = time.time(), _cpu_s()
         cache = snapshot.cache_path(runner_dir(), manifest.repo_root) if manifest.repo_root else None
-        dvc_root = snapshot.restore(here, ws, manifest, spec.patch, cache)
-        configure_dvc(dvc_root, store)
+        reuse = False
+        if cache is not None:
+            # A warm workspace of the project on this node (runs/workspaces.py); else a
+            # clone of the run's own, removed after.
+            slot = workspaces.acquire(runner_dir(), manifest.repo_root)
+            ws, reuse = slot.repo, workspaces.prepare(slot)
+        dvc_root = snapshot.restore(here, ws, manifest, spec.patch, cache, reuse)
+        configure_dvc(dvc_root, store, slot.site_cache if slot is not None else work / "site")
         result.timings["restore"] = time.time() - t
+        result.timings["restore_cpu"] = _cpu_s() - cpu
         say(f"workspace ready at baseline {manifest.baseline[:7]} ({result.timings['restore']:.1f}s)")
 
         os.environ["DVCRAY_WORKSPACE"] = os.fspath(dvc_root)
@@ -285,7 +306,7 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         repo = Repo(os.fspath(dvc_root))
         pull_inputs(repo)
         opts = manifest.options
-        t = time.time()
+        t, cpu = time.time(), _cpu_s()
         results = repo.experiments.run(
             targets=manifest.targets or None,
             params=overrides or None,
@@ -297,6 +318,7 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
             allow_missing=bool(opts.get("allow_missing")),
         )
         result.timings["exp_run"] = time.time() - t
+        result.timings["exp_run_cpu"] = _cpu_s() - cpu
         result.exp_sha = next(iter(results), None)
         result.status = RunState.SUCCEEDED
     except Terminated:
@@ -328,11 +350,14 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         # Ignore further SIGTERMs while saving: Ray gives the job a grace period.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            _save(repo, ws, store, manifest.baseline, exp_name, result, tee, capture)
+            _save(repo, ws, work, store, manifest.baseline, exp_name, result, tee, capture)
         finally:
             if repo is not None:
                 repo.close()
             os.chdir(here)
+            if slot is not None:
+                workspaces.release(slot, slot.uses + 1, bool(manifest.worktree_flags),
+                                   work / "repo" if result.workspace else None)
             if result.workspace is None:
                 shutil.rmtree(work, ignore_errors=True)
     return {RunState.SUCCEEDED: 0, RunState.STOPPED: 143}.get(result.status, 1)
@@ -382,13 +407,13 @@ def _attempt(what: str, step, errors: dict[str, str]) -> bool:
     return False
 
 
-def _save(repo, ws: Path, store: Store, baseline: str, exp_name: str | None, result: RunResult,
+def _save(repo, ws: Path, work: Path, store: Store, baseline: str, exp_name: str | None, result: RunResult,
           tee: LogTee, capture=None) -> None:
     """Save what the run produced, on success and failure alike, each step on its
     own (retried, and reported when it fails, so one failure never skips the rest):
     outputs and run-cache, the experiment's bundle, ``result.json``, the final
     ``status.json`` and the log. When the outputs did not reach the store, the
-    run's workspace stays on this node and the result says where."""
+    run's workspace stays on this node (at ``work``/repo) and the result says where."""
     errors = result.save_errors
     tee.stop_heartbeat()
     if repo is not None:
@@ -401,7 +426,7 @@ def _save(repo, ws: Path, store: Store, baseline: str, exp_name: str | None, res
 
         if not _attempt("outputs (dvc push)", push, errors):
             result.push_error = errors["outputs (dvc push)"]
-            result.workspace = f"{result.node}:{ws}"
+            result.workspace = f"{result.node}:{work / 'repo'}"
             say(f"the outputs did not reach the store; the run's workspace stays at {result.workspace}")
         result.timings["push"] = time.time() - t
         result.params = collect(repo, "params")
@@ -416,7 +441,7 @@ def _save(repo, ws: Path, store: Store, baseline: str, exp_name: str | None, res
             result.status = RunState.FAILED
             result.error = "dvc exp run finished but made no experiment ref"
         else:
-            bundle = ws.parent / BUNDLE
+            bundle = work / BUNDLE
 
             def save_bundle() -> None:
                 git("bundle", "create", "-q", os.fspath(bundle), str(ref), f"^{baseline}", cwd=ws)
