@@ -1,6 +1,7 @@
-"""Warm workspaces (issue 22): a node resets the clone an earlier run of the project used
-instead of cloning afresh, and the experiment still starts from exactly what a fresh
-clone gives (no file, output or experiment ref of an earlier run left).
+"""No per-run cost that grows with runs (issue 22). Warm workspaces: a node resets the
+clone an earlier run of the project used instead of cloning afresh, and the experiment
+still starts from exactly what a fresh clone gives (no file, output or experiment ref of
+an earlier run left). At home, experiments come in as loose objects, not a pack each.
 
 Real Ray (the session head), real git and `dvc exp run`; the stage itself reports what
 it found in its workspace.
@@ -11,6 +12,8 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
+
+import pytest
 
 from conftest import run_dvcray, sh
 from test_run import exp_metrics
@@ -43,6 +46,7 @@ def test_a_second_run_resets_the_first_runs_workspace_to_what_a_fresh_clone_give
     root = make_dvc_project({**SPEC, "unique.txt": uuid.uuid4().hex})
     store = tmp_path / "store"
     (root / "extra.txt").write_text("untracked, travels with the first run only\n")
+    packs = sorted((root / ".git" / "objects" / "pack").glob("*.pack"))
 
     first = run(root, "w1", 8101, store)
     assert exp_metrics(root, "w1", "m.json") == {"y": 16202, "extra": True, "scratch": False}
@@ -53,6 +57,9 @@ def test_a_second_run_resets_the_first_runs_workspace_to_what_a_fresh_clone_give
     assert exp_metrics(root, "w2", "m.json") == {"y": 16204, "extra": False, "scratch": False}
     for result in (first, second):
         assert {"restore", "restore_cpu", "exp_run", "exp_run_cpu"} <= set(result["timings"])
+    # Experiments come home as loose objects, not a pack each (git would repack the whole
+    # repository every 50 packs).
+    assert sorted((root / ".git" / "objects" / "pack").glob("*.pack")) == packs
 
     root_commit = sh("git", "rev-list", "--max-parents=0", "HEAD", cwd=root)
     pool = node_dir(ray_cluster) / "workspaces" / root_commit
@@ -62,3 +69,23 @@ def test_a_second_run_resets_the_first_runs_workspace_to_what_a_fresh_clone_give
     names = sh("git", "for-each-ref", "--format=%(refname)", "refs/exps/", cwd=slot / "repo").split()
     assert not any(n.endswith("/w1") for n in names), f"the first run's experiment ref stayed: {names}"
     assert (slot / "site").is_dir(), "DVC's site cache of the clone lives with it"
+
+
+def test_a_bundle_that_lacks_the_experiment_or_its_base_is_refused(make_dvc_project, tmp_path):
+    from dvcray_cli import gitutil
+    from dvcray_cli.errors import GitError
+
+    root = make_dvc_project({**SPEC, "unique.txt": uuid.uuid4().hex})
+    other = make_dvc_project({**SPEC, "unique.txt": uuid.uuid4().hex}, name="other")
+    sh("git", "commit", "-q", "--allow-empty", "-m", "exp", cwd=other)
+    sh("git", "update-ref", "refs/exps/aa/bb/e1", "HEAD", cwd=other)
+    bundle = tmp_path / "b.bundle"
+    sh("git", "bundle", "create", "-q", str(bundle), "refs/exps/aa/bb/e1", "^HEAD~1", cwd=other)
+    with pytest.raises(GitError, match="lacks"):
+        gitutil.unbundle(root, bundle, "refs/exps/aa/bb/e1")
+    with pytest.raises(GitError, match="does not hold"):
+        gitutil.unbundle(other, bundle, "refs/exps/aa/bb/e2")
+    (tmp_path / "junk").write_bytes(b"not a bundle")
+    with pytest.raises(GitError, match="not a git bundle"):
+        gitutil.unbundle(root, tmp_path / "junk", "refs/exps/aa/bb/e1")
+    assert gitutil.unbundle(other, bundle, "refs/exps/aa/bb/e1") == sh("git", "rev-parse", "HEAD", cwd=other)

@@ -75,6 +75,9 @@ class Backend(Protocol):
 
     name: str       # what a run's record keeps (``RunRecord.backend``), for ``backends.kind``
     address: str
+    # Whether a placed experiment's reservation holds its stage's Ray work too (then no
+    # CPU has to stay free for it: ``placement.decide``).
+    confines_ray_work: bool
 
     @staticmethod
     def keeps_log(run_id: str, job_id: str) -> bool:

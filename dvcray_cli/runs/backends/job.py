@@ -137,6 +137,7 @@ class JobBackend:
     """Each run a Ray Job of its own (a sweep's experiments on the head share one)."""
 
     name = "job"
+    confines_ray_work = False
 
     def __init__(self, address: str, client: Any, many: bool = False) -> None:
         """``many``: what the cluster says of runs is read once, for all (``dvcray runs``)."""

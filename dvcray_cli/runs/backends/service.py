@@ -95,6 +95,7 @@ class ServiceBackend:
     """Each run a process of the cluster's runner service."""
 
     name = "service"
+    confines_ray_work = True
 
     def __init__(self, address: str, service: Service, many: bool = False) -> None:
         """``many``: what the service says of runs is read once, for all (``dvcray runs``)."""
