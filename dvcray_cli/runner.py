@@ -3,9 +3,14 @@
 ``python -m dvcray_cli.runner`` runs in the job's working_dir (the snapshot).
 It rebuilds the workspace in a folder of its own, runs ``dvc exp run`` through
 DVC's Python API (one process: DESIGN.md measures the cost of a chain of CLI
-calls), uploads its log to the store as it grows, and at the end, whatever
-happened (SIGTERM included), pushes outputs and run-cache, a bundle of the
-experiment ref and ``result.json``.
+calls), uploads its log to the store as it grows, saves each stage to the store as it
+finishes (``runs/resume.py``), and at the end, whatever happened (SIGTERM included),
+pushes outputs and run-cache, a bundle of the experiment ref and ``result.json``.
+
+A retry of a run lost with its machine (``ExpSpec.attempt`` above 1) restores the
+stages earlier attempts saved, writes its log under ``attempt-N/`` of the run's store
+folder, and a lost attempt that will be retried leaves the run's own ``result.json`` and
+``status.json`` to the next one.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from dvcray_cli.gitutil import git
-from dvcray_cli.runs import live, snapshot, stage_env, workspaces
+from dvcray_cli.runs import live, resume, snapshot, stage_env, workspaces
 from dvcray_cli.runs.logtee import LogTee
 from dvcray_cli.runs.project import shown_files
 from dvcray_cli.runs.model import (BUNDLE, LOG, MANIFEST, RESULT, STATUS, ExpRef, ExpSpec, Manifest, RunResult,
                                    RunState, RunStatus)
+from dvcray_cli.service.protocol import LOST_EXIT, Attempt, attempts_of, losses_text
 from dvcray_cli.store import REMOTE_NAME, Store
 
 # Each step of the end-of-run save is tried this often before it is reported as failed.
@@ -80,15 +86,17 @@ def configure_dvc(ws: Path, store: Store, site_cache: Path | None = None) -> Non
             conf.setdefault("core", {})["site_cache_dir"] = os.fspath(site_cache)
 
 
-def storage_env(store: Store) -> None:
-    """Tell stages where Ray Tune and Train may keep checkpoints that every node reaches:
-    the store, when it is not a folder on one machine (``dvcray_cli.integrations.storage``),
-    and its S3 endpoint, if it has its own, where pyarrow (Ray's storage) looks for it."""
-    from dvcray_cli.integrations.storage import STORE_VAR
+def storage_env(store: Store, run_id: str) -> None:
+    """Tell stages where Ray Tune and Train may keep checkpoints that every node reaches
+    (the store: ``dvcray_cli.integrations.storage``; a local store is a folder of the one
+    machine its cluster runs on), the run they belong to (its attempts resume from them),
+    and the store's S3 endpoint, if it has its own, where pyarrow (Ray's storage) looks for it."""
+    from dvcray_cli.integrations.storage import RUN_VAR, STORE_VAR
 
+    os.environ[RUN_VAR] = run_id
+    os.environ.setdefault(STORE_VAR, f"{store.url.rstrip('/')}/dvcray/ray")
     if store.is_local:
         return
-    os.environ.setdefault(STORE_VAR, f"{store.url.rstrip('/')}/dvcray/ray")
     endpoint = str(store.options.get("endpointurl") or "")
     if endpoint and store.url.startswith("s3://"):
         os.environ.setdefault("AWS_ENDPOINT_URL_S3", endpoint)
@@ -232,20 +240,24 @@ def _run_many(here: Path, manifest: Manifest, specs: list[ExpSpec]) -> int:
     return 1 if failed else 0
 
 
-def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = "") -> int:
-    """Rebuild the workspace, run one experiment, save everything; return an exit code."""
+def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = "", forked: bool = False) -> int:
+    """Rebuild the workspace, run one experiment, save everything; return an exit code
+    (0, 1 its stage failed, 143 stopped, ``LOST_EXIT`` lost with its runner or cluster).
+    ``forked``: by the runner service or a node's warm runner (``forks``), whose death sends
+    it SIGTERM; elsewhere (a Ray Job) a SIGTERM is a stop, its shell parent going with it."""
     store = Store.from_json(manifest.store)
-    run_id, exp_name, overrides = spec.run_id, spec.exp_name, spec.overrides
+    run_id, exp_name, overrides, attempt = spec.run_id, spec.exp_name, spec.overrides, spec.attempt
     if spec.own_workspace:  # from DVC's queue: its own baseline, changes and dvc exp run options
         manifest = dataclasses.replace(manifest, baseline=spec.baseline or manifest.baseline,
                                        targets=list(spec.options.get("targets") or manifest.targets),
                                        options={**manifest.options, **spec.options})
     job_dir = Path.cwd()  # a Ray Job's package: on the runner's PYTHONPATH, not the stage's
-    work = runner_dir() / "runs" / run_id
+    # Its own folder per attempt: a lost attempt's runner may still be saving on this node.
+    work = runner_dir() / "runs" / (run_id if attempt == 1 else f"{run_id}.attempt-{attempt}")
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    tee = LogTee(work / LOG, store, run_id, prefix)
+    tee = LogTee(work / LOG, store, run_id, prefix, attempt)
 
     def _on_term(signum, frame):
         raise Terminated()
@@ -255,14 +267,19 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
     result = RunResult(run_id=run_id, exp_name=exp_name, baseline=manifest.baseline, overrides=overrides,
                        status=RunState.FAILED, node=socket.gethostname(), started=time.time(),
                        ray_node=os.environ.get("DVCRAY_RAY_NODE", ""),
-                       dvcray_version=manifest.dvcray_version)
+                       dvcray_version=manifest.dvcray_version, attempt=attempt)
+    before = attempts_of(spec.before)
+    if before:
+        say(f"attempt {attempt} of at most {manifest.retries + 1}, on {result.node} (after {before[-1].text()})")
     repo = None
     capture = None
     slot = None
+    saver = None
+    retryable = False  # lost in a way the runner service retries (its machine or warm runner went)
     ws = work / "repo"
 
     def beat() -> None:
-        status = RunStatus(RunState.RUNNING, result.started, node=result.node, heartbeat=time.time())
+        status = RunStatus(RunState.RUNNING, result.started, node=result.node, heartbeat=time.time(), attempt=attempt)
         store.write(store.run_path(run_id, STATUS), json.dumps(status.to_json()).encode())
 
     try:
@@ -296,15 +313,19 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         os.environ["RAY_RUNTIME_ENV_HOOK"] = "dvcray_cli.integrations.runtime_env.hook"
         os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
         # DVC and DVCLive post their live updates to the runner, as they would to Studio (runs/live.py).
-        capture = live.Capture(store, run_id)
+        capture = live.Capture(store, run_id, resume=attempt > 1)
         os.environ.update(capture.env())
-        storage_env(store)
+        storage_env(store, run_id)
         os.chdir(dvc_root)
 
         from dvc.repo import Repo
 
         repo = Repo(os.fspath(dvc_root))
         pull_inputs(repo)
+        if attempt > 1:
+            resume.restore_saved(repo, store, run_id, attempt, say)
+        saver = resume.StageSaver(dvc_root, store, run_id, attempt, say)
+        saver.install()
         opts = manifest.options
         t, cpu = time.time(), _cpu_s()
         results = repo.experiments.run(
@@ -323,16 +344,17 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         result.status = RunState.SUCCEEDED
     except Terminated:
         gone = _cluster_gone(here)
-        if gone:
-            # The runner service stops its runs because their cluster died under them:
-            # not a stop anyone asked for, and not the experiment's failure.
+        if gone or (forked and os.getppid() != parent):
+            # Not a stop anyone asked for, nor the experiment's failure: the runner service
+            # stops its runs because their cluster died under them, or the process this one
+            # ran under (the runner service, a node's warm runner) died and took it down with
+            # it (forks.die_with_parent). Its stage goes too.
             result.status = RunState.LOST
-            result.error = gone
-            say(f"{result.error}: saving what the run produced")
-        elif os.getppid() != parent:
-            # Nobody stopped it: the process it ran under (the runner service, or a node's
-            # warm runner) died, and took it down with it (forks.die_with_parent).
-            result.error = "dvcray's runner on this node went away mid-run (its process was killed)"
+            result.error = gone or "dvcray's runner on this node went away mid-run (its process was killed)"
+            # Placed on a node's warm runner (``service/placed.py`` names the node): the runner
+            # service lives on and submits it again. On the head, the service itself went.
+            retryable = not gone and bool(os.environ.get("DVCRAY_RAY_NODE"))
+            _end_stage()
             say(f"{result.error}: saving what the run produced")
         else:
             result.status = RunState.STOPPED
@@ -349,47 +371,41 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
     finally:
         # Ignore further SIGTERMs while saving: Ray gives the job a grace period.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        retried = retryable and attempt <= manifest.retries
+        if capture is not None and retried:
+            capture.abandon()  # the next attempt carries the live updates on
+        result.attempts = [*before, Attempt(attempt, result.node, result.started, None, result.status,
+                                            result.error if result.status == RunState.LOST else "")] \
+            if before or result.status == RunState.LOST else []
+        if result.status == RunState.LOST and before:
+            result.error = losses_text(result.attempts)
         try:
-            _save(repo, ws, work, store, manifest.baseline, exp_name, result, tee, capture)
+            if saver is not None:
+                saver.close()
+            _save(repo, ws, work, store, manifest.baseline, exp_name, result, tee, None if retried else capture,
+                  final=not retried, pushed=saver.entries if saver is not None else set())
         finally:
             if repo is not None:
                 repo.close()
             os.chdir(here)
             if slot is not None:
-                workspaces.release(slot, slot.uses + 1, bool(manifest.worktree_flags),
-                                   work / "repo" if result.workspace else None)
+                # A stopped or lost run's stage may have been cut short anywhere: its clone is made afresh.
+                workspaces.release(slot, slot.uses + 1, bool(manifest.worktree_flags) or result.status in (
+                    RunState.STOPPED, RunState.LOST), work / "repo" if result.workspace else None)
             if result.workspace is None:
                 shutil.rmtree(work, ignore_errors=True)
-    return {RunState.SUCCEEDED: 0, RunState.STOPPED: 143}.get(result.status, 1)
+    return {RunState.SUCCEEDED: 0, RunState.STOPPED: 143, RunState.LOST: LOST_EXIT}.get(result.status, 1)
 
 
-def push_run_cache(repo, since: float) -> int:
-    """Push the run-cache entries made since ``since`` (this run's; a sibling's on this
-    node at most). ``dvc push --run-cache`` sends every entry of the cache each time
-    (``StageCache.transfer(force=True)``): with one cache shared by a node's runs,
-    that grows with every run the node ever made."""
-    from dvc.fs import generic
-
-    legacy = repo.cache.legacy
-    runs = os.path.join(legacy.path, "runs")
-    if not os.path.isdir(runs):
-        return 0
-    fresh = []
-    for folder, _, files in os.walk(runs):
-        for name in files:
-            path = os.path.join(folder, name)
-            try:
-                if os.stat(path).st_mtime >= since - 1:
-                    fresh.append(path)
-            except OSError:
-                continue
-    if not fresh:
-        return 0
-    dest = repo.cloud.get_remote_odb(None, "push --run-cache", hash_name="md5-dos2unix")
-    for src in fresh:
-        rel = os.path.relpath(src, legacy.path).replace(os.sep, "/")
-        generic.copy(legacy.fs, src, dest.fs, dest.fs.join(dest.path, *rel.split("/")))
-    return len(fresh)
+def _end_stage() -> None:
+    """SIGTERM to this runner's process group (its stage's processes): a runner that lost
+    its parent is the group's leader (``forks``, or a Ray Job's entrypoint), and its stage
+    must not run on, writing to a workspace nobody will save, beside its retry."""
+    if os.getpgrp() == os.getpid():
+        try:
+            os.killpg(os.getpgrp(), signal.SIGTERM)  # this process ignores it (saving)
+        except OSError:
+            pass
 
 
 def _attempt(what: str, step, errors: dict[str, str]) -> bool:
@@ -408,21 +424,25 @@ def _attempt(what: str, step, errors: dict[str, str]) -> bool:
 
 
 def _save(repo, ws: Path, work: Path, store: Store, baseline: str, exp_name: str | None, result: RunResult,
-          tee: LogTee, capture=None) -> None:
+          tee: LogTee, capture=None, final: bool = True, pushed: set[str] | frozenset = frozenset()) -> None:
     """Save what the run produced, on success and failure alike, each step on its
     own (retried, and reported when it fails, so one failure never skips the rest):
-    outputs and run-cache, the experiment's bundle, ``result.json``, the final
-    ``status.json`` and the log. When the outputs did not reach the store, the
-    run's workspace stays on this node (at ``work``/repo) and the result says where."""
+    outputs and run-cache (but the entries in ``pushed``, saved as their stages ended),
+    the experiment's bundle, ``result.json``, the final ``status.json`` and the log. When
+    the outputs did not reach the store, the run's workspace stays on this node (at
+    ``work``/repo) and the result says where. Not ``final`` (a lost attempt that will be
+    retried): its result goes to ``attempt-N/``, and the run's own result and status are
+    the next attempt's."""
     errors = result.save_errors
     tee.stop_heartbeat()
     if repo is not None:
         t = time.time()
 
         def push() -> None:
-            pushed = repo.push()
-            entries = push_run_cache(repo, result.started or 0.0)
-            say(f"pushed {pushed} file(s) and {entries} run-cache entr{'y' if entries == 1 else 'ies'} to the store")
+            pushed_files = repo.push()
+            entries = resume.push_run_cache(repo, result.started or 0.0, set(pushed))
+            say(f"pushed {pushed_files} file(s) and {entries} run-cache entr{'y' if entries == 1 else 'ies'} "
+                "to the store")
 
         if not _attempt("outputs (dvc push)", push, errors):
             result.push_error = errors["outputs (dvc push)"]
@@ -460,14 +480,19 @@ def _save(repo, ws: Path, work: Path, store: Store, baseline: str, exp_name: str
         except Exception as exc:  # noqa: BLE001 - live updates are a view; the run's record is not
             say(f"live updates incomplete: {exc}")
     result.ended = time.time()
+    if result.attempts:
+        result.attempts[-1].ended, result.attempts[-1].state = result.ended, result.status
     # The log before the result: whoever sees result.json finds the whole log.
     for problem in tee.close():
         errors["log"] = problem
         print(f"dvcray: could not save {problem}", file=sys.stderr, flush=True)
-    _attempt("result.json", lambda: store.write(store.run_path(result.run_id, RESULT),
+    where = RESULT if final else f"attempt-{result.attempt}/{RESULT}"
+    _attempt("result.json", lambda: store.write(store.run_path(result.run_id, where),
                                                 json.dumps(result.to_json(), indent=2, default=str).encode()), errors)
-    _attempt("status.json", lambda: store.write(store.run_path(result.run_id, STATUS), json.dumps(
-        RunStatus(result.status, result.started, result.ended, result.node).to_json()).encode()), errors)
+    if final:
+        _attempt("status.json", lambda: store.write(store.run_path(result.run_id, STATUS), json.dumps(
+            RunStatus(result.status, result.started, result.ended, result.node,
+                      attempt=result.attempt).to_json()).encode()), errors)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated environment, real git, real DVC projects.
+"""Shared fixtures: an isolated environment, real git, real DVC projects, servers on
+127.0.0.1. Helpers that are not fixtures live in ``helpers.py``.
 
 Every test runs with its own HOME (Ray 2.60 keeps its auth token in
 ~/.ray/auth_token, and DVC and git read config from HOME), a git identity in
@@ -8,18 +9,45 @@ the environment, and DVC Studio kept offline.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
+from helpers import IN_NETNS_ENV, CaptureServer, StudioCapture, build_file_tree, free_port, sh
+
 # tests/ray_fixtures.py: ray_head, ray_cluster, and cleanup of clusters tests start.
 pytest_plugins = ["ray_fixtures"]
 
-REPO = Path(__file__).resolve().parent.parent
-UNIT = Path(__file__).resolve().parent / "unit"
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``loopback_namespace`` talk to a fake AWS and run only inside the
+    loopback-only namespace that test_aws_suite_in_a_loopback_only_namespace makes (which
+    fails unless they all pass there): elsewhere they are deselected, not skipped."""
+    if os.environ.get(IN_NETNS_ENV) == "1":
+        return
+    inside = [item for item in items if item.get_closest_marker("loopback_namespace")]
+    if inside:
+        config.hook.pytest_deselected(items=inside)
+        items[:] = [item for item in items if not item.get_closest_marker("loopback_namespace")]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """With ``--durations`` (as .ci/run gives), also the time of each test file, slowest
+    first: what the CI budget is spent on."""
+    if config.option.durations is None:
+        return
+    per_file: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if hasattr(report, "duration") and hasattr(report, "nodeid") and report.nodeid:
+                path = report.nodeid.split("::", 1)[0]
+                per_file[path] = per_file.get(path, 0.0) + report.duration
+    if not per_file:
+        return
+    terminalreporter.write_sep("=", "time by test file")
+    for path, seconds in sorted(per_file.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{seconds:8.1f}s {path}")
 
 
 @pytest.fixture(autouse=True)
@@ -47,67 +75,15 @@ def isolated_env(tmp_path_factory, monkeypatch):
 def _no_test_bed_outlives_the_session():
     """The namespace test bed (tests/testbed.py) is torn down by the module that builds
     it; whatever a failed teardown left of this session's beds goes here, by the names
-    and pids the bed recorded. Beds of sessions that were killed go at the next build."""
+    and pids the bed recorded. Beds of sessions that were killed go when the next session
+    starts (and at every build)."""
+    import testbed
+
+    if os.geteuid() == 0 and testbed.BEDS.is_dir():
+        testbed.sweep_stale()
     yield
     if "testbed" in sys.modules:
         sys.modules["testbed"].sweep_stale(owner=os.getpid())
-
-
-@pytest.fixture(autouse=True)
-def _unit_tests_start_nothing(request, monkeypatch):
-    """tests/unit is the fast level: no Ray cluster, no subprocess, no network. A
-    unit test that tries either fails at once, so the level stays what it says."""
-    if UNIT not in Path(request.node.path).parents:
-        return
-    import socket
-
-    def refuse_process(*args, **kwargs):
-        raise AssertionError("a unit test started a process: move it to tests/func")
-
-    def refuse_connect(self, address):
-        raise AssertionError(f"a unit test opened a connection to {address}: move it to tests/func")
-
-    monkeypatch.setattr(subprocess.Popen, "__init__", refuse_process)
-    monkeypatch.setattr(socket.socket, "connect", refuse_connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse_connect)
-
-
-def run_dvcray(*args: str, cwd: Path | None = None, env: dict | None = None,
-               timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
-    """Run the real ``dvcray`` command line in a subprocess."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvcray_cli", *args], cwd=cwd, capture_output=True, text=True,
-        env={**os.environ, **(env or {})}, timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"dvcray {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def sh(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> str:
-    proc = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-    return proc.stdout.strip()
-
-
-def store_log(run_dir: Path) -> str:
-    """A run's log as a local store holds it: ``log.txt`` once the runner finished
-    it, else the pieces uploaded so far (``log.parts/``), in order."""
-    whole = run_dir / "log.txt"
-    if whole.exists():
-        return whole.read_text(errors="replace")
-    parts = sorted((run_dir / "log.parts").glob("[0-9]*")) if (run_dir / "log.parts").is_dir() else []
-    return b"".join(p.read_bytes() for p in parts).decode(errors="replace")
-
-
-def build_file_tree(root: Path, spec: dict[str, str]) -> None:
-    """Write ``{relative path: text}`` under ``root`` (text is dedented)."""
-    for rel, text in spec.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text))
 
 
 @pytest.fixture
@@ -126,14 +102,6 @@ def make_dvc_project(tmp_path):
         return root
 
     return make
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -165,44 +133,6 @@ def s3_bucket(moto_server, monkeypatch):
     return moto_server, name
 
 
-class CaptureServer:
-    """An HTTP server on 127.0.0.1 that answers 200 ``{}`` to everything and keeps
-    what it was sent: it stands in for any address a test must not reach
-    (a foreign cluster named by a store, DVC Studio)."""
-
-    def __init__(self) -> None:
-        import http.server
-        import threading
-
-        self.requests: list[dict] = []
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def _any(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                owner.requests.append({"method": self.command, "path": self.path,
-                                       "headers": dict(self.headers), "body": body})
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(b"{}")
-
-            do_GET = do_POST = do_PUT = do_DELETE = _any
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def capture_server():
     server = CaptureServer()
@@ -210,27 +140,6 @@ def capture_server():
         yield server
     finally:
         server.close()
-
-
-class StudioCapture(CaptureServer):
-    """A stand-in for DVC Studio's ``api/live`` on 127.0.0.1: it keeps every post."""
-
-    @property
-    def posts(self) -> list[dict]:
-        """``{"path", "authorization", "body"}`` of each POST, in order."""
-        import json
-
-        return [{"path": r["path"], "authorization": r["headers"].get("Authorization"), "body": json.loads(r["body"])}
-                for r in list(self.requests) if r["method"] == "POST"]
-
-    def env(self, token: str) -> dict[str, str]:
-        """What makes DVC, DVCLive and dvcray post here with ``token`` (never to a real Studio)."""
-        return {"DVC_STUDIO_TOKEN": token, "DVC_STUDIO_URL": self.url, "DVC_STUDIO_OFFLINE": "false"}
-
-    def take(self) -> list[dict]:
-        taken = self.posts
-        self.requests.clear()
-        return taken
 
 
 @pytest.fixture

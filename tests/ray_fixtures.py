@@ -9,53 +9,11 @@ test runs), so everything here starts and stops Ray only by pid, through
 from __future__ import annotations
 
 import shutil
-import uuid
 from pathlib import Path
 
 import pytest
 
-# What the session head's processes must not inherit from the outer environment:
-# another cluster's address or token, and credentials (jobs see the head's env).
-_HEAD_ENV_DROP = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
-                  "RAY_AUTH_MODE", "DVC_STUDIO_TOKEN", "CI")
-
-
-def start_test_head(home: Path, name: str, env: dict[str, str] | None = None, num_cpus: int = 2,
-                    **options):
-    """A real head with a HOME and token of its own and nothing inherited from the
-    outer environment but what ``env`` adds (e.g. a node's own AWS credentials).
-    Returns it and its temp dir; stop it with ``head.stop()``."""
-    import os
-
-    from dvcray_cli.clusters import local
-
-    head_env = {
-        "HOME": str(home),
-        "XDG_CONFIG_HOME": str(home / ".config"),
-        "XDG_CACHE_HOME": str(home / ".cache"),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "DVC_NO_ANALYTICS": "1",
-        "DVC_STUDIO_OFFLINE": "true",
-        "GIT_CONFIG_NOSYSTEM": "1",
-        **(env or {}),
-    }
-    temp_dir = Path("/tmp") / f"dvcray-test-{uuid.uuid4().hex[:8]}"
-    with pytest.MonkeyPatch.context() as mp:
-        for var in list(os.environ):
-            if var in _HEAD_ENV_DROP or var.startswith("AWS_"):
-                mp.delenv(var)
-        head = local.start_head(name, num_cpus=num_cpus, temp_dir=temp_dir, env=head_env,
-                                token_path=home / ".ray" / "auth_token", **options)
-    return head, temp_dir
-
-
-def node_files(head) -> list[Path]:
-    """Every file the head's node keeps of what runs brought: Ray's session (job packages
-    as unpacked, logs) and dvcray's runner folder (the runner service's snapshots and
-    its logs of each run) in the head's HOME."""
-    home = Path(head.token_path).parents[1]
-    found = [*Path(head.temp_dir).rglob("*"), *(home / ".cache" / "dvcray").rglob("*")]
-    return [p for p in found if p.is_file() and not p.is_symlink()]
+from helpers import running_head
 
 
 @pytest.fixture(scope="session")
@@ -65,13 +23,8 @@ def ray_head(tmp_path_factory):
     It has a HOME and token of its own: tests run with a fresh HOME each
     (conftest.isolated_env), so clients reach it through ``ray_cluster``.
     """
-    head, temp_dir = start_test_head(tmp_path_factory.mktemp("ray-head-home"), "pytest-session")
-    try:
+    with running_head(tmp_path_factory.mktemp("ray-head-home"), "pytest-session") as head:
         yield head
-    finally:
-        head.stop()
-        assert head.pids() == [], "the session's Ray head left processes behind"
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -28,6 +28,8 @@ gave its namespaces and links; a session sweeps beds left by a run that died
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import random
@@ -37,6 +39,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -123,6 +126,7 @@ class Node:
     hostname: str
     init_pid: int = 0         # host pid of PID 1 of its PID namespace
     pid_ns: str = ""          # "pid:[inode]" of that namespace
+    instance: str = ""        # the cloud instance it stands for (tests/cloudbed.py), if any
 
     @property
     def root(self) -> Path:
@@ -145,6 +149,11 @@ class Bed:
     venv: str
     nodes: list[Node] = field(default_factory=list)
     built_s: float = 0.0
+    owner_start: int = -1      # the owner's start time (clock ticks after boot): a recycled pid is not it
+    # Namespaces on the bridge that are not machines (a client's), and servers the bed
+    # started (``[pid, start time in ticks]``): torn down with it, by name and by pid.
+    extra_netns: list[str] = field(default_factory=list)
+    servers: list[list[int]] = field(default_factory=list)
 
     # ------------------------------------------------------------------ addresses, keys
 
@@ -163,7 +172,14 @@ class Bed:
     def save(self) -> None:
         data = asdict(self)
         path = Path(self.dir) / "bed.json"
-        path.write_text(json.dumps(data, indent=2))
+        # Atomic: a machine joins from a watcher thread while another session's sweep may read it.
+        temp = path.with_name(f"bed.json.{os.getpid()}.{threading.get_ident()}")
+        temp.write_text(json.dumps(data, indent=2))
+        os.replace(temp, path)
+
+    def owner_alive(self) -> bool:
+        """The process that built the bed still runs (the same process: pid and start time)."""
+        return _alive(self.owner_pid) and (self.owner_start < 0 or _start_ticks(self.owner_pid) == self.owner_start)
 
     @classmethod
     def load(cls, folder: Path) -> Bed:
@@ -256,6 +272,7 @@ class Bed:
                                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True)
         log.close()
+        _pause_if_asked("node-started")
         node.init_pid = _child_of(proc.pid, timeout=10)
         node.pid_ns = _ns_of(node.init_pid)
         self.save()
@@ -283,13 +300,24 @@ class Bed:
                 self.kill(node)
             except RuntimeError as exc:
                 problems.append(str(exc))
-        for node in self.nodes:
-            _run(["ip", "netns", "del", node.netns], check=False)
-            shutil.rmtree(Path("/etc/netns") / node.netns, ignore_errors=True)
+            # An init started but not yet recorded (the run was killed in between) lives
+            # in the node's network namespace, which has the bed's name: kill by that.
+            problems += kill_netns_processes(node.netns)
+        for pid, started in self.servers:
+            if _start_ticks(pid) == started:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for netns in self.extra_netns:
+            problems += kill_netns_processes(netns)
+        for netns in [n.netns for n in self.nodes] + self.extra_netns:
+            _run(["ip", "netns", "del", netns], check=False)
+            shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
         _run(["ip", "link", "del", self.bridge], check=False)
         if not problems:
             shutil.rmtree(self.dir, ignore_errors=True)
-        left = [n.netns for n in self.nodes if n.netns in _netns_names()]
+        left = [n for n in [n.netns for n in self.nodes] + self.extra_netns if n in _netns_names()]
         if left:
             problems.append(f"network namespaces left: {left}")
         if _link_exists(self.bridge):
@@ -298,6 +326,10 @@ class Bed:
 
 
 # ---------------------------------------------------------------------- building
+
+
+# What building a bed takes beyond uid 0: (bit in CapEff, name).
+_CAPABILITIES = [(12, "CAP_NET_ADMIN"), (21, "CAP_SYS_ADMIN"), (27, "CAP_MKNOD")]
 
 
 def check_host() -> None:
@@ -309,6 +341,17 @@ def check_host() -> None:
     """
     if os.geteuid() != 0:
         raise BedUnavailable("the test bed needs root (network, mount and PID namespaces, a bridge)")
+    uid_map = Path("/proc/self/uid_map").read_text().split()
+    if uid_map[:3] != ["0", "0", "4294967295"]:
+        raise BedUnavailable("root here is the root of a user namespace (an unprivileged container?): "
+                             "it cannot make links on the host's network; run as real root, "
+                             "or in a privileged container")
+    effective = int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
+                         if line.startswith("CapEff:")), 16)
+    missing = [name for bit, name in _CAPABILITIES if not effective >> bit & 1]
+    if missing:
+        raise BedUnavailable(f"root here lacks {', '.join(missing)} (a container without them?): the bed "
+                             "makes namespaces, mounts and links; run in a privileged container")
     for tool in ("ip", "unshare", "nsenter", "ssh", "ssh-keygen", "rsync", "mount"):
         if shutil.which(tool) is None:
             raise BedUnavailable(f"the test bed needs `{tool}` (Debian: iproute2, util-linux, openssh-client, rsync)")
@@ -332,36 +375,160 @@ def build(count: int, venv: str | None = None, boot_timeout: float = 60) -> Bed:
     Raises:
         BedUnavailable: see ``check_host``.
     """
-    check_host()
     started = time.monotonic()
-    sweep_stale()
-    BEDS.mkdir(parents=True, exist_ok=True)
-    os.chmod(BEDS, 0o700)
-    bed_id = os.urandom(3).hex()
-    folder = BEDS / bed_id
-    folder.mkdir(mode=0o700)
-    bed = Bed(id=bed_id, dir=str(folder), bridge=f"dvb{bed_id}", subnet=_free_subnet(),
-              owner_pid=os.getpid(), venv=str(Path(venv or sys.prefix)))
-    for i in range(count):
-        bed.nodes.append(Node(name=f"n{i}", netns=f"dvcray-{bed_id}-n{i}", ip=f"{bed.subnet}.{10 + i}",
-                              dir=str(folder / f"n{i}"), hostname=f"bed{bed_id}-n{i}"))
-    bed.save()
+    bed = empty(venv, count)
     try:
-        _keys(folder)
-        _whiteouts(folder / "whiteouts", Path(bed.venv))
-        _network(bed)
+        hosts = "127.0.0.1 localhost\n" + "".join(f"{n.ip} {n.hostname}\n" for n in bed.nodes)
         for node in bed.nodes:
+            attach(bed, node.netns, f"{bed.bridge}{node.name}", node.ip, hosts)
             _node_dirs(bed, node)
         for node in bed.nodes:
             bed.start(node, timeout=boot_timeout)
         for node in bed.nodes:
             _wait_ssh(bed, node, boot_timeout)
-    except BaseException:
-        bed.teardown()
+    except BaseException as exc:
+        _torn_down_after(bed, exc)
         raise
     bed.built_s = time.monotonic() - started
     bed.save()
+    _pause_if_asked("built")
     return bed
+
+
+def empty(venv: str | None = None, count: int = 0) -> Bed:
+    """A bed with its folder, keys, the image's whiteouts and the bridge, and ``count``
+    machines named and recorded but not made yet (``build`` makes them; others join with
+    ``add_machine``). Stale beds of killed runs are swept first.
+
+    Raises:
+        BedUnavailable: see ``check_host``; or the kernel refused a privileged step.
+    """
+    check_host()
+    sweep_stale()
+    bed_id = os.urandom(3).hex()
+    bed = Bed(id=bed_id, dir=str(BEDS / bed_id), bridge=f"dvb{bed_id}", subnet="", owner_pid=os.getpid(),
+              owner_start=_start_ticks(os.getpid()), venv=str(Path(venv or sys.prefix)))
+    # The names of everything the bed will make are in bed.json before any of it exists.
+    reserve(bed, count)
+    folder = Path(bed.dir)
+    try:
+        _keys(folder)
+        _whiteouts(folder / "whiteouts", Path(bed.venv))
+        _bridge(bed)
+    except BaseException as exc:
+        _torn_down_after(bed, exc)
+        raise
+    return bed
+
+
+def _torn_down_after(bed: Bed, exc: BaseException) -> None:
+    """Tear ``bed`` down after ``exc`` stopped its build; a privilege the kernel refused is
+    BedUnavailable (an unprivileged container), anything else the caller re-raises."""
+    bed.teardown()
+    if _not_permitted(exc):
+        raise BedUnavailable(f"this machine refused what the bed needs ({exc}): root without the "
+                             "privileges (an unprivileged container?)") from exc
+
+
+def add_machine(bed: Bed, name: str, ip: str, hostname: str, authorized_keys: str = "",
+                files: dict[str, str] | None = None, instance: str = "", boot_timeout: float = 60) -> Node:
+    """A machine joins the bed at ``ip`` and boots: its namespaces, disk and sshd, which
+    accepts the bed's key and ``authorized_keys`` (OpenSSH public keys, one a line);
+    ``files`` (``{path under /root: text}``, mode 0600) are on its disk before it boots.
+    Recorded in the bed before anything is made, so teardown finds what was made."""
+    node = Node(name=name, netns=f"dvcray-{bed.id}-{name}", ip=ip, dir=str(Path(bed.dir) / name),
+                hostname=hostname, instance=instance)
+    bed.nodes.append(node)
+    bed.save()
+    attach(bed, node.netns, f"{bed.bridge}{name}", ip, f"127.0.0.1 localhost\n{ip} {hostname}\n")
+    _node_dirs(bed, node, authorized_keys)
+    for rel, text in (files or {}).items():
+        target = node.root / rel
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        target.write_text(text)
+        os.chmod(target, 0o600)
+    bed.start(node, timeout=boot_timeout)
+    _wait_ssh(bed, node, boot_timeout)
+    return node
+
+
+def forget_machine(bed: Bed, node: Node, keep_disk: bool = False) -> None:
+    """A machine leaves the bed for good: killed (by its init's pid), its namespace and
+    link deleted (by name), its folder removed (with ``keep_disk``, left for a post-mortem
+    until the bed goes)."""
+    bed.kill(node)
+    _run(["ip", "netns", "del", node.netns], check=False)
+    shutil.rmtree(Path("/etc/netns") / node.netns, ignore_errors=True)
+    if not keep_disk:
+        shutil.rmtree(node.dir, ignore_errors=True)
+    bed.nodes.remove(node)
+    bed.save()
+
+
+def add_namespace(bed: Bed, name: str, ip: str) -> str:
+    """A network namespace on the bridge that is not a machine (a client's: commands run
+    in it with ``ip netns exec``), at ``ip`` with an on-link default route and no gateway.
+    Recorded in the bed: its processes are killed and it is deleted with the bed."""
+    netns = f"dvcray-{bed.id}-{name}"
+    bed.extra_netns.append(netns)
+    bed.save()
+    attach(bed, netns, f"{bed.bridge}{name}", ip, f"127.0.0.1 localhost\n")
+    return netns
+
+
+def reserve(bed: Bed, count: int, choices: range = range(1, 255)) -> None:
+    """Give ``bed`` a /24 no other bed has, its folder and ``count`` nodes, and record it.
+
+    Two builds at once (other test sessions on this machine) take turns here, under a
+    lock: each sees the /24s on this machine's links and routes and those recorded by
+    every bed folder, so none picks another's.
+
+    Raises:
+        BedUnavailable: no free /24 among ``choices``.
+    """
+    BEDS.mkdir(parents=True, exist_ok=True)
+    os.chmod(BEDS, 0o700)
+    with open(BEDS / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        used = _run(["ip", "-4", "-o", "addr", "show"], check=True).stdout + \
+            _run(["ip", "-4", "route", "show"], check=True).stdout
+        taken = {f"{PREFIX}.{x}." for x in choices if f"{PREFIX}.{x}." in used}
+        for folder in BEDS.iterdir():
+            try:
+                taken.add(json.loads((folder / "bed.json").read_text())["subnet"] + ".")
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        free = [x for x in choices if f"{PREFIX}.{x}." not in taken]
+        if not free:
+            raise BedUnavailable(f"no free /24 left in {PREFIX}.0.0/16")
+        bed.subnet = f"{PREFIX}.{random.choice(free)}"
+        Path(bed.dir).mkdir(mode=0o700)
+        for i in range(count):
+            bed.nodes.append(Node(name=f"n{i}", netns=f"dvcray-{bed.id}-n{i}", ip=f"{bed.subnet}.{10 + i}",
+                                  dir=str(Path(bed.dir) / f"n{i}"), hostname=f"bed{bed.id}-n{i}"))
+        bed.save()
+
+
+def _not_permitted(exc: BaseException) -> bool:
+    """The kernel refused a privileged step (EPERM/EACCES), as in an unprivileged container."""
+    if isinstance(exc, OSError) and exc.errno in (errno.EPERM, errno.EACCES):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("operation not permitted" in text or "permission denied" in text)
+
+
+# Set by tests of the bed's own cleanup (tests/func/test_testbed.py): the build stops
+# (sleeps) at this point, for the test to kill it there ("node-started": a node's init
+# runs but is not recorded; "built": the whole bed is up).
+PAUSE_ENV = "DVCRAY_TESTBED_PAUSE_AT"
+
+
+def _pause_if_asked(point: str) -> None:
+    if os.environ.get(PAUSE_ENV) != point:
+        return
+    print(f"PAUSED AT {point}", flush=True)
+    while True:
+        time.sleep(60)
 
 
 def _keys(folder: Path) -> None:
@@ -407,15 +574,6 @@ def _hidden_paths(bed_dir: Path) -> list[Path]:
     return [repo, bed_dir]
 
 
-def _free_subnet() -> str:
-    used = _run(["ip", "-4", "-o", "addr", "show"], check=True).stdout + \
-        _run(["ip", "-4", "route", "show"], check=True).stdout
-    choices = [x for x in range(1, 255) if f"{PREFIX}.{x}." not in used]
-    if not choices:
-        raise BedUnavailable(f"no free /24 left in {PREFIX}.0.0/16")
-    return f"{PREFIX}.{random.choice(choices)}"
-
-
 def _disable_ipv6(interface: str, netns: str | None = None) -> None:
     path = f"/proc/sys/net/ipv6/conf/{interface}/disable_ipv6"
     if netns:
@@ -424,33 +582,37 @@ def _disable_ipv6(interface: str, netns: str | None = None) -> None:
         Path(path).write_text("1")
 
 
-def _network(bed: Bed) -> None:
+def _bridge(bed: Bed) -> None:
     _run(["ip", "link", "add", bed.bridge, "type", "bridge"])
     _disable_ipv6(bed.bridge)
     _run(["ip", "addr", "add", f"{bed.host_ip}/24", "dev", bed.bridge])
     _run(["ip", "link", "set", bed.bridge, "up"])
-    hosts = "127.0.0.1 localhost\n" + "".join(f"{n.ip} {n.hostname}\n" for n in bed.nodes)
-    for i, node in enumerate(bed.nodes):
-        host_end = f"{bed.bridge}n{i}"
-        _run(["ip", "netns", "add", node.netns])
-        etc = Path("/etc/netns") / node.netns
-        etc.mkdir(parents=True, exist_ok=True)
-        (etc / "hosts").write_text(hosts)
-        (etc / "resolv.conf").write_text("# dvcray test bed: no name server\n")
-        _run(["ip", "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", node.netns])
-        _disable_ipv6(host_end)
-        _run(["ip", "link", "set", host_end, "master", bed.bridge])
-        _run(["ip", "link", "set", host_end, "up"])
-        for interface in ("all", "default", "lo", "eth0"):
-            _disable_ipv6(interface, node.netns)
-        _run(["ip", "-n", node.netns, "link", "set", "lo", "up"])
-        _run(["ip", "-n", node.netns, "addr", "add", f"{node.ip}/24", "dev", "eth0"])
-        _run(["ip", "-n", node.netns, "link", "set", "eth0", "up"])
-        # On-link, no gateway: Ray's "which address do I use" finds eth0's, nothing is routed.
-        _run(["ip", "-n", node.netns, "route", "add", "default", "dev", "eth0"])
 
 
-def _node_dirs(bed: Bed, node: Node) -> None:
+def attach(bed: Bed, netns: str, link: str, ip: str, hosts: str) -> None:
+    """Make the network namespace ``netns`` with ``eth0`` at ``ip`` on the bed's bridge
+    (its host end named ``link``), ``hosts`` as its /etc/hosts and no name server."""
+    if len(link) > 15:
+        raise ValueError(f"link name {link!r} is longer than 15 characters")
+    _run(["ip", "netns", "add", netns])
+    etc = Path("/etc/netns") / netns
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "hosts").write_text(hosts)
+    (etc / "resolv.conf").write_text("# dvcray test bed: no name server\n")
+    _run(["ip", "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", netns])
+    _disable_ipv6(link)
+    _run(["ip", "link", "set", link, "master", bed.bridge])
+    _run(["ip", "link", "set", link, "up"])
+    for interface in ("all", "default", "lo", "eth0"):
+        _disable_ipv6(interface, netns)
+    _run(["ip", "-n", netns, "link", "set", "lo", "up"])
+    _run(["ip", "-n", netns, "addr", "add", f"{ip}/24", "dev", "eth0"])
+    _run(["ip", "-n", netns, "link", "set", "eth0", "up"])
+    # On-link, no gateway: Ray's "which address do I use" finds eth0's, nothing is routed.
+    _run(["ip", "-n", netns, "route", "add", "default", "dev", "eth0"])
+
+
+def _node_dirs(bed: Bed, node: Node, authorized_keys: str = "") -> None:
     nd = Path(node.dir)
     nd.mkdir()
     for sub in ("upper", "work"):
@@ -460,7 +622,7 @@ def _node_dirs(bed: Bed, node: Node) -> None:
     os.chmod(root, 0o700)
     os.chmod(root / ".ssh", 0o700)
     pub = (Path(bed.dir) / "id_bed.pub").read_text()
-    (root / ".ssh" / "authorized_keys").write_text(pub)
+    (root / ".ssh" / "authorized_keys").write_text(pub + authorized_keys.strip() + "\n" if authorized_keys else pub)
     os.chmod(root / ".ssh" / "authorized_keys", 0o600)
     # The machine's Python: login shells (Ray runs every command in one) put the image first.
     # No tool on a node phones home (nothing could leave the bridge anyway).
@@ -489,17 +651,23 @@ def _wait_ssh(bed: Bed, node: Node, timeout: float) -> None:
 
 
 def sweep_stale(owner: int | None = None) -> list[str]:
-    """Tear down beds whose owner process is gone (a test run that was killed), and
-    those of ``owner`` (a session ending: nothing it built outlives it)."""
+    """Tear down beds whose owner process is gone (a test run that was killed; a pid now
+    held by another process counts as gone), and those of ``owner`` (a session ending:
+    nothing it built outlives it). Every test session sweeps when it starts and ends."""
     swept = []
     if not BEDS.is_dir():
         return swept
     for folder in BEDS.iterdir():
+        if not folder.is_dir():
+            continue
         try:
             bed = Bed.load(folder)
         except (OSError, ValueError, TypeError, KeyError):
+            # No record: a build killed before it wrote one, so it made nothing but the folder.
+            if not (folder / "bed.json").exists() and time.time() - folder.stat().st_mtime > 60:
+                shutil.rmtree(folder, ignore_errors=True)
             continue
-        if _alive(bed.owner_pid) and bed.owner_pid != owner:
+        if bed.owner_alive() and bed.owner_pid != owner:
             continue
         bed.teardown()
         swept.append(bed.id)
@@ -559,6 +727,48 @@ def _child_of(pid: int, timeout: float) -> int:
     raise RuntimeError(f"no init process appeared under pid {pid}")
 
 
+def _start_ticks(pid: int) -> int:
+    """When ``pid`` started (clock ticks after boot): with the pid, names one process for good."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def server_entry(pid: int) -> list[int]:
+    """``[pid, start time]`` of a server the bed started, for ``Bed.servers``."""
+    return [pid, _start_ticks(pid)]
+
+
+def kill_netns_processes(netns: str, timeout: float = 10) -> list[str]:
+    """SIGKILL every process that lives in the network namespace ``netns`` (one the bed
+    made: what runs there was started in it by the bed's user); returns problems."""
+    try:
+        inode = os.stat(f"/run/netns/{netns}").st_ino
+    except OSError:
+        return []
+    deadline = time.monotonic() + timeout
+    while True:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if os.stat(entry / "ns" / "net").st_ino == inode and _state(int(entry.name)) != "Z":
+                        found.append(int(entry.name))
+                except OSError:
+                    continue
+        if not found:
+            return []
+        if time.monotonic() > deadline:
+            return [f"processes {found} kept running in {netns}"]
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
 def _netns_names() -> list[str]:
     out = _run(["ip", "netns", "list"], check=False).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
@@ -571,7 +781,7 @@ def _link_exists(name: str) -> bool:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["up"]:
         made = build(int(sys.argv[2]) if len(sys.argv) > 2 else 3)
-        made.owner_pid = 1  # kept until `down`
+        made.owner_pid, made.owner_start = 1, _start_ticks(1)  # kept until `down`
         made.save()
         print(made.dir, made.host_ip, [n.ip for n in made.nodes], f"built in {made.built_s:.1f}s")
     elif sys.argv[1:2] == ["down"]:

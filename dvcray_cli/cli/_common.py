@@ -25,6 +25,17 @@ _ci_style = {"color_system": None, "force_terminal": False} if _in_ci() and not 
 
 
 class _Console(Console):
+    @property
+    def file(self):
+        stream = Console.file.fget(self)
+        # Importing DVC wraps sys.stdout and sys.stderr with colorama, which strips colour
+        # from a stream that is no terminal, FORCE_COLOR or not: write past its wrapper.
+        return getattr(stream, "_StreamWrapper__wrapped", stream)
+
+    @file.setter
+    def file(self, value) -> None:
+        Console.file.fset(self, value)
+
     def on_broken_pipe(self) -> None:
         # The reader went away (`dvcray runs | head -1`): end quietly with 0, as
         # other command-line tools do (Rich's own handler exits 1).
@@ -56,8 +67,14 @@ def print_idle_timeout(seconds: float, effect: str) -> None:
 
 
 def plain_output() -> bool:
-    """No spinners or live tables: CI, or stderr is not a terminal."""
-    return _in_ci() or not err.is_terminal
+    """No spinners or live tables: CI, or stderr is not a terminal (FORCE_COLOR gives colour,
+    and makes Rich take any stream for a terminal: a live table there would be redrawn
+    into a log four times a second)."""
+    try:
+        terminal = err.file.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    return _in_ci() or not terminal
 
 
 def fail(exc: DvcrayError) -> typer.Exit:

@@ -16,6 +16,10 @@ def _usd(value: float) -> str:
     return f"${value:,.2f}" if value >= 0.1 or value == 0 else f"${value:,.3f}"
 
 
+def _usd_range(low: float, high: float, sep: str = "-") -> str:
+    return _usd(low) if low == high else f"{_usd(low)}{sep}{_usd(high)}"
+
+
 def show_plan(p: Any, dry_run: bool) -> None:
     """The plan, on stdout: what would be created, where, and what it costs."""
     out.print(Text.assemble(("AWS cluster " + p.cluster_name, "bold"), f" from {p.config_label} ({p.source})"))
@@ -120,7 +124,14 @@ def status_rows(clusters: list[dict[str, Any]]) -> None:
     for c in clusters:
         if c.get("error"):
             err.print(f"{c['name']}: {c['error']}", markup=False)
-        elif not c["alive"]:
+        elif c["alive"]:
+            prices = [i.get("usd_per_hour") for i in c["instances"]]
+            total = _usd_range(sum(p[0] for p in prices if p), sum(p[1] for p in prices if p), " to ")
+            each = ", ".join(f"{i['instance_type']}{' spot' if i['spot'] else ''} "
+                             + (f"{_usd_range(*i['usd_per_hour'])}/h" if i.get("usd_per_hour") else "(not priced)")
+                             for i in c["instances"])
+            err.print(f"AWS cluster {c['name']} costs {total} per hour now (est.): {each}", markup=False)
+        else:
             err.print(f"AWS cluster {c['name']} has no running instances that your AWS identity can see in "
                       f"{c['region']} (its idle watcher may have taken it down, or they were terminated). Its "
                       f"record is kept until: dvcray cluster down {c.get('config') or 'aws'}", markup=False)

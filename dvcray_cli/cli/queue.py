@@ -25,6 +25,7 @@ def start(
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="At most this many experiments at once (default: all).", show_default=False)] = None,
     cpus_per_exp: Annotated[Optional[float], typer.Option("--cpus-per-exp", min=0, help="CPUs reserved for each experiment's runner, as in dvcray run (needs an S3 store).", show_default=False)] = None,
     gpus_per_exp: Annotated[Optional[float], typer.Option("--gpus-per-exp", min=0, help="GPUs reserved for each experiment's runner.", show_default=False)] = None,
+    retries: Annotated[Optional[int], typer.Option("--retries", min=0, help="Run an experiment again, on another machine, when it is lost with its machine (died, spot instance reclaimed); finished stages are restored, not rerun. 0: never. [default: the project's retries in \\[tool.dvcray] of pyproject.toml, else 3]", show_default=False)] = None,
     address: Annotated[Optional[str], typer.Option("--address", help="Ray job API, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS, the recorded cluster, or a local one)", show_default=False)] = None,
     store: Annotated[Optional[str], typer.Option("--store", help="Where outputs and run records go: s3://bucket/prefix or a folder (default: as dvcray run)", show_default=False)] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the outcomes as JSON on stdout; messages go to stderr.")] = False,
@@ -48,7 +49,7 @@ def start(
 
     check_jobs(jobs)
     opts = RunOptions(address=address, store=store, cpus_per_exp=cpus_per_exp, gpus_per_exp=gpus_per_exp,
-                      env=env or [])
+                      env=env or [], retries=retries)
     where = cwd.resolve()
     follow_many(lambda say, on_line, on_change, on_progress:
                 queue.start(opts, names or [], where, say, jobs, on_line, on_change, on_progress), json_)

@@ -36,6 +36,7 @@ def run(
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="With a sweep: at most this many experiments at once (default: all).", show_default=False)] = None,
     cpus_per_exp: Annotated[Optional[float], typer.Option("--cpus-per-exp", min=0, help="CPUs reserved for each experiment's runner and its stage's own processes (Ray tasks the stage starts ask for their own); Ray places the runner on any node with room (needs an S3 store).", show_default=False)] = None,
     gpus_per_exp: Annotated[Optional[float], typer.Option("--gpus-per-exp", min=0, help="GPUs reserved for each experiment's runner.", show_default=False)] = None,
+    retries: Annotated[Optional[int], typer.Option("--retries", min=0, help="Run an experiment again, on another machine, when it is lost with its machine (died, spot instance reclaimed); finished stages are restored, not rerun. 0: never. [default: the project's retries in \\[tool.dvcray] of pyproject.toml, else 3]", show_default=False)] = None,
     env: EnvOption = None,
     cwd: Annotated[Path, typer.Option("--cwd", hidden=True)] = Path("."),
 ) -> None:
@@ -60,7 +61,7 @@ def run(
         targets=targets or [], exp_name=exp_name, overrides=set_param or [], address=address,
         store=store, force=force, downstream=downstream, message=message, pull=pull,
         allow_missing=allow_missing, copy_paths=copy_paths or [], cpus_per_exp=cpus_per_exp,
-        gpus_per_exp=gpus_per_exp, env=env or [],
+        gpus_per_exp=gpus_per_exp, env=env or [], retries=retries,
     )
     where = cwd.resolve()
     check_jobs(jobs)
@@ -130,6 +131,11 @@ def _summary(outcome, overrides: list[str]) -> None:
             for key, value in values.items():
                 table.add_row(kind, Text(file), Text(key), Text(f"{value:.6g}" if isinstance(value, float) else str(value)))
     out.print(table)
+    lost = [a for a in outcome.attempts if a.get("state") == "LOST"]
+    if lost:
+        say(f"It took {len(outcome.attempts)} attempts: " + "; ".join(
+            f"attempt {a.get('number')} on {a.get('node') or 'its machine'} was lost ({a.get('lost')})" for a in lost)
+            + ". Finished stages were restored, not rerun.")
     say(f"The experiment is in your repo as {outcome.exp_name}. Next:")
     say("  dvc exp show")
     if not outcome.applied:

@@ -11,7 +11,7 @@ import typer
 from rich.text import Text
 
 from dvcray_cli.cli._common import boundary, err, out, write_json
-from dvcray_cli.errors import ExperimentFailed
+from dvcray_cli.errors import ClusterError, ExperimentFailed
 
 STORE_HELP = ("Look for runs in this store (s3://bucket/prefix or a folder) "
               "[default: the stores of this repo's runs, and the default store]")
@@ -75,15 +75,24 @@ def _table(found):
     table.add_column("state", no_wrap=True)
     table.add_column("started", no_wrap=True)
     table.add_column("took", justify="right", no_wrap=True)
+    table.add_column("machine", overflow="fold", min_width=7)
     table.add_column("metric", overflow="fold", min_width=8)
     for r in found:
         metric = r.key_metric()
         table.add_row(
             Text(r.run_id), Text(r.exp_name or "-"), Text(r.state.value, style=STATE_STYLE.get(r.state.value, "")),
             time.strftime("%m-%d %H:%M", time.localtime(r.started or r.submitted or 0)),
-            _duration(r.duration), Text("-" if metric is None else f"{metric[0]}={_value(metric[1])}"),
+            _duration(r.duration), Text(_machines(r)),
+            Text("-" if metric is None else f"{metric[0]}={_value(metric[1])}"),
         )
     return table
+
+
+def _machines(summary) -> str:
+    """Where it ran: ``n2``, or each attempt's machine (``n1 lost, n2``) when it was retried or lost."""
+    if not summary.attempts:
+        return summary.node or "-"
+    return ", ".join(f"{a.node or '?'}{' lost' if a.state.value == 'LOST' else ''}" for a in summary.attempts)
 
 
 def _duration(seconds: float | None) -> str:
@@ -112,7 +121,7 @@ def logs(
     """Print a run's log: from its cluster while it answers, else from the store.
 
     With --follow, stream it until the run ends; the exit code is then the
-    run's (0 succeeded, 1 failed or stopped). Ctrl-C stops following, not the run.
+    run's (0 succeeded, 1 failed or stopped, 3 lost). Ctrl-C stops following, not the run.
 
     Example:
 
@@ -131,8 +140,10 @@ def logs(
     if result.empty:
         err.print(f"Run {result.run_id} has no log yet ({result.state.value}).", markup=False)
     if result.state == RunState.LOST:
-        why = (f"{result.reason}; its runner saved what it had in the store" if result.reason
+        why = (f"{result.reason}; what it had is in the store" if result.reason
                else "its cluster is gone and it saved no result")
+        if follow:
+            raise ClusterError(f"Run {result.run_id} is LOST: {why}.", "dvcray runs shows its attempts.")
         err.print(f"Run {result.run_id} is LOST: {why}.", markup=False)
     if follow and result.state == RunState.STOPPED:
         raise ExperimentFailed(f"Run {result.run_id} was stopped.", "dvcray runs shows it.")

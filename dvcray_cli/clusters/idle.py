@@ -47,7 +47,8 @@ DEFAULT_AWS_TIMEOUT_S = 3600.0
 
 
 def watch(is_busy: Callable[[], bool], take_down: Callable[[], bool], still_there: Callable[[], bool],
-          timeout_s: float, poll_s: float, log: Callable[[str], None] = lambda _m: None) -> str:
+          timeout_s: float, poll_s: float, log: Callable[[str], None] = lambda _m: None,
+          clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> str:
     """Wait until the cluster has been idle for ``timeout_s``, then take it down.
 
     Args:
@@ -60,13 +61,16 @@ def watch(is_busy: Callable[[], bool], take_down: Callable[[], bool], still_ther
         still_there: False once the cluster is gone by other means (``down``).
         timeout_s: idle seconds before taking it down.
         poll_s: seconds between checks.
+        log: where the loop says what it decided.
+        clock, sleep: the time source and the wait between checks (a test gives a
+            fake pair, so the loop's arithmetic is tested without waiting).
 
     Returns:
         ``"down"`` (this watcher took it down) or ``"gone"`` (someone else did).
     """
-    idle_since = time.monotonic()
+    idle_since = clock()
     while True:
-        time.sleep(poll_s)
+        sleep(poll_s)
         if not still_there():
             log("cluster gone; watcher exits")
             return "gone"
@@ -75,7 +79,7 @@ def watch(is_busy: Callable[[], bool], take_down: Callable[[], bool], still_ther
         except Exception as exc:  # noqa: BLE001 - see the docstring
             log(f"job API does not answer ({type(exc).__name__}: {exc}); runs may go on: not idle")
             busy = True
-        now = time.monotonic()
+        now = clock()
         if busy:
             idle_since = now
             continue
@@ -84,7 +88,7 @@ def watch(is_busy: Callable[[], bool], take_down: Callable[[], bool], still_ther
             if take_down():
                 return "down"
             log("a run started meanwhile: not taken down")
-            idle_since = time.monotonic()
+            idle_since = clock()
 
 
 # --------------------------------------------------------------------------- processes

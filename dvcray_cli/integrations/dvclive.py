@@ -27,6 +27,13 @@ DVCLive runs as inside a pipeline: no ``save_dvc_exp``, and by default no
 dvc.yaml of its own (``dvcyaml=None``): declare the folder as a stage output
 (``cache: false``) and its metrics.json and plots in the project's dvc.yaml.
 
+A Ray Train run that resumes from its checkpoints (a retry of a dvcray run lost with its
+machine: ``integrations.storage.run_name``) starts in a fresh workspace, where the DVCLive
+folder of the lost attempt is not. ``DVCLiveTrainCallback(keep=...)`` keeps a copy of the
+folder beside the run's checkpoints as it logs, and a resumed run starts from that copy
+(DVCLive's ``resume=True``, the steps it logs again replacing the copy's), so the
+experiment's metrics and plots show one run, not two.
+
 Ray and DVCLive are imported only when a callback is first used, so importing
 this module (and ``dvcray_cli``) stays light.
 """
@@ -128,11 +135,13 @@ class _LiveFolder:
     the folder's absolute path, the cwd to open DVC from, and DVC's variables.
     """
 
-    def __init__(self, path: str, cwd: str, env: dict[str, str], live_options: dict[str, Any]) -> None:
+    def __init__(self, path: str, cwd: str, env: dict[str, str], live_options: dict[str, Any],
+                 resumed: bool = False) -> None:
         self.path = path
         self.cwd = cwd
         self.env = env
         self.live_options = live_options
+        self.resumed = resumed   # holds a copy of an earlier attempt's steps: logged ones replace them
         self._live: Live | None = None
         self._missing = False
 
@@ -185,6 +194,8 @@ class _LiveFolder:
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         """Write one step: DVCLive appends a row to each plots/metrics/NAME.tsv and rewrites metrics.json."""
+        if self.resumed and self._live is None:
+            _drop_steps_from(self.path, step)
         live = self.live()
         if live is None:
             return
@@ -199,6 +210,47 @@ class _LiveFolder:
             with self._as_in_the_stage():
                 self._live.end()
             self._live = None
+
+
+def _restore_copy(keep: str, folder: str) -> bool:
+    """Bring the copy of a DVCLive folder kept at ``keep`` (a URI or folder of Ray's storage)
+    into ``folder`` when that holds nothing yet; whether it did."""
+    import pyarrow.fs as pafs
+
+    if os.path.isdir(folder) and os.listdir(folder):
+        return False
+    fs, root = pafs.FileSystem.from_uri(keep)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return False
+    os.makedirs(folder, exist_ok=True)
+    pafs.copy_files(root, folder, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return True
+
+
+def _keep_copy(folder: str, keep: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(keep)
+    fs.create_dir(root)
+    pafs.copy_files(folder, root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def _drop_steps_from(folder: str, step: int) -> None:
+    """Rows of ``step`` and later out of a DVCLive folder's plots: a resumed run logs them again."""
+    from pathlib import Path
+
+    for tsv in Path(folder, "plots", "metrics").rglob("*.tsv"):
+        lines = tsv.read_text().splitlines(keepends=True)
+        if not lines or "step" not in lines[0].rstrip("\n").split("\t"):
+            continue
+        column = lines[0].rstrip("\n").split("\t").index("step")
+        kept = [row for row in lines[1:] if not _step_at_least(row, column, step)]
+        tsv.write_text("".join(lines[:1] + kept))
+
+
+def _step_at_least(row: str, column: int, step: int) -> bool:
+    cells = row.rstrip("\n").split("\t")
+    return len(cells) > column and cells[column].strip().isdigit() and int(cells[column]) >= step
 
 
 def _settings(dir: str, workspace: str | None) -> tuple[str, str, dict[str, str]]:
@@ -301,14 +353,21 @@ def _make_train_callback() -> type:
             metrics: the reported metrics to log; by default every number reported.
             rank: whose report to log.
             workspace: the folder ``dir`` is relative to; by default the cwd now.
+            keep: where in Ray's storage to keep a copy of the folder as it logs (e.g.
+                ``f"{storage_path}/{name}/dvclive"``), so that a run resumed from its checkpoints
+                (a retry: ``integrations.storage.run_name``) continues the folder's steps.
             **live_options: passed to ``dvclive.Live`` (``dvcyaml``, ``report``, ...).
         """
 
         def __init__(self, dir: str = "dvclive/train", *, step_metric: str | None = None,
                      metrics: Iterable[str] | None = None, rank: int = 0,
-                     workspace: str | None = None, **live_options: Any) -> None:
+                     workspace: str | None = None, keep: str | None = None, **live_options: Any) -> None:
             path, cwd, env = _settings(dir, workspace)
-            self.live_folder = _LiveFolder(path, cwd, env, live_options)
+            self.keep = keep.rstrip("/") if keep else None
+            resumed = bool(self.keep) and _restore_copy(self.keep, path)
+            if resumed:
+                live_options = {**live_options, "resume": True}
+            self.live_folder = _LiveFolder(path, cwd, env, live_options, resumed)
             self.step_metric = step_metric
             self.metrics = list(metrics) if metrics is not None else None
             self.rank = rank
@@ -322,6 +381,14 @@ def _make_train_callback() -> type:
             skip = {self.step_metric} if self.step_metric else set()
             self.live_folder.log(_numbers(reported, self.metrics, skip),
                                  _step(reported, self.step_metric, self.reports))
+            if self.keep:
+                try:
+                    _keep_copy(self.live_folder.path, self.keep)
+                except Exception as exc:  # noqa: BLE001 - a copy for a retry: never stops training
+                    import warnings
+
+                    warnings.warn(f"dvcray: could not keep a copy of {self.live_folder.path} at {self.keep}: {exc}",
+                                  stacklevel=2)
 
     return DVCLiveTrainCallback
 

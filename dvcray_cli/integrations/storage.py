@@ -7,10 +7,14 @@ is such a folder). ``storage_path`` decides:
 
 - a URL (``s3://...``) is used as given;
 - nothing set: under ``dvcray run`` the run's store (``DVCRAY_STORAGE_PATH``, which
-  dvcray's runner sets to ``<store>/dvcray/ray`` when the store is S3), else the
-  local ``default``;
+  dvcray's runner sets to ``<store>/dvcray/ray``), else the local ``default``;
 - a folder: made absolute, and refused when the Ray cluster this process is
   connected to spans several machines, rather than lost silently.
+
+``run_name`` names a Ray Train run (``RunConfig(name=...)``) so that a retry of the same
+dvcray run (its machine was lost: the runner service submits it again) finds the run's
+checkpoints and resumes from the latest (Ray Train restores it; ``ray.train.get_checkpoint()``),
+while any other run starts afresh.
 
 Standalone: users' stage scripts import it (``dvcray_cli.integrations``).
 """
@@ -18,9 +22,21 @@ Standalone: users' stage scripts import it (``dvcray_cli.integrations``).
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 STORE_VAR = "DVCRAY_STORAGE_PATH"
+RUN_VAR = "DVCRAY_RUN_ID"   # the dvcray run a stage belongs to (the same for all its attempts)
+
+
+def run_name(stage: str) -> str:
+    """A Ray Train (or Tune) run name for ``stage``: under ``dvcray run``, the same for every
+    attempt of the run (``STAGE-RUN_ID``), so a retry resumes from the run's checkpoints;
+    elsewhere a fresh one (``STAGE-YYYYmmdd-HHMMSS-PID``), so a rerun never resumes an older run."""
+    run_id = os.environ.get(RUN_VAR, "").strip()
+    if run_id:
+        return f"{stage}-{run_id}"
+    return f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
 class NodeLocalStorageError(RuntimeError):

@@ -63,13 +63,18 @@ def finish(sub: Submitted, state: RunState, apply: bool = False, force: bool = F
                                    f"({result.push_error}){where}")
         elif result.save_errors:
             outcome.store_error = "; ".join(f"{k}: {v}" for k, v in result.save_errors.items())
-    died = None
-    if result is None and state == RunState.FAILED and sub.backend is not None:
-        died = lost_because(sub)
+    died, attempts = None, list(result.attempts) if result is not None else []
+    if result is None and state in (RunState.FAILED, RunState.LOST) and sub.backend is not None:
+        died, attempts = lost_because(sub)
     if died:
         # Not the experiment's failure: the machine it ran on went away. Its log stays in the store.
         outcome.status, outcome.error = RunState.LOST.value, died
-    RunRecord.update(project.git_root, sub.run_id, state=outcome.status, exp_name=outcome.exp_name)
+    outcome.attempts = [a.to_json() for a in attempts]
+    if outcome.status == RunState.LOST.value and sub.backend is not None and not sub.backend.retries_lost:
+        outcome.hint = ("It went as a Ray Job of its own (DVCRAY_SERVICE=0, or a cluster without dvcray's runner "
+                        "service), and those are not retried.")
+    RunRecord.update(project.git_root, sub.run_id, state=outcome.status, exp_name=outcome.exp_name,
+                     attempts=attempts or None)
     if state != RunState.SUCCEEDED or outcome.status != RunState.SUCCEEDED:
         if result is None and not died:
             outcome.error = "the runner ended without a result (see the log above)"
@@ -102,14 +107,16 @@ def finish(sub: Submitted, state: RunState, apply: bool = False, force: bool = F
     return outcome
 
 
-def lost_because(sub: Submitted) -> str | None:
+def lost_because(sub: Submitted) -> tuple[str | None, list]:
     """Why the run's cluster counts it lost (its node died: the runner service says so of its
-    runs, Ray of a Ray Job), or None."""
+    runs, Ray of a Ray Job), or None; and its attempts as the cluster knows them."""
     try:
         info = sub.backend.info(sub.run_id, sub.run_id)
     except ClusterError:
-        return None
-    return info.lost if info is not None and info.state == RunState.LOST else None
+        return None, []
+    if info is None or info.state != RunState.LOST:
+        return None, []
+    return info.lost or "its machine was lost", list(info.attempts)
 
 
 def raise_for(outcome: Outcome) -> None:
@@ -126,6 +133,7 @@ def raise_for(outcome: Outcome) -> None:
                           f"Its log: dvcray logs {outcome.run_id}")
     if outcome.status == RunState.LOST.value:
         raise ClusterError(f"Run {outcome.run_id} is LOST: {outcome.error or 'its cluster lost it'}.",
-                           f"Its log so far stays in the store: dvcray logs {outcome.run_id}; run it again.")
+                           f"{outcome.hint + ' ' if outcome.hint else ''}Its log so far stays in the store: "
+                           f"dvcray logs {outcome.run_id}; run it again.")
     raise ExperimentFailed(f"The experiment failed: {outcome.error or 'see the log above'}",
                            f"Its log stays in the store: dvcray logs {outcome.run_id}")

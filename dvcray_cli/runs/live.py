@@ -61,7 +61,8 @@ class Capture:
     ``close()`` once the experiment has ended: it writes the last batch.
     """
 
-    def __init__(self, store: Store, run_id: str) -> None:
+    def __init__(self, store: Store, run_id: str, resume: bool = False) -> None:
+        """``resume``: a retry of the run, whose batches follow those of its earlier attempts."""
         import socketserver
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -69,6 +70,9 @@ class Capture:
         self.key = secrets.token_urlsafe(24)  # not the user's token: it never leaves the node
         self.pending: list[dict[str, Any]] = []
         self.seq = 0
+        if resume:
+            names = store.list(store.run_path(run_id, LIVE))
+            self.seq = max((int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()), default=0)
         self.lock = threading.Lock()
         self.write_lock = threading.Lock()
         capture = self
@@ -136,10 +140,15 @@ class Capture:
                 pass
 
     def close(self) -> None:
-        self.stopped.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self.abandon()
         self.flush()
+
+    def abandon(self) -> None:
+        """Stop taking posts, and write no more batches: a lost attempt's retry carries on."""
+        if not self.stopped.is_set():
+            self.stopped.set()
+            self.server.shutdown()
+            self.server.server_close()
 
 
 # --------------------------------------------------------------------------- at home

@@ -74,13 +74,26 @@ def logs(cwd: Path, key: str, emit: Callable[[str], None], follow: bool = False,
             return LogsResult(run.run_id, final, "store", empty=not shown, reason=reason)
         if said is None:
             continue  # that cluster does not know the run (restarted, or another cluster)
-        result = run.result if said.is_terminal() else None
-        return LogsResult(run.run_id, result.status if result else said, "cluster", empty=not shown)
+        result = _final_result(run) if said.is_terminal() else None
+        final = result.status if result else said
+        return LogsResult(run.run_id, final, "cluster", empty=not shown,
+                          reason=result.error if result and final == RunState.LOST else None)
     if run.address and where:
         why = seen.errors.get(run.address) or f"The cluster at {run.address} does not know run {run.run_id}"
         note(f"{why.rstrip('.')}: showing the copy of the log in the store.")
     final, reason = _store_log(run, emit, follow)
     return LogsResult(run.run_id, final, "store", empty=not shown, reason=reason)
+
+
+def _final_result(run: Run, wait_s: float = 5.0) -> RunResult | None:
+    """The run's result once its cluster says it ended: its runner (or, for a run lost with its
+    machine, the runner service) writes it then; None when none comes within ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        result = RunResult.from_json(run.store.read_json(run.store.run_path(run.run_id, RESULT)))
+        if result is not None or time.monotonic() > deadline:
+            return result
+        time.sleep(0.5)
 
 
 def _store_log(run: Run, emit: Callable[[str], None], follow: bool) -> tuple[RunState, str | None]:

@@ -10,7 +10,9 @@ never stops the draining of the stages' output: they never block on a pipe
 nobody reads, and the log goes on in the job log and the store.
 
 Anywhere (``StoreLog``), the log is read back from the store: ``log.txt`` once
-it is there, else the pieces in order.
+it is there, else the pieces in order. A run that was retried has one log per attempt,
+the first in the run's folder, the others in ``attempt-N/`` (``model.attempt_file``):
+they are read one after the other, with a line between that says which attempt follows.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from dvcray_cli.runs.model import HEARTBEAT_EVERY_S, LOG, LOG_PARTS
+from dvcray_cli.runs.model import ATTEMPTS, HEARTBEAT_EVERY_S, LOG, LOG_PARTS, attempt_file
+from dvcray_cli.service.protocol import attempts_of
 from dvcray_cli.store import Store
 
 UPLOAD_EVERY_S = 1.0
@@ -35,8 +38,8 @@ class LogTee:
     """Send this process's fd 1 and 2 (and so every stage's output) to the job log,
     a file, and the store."""
 
-    def __init__(self, path: Path, store: Store, run_id: str, prefix: str = "") -> None:
-        self.path, self.store, self.run_id = path, store, run_id
+    def __init__(self, path: Path, store: Store, run_id: str, prefix: str = "", attempt: int = 1) -> None:
+        self.path, self.store, self.run_id, self.attempt = path, store, run_id, attempt
         # In a sweep, experiments share one job log: each line there starts
         # with "[NAME] ". The experiment's own log in the store stays plain.
         self.prefix = prefix.encode()
@@ -118,7 +121,8 @@ class LogTee:
         if not data:
             return
         try:
-            self.store.write(self.store.run_path(self.run_id, f"{LOG_PARTS}/{self.parts + 1:06d}"), data)
+            self.store.write(self.store.run_path(self.run_id, attempt_file(self.attempt,
+                                                                           f"{LOG_PARTS}/{self.parts + 1:06d}")), data)
         except BaseException:
             with self.lock:
                 self.pending[:0] = data
@@ -176,30 +180,50 @@ class LogTee:
                 time.sleep(1.0 + attempt)
         if self.file is not None and self.file_error is None and not problems:
             try:
-                self.store.upload(self.store.run_path(self.run_id, LOG), self.path)
+                self.store.upload(self.store.run_path(self.run_id, attempt_file(self.attempt, LOG)), self.path)
             except Exception as exc:  # noqa: BLE001 - the pieces hold it all the same
                 problems.append(f"log.txt (the pieces hold the log): {exc}")
         return problems
 
 
 class StoreLog:
-    """A run's log as the store has it, read incrementally: ``log.txt`` when the
-    runner finished it, else the pieces uploaded so far (each read once)."""
+    """A run's log as the store has it, read incrementally: each attempt's ``log.txt`` when
+    its runner finished it, else the pieces uploaded so far (each read once); the attempts
+    in order, with a line between them."""
 
     def __init__(self, store: Store, run_id: str) -> None:
         self.store, self.run_id = store, run_id
-        self.pieces: dict[str, bytes] = {}
+        self.pieces: dict[tuple[int, str], bytes] = {}
+        self.whole: dict[int, bytes] = {}
 
     def read(self) -> bytes:
         """Everything there is so far."""
+        tries = attempts_of((self.store.read_json(self.store.run_path(self.run_id, ATTEMPTS)) or {}).get("attempts"))
+        numbers = sorted({1, *(a.number for a in tries)})
+        text = b""
+        for number in numbers:
+            log = self._attempt(number)
+            if number > 1:
+                before = next((a for a in tries if a.number == number - 1), None)
+                why = f" ({before.text()})" if before is not None and before.lost else ""
+                text += (b"" if text.endswith(b"\n") or not text else b"\n") + \
+                    f"----- dvcray: attempt {number}{why} -----\n".encode()
+            text += log
+        return text
+
+    def _attempt(self, number: int) -> bytes:
+        if number in self.whole:
+            return self.whole[number]
         try:
-            return self.store.read(self.store.run_path(self.run_id, LOG))
+            self.whole[number] = self.store.read(self.store.run_path(self.run_id, attempt_file(number, LOG)))
+            return self.whole[number]
         except FileNotFoundError:
             pass
-        for name in self.store.list(self.store.run_path(self.run_id, LOG_PARTS)):
-            if name not in self.pieces and name.isdigit():
+        for name in self.store.list(self.store.run_path(self.run_id, attempt_file(number, LOG_PARTS))):
+            if (number, name) not in self.pieces and name.isdigit():
                 try:
-                    self.pieces[name] = self.store.read(self.store.run_path(self.run_id, f"{LOG_PARTS}/{name}"))
+                    self.pieces[number, name] = self.store.read(
+                        self.store.run_path(self.run_id, attempt_file(number, f"{LOG_PARTS}/{name}")))
                 except FileNotFoundError:
                     break
-        return b"".join(self.pieces[n] for n in sorted(self.pieces))
+        return b"".join(data for (n, _), data in sorted(self.pieces.items()) if n == number)

@@ -2,12 +2,12 @@
 
 - ``RunState``: where a run is (PENDING ... LOST), with ``is_terminal``: defined with the
   runner service's protocol (``dvcray_cli.service.protocol``), which speaks it too.
-- ``ExpRef``: ``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>``, parsed and
-  formatted here only (as DVC's ``ExpRefInfo``).
+- ``ExpRef``, ``RunId``: an experiment's ref and a run's id (``ids.py``, re-exported here).
 - ``Manifest``: what the runner needs to rebuild the workspace and run
   (``manifest.json`` in the snapshot and in the store).
 - ``RunStatus``: the runner's heartbeat (``status.json`` in the store).
-- ``RunResult``: the runner's final word (``result.json`` in the store).
+- ``RunResult``: the runner's final word (``result.json`` in the store); ``Attempt``: one try
+  of a run (``attempts.json``, written by the runner service once a run was retried or lost).
 - ``RunRecord``: what this clone remembers of a run it submitted
   (``<repo>/.dvcray/runs/RUN_ID.json``).
 - ``RunOptions``, ``ExpSpec``, ``Outcome``: a run as asked for and as it ended.
@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dvcray_cli import files
-from dvcray_cli.service.protocol import RunState
+from dvcray_cli.runs.ids import SHA as _SHA
+from dvcray_cli.runs.ids import ExpRef, RunId, valid_exp_name
+from dvcray_cli.service.protocol import Attempt, RunState, attempts_of
+
+__all__ = ["Attempt", "ExpRef", "RunId", "RunState", "valid_exp_name"]  # re-exported: defined elsewhere
 
 # The files of a run in the store, under ``dvcray/runs/RUN_ID/``.
 MANIFEST = "manifest.json"
@@ -36,58 +39,15 @@ RESULT = "result.json"
 LOG = "log.txt"
 LOG_PARTS = "log.parts"   # the log while it grows: numbered pieces, each uploaded once
 BUNDLE = "exp.bundle"
+ATTEMPTS = "attempts.json"  # every try of a run that was retried or lost (written by the runner service)
 # The runner rewrites status.json this often; a run silent for STALE_AFTER_S
 # whose cluster does not answer is LOST, not RUNNING forever.
 HEARTBEAT_EVERY_S = 30.0
 STALE_AFTER_S = 3 * HEARTBEAT_EVERY_S
 
 
-# --------------------------------------------------------------------------- experiment refs
-
-
-_SHA = re.compile(r"[0-9a-f]{40}")
 # A file name inside a snapshot folder: no path separators, not hidden.
 _SAFE_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-# git check-ref-format, for one component: no control characters, space, ~ ^ : ? * [ \.
-_BAD_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
-
-
-def valid_exp_name(name: str) -> bool:
-    """``name`` makes a valid experiment ref (git's ``check-ref-format`` rules for
-    one component, as DVC checks it): no ``/``, no control characters or ``~^:?*[\\``
-    or spaces, no ``..`` or ``@{``, not ``@``, not starting with ``.`` or ending in
-    ``.``/``.lock``."""
-    return bool(name) and "/" not in name and not _BAD_CHARS.search(name) and ".." not in name \
-        and "@{" not in name and name != "@" and not name.startswith(".") \
-        and not name.endswith((".", ".lock"))
-
-
-@dataclass(frozen=True)
-class ExpRef:
-    """An experiment's git ref, ``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>``.
-
-    Never DVC's internal refs (``refs/exps/stash``, ``exec``, ``celery``, ...):
-    those carry pickled run variables, a Studio token included.
-    """
-
-    baseline: str
-    name: str
-
-    def __str__(self) -> str:
-        return f"refs/exps/{self.baseline[:2]}/{self.baseline[2:]}/{self.name}"
-
-    @classmethod
-    def parse(cls, ref: Any) -> ExpRef | None:
-        """The ExpRef ``ref`` spells, or None when it is anything else."""
-        if not isinstance(ref, str):
-            return None
-        parts = ref.split("/")
-        if len(parts) != 5 or parts[:2] != ["refs", "exps"]:
-            return None
-        baseline = parts[2] + parts[3]
-        if len(parts[2]) != 2 or not _SHA.fullmatch(baseline) or not valid_exp_name(parts[4]):
-            return None
-        return cls(baseline, parts[4])
 
 
 # --------------------------------------------------------------------------- what a run is asked to do
@@ -111,6 +71,7 @@ class RunOptions:
     cpus_per_exp: float | None = None  # reserve for each runner: Ray places it where there is room
     gpus_per_exp: float | None = None
     env: list[str] = field(default_factory=list)  # --env NAME=VALUE / NAME, as given (runs.stage_env)
+    retries: int | None = None  # how often a run lost with its machine is retried (None: the project's, or 3)
 
 
 @dataclass
@@ -129,12 +90,16 @@ class ExpSpec:
     baseline: str = ""
     patch: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    attempt: int = 1   # which try this is (the runner service submits a lost one again)
+    before: list[dict[str, Any]] = field(default_factory=list)  # the tries before it (Attempt JSON)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"run_id": self.run_id, "exp_name": self.exp_name,
                                 "overrides": list(self.overrides)}
         data.update({k: v for k, v in (("baseline", self.baseline), ("patch", self.patch),
-                                       ("options", self.options)) if v})
+                                       ("options", self.options), ("before", self.before)) if v})
+        if self.attempt > 1:
+            data["attempt"] = self.attempt
         return data
 
     @classmethod
@@ -145,62 +110,14 @@ class ExpSpec:
         spec.baseline = spec.baseline if isinstance(spec.baseline, str) and _SHA.fullmatch(spec.baseline) else ""
         spec.patch = spec.patch if isinstance(spec.patch, str) and _SAFE_FILE.fullmatch(spec.patch) else ""
         spec.options = _mapping(spec.options)
+        spec.attempt = spec.attempt if isinstance(spec.attempt, int) and spec.attempt > 1 else 1
+        spec.before = [a.to_json() for a in attempts_of(spec.before)]
         return spec
 
     @property
     def own_workspace(self) -> bool:
         """Whether it runs a workspace of its own (a queued experiment), not the run's."""
         return bool(self.baseline or self.patch or self.options)
-
-
-_RUN_ID = re.compile(r"dvcray-(\d{8}-\d{6})-([0-9a-f]+)(?:-(\d+))?")
-
-
-@dataclass(frozen=True)
-class RunId:
-    """A run's id, ``dvcray-YYYYmmdd-HHMMSS-xxxxxx`` (its submission's UTC time, so ids sort
-    by it, and a random part), with ``-N`` after it for the N-th experiment of a sweep or
-    of ``queue start``: their shared submission has the id without it. Parsed and
-    formatted here only (as ``ExpRef``)."""
-
-    stamp: str      # YYYYmmdd-HHMMSS
-    token: str
-    index: int = 0  # 0: a run of its own, or a submission that several share
-
-    def __str__(self) -> str:
-        return f"dvcray-{self.stamp}-{self.token}" + (f"-{self.index}" if self.index else "")
-
-    @classmethod
-    def new(cls) -> RunId:
-        """A fresh id, stamped now."""
-        return cls(time.strftime("%Y%m%d-%H%M%S", time.gmtime()), secrets.token_hex(3))
-
-    @classmethod
-    def parse(cls, text: Any) -> RunId | None:
-        """The RunId ``text`` spells, or None when it is anything else."""
-        found = _RUN_ID.fullmatch(text) if isinstance(text, str) else None
-        if found is None:
-            return None
-        return cls(found.group(1), found.group(2), int(found.group(3) or 0))
-
-    def member(self, index: int) -> RunId:
-        """The id of experiment ``index`` (from 1) of the submission with this id."""
-        return dataclasses.replace(self, index=index)
-
-    @property
-    def submission(self) -> RunId:
-        """The id of the submission it belongs to (itself, for a run of its own)."""
-        return dataclasses.replace(self, index=0)
-
-    @property
-    def time(self) -> float | None:
-        """When it was submitted (Unix time); None for a stamp that is no time."""
-        from datetime import datetime, timezone
-
-        try:
-            return datetime.strptime(self.stamp, "%Y%m%d-%H%M%S").replace(tzinfo=timezone.utc).timestamp()
-        except ValueError:
-            return None
 
 
 @dataclass
@@ -242,6 +159,8 @@ class Manifest:
     # this goes to the store), and PYTHONPATH entries relative to the DVC root.
     env: dict[str, str] = field(default_factory=dict)
     pythonpath: list[str] = field(default_factory=list)
+    # How often the runner service submits an experiment lost with its machine again (0: never).
+    retries: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -258,6 +177,7 @@ class Manifest:
         manifest.parts = manifest.parts if isinstance(manifest.parts, str) and \
             re.fullmatch(r"dvcray/snapshots/[A-Za-z0-9_.-]+", manifest.parts) and ".." not in manifest.parts else ""
         manifest.created = _number(manifest.created) or 0.0
+        manifest.retries = manifest.retries if isinstance(manifest.retries, int) and manifest.retries > 0 else 0
         manifest.worktree_flags = {k: [p for p in v if isinstance(p, str)]
                                    for k, v in _mapping(manifest.worktree_flags).items() if isinstance(v, list)}
         manifest.env = {k: v for k, v in _mapping(manifest.env).items() if isinstance(v, str)}
@@ -302,6 +222,12 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def attempt_file(attempt: int, name: str) -> str:
+    """A run's file ``name`` as attempt ``attempt`` writes it in the run's store folder: the
+    run's own for the first (as before retries existed), ``attempt-N/NAME`` for the others."""
+    return name if attempt <= 1 else f"attempt-{attempt}/{name}"
+
+
 @dataclass
 class RunStatus:
     """The runner's heartbeat, rewritten while the run goes (``status.json``)."""
@@ -311,9 +237,10 @@ class RunStatus:
     ended: float | None = None
     node: str = ""
     heartbeat: float | None = None
+    attempt: int = 1
 
     def to_json(self) -> dict[str, Any]:
-        data = {"state": self.state.value, "started": self.started, "node": self.node}
+        data = {"state": self.state.value, "started": self.started, "node": self.node, "attempt": self.attempt}
         if self.ended is not None:
             data["ended"] = self.ended
         if self.heartbeat is not None:
@@ -330,7 +257,8 @@ class RunStatus:
         if not isinstance(data, dict):
             return None
         return cls(RunState.parse(data.get("state"), RunState.PENDING), _number(data.get("started")),
-                   _number(data.get("ended")), str(data.get("node") or ""), _number(data.get("heartbeat")))
+                   _number(data.get("ended")), str(data.get("node") or ""), _number(data.get("heartbeat")),
+                   max(1, int(_number(data.get("attempt")) or 1)))
 
 
 @dataclass
@@ -357,6 +285,8 @@ class RunResult:
     save_errors: dict[str, str] = field(default_factory=dict)  # what of the end-of-run save failed
     shown_files: list[str] = field(default_factory=list)  # metrics/plots/params inside cached outputs
     timings: dict[str, float] = field(default_factory=dict)
+    attempt: int = 1    # the try that wrote it
+    attempts: list[Attempt] = field(default_factory=list)  # every try, this one last (none before retries)
 
     def is_final(self) -> bool:
         """The runner's last word: an outcome, or LOST (its cluster died under it, and the
@@ -366,6 +296,7 @@ class RunResult:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["status"] = self.status.value
+        data["attempts"] = [a.to_json() for a in self.attempts]
         return data
 
     @classmethod
@@ -388,7 +319,8 @@ class RunResult:
             save_errors={k: v for k, v in _mapping(data.get("save_errors")).items() if isinstance(v, str)},
             shown_files=[f for f in data.get("shown_files") or [] if isinstance(f, str)]
             if isinstance(data.get("shown_files"), list) else [],
-            timings={k: v for k, v in _mapping(data.get("timings")).items() if _number(v) is not None})
+            timings={k: v for k, v in _mapping(data.get("timings")).items() if _number(v) is not None},
+            attempt=max(1, int(_number(data.get("attempt")) or 1)), attempts=attempts_of(data.get("attempts")))
 
 
 # --------------------------------------------------------------------------- what this clone remembers
@@ -414,10 +346,12 @@ class RunRecord:
     backend: str = ""
     service: str = ""              # the runner service that runs it (its Ray Job id); "": a Ray Job of its own
     env: list[str] = field(default_factory=list)  # the names of the variables it carried (never values)
+    attempts: list[Attempt] = field(default_factory=list)  # its tries, once it was retried or lost
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["state"] = self.state.value
+        data["attempts"] = [a.to_json() for a in self.attempts]
         return data
 
     @classmethod
@@ -432,6 +366,8 @@ class RunRecord:
         record.job_id = record.job_id if isinstance(record.job_id, str) and record.job_id else record.run_id
         record.service = record.service if isinstance(record.service, str) else ""
         record.env = [n for n in record.env if isinstance(n, str)] if isinstance(record.env, list) else []
+        record.attempts = attempts_of([a.to_json() if isinstance(a, Attempt) else a for a in record.attempts]
+                                      if isinstance(record.attempts, list) else [])
         if not isinstance(record.backend, str) or not record.backend:  # a record from before it was named
             record.backend = "service" if record.service else "job"
         return record
@@ -482,6 +418,7 @@ class Outcome:
     home: bool = True                  # False: not brought home (its name is taken here)
     hint: str | None = None            # what to do about ``error``
     store_error: str | None = None     # it ran, but not everything reached the store or came home
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # its tries (Attempt JSON), when retried or lost
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

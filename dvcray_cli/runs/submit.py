@@ -58,6 +58,7 @@ class Prepared:
     repo_root: str = ""  # the project's first commit, when the bundle is made against the cluster's cache
     bundle_commits: int = -1  # how many commits the snapshot's bundle carries (Manifest.bundle_commits)
     stage: stage_env.StageEnv = field(default_factory=stage_env.StageEnv)  # what the stage gets on purpose
+    retries: int = 0  # how often the cluster tries a run lost with its machine again (0 where it cannot)
 
     def manifest(self, job_id: str, specs: list[ExpSpec], jobs: int = 0) -> Manifest:
         opts, project = self.opts, self.project
@@ -72,7 +73,7 @@ class Prepared:
             store=self.store.to_json(), dvcray_version=__version__, created=time.time(), address=self.address,
             experiments=[] if one else [s.to_json() for s in specs], jobs=jobs,
             worktree_flags=self.worktree_flags, repo_root=self.repo_root, bundle_commits=self.bundle_commits,
-            env=dict(self.stage.env), pythonpath=list(self.stage.pythonpath),
+            env=dict(self.stage.env), pythonpath=list(self.stage.pythonpath), retries=self.retries,
         )
 
 
@@ -123,6 +124,7 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
     # The stage's variables and PYTHONPATH: refused before anything starts (a runner service included).
     listed = settings.read(project.dvc_root, project.git_root)
     stage = stage_env.resolve(opts.env, listed.env, listed.path, project.dvc_root, cwd, opts.copy_paths)
+    retries = retries_for(opts, listed)
     known = clusters.known_address(opts.address, cwd)
     asked = opts.cpus_per_exp is not None or opts.gpus_per_exp is not None
     early = None
@@ -172,7 +174,24 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
         packed = snapshot.create(project.git_root, project.dvc_root, snapshot_dir, opts.copy_paths, against)
         commits = snapshot.bundle_commits(project.git_root, against)
     return Prepared(opts, project, store, address, backend, started, experiments, snapshot_dir,
-                    packed.total, where, packed.flags, root, commits, stage)
+                    packed.total, where, packed.flags, root, commits, stage,
+                    retries if backend.retries_lost else 0)
+
+
+def retries_for(opts: RunOptions, listed: settings.Settings) -> int:
+    """How often a run lost with its machine is tried again: ``--retries``, else the project's
+    (``listed``: its ``[tool.dvcray] retries``), else ``DEFAULT_RETRIES``.
+
+    Raises:
+        UsageError: a negative number.
+    """
+    from dvcray_cli.service.protocol import DEFAULT_RETRIES
+
+    if opts.retries is not None:
+        if opts.retries < 0:
+            raise UsageError(f"--retries must be 0 or more (not {opts.retries}).", "0 turns retries off.")
+        return opts.retries
+    return DEFAULT_RETRIES if listed.retries is None else listed.retries
 
 
 def launch(prepared: Prepared, job_id: str, specs: list[ExpSpec], jobs: int = 0, placed: bool = False) -> None:

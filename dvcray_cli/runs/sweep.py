@@ -130,7 +130,8 @@ class Sweep:
                 state.state = RunState.LOST if lost else info.state
                 state.outcome = Outcome(run_id=state.spec.run_id, status=state.state.value,
                                         exp_name=state.spec.exp_name,
-                                        error=info.lost or "the runner ended without a result", store=store.url)
+                                        error=info.lost or "the runner ended without a result", store=store.url,
+                                        attempts=[a.to_json() for a in info.attempts])
                 state.ended = time.time()
                 return True
             status = RunStatus.from_json(store.read_json(store.run_path(state.spec.run_id, STATUS)))
@@ -141,7 +142,9 @@ class Sweep:
         sub = Submitted(state.spec.run_id, self.prepared.address, store, state.spec.exp_name,
                         state.spec.baseline or self.prepared.project.baseline, backend=self.backend,
                         project=self.prepared.project)
-        state.outcome = finish(sub, result.status, force=self.prepared.opts.force)
+        # An experiment queued with -f replaces one of its name, as dvcray run -f does.
+        force = self.prepared.opts.force or bool(state.spec.options.get("force"))
+        state.outcome = finish(sub, result.status, force=force)
         state.state = RunState.parse(state.outcome.status, RunState.FAILED)
         state.ended = time.time()
         return True

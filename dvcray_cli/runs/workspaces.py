@@ -10,12 +10,16 @@ repository (590 files): 0.25 s of CPU to restore and 1.3 s to run the experiment
 fresh clone, against 0.02 s and 0.45 s in a reused one.
 
 Two runs never share a workspace at once: each slot is held with a lock for the whole
-run (``flock``, released by the kernel if the runner dies). A reset makes the slot what
+run (``flock``, released by the kernel if the runner dies; a slot whose last run never gave
+it back, killed before it could, is cloned anew). A reset makes the slot what
 a fresh clone at the baseline is: tracked files checked out with force, every untracked
 and ignored file removed (except DVC's ``.dvc/tmp/btime``, the key of its state), every
 ``refs/exps`` ref deleted (DVC's stash included, so no half-run experiment of an earlier
 run is picked up). A slot whose last run set worktree flags, whose git state is not
-clean (a killed run's ``index.lock``), or that served ``MAX_USES`` runs, is cloned anew.
+clean (a killed run's ``index.lock``), whose last run was stopped or lost (its stage cut
+short anywhere, a retry of it included), or that served ``MAX_USES`` runs, is cloned anew;
+the old clone is moved aside before it is removed, so a straggler of a killed run that
+still writes in it never writes into the new one.
 """
 
 from __future__ import annotations
@@ -81,9 +85,12 @@ def acquire(base: Path, root: str) -> Slot:
         slot = Slot(folder / str(k), handle)
         try:
             state = json.loads((slot.path / STATE).read_text())
-            slot.uses, slot.flagged = int(state.get("uses", 0)), bool(state.get("flagged"))
+            # "busy": the slot's last run never gave it back (killed): what it left is unknown.
+            slot.uses, slot.flagged = int(state.get("uses", 0)), bool(state.get("flagged") or state.get("busy"))
         except (OSError, ValueError, TypeError, AttributeError):
             pass
+        slot.path.mkdir(exist_ok=True)
+        _write_state(slot, {"uses": slot.uses, "flagged": slot.flagged, "busy": True})
         return slot
     return Slot(Path(tempfile.mkdtemp(prefix="extra-", dir=folder)), None)
 
@@ -93,7 +100,10 @@ def prepare(slot: Slot) -> bool:
     remove whatever is there (False: the caller clones)."""
     if slot.reusable():
         return True
-    shutil.rmtree(slot.repo, ignore_errors=True)
+    if slot.repo.exists():
+        aside = Path(tempfile.mkdtemp(prefix="old-", dir=slot.path.parent))
+        os.replace(slot.repo, aside / "repo")
+        shutil.rmtree(aside, ignore_errors=True)
     shutil.rmtree(slot.site_cache, ignore_errors=True)
     slot.path.mkdir(parents=True, exist_ok=True)
     slot.uses = 0
@@ -129,10 +139,16 @@ def release(slot: Slot, uses: int, flagged: bool, keep_as: Path | None = None) -
         if slot.lock is None:
             shutil.rmtree(slot.path, ignore_errors=True)
         elif keep_as is None:
-            (slot.path / STATE).write_text(json.dumps({"uses": uses, "flagged": flagged}))
+            _write_state(slot, {"uses": uses, "flagged": flagged})
         else:
             (slot.path / STATE).unlink(missing_ok=True)
             shutil.rmtree(slot.site_cache, ignore_errors=True)
     finally:
         if slot.lock is not None:
             slot.lock.close()
+
+
+def _write_state(slot: Slot, state: dict) -> None:
+    tmp = slot.path / f"{STATE}.tmp"
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, slot.path / STATE)

@@ -54,7 +54,7 @@ def _child(folder: str, spec: dict[str, Any], log_path: str, env: dict[str, str]
         parsed = ExpSpec.from_json(spec)
         if parsed is None:
             raise ValueError(f"not an experiment: {spec!r}")
-        code = runner.run_experiment(Path(folder), manifest, parsed)
+        code = runner.run_experiment(Path(folder), manifest, parsed, forked=True)
     except BaseException as exc:  # noqa: BLE001 - said in the run's log; the exit code tells the service
         print(f"dvcray: the runner failed: {type(exc).__name__}: {exc}", flush=True)
     finally:

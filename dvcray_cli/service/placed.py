@@ -10,7 +10,13 @@ service does on the head. The reservation and the work are on the same node; the
 reservation is released when the experiment's process ends.
 
 The node's runner keeps a repository cache of the project as the head does; what it
-lacks the service bundles from the head's cache.
+lacks the service bundles from the head's cache. The experiment's log is copied to the
+head as it grows (``refresh``), so what it wrote is there when its node dies.
+
+When the node's runner dies under an experiment (``RayActorError``: the node died, its
+spot instance was reclaimed, or the runner's process was killed), the experiment is LOST,
+never FAILED, and the service may try it again (``retries.py``): each attempt has its own
+reservation, folder and log on its node (``key``).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from dvcray_cli import __version__
 from dvcray_cli.integrations import reservation
 from dvcray_cli.runs import snapshot
 from dvcray_cli.runs.model import RunState
-from dvcray_cli.service import forks
+from dvcray_cli.service import forks, retries
 
 NAMESPACE = "dvcray"
 
@@ -51,8 +57,10 @@ class NodeRunner:
     def start(self, run_id: str, job_id: str, data: bytes, spec: dict[str, Any], root: str, head: str,
               env: dict[str, str]) -> dict[str, Any]:
         """Unpack the snapshot, bring its bundle into this node's cache, fork the experiment."""
-        folder = self.base / "service" / "snapshots" / f"{job_id}--{run_id}"
-        logs = self.base / "service" / "logs"
+        # Folders of its own: on the head's node (or every fake node of local-multinode, which
+        # share one disk) the service's are beside them, and it copies these logs into its own.
+        folder = self.base / "node-runner" / "snapshots" / f"{job_id}--{run_id}"
+        logs = self.base / "node-runner" / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -113,6 +121,7 @@ class Placer:
         self.actors: dict[str, Any] = {}
         self.groups: dict[str, Any] = {}  # run_id -> placement group
         self.where: dict[str, Any] = {}   # run_id -> the node runner it runs on
+        self.keys: dict[str, str] = {}    # run_id -> its current attempt's name on the node
         self.tasks: dict[str, asyncio.Task] = {}
 
     @classmethod
@@ -146,7 +155,9 @@ class Placer:
 
         code = None
         node_id = ""
-        group = placement_group([dict(batch.resources)], strategy="STRICT_PACK", name=f"dvcray-{entry.run_id}")
+        key = self.keys[entry.run_id] = entry.run_id if entry.attempt == 1 else f"{entry.run_id}.attempt-{entry.attempt}"
+        self.where.pop(entry.run_id, None)
+        group = placement_group([dict(batch.resources)], strategy="STRICT_PACK", name=f"dvcray-{key}")
         self.groups[entry.run_id] = group
         try:
             await group.ready()
@@ -164,35 +175,50 @@ class Placer:
             actor = self.runner(node_id)
             self.where[entry.run_id] = actor
             manifest = batch.manifest
-            answer = await actor.start.remote(entry.run_id, batch.job_id, _pack(batch.folder), entry.spec,
+            answer = await actor.start.remote(key, batch.job_id, _pack(batch.folder), entry.spec,
                                               manifest.repo_root, manifest.baseline, env)
             if answer.get("missing"):
                 # The node lacks history the head's cache has: send it what it lacks.
-                answer = await actor.start.remote(entry.run_id, batch.job_id,
+                answer = await actor.start.remote(key, batch.job_id,
                                                   _pack(batch.folder, self._bundle_for(manifest)), entry.spec,
                                                   manifest.repo_root, manifest.baseline, env)
             if answer.get("missing"):
                 raise RuntimeError(f"node {node_id[:12]} lacks commits {answer['missing']}")
             entry.state, entry.pid, entry.node = RunState.RUNNING, int(answer["pid"]), str(answer["node"])
             entry.started = entry.started or time.time()
+            entry.begin(entry.node)
+            entry.log_path = entry.log_path or self.service.logs_dir / f"{entry.run_id}.log"
+            if entry.attempt > 1:
+                entry.log_size = retries.append(entry.log_path, retries.placed_line(
+                    entry.attempt - 1, batch.manifest.retries, entry.node)) or entry.log_size
             self.service.touch(entry)
-            print(f"dvcray-service: run {entry.run_id} ({entry.exp_name or 'unnamed'}) started on {entry.node} "
-                  f"(Ray node {node_id[:12]}, reserving {batch.resources}), pid {entry.pid}", flush=True)
-            code = await actor.wait.remote(entry.run_id)
-            entry.log_size = await actor.log_size.remote(entry.run_id)  # its last lines too
-            actor.forget.remote(entry.run_id)
-        except ray.exceptions.RayActorError as exc:
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            print(f"dvcray-service: run {entry.run_id} ({entry.exp_name or 'unnamed'}) attempt {entry.attempt} started "
+                  f"on {entry.node} (Ray node {node_id[:12]}, reserving {batch.resources}), pid {entry.pid}", flush=True)
+            code = await actor.wait.remote(key)
+            while await self.refresh(entry):  # its last lines too
+                pass
+            actor.forget.remote(key)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError,
+                ray.exceptions.NodeDiedError) as exc:
+            # Not the experiment's failure: the runner it ran under went away, with its machine
+            # (died, spot instance reclaimed) or alone (its process killed), or the reserved node
+            # died before the runner started there (unschedulable: a spot worker reclaimed as it
+            # joined). It is lost.
+            said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             print(f"dvcray-service: the runner of run {entry.run_id} on {entry.node or 'its node'} died: "
-                  f"{first}", flush=True)
+                  f"{said[:300]}", flush=True)
+            first = said if len(said) <= 100 else said[:99] + "…"
             code = None
-            if node_id:
-                ip = await _node_died(node_id, self.runner(node_id))
-                if ip is not None:
-                    # Not the experiment's failure: its machine went away (as ``ray_api.node_died``
-                    # says of a Ray Job). Its log up to then is in the store.
-                    entry.lost = f"its node{(' ' + ip) if ip else ''} died (Ray: {first})"
-                    print(f"dvcray-service: run {entry.run_id} is lost: {entry.lost}", flush=True)
+            ip = await _node_died(node_id, self.runner(node_id)) if node_id else None
+            if ip is not None:
+                entry.lost = f"its node{(' ' + ip) if ip else ''} died (Ray: {first})"
+            else:
+                entry.lost = f"dvcray's runner on {entry.node or 'its node'} went away (Ray: {first})"
+            print(f"dvcray-service: run {entry.run_id} is lost: {entry.lost}", flush=True)
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError) as exc:
+            # Ray lost what ran it (its node, its worker): a loss too, never the experiment's failure.
+            entry.lost = f"Ray lost its runner on {entry.node or 'its node'} ({type(exc).__name__})"
+            print(f"dvcray-service: run {entry.run_id} is lost: {entry.lost}: {str(exc)[:300]}", flush=True)
         except Exception as exc:  # noqa: BLE001 - the run fails; the service goes on
             print(f"dvcray-service: run {entry.run_id} could not start: {type(exc).__name__}: {exc}", flush=True)
             code = 1
@@ -221,31 +247,26 @@ class Placer:
         cache = snapshot.cache_path(self.service.base, manifest.repo_root)
         return snapshot.cache_bundle(cache, manifest.baseline)
 
-    async def refresh(self, entry) -> bool:
-        """Whether the log of a placed run grew (asked of its node's runner)."""
+    async def refresh(self, entry, chunk: int = 1 << 20) -> bool:
+        """Copy what is new of a placed run's log from its node's runner to the head (its
+        log as the service reports it); whether there was something."""
         actor = self.where.get(entry.run_id)
-        if actor is None:
+        if actor is None or entry.log_path is None:
             return False
         try:
-            size = await actor.log_size.remote(entry.run_id)
+            data = await actor.read_log.remote(self.keys[entry.run_id], entry.mirrored, chunk)
         except Exception:  # noqa: BLE001 - a runner that died: its run ends through wait()
             return False
-        grew, entry.log_size = size != entry.log_size, max(size, entry.log_size)
-        return grew
-
-    async def read_log(self, entry, offset: int, limit: int) -> bytes:
-        actor = self.where.get(entry.run_id)
-        if actor is None or offset >= entry.log_size:
-            return b""
-        try:
-            return await actor.read_log.remote(entry.run_id, offset, limit)
-        except Exception:  # noqa: BLE001 - its log is in the store
-            return b""
+        if not data:
+            return False
+        entry.mirrored += len(data)
+        entry.log_size = retries.append(entry.log_path, data) or entry.log_size
+        return True
 
     def stop(self, entry, grace: float) -> None:
         actor = self.where.get(entry.run_id)
         if actor is not None and entry.state == RunState.RUNNING:
-            actor.stop.remote(entry.run_id, grace)
+            actor.stop.remote(self.keys[entry.run_id], grace)
         elif entry.run_id in self.tasks and entry.state == RunState.PENDING:
             self.tasks[entry.run_id].cancel()  # still waiting for its reservation: it never starts
 

@@ -121,11 +121,87 @@ def parse_placement(text: str | None) -> dict[str, float]:
     return {k: v for k, v in found.items() if k in PLACEABLE and v > 0}
 
 
-# --------------------------------------------------------------------------- messages
+# --------------------------------------------------------------------------- attempts and retries
+
+# The runner's exit code for a run it saved as LOST (the process it ran under went away, or
+# its cluster died under it): not the stage's failure, which is exit 1.
+LOST_EXIT = 75
+# What multiprocessing reports for a forked runner whose forkserver died under it (``forks``):
+# the runner got SIGTERM with it and saved its run as LOST.
+FORKSERVER_GONE = 255
+# How often a run lost with its machine is submitted again, unless the run or the project says.
+DEFAULT_RETRIES = 3
 
 
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+@dataclass
+class Attempt:
+    """One try of an experiment: where it ran and how it ended (a store record too, in
+    ``attempts.json``: read tolerantly)."""
+
+    number: int
+    node: str = ""            # the machine (host name) it ran on; "" before it was placed
+    started: float | None = None
+    ended: float | None = None
+    state: RunState = RunState.RUNNING  # how it ended: LOST for a lost one
+    lost: str = ""            # why it was lost
+
+    def to_json(self) -> dict[str, Any]:
+        return {"number": self.number, "node": self.node, "started": self.started, "ended": self.ended,
+                "state": self.state.value, "lost": self.lost}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Attempt | None:
+        if not isinstance(data, dict) or not isinstance(data.get("number"), int) or data["number"] < 1:
+            return None
+        return cls(data["number"], str(data.get("node") or ""), _number(data.get("started")),
+                   _number(data.get("ended")), RunState.parse(data.get("state"), RunState.RUNNING) or RunState.RUNNING,
+                   str(data.get("lost") or ""))
+
+    def text(self) -> str:
+        """``attempt 1 on n1: its node 10.0.0.1 died`` (how a loss is named)."""
+        where = f" on {self.node}" if self.node else ""
+        return f"attempt {self.number}{where}: {self.lost or self.state.value.lower()}"
+
+
+def attempts_of(data: Any) -> list[Attempt]:
+    """A list of attempts from JSON (anything unusable left out), in order."""
+    found = [a for a in (Attempt.from_json(x) for x in (data if isinstance(data, list) else [])) if a is not None]
+    return sorted(found, key=lambda a: a.number)
+
+
+def ended_as(code: int | None, lost: str, stop_requested: bool) -> RunState:
+    """How an experiment's process ended, from its exit code: SUCCEEDED on 0; LOST when it
+    went with its machine or runner (``lost`` says so, or the runner saved it as LOST);
+    STOPPED when stopped; else FAILED: its stage failed (exit 1), the user's code."""
+    if code == 0:
+        return RunState.SUCCEEDED
+    if lost or code in (LOST_EXIT, FORKSERVER_GONE):
+        return RunState.LOST
+    if code == 143 or stop_requested:
+        return RunState.STOPPED
+    return RunState.FAILED
+
+
+def retry(state: RunState, attempt: int, retries: int, stop_requested: bool = False, draining: bool = False) -> bool:
+    """Whether attempt ``attempt`` (from 1) of an experiment that ended ``state`` is followed by
+    another: only a loss (its machine died, was reclaimed, its runner went away), never a
+    failure of its stage, a stop, or a run whose service is leaving; at most ``retries`` times."""
+    return state == RunState.LOST and not stop_requested and not draining and attempt <= retries
+
+
+def losses_text(attempts: list[Attempt]) -> str:
+    """Every loss named, for the error of a run that ended LOST."""
+    lost = [a for a in attempts if a.state == RunState.LOST]
+    if len(lost) <= 1:
+        return lost[0].lost if lost else ""
+    return f"lost {len(lost)} times: " + "; ".join(a.text() for a in lost)
+
+
+# --------------------------------------------------------------------------- messages
 
 
 @dataclass
@@ -156,7 +232,7 @@ class ServiceRun:
     run_id: str
     job_id: str = ""          # the submission it came with (a sweep's experiments share one)
     exp_name: str | None = None
-    state: RunState = RunState.PENDING  # never LOST: a run whose node died ends FAILED, ``lost`` says why
+    state: RunState = RunState.PENDING  # PENDING again while a lost run waits for its retry
     node: str = ""
     pid: int = 0
     started: float | None = None
@@ -164,11 +240,12 @@ class ServiceRun:
     code: int | None = None   # its exit code
     placed: bool = False      # on the warm runner of the node Ray placed it on (``--cpus-per-exp``)
     lost: str = ""            # why it is lost (its node died), when it is
+    attempts: list[Attempt] = field(default_factory=list)  # every try so far, the current one last
 
     def to_json(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "job_id": self.job_id, "exp_name": self.exp_name, "state": self.state.value,
                 "node": self.node, "pid": self.pid, "started": self.started, "ended": self.ended, "code": self.code,
-                "placed": self.placed, "lost": self.lost}
+                "placed": self.placed, "lost": self.lost, "attempts": [a.to_json() for a in self.attempts]}
 
     @classmethod
     def from_json(cls, data: Any) -> ServiceRun | None:
@@ -180,7 +257,7 @@ class ServiceRun:
                    RunState.parse(data.get("state"), RunState.PENDING), str(data.get("node") or ""),
                    int(_number(data.get("pid")) or 0), _number(data.get("started")), _number(data.get("ended")),
                    code if isinstance(code, int) and not isinstance(code, bool) else None, bool(data.get("placed")),
-                   str(data.get("lost") or ""))
+                   str(data.get("lost") or ""), attempts_of(data.get("attempts")))
 
 
 @dataclass

@@ -49,7 +49,7 @@ def make_app(service: RunnerService):
         nonce = request.query.get("nonce", "")
         return web.json_response(Hello(service.service_id, __version__,
                                        protocol.proof(service.token, nonce, service.service_id),
-                                       service.node, service.draining).to_json())
+                                       service.node, service.notice_upgrade()).to_json())
 
     async def have(request):
         body = await request.json()

@@ -3,7 +3,11 @@ the long poll that reports them (``protocol.py``). ``server.py`` serves it over 
 
 A submission is a snapshot and its experiments (a ``Batch``), started at most
 ``limit`` at once: forked from the service's forkserver on the head (``forks.py``), or
-on the warm runner of the node Ray placed them on (``placed.py``).
+on the warm runner of the node Ray placed them on (``placed.py``). A placed experiment
+lost with its machine goes back to its batch for another attempt (``retries.py``).
+
+Each run's log, as the service reports it, is one file on the head for all its attempts:
+written there by a run on the head, copied there as it grows from the node of a placed one.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from typing import Any
 from dvcray_cli import __version__, compatible, ray_api
 from dvcray_cli.runs import snapshot
 from dvcray_cli.runs.model import Manifest
-from dvcray_cli.service import forks, protocol
-from dvcray_cli.service.protocol import PollAnswer, PollRequest, RunState, ServiceRun
+from dvcray_cli.service import forks, protocol, retries
+from dvcray_cli.service.protocol import Attempt, PollAnswer, PollRequest, RunState, ServiceRun
 
 # Finished runs (and their log files) the service remembers, beyond those still going.
 KEEP_FINISHED = 1000
@@ -32,6 +36,8 @@ KEEP_SNAPSHOTS = 20
 # A log is read at most this much per run per poll.
 LOG_CHUNK = 1 << 20
 TICK_S = 0.2
+# How often an idle service looks whether dvcray on its node was upgraded.
+UPGRADE_CHECK_S = 5.0
 # Run and submission ids name files and folders on the node.
 _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 MAX_WAIT_S = 30.0
@@ -66,13 +72,22 @@ class Entry:
     log_size: int = 0
     stop_requested: bool = False
     placed: bool = False
-    lost: str = ""        # why the run is lost (its node died), when it is
+    lost: str = ""        # why the run (its current attempt) is lost, when it is
     handle: Any = field(default=None, repr=False)  # forks.Fork, or placed.Placed
+    attempt: int = 1      # its current try
+    attempts: list[Attempt] = field(default_factory=list)  # every try started, the current one last
+    mirrored: int = 0     # bytes of a placed attempt's log copied to the head so far
 
     def report(self) -> ServiceRun:
         """The run as the service reports it."""
         return ServiceRun(self.run_id, self.job_id, self.exp_name, self.state, self.node, self.pid, self.started,
-                          self.ended, self.code, self.placed, self.lost)
+                          self.ended, self.code, self.placed, self.lost, [Attempt(**vars(a)) for a in self.attempts])
+
+    def begin(self, node: str) -> None:
+        """Its current attempt runs now, on ``node``."""
+        if not self.attempts or self.attempts[-1].number != self.attempt:
+            self.attempts.append(Attempt(self.attempt))
+        self.attempts[-1].node, self.attempts[-1].started = node, time.time()
 
 
 @dataclass
@@ -106,6 +121,7 @@ class RunnerService:
         self.node = socket.gethostname()
         self.grace = ray_api.stop_grace_s()
         self.placer: Any = None  # placed.Placer, made for the first placed experiment
+        self.writes: dict[str, asyncio.Task] = {}  # each run's latest record on its way to a store
 
     # ------------------------------------------------------------------ changes
 
@@ -126,8 +142,12 @@ class RunnerService:
 
     async def tick(self) -> None:
         """Notice logs that grew (the runners write them; nobody tells the service)."""
+        checked = time.monotonic()
         while True:
             await asyncio.sleep(TICK_S)
+            if time.monotonic() - checked >= UPGRADE_CHECK_S:
+                checked = time.monotonic()
+                self.notice_upgrade()
             grew = False
             for entry in list(self.entries.values()):
                 if entry.state != RunState.RUNNING:
@@ -150,6 +170,7 @@ class RunnerService:
         entry.log_path = self.logs_dir / f"{entry.run_id}.log"
         entry.handle = self.launcher.start(batch.folder, entry.spec, entry.log_path, {"PYTHONUNBUFFERED": "1"})
         entry.state, entry.started, entry.pid, entry.node = RunState.RUNNING, time.time(), entry.handle.pid, self.node
+        entry.begin(self.node)
         batch.running += 1
         asyncio.get_running_loop().add_reader(entry.handle.sentinel, self.ended, batch, entry, None)
         say(f"run {entry.run_id} ({entry.exp_name or 'unnamed'}) started on {entry.node}, pid {entry.pid}")
@@ -164,23 +185,64 @@ class RunnerService:
             code = entry.handle.exitcode()
         entry.code = code
         entry.ended = time.time()
-        if code == 0:
-            entry.state = RunState.SUCCEEDED
-        elif entry.lost:
-            entry.state = RunState.FAILED  # reported with its ``lost``: the client says LOST
-        elif code == 143 or entry.stop_requested:
-            entry.state = RunState.STOPPED
-        else:
-            entry.state = RunState.FAILED
+        state = protocol.ended_as(code, entry.lost, entry.stop_requested)
+        if state == RunState.LOST and not entry.lost:
+            entry.lost = "dvcray's runner went away mid-run (it saved what it had)"
+        began = bool(entry.attempts) and entry.attempts[-1].number == entry.attempt
+        if began or state == RunState.LOST:  # lost before it began: its attempt counts all the same
+            if not began:
+                entry.attempts.append(Attempt(entry.attempt))
+            current = entry.attempts[-1]
+            current.ended, current.state, current.lost = entry.ended, state, entry.lost
         try:
             entry.log_size = entry.log_path.stat().st_size if entry.log_path else entry.log_size
         except OSError:
             pass
         batch.running -= 1
         took = entry.ended - (entry.started or entry.ended)
-        say(f"run {entry.run_id} ended {entry.state.value} (exit {code}) after {took:.1f}s on {entry.node}")
+        say(f"run {entry.run_id} attempt {entry.attempt} ended {state.value} (exit {code}) after {took:.1f}s on "
+            f"{entry.node}" + (f": {entry.lost}" if entry.lost else ""))
+        if entry.placed and protocol.retry(state, entry.attempt, batch.manifest.retries, entry.stop_requested,
+                                           self.draining):
+            self.again(batch, entry)
+        else:
+            entry.state = state
+            if state == RunState.LOST and len(entry.attempts) > 1:
+                entry.lost = protocol.losses_text(entry.attempts)
+            if state == RunState.LOST or entry.attempt > 1:
+                self.record(batch, entry, ended=state)
         self.touch(entry)
         self.pump(batch)
+
+    def again(self, batch: Batch, entry: Entry) -> None:
+        """Put a lost experiment back in its batch for its next attempt (first in line)."""
+        lost, total = entry.attempts[-1], batch.manifest.retries
+        entry.attempt += 1
+        entry.spec = {**entry.spec, "attempt": entry.attempt, "before": [a.to_json() for a in entry.attempts]}
+        entry.state, entry.lost, entry.code, entry.pid, entry.mirrored = RunState.PENDING, "", None, 0, 0
+        entry.log_size = retries.append(entry.log_path, retries.lost_line(lost, entry.attempt - 1, total)) \
+            or entry.log_size
+        batch.pending.insert(0, entry)
+        say(f"run {entry.run_id}: {lost.text()}; retry {entry.attempt - 1} of {total}")
+        self.record(batch, entry)
+
+    def record(self, batch: Batch, entry: Entry, ended: RunState | None = None) -> None:
+        """The run's attempts to the store, in the background (``retries.record``), one write
+        of a run after the other (an older list never lands after a newer one)."""
+        attempts = [Attempt(**vars(a)) for a in entry.attempts]
+        before = self.writes.get(entry.run_id)
+
+        async def write() -> None:
+            if before is not None:
+                await asyncio.wait([before])
+            problem = await asyncio.to_thread(retries.record, batch.manifest, entry.run_id, entry.exp_name,
+                                              attempts, ended)
+            if problem:
+                say(f"run {entry.run_id}: could not record its attempts in the store: {problem}")
+
+        task = self.writes[entry.run_id] = asyncio.get_running_loop().create_task(write())
+        task.add_done_callback(lambda done: self.writes.pop(entry.run_id, None) if self.writes.get(
+            entry.run_id) is done else None)
 
     def pump(self, batch: Batch) -> None:
         """Start the batch's next experiments while it has room; forget it once all ended."""
@@ -203,6 +265,8 @@ class RunnerService:
         if entry.state == RunState.PENDING and batch is not None and entry in batch.pending:
             batch.pending.remove(entry)
             entry.state, entry.ended = RunState.STOPPED, time.time()
+            if entry.attempts:  # stopped while it waited for a retry
+                self.record(batch, entry, ended=RunState.STOPPED)
             self.touch(entry)
             self.pump(batch)
             return
@@ -233,8 +297,6 @@ class RunnerService:
                 entry.log_path.unlink(missing_ok=True)
 
     async def read_log(self, entry: Entry, offset: int) -> bytes:
-        if entry.placed:
-            return await self.placer.read_log(entry, offset, LOG_CHUNK)
         if entry.log_path is None or offset >= entry.log_size:
             return b""
         try:
@@ -265,8 +327,7 @@ class RunnerService:
         return tmp, manifest
 
     async def submit(self, request) -> tuple[int, dict[str, Any]]:
-        if self.draining or self.outdated():
-            self.draining = True
+        if self.notice_upgrade():
             return 503, {"error": "this runner service is draining: start another"}
         try:
             tmp, manifest = await self.receive(request)
@@ -313,6 +374,14 @@ class RunnerService:
             + (f", each reserving {resources}" if resources else ""))
         self.pump(batch)
         return 200, {"job_id": job_id, "runs": [e.run_id for e in entries], "service_id": self.service_id}
+
+    def notice_upgrade(self) -> bool:
+        """Whether this service drains (takes no new runs, leaves once its runs have ended):
+        from the moment dvcray on its node was upgraded, so that clients start another."""
+        if not self.draining and self.outdated():
+            self.draining = True
+            say("dvcray on this node was upgraded: no new runs here; leaving once the runs going have ended")
+        return self.draining
 
     def outdated(self) -> bool:
         """The dvcray installed on this node is no longer the one this service runs:

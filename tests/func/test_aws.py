@@ -4,8 +4,9 @@ Only loopback traffic is allowed here, and a mistake must not leak: the tests
 that talk to AWS run inside a network namespace that has nothing but loopback
 (``unshare -n``, ``ip link set lo up``), with their own moto server started
 inside it. Plain ``pytest`` gets there through ``test_aws_suite_in_a_loopback_only_namespace``,
-which re-runs this module under ``unshare -n`` (as root; CI runs as root) and
-asserts that it passed; outside the namespace the AWS tests themselves skip.
+which re-runs this module's tests marked ``loopback_namespace`` under ``unshare`` (as
+root; CI runs as root) and asserts that they passed; outside the namespace conftest
+deselects them.
 
 Never launch instances through Ray's launcher against moto: moto gives them
 public IP addresses and Ray then opens SSH connections to them. The tests stop
@@ -30,10 +31,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, free_port, run_dvcray, sh
+from helpers import IN_NETNS_ENV, REPO, free_port, run_dvcray, run_in_loopback_namespace, sh, unavailable
 from dvcray_cli.errors import ClusterError, UsageError
 
-IN_NETNS_ENV = "DVCRAY_TEST_LOOPBACK_NETNS"
 CONFIGS = REPO / "cluster-configs"
 
 
@@ -51,26 +51,29 @@ IN_NETNS = os.environ.get(IN_NETNS_ENV) == "1" and _only_loopback()
 
 @pytest.mark.skipif(IN_NETNS, reason="the launcher runs outside the namespace")
 def test_aws_suite_in_a_loopback_only_namespace():
-    """Run this module's AWS tests under ``unshare -n`` with moto inside; they must pass."""
+    """Run this module's AWS tests in a loopback-only namespace with moto inside; they must
+    pass. The namespace has a PID namespace too: a timeout, or this run being killed,
+    ends every process the inner run started (moto, a Ray head), not only its pytest."""
     try:
-        probe = subprocess.run(["unshare", "-n", "sh", "-c", "ip link set lo up"], capture_output=True, text=True)
+        probe = run_in_loopback_namespace(["true"], timeout=60)
     except FileNotFoundError as exc:
-        pytest.skip(f"cannot create a network namespace: {exc.filename} is missing (util-linux)")
+        unavailable(f"cannot create a network namespace: {exc.filename} is missing (util-linux)")
     if probe.returncode != 0:
-        pytest.skip("cannot create a loopback-only network namespace (`unshare -n` needs root, "
-                    f"`ip` needs iproute2): {probe.stderr.strip()}")
+        unavailable("cannot create a loopback-only namespace (`unshare` needs root and util-linux, "
+                    f"`ip` iproute2): {probe.stderr.strip()}")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "PYTEST_ADDOPTS"}
     env[IN_NETNS_ENV] = "1"
-    script = 'ip link set lo up && exec "$0" -m pytest "$@"'
-    cmd = ["unshare", "-n", "sh", "-c", script, sys.executable, str(Path(__file__)),
-           "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra --strict-markers"]
     started = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_in_loopback_namespace([sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p",
+                                      "no:cacheprovider", "-o", "addopts=-ra --strict-markers",
+                                      "-m", "loopback_namespace"],
+                                     timeout=600, cwd=REPO, env=env)
     took = time.monotonic() - started
     summary = (proc.stdout + proc.stderr).strip().splitlines()[-40:]
     print("\n".join(summary), f"\n(namespace run took {took:.1f} s)")
     assert proc.returncode == 0, "AWS tests failed inside the namespace:\n" + "\n".join(summary)
-    assert "talks to a fake AWS" not in proc.stdout, "the AWS tests skipped inside the namespace"
+    assert " skipped" not in summary[-1], "AWS tests skipped inside the namespace:\n" + "\n".join(summary)
+    assert " passed" in summary[-1]
 
 
 # --------------------------------------------------------------------------- inside: no AWS needed
@@ -140,7 +143,7 @@ def moto_aws(tmp_path_factory):
     """
     reason = _aws_skip_reason()
     if reason:
-        pytest.skip(reason)
+        pytest.fail(reason)   # never reached: conftest deselects these tests outside the namespace
     folder = tmp_path_factory.mktemp("moto")
     amis = [{"ami_id": image, "name": f"pinned image {image}", "description": "dvcray test image",
              "owner_id": "099720109477", "public": True, "virtualization_type": "hvm",
@@ -259,6 +262,7 @@ def _write_config(tmp_path: Path, edit, name: str = "custom.yaml") -> Path:
 # --------------------------------------------------------------------------- inside: the tests
 
 
+@pytest.mark.loopback_namespace
 def test_dry_run_creates_nothing_and_prints_the_plan_with_its_cost(aws_project):
     before, caches = inventory(), _ray_caches()
     proc = run_dvcray("cluster", "up", "aws", "--dry-run", cwd=aws_project)
@@ -277,6 +281,7 @@ def test_dry_run_creates_nothing_and_prints_the_plan_with_its_cost(aws_project):
     assert "nothing was created" in proc.stderr
 
 
+@pytest.mark.loopback_namespace
 def test_dry_run_gpu_config(aws_project):
     proc = run_dvcray("cluster", "up", "aws-gpu", "--dry-run", "--idle-timeout", "30m", cwd=aws_project)
     assert proc.returncode == 0, proc.stderr
@@ -285,15 +290,19 @@ def test_dry_run_gpu_config(aws_project):
     assert "$0.096 to $1.15 per hour" in proc.stdout, proc.stdout
 
 
-def test_bootstrap_creates_roles_profiles_key_pair_security_group_and_no_instance(aws_project):
+@pytest.mark.loopback_namespace
+def test_bootstrap_creates_roles_profiles_key_pair_security_group_and_no_instance(aws_project, monkeypatch):
     from dvcray_cli.clusters import aws
 
     before, caches = inventory(), _ray_caches()
     plan = aws.plan("aws", aws_project, idle_timeout_s=900)
     assert inventory() == before
-    started = time.monotonic()
+    slept: list[float] = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(time, "sleep", lambda s: slept.append(s) or real_sleep(min(s, 0.01)))
     boot = aws.bootstrap(plan, iam_wait_s=0)
-    assert time.monotonic() - started < 28, "bootstrap waited: Ray's IAM path (2 x 15 s sleeps) must not run"
+    monkeypatch.setattr(time, "sleep", real_sleep)
+    assert not [s for s in slept if s >= 5], f"bootstrap waited {slept}: Ray's IAM path (2 x 15 s sleeps) ran"
     after = inventory()
 
     assert after["instances"] == [], "bootstrap must never create an instance"
@@ -361,6 +370,7 @@ def test_bootstrap_creates_roles_profiles_key_pair_security_group_and_no_instanc
     assert inventory()["instances"] == []
 
 
+@pytest.mark.loopback_namespace
 def test_up_refuses_to_launch_against_this_machine(aws_project):
     before = inventory()
     proc = run_dvcray("cluster", "up", "aws", "--yes", cwd=aws_project)
@@ -370,6 +380,7 @@ def test_up_refuses_to_launch_against_this_machine(aws_project):
     assert not (aws_project / ".dvcray").exists()
 
 
+@pytest.mark.loopback_namespace
 def test_the_cluster_api_refuses_too_before_it_says_or_creates_anything(aws_project):
     """AWS's up sequence (refuse a fake endpoint, bootstrap, launch) is ``aws.up``'s own:
     ``clusters.up`` of a plan refuses without the command line's check first."""
@@ -385,6 +396,7 @@ def test_the_cluster_api_refuses_too_before_it_says_or_creates_anything(aws_proj
     assert not (aws_project / ".dvcray").exists()
 
 
+@pytest.mark.loopback_namespace
 def test_clear_errors_from_the_command_line_and_nothing_created(aws_project, tmp_path, monkeypatch):
     before = inventory()
     no_head = _write_config(tmp_path, lambda c: c.pop("head_node_type"))
@@ -404,6 +416,7 @@ def test_clear_errors_from_the_command_line_and_nothing_created(aws_project, tmp
     assert not (aws_project / ".dvcray").exists()
 
 
+@pytest.mark.loopback_namespace
 @pytest.mark.parametrize("case, message", [
     ("unknown region", "Unknown AWS region 'mars-east-1'"),
     ("unknown instance type", "Instance type 'm5.enormous' (node type 'cpu-worker') is not offered"),
@@ -452,6 +465,7 @@ def _fake_nodes(cluster_name: str, kinds: list[str]) -> list[str]:
     return ids
 
 
+@pytest.mark.loopback_namespace
 def test_terminate_cluster_takes_only_its_own_instances(aws_env):
     from dvcray_cli.clusters.aws import account
 
@@ -464,6 +478,7 @@ def test_terminate_cluster_takes_only_its_own_instances(aws_env):
     assert other[0] in running and not set(mine) & set(running)
 
 
+@pytest.mark.loopback_namespace
 def test_status_shows_instances_age_and_cost_then_down_terminates(aws_project):
     from dvcray_cli.clusters import aws
     from dvcray_cli.clusters.aws import records
@@ -494,6 +509,7 @@ def test_status_shows_instances_age_and_cost_then_down_terminates(aws_project):
     assert run_dvcray("cluster", "status", "--json", cwd=aws_project).stdout.strip() == "[]"
 
 
+@pytest.mark.loopback_namespace
 def test_status_never_forgets_a_cluster_on_an_empty_answer(aws_project):
     """No instances in the answer (another AWS_PROFILE, another region, or the idle
     watcher took it down): the record stays until `down` (issue 10, item 14)."""
@@ -516,6 +532,7 @@ def test_status_never_forgets_a_cluster_on_an_empty_answer(aws_project):
     assert records.repo_records(aws_project) == []
 
 
+@pytest.mark.loopback_namespace
 def test_every_clone_names_and_finds_the_same_cluster(aws_project, tmp_path):
     """The cluster's name comes from the project's first commit and the config, not
     the repo's path: a second clone or a moved repo takes the same cluster down
@@ -551,6 +568,7 @@ def test_every_clone_names_and_finds_the_same_cluster(aws_project, tmp_path):
         ssh.stop_forward(record)
 
 
+@pytest.mark.loopback_namespace
 def test_run_finds_the_repos_aws_cluster_and_its_token(aws_project, monkeypatch):
     """``dvcray run`` (``clusters.known_address``) submits to this repo's AWS cluster through
     its port-forward, reopened when it died, and sends the cluster's own token."""
@@ -577,6 +595,7 @@ def test_run_finds_the_repos_aws_cluster_and_its_token(aws_project, monkeypatch)
     ssh.stop_forward(reopened)
 
 
+@pytest.mark.loopback_namespace
 def test_idle_watcher_on_the_head_terminates_the_whole_cluster(aws_env, tmp_path, monkeypatch):
     """What ``head_start_ray_commands`` starts on the head: ``python -m dvcray_cli.clusters.idle
     aws --config ~/ray_bootstrap_config.yaml --timeout N --background``. It detaches,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_dvcray, sh
+from helpers import run_dvcray, sh
 
 SPEC = {"params.yaml": "lr: 0.1\n", "other.yaml": "depth: 2\n", "extra.txt": "x\n",
         "dvc.yaml": "stages:\n  train:\n    cmd: echo trained > out.txt\n    params: [lr]\n    outs: [out.txt]\n"}

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import run_dvcray, sh
+from helpers import run_dvcray, sh
 from dvcray_cli import clusters, ray_api, files
 from dvcray_cli.clusters import local
 from dvcray_cli.errors import ClusterError, UsageError

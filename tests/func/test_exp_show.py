@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import run_dvcray, sh
+from helpers import run_dvcray, sh
 
 EVAL = """\
 import json, os, yaml

@@ -13,7 +13,7 @@ import json
 import time
 
 
-from conftest import run_dvcray
+from helpers import run_dvcray
 from dvcray_cli import ray_api
 from dvcray_cli.clusters import idle, local
 

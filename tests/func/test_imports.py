@@ -9,13 +9,14 @@ The docs checks follow sqlite-utils' tests/test_docs.py.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import typer.main
 
-from conftest import REPO
+from helpers import REPO
 
 HEAVY = {"ray", "dvc", "dvclive", "boto3", "botocore", "s3fs", "torch", "pandas", "numpy",
          "sklearn", "matplotlib"}
@@ -68,8 +69,10 @@ def imported(args: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
     return proc, set(json.loads(line.removeprefix("MODULES=")))
 
 
-def test_the_app_has_commands():
-    assert ("scaffold",) in LEAVES
+def test_the_app_has_the_commands_the_design_lists():
+    """DESIGN.md's command contract, exactly: a command added or dropped shows here."""
+    assert set(LEAVES) == {("scaffold",), ("cluster", "up"), ("cluster", "down"), ("cluster", "status"), ("run",),
+                           ("runs",), ("logs",), ("stop",), ("pull",), ("report",), ("queue", "start")}
 
 
 @pytest.mark.parametrize("path", sorted(COMMANDS), ids=ids)
@@ -94,12 +97,20 @@ def test_scaffold_list_imports_no_heavy_library():
 
 
 def test_python_dash_m_help():
-    proc = subprocess.run([sys.executable, "-m", "dvcray_cli", "--help"],
-                          capture_output=True, text=True, timeout=120)
+    """``python -m dvcray_cli --help`` lists every top-level command, each with its summary line."""
+    proc = subprocess.run([sys.executable, "-m", "dvcray_cli", "--help"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
     assert proc.returncode == 0, proc.stderr
-    for path in COMMANDS:
-        if len(path) == 1:
-            assert path[0] in proc.stdout
+    listed = {}
+    for line in proc.stdout.split("Commands", 1)[1].splitlines():
+        words = line.strip("│ ").split(None, 1)
+        if len(words) == 2 and words[0].isalpha():
+            listed[words[0]] = words[1].strip()
+    top = {path[0]: cmd for path, cmd in COMMANDS.items() if len(path) == 1}
+    assert set(listed) == set(top), listed
+    for name, cmd in top.items():
+        summary = (cmd.short_help or cmd.help or "").strip().splitlines()[0]
+        assert listed[name].startswith(summary[:40]), (name, listed[name], summary)
 
 
 # --- docs (sqlite-utils' tests/test_docs.py) -------------------------------------------

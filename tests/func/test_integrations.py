@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_dvcray, sh
-from test_run import exp_metrics, exp_refs
+from helpers import exp_metrics, exp_refs, run_dvcray, sh
 
 PLANTED_TOKEN = "isat_planted-studio-token-0123456789"
 

@@ -23,33 +23,15 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from conftest import sh, store_log
-from test_run import exp_metrics
-from test_run_s3 import bucket_objects
+from helpers import bucket_objects, cluster_env, exp_metrics, s3_default_remote, sh, store_log
 
 pytestmark = pytest.mark.slow
 
 HEAD_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"  # fake_multinode's head node id
-_DROP = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE",
-         "DVC_STUDIO_TOKEN", "CI")
-
 
 def _dvcray(*args: str, env: dict, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dvcray_cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def _cluster_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _DROP and not k.startswith("AWS_")}
-    env.update({
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), "XDG_CACHE_HOME": str(home / ".cache"),
-        "RAY_USAGE_STATS_ENABLED": "0", "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "true",
-        "GIT_CONFIG_NOSYSTEM": "1",
-        # The nodes' own credentials (an instance profile on AWS); the client's never travel.
-        "AWS_ACCESS_KEY_ID": "node-key", "AWS_SECRET_ACCESS_KEY": "node-secret", "AWS_DEFAULT_REGION": "us-east-1",
-    })
-    return env
 
 
 def _left_behind(gcs_address: str, temp_dir: str) -> list[str]:
@@ -77,7 +59,7 @@ def multinode(tmp_path_factory):
     from dvcray_cli.clusters import local
 
     home = tmp_path_factory.mktemp("multinode-home")
-    env = _cluster_env(home)
+    env = cluster_env(home)
     t = time.monotonic()
     proc = _dvcray("cluster", "up", "local-multinode", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -182,8 +164,7 @@ def test_s3_store_places_runners_on_workers_and_more_experiments_than_cpus_all_f
         "dvc.yaml": "stages:\n  s:\n    cmd: python stage.py\n    deps: [stage.py]\n    params: [x]\n"
                     "    metrics: [{m.json: {cache: false}}]\n",
     }, commit=False)
-    sh("dvc", "remote", "add", "-d", "storage", f"s3://{bucket}/dvc", cwd=root)
-    sh("dvc", "remote", "modify", "storage", "endpointurl", endpoint, cwd=root)
+    s3_default_remote(root, endpoint, bucket)
     sh("git", "add", "-A", cwd=root)
     sh("git", "commit", "-q", "-m", "s3 project", cwd=root)
 
@@ -236,8 +217,10 @@ def test_a_cluster_that_dies_mid_run_is_exit_3_and_the_run_lost(on_multinode, ma
     store = tmp_path / "store"
     # The cluster's HOME: where `dvcray cluster up` recorded it, as for a user.
     env = {**os.environ, "HOME": str(on_multinode.home), "DVCRAY_RECONNECT_TIMEOUT_S": "5"}
+    # No reconnect timeout within the test's hang guard: the run can end only by noticing the death.
     run = subprocess.Popen([sys.executable, "-m", "dvcray_cli", "run", "-n", "doomed", "--store", str(store)],
-                           cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           cwd=root, env={**env, "DVCRAY_RECONNECT_TIMEOUT_S": "3600"}, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         run_dir = None
@@ -255,16 +238,13 @@ def test_a_cluster_that_dies_mid_run_is_exit_3_and_the_run_lost(on_multinode, ma
         assert sum(psutil.Process(p).name() == "raylet" for p in victims) >= 2, victims  # head and a worker
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
-        t = time.monotonic()
-        out, err = run.communicate(timeout=120)
-        ended_s = time.monotonic() - t
+        out, err = run.communicate(timeout=300)   # a hang guard: the stage would sleep 300 s
     finally:
         if run.poll() is None:
             run.kill()
             run.wait()
     assert run.returncode == 3, out + err
     assert "died" in err and run_id in err and "Traceback" not in err
-    assert ended_s < 30, f"the client took {ended_s:.0f} s to notice"
     assert "STAGE-STARTED" in store_log(run_dir)  # the store kept the log up to then
 
     # The runner service outlives the GCS by a few seconds; its watchdog then stops the

@@ -26,8 +26,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import REPO, run_dvcray, sh
-from test_run import exp_metrics, exp_refs
+from helpers import REPO, exp_metrics, exp_refs, run_dvcray, sh
 
 pytestmark = [
     pytest.mark.slow,

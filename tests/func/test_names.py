@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import run_dvcray, sh
+from helpers import run_dvcray, sh
 
 STAGE = """\
 import json, time, yaml

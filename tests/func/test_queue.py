@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from conftest import run_dvcray, sh
-from test_run import exp_metrics, exp_refs
-from ray_fixtures import node_files
+from helpers import exp_metrics, exp_refs, node_files, queued, run_dvcray, sh
 
 PLANTED_TOKEN = "isat_queue-planted-token-9f8e7d6c5b4a"
 
@@ -30,14 +27,6 @@ def queue_project(make_dvc_project) -> Path:
         "dvc.yaml": "stages:\n  s:\n    cmd: python stage.py\n    deps: [stage.py, note.txt]\n    params: [x]\n"
                     "    metrics: [{m.json: {cache: false}}]\n",
     })
-
-
-def queued(root: Path) -> list[str]:
-    """The names DVC's queue lists as queued (DVC's own API, as dvc queue status reads it)."""
-    from dvc.repo import Repo
-
-    with Repo(os.fspath(root)) as repo:
-        return [e.name for e in repo.experiments.celery_queue.iter_queued()]
 
 
 def test_queued_experiments_run_with_their_workspace_and_leave_the_queue(

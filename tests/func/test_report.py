@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_dvcray, sh
+from helpers import run_dvcray, sh
 
 
 def test_report_marks_what_changed(make_dvc_project):

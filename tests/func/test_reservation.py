@@ -14,8 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import run_dvcray
-from test_run import exp_metrics
+from helpers import exp_metrics, run_dvcray
 
 # The stage's Ray work checks in at a counter, waits until `want` are in (at most 60 s),
 # and reports where it ran. What the stage writes: how many were in at once at most,

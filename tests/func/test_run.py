@@ -12,61 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_dvcray, sh
-
-STAGE_PY = """\
-import json, sys, yaml
-from pathlib import Path
-p = yaml.safe_load(open("params.yaml"))["train"]
-extra = Path("extra.txt").read_text().strip() if Path("extra.txt").exists() else "none"
-ignored = Path("secret.ignored").exists()
-print(f"training with lr={p['lr']} epochs={p['epochs']}", flush=True)
-score = round(p["lr"] * p["epochs"] * FACTOR, 6)
-Path("model.txt").write_text(f"model {score}\\n")
-json.dump({"score": score, "extra": extra, "ignored_travelled": ignored}, open("metrics.json", "w"))
-"""
-
-DVC_YAML = """\
-stages:
-  train:
-    cmd: python train.py
-    deps: [train.py]
-    params: [train]
-    outs: [model.txt]
-    metrics:
-      - metrics.json:
-          cache: false
-"""
-
-
-def project_spec(factor: str = "1") -> dict[str, str]:
-    return {
-        "params.yaml": "train:\n  lr: 0.5\n  epochs: 3\n",
-        "train.py": STAGE_PY.replace("FACTOR", factor),
-        "dvc.yaml": DVC_YAML,
-        ".gitignore": "*.ignored\n",
-    }
-
-
-def exp_refs(root: Path) -> dict[str, str]:
-    out = sh("git", "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps/", cwd=root)
-    refs = {}
-    for line in out.splitlines():
-        ref, sha = line.split()
-        refs[ref] = sha
-    return refs
-
-
-def exp_metrics(root: Path, name: str, file: str = "metrics.json") -> dict:
-    """Metrics of experiment ``name`` as ``dvc exp show --json`` reports them."""
-    data = json.loads(sh("dvc", "exp", "show", "--json", cwd=root))
-    for baseline in data:
-        for exp in baseline.get("experiments") or []:
-            for rev in exp.get("revs", []):
-                if rev.get("name") == name:
-                    return rev["data"]["metrics"][file]["data"]
-    raise AssertionError(f"experiment {name} not in dvc exp show")
-
+from helpers import TRAIN_PY, exp_metrics, exp_refs, project_spec, run_dvcray, sh
 
 def workspace_state(root: Path) -> tuple[str, dict[str, bytes]]:
     files = {}
@@ -85,7 +31,7 @@ def store(tmp_path) -> Path:
 def test_remote_experiment_equals_local_and_leaves_workspace_alone(ray_cluster, make_dvc_project, store):
     root = make_dvc_project(project_spec())
     # Uncommitted edit of a tracked file, an untracked file, and an ignored one.
-    (root / "train.py").write_text(STAGE_PY.replace("FACTOR", "2"))
+    (root / "train.py").write_text(TRAIN_PY.replace("FACTOR", "2"))
     (root / "extra.txt").write_text("untracked-but-not-ignored\n")
     (root / "secret.ignored").write_text("must not travel\n")
     before = workspace_state(root)
@@ -249,19 +195,21 @@ def test_two_runs_at_once(ray_cluster, make_dvc_project, store):
     assert exp_metrics(root, "two")["score"] == 0.6
 
 
-def test_detach_returns_at_once(ray_cluster, make_dvc_project, store):
-    root = make_dvc_project({
-        "dvc.yaml": "stages:\n  slow:\n    cmd: python -c \"import time; time.sleep(4); open('o.txt','w').write('x')\"\n"
-                    "    outs: [o.txt]\n",
-    })
-    started = time.time()
-    proc = run_dvcray("run", "-n", "bg", "--detach", "--json", "--store", str(store), cwd=root)
+def test_detach_returns_at_once(ray_cluster, make_dvc_project, store, tmp_path):
+    """`--detach` returns while the run goes: its stage cannot end before the test opens a
+    gate, which it does only once the command has returned."""
+    gate = tmp_path / "gate"
+    stage = (f"import os, time\nfor _ in range(3000):\n    if os.path.exists({str(gate)!r}): break\n"
+             "    time.sleep(0.1)\nopen('o.txt', 'w').write('x')\n")
+    root = make_dvc_project({"stage.py": stage, "dvc.yaml": "stages:\n  gated:\n    cmd: python stage.py\n"
+                                                            "    outs: [o.txt]\n"})
+    proc = run_dvcray("run", "-n", "bg", "--detach", "--json", "--store", str(store), cwd=root, timeout=300)
     assert proc.returncode == 0, proc.stderr
     run_id = json.loads(proc.stdout)["run_id"]
     assert f"dvcray logs {run_id}" in proc.stderr
     assert run_state(root, run_id) in ("PENDING", "RUNNING")
-    assert time.time() - started < 20
-    deadline = time.time() + 120
+    gate.touch()
+    deadline = time.time() + 300   # a hang guard
     while run_state(root, run_id) not in ("SUCCEEDED", "FAILED", "STOPPED"):
         assert time.time() < deadline
         time.sleep(0.5)

@@ -11,11 +11,14 @@ import sys
 import threading
 from pathlib import Path
 
-from conftest import run_dvcray, sh
+from helpers import run_dvcray, sh
 
 
 class CuttableProxy:
-    """A TCP proxy on 127.0.0.1 whose open connections the test can cut."""
+    """A TCP proxy on 127.0.0.1 that cuts connections in mid-flight when armed: the next
+    answer the server sends on a connection that carried a request is passed on only in
+    part, then both ends are closed. It keeps every connection's traffic and every cut,
+    so a test can prove each cut broke an answer in two and the client came back."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -24,10 +27,12 @@ class CuttableProxy:
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(64)
         self.port = self.listener.getsockname()[1]
-        self.conns: list[socket.socket] = []
         self.lock = threading.Lock()
-        self.cuts = 0
+        self.connections: list[dict] = []   # {"up": bytes client->server, "down": server->client}
+        self.cuts: list[dict] = []           # {"connection": index, "request": bytes, "passed": n, "held": n}
+        self.armed = 0
         self.closed = False
+        self._sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -37,40 +42,68 @@ class CuttableProxy:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            traffic = {"up": 0, "down": 0}
             with self.lock:
-                self.conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                index = len(self.connections)
+                self.connections.append(traffic)
+                self._sockets += [client, upstream]
+            pair = (client, upstream)
+            threading.Thread(target=self._pump, args=(client, upstream, traffic, "up", index, pair), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, traffic, "down", index, pair),
+                             daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, traffic: dict, way: str, index: int, pair) -> None:
         try:
             while data := src.recv(65536):
+                if way == "down" and traffic["up"] > 0:
+                    with self.lock:
+                        cut = self.armed > 0
+                        if cut:
+                            self.armed -= 1
+                    if cut:
+                        passed = max(1, len(data) // 2)
+                        dst.sendall(data[:passed])
+                        traffic[way] += passed
+                        with self.lock:
+                            self.cuts.append({"connection": index, "request": traffic["up"], "passed": passed,
+                                              "held": len(data) - passed})
+                        break
+                traffic[way] += len(data)
                 dst.sendall(data)
         except OSError:
             pass
         finally:
-            for s in (src, dst):
+            for s in pair:
                 try:
                     s.shutdown(socket.SHUT_RDWR)
+                    s.close()
                 except OSError:
                     pass
 
-    def cut(self) -> None:
+    def arm(self) -> None:
+        """Cut the next answer in mid-flight."""
         with self.lock:
-            conns, self.conns = self.conns, []
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-                conn.close()
-            except OSError:
-                pass
-        self.cuts += 1
+            self.armed += 1
 
     def close(self) -> None:
         self.closed = True
         self.listener.close()
-        self.cut()
+        with self.lock:
+            found, self._sockets = self._sockets, []
+        for conn in found:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def assert_cut_mid_flight_and_resumed(self, cuts: int) -> None:
+        """Each cut broke an answer to a request in two (part passed, part held back),
+        and the client then connected again and got data through the new connection."""
+        assert len(self.cuts) == cuts, self.cuts
+        for i, cut in enumerate(self.cuts):
+            assert cut["request"] > 0 and cut["passed"] > 0 and cut["held"] > 0, f"cut {i + 1}: {cut}"
+            later = self.connections[cut["connection"] + 1:]
+            assert any(t["down"] > 0 for t in later), f"no data came through a new connection after cut {i + 1}"
 
 
 def talk(tag: str) -> dict[str, str]:
@@ -84,7 +117,8 @@ def talk(tag: str) -> dict[str, str]:
 
 
 def _follow_through(proxy: CuttableProxy, root, args: list[str], env: dict | None = None) -> tuple[int, list, str]:
-    """Run ``dvcray run ARGS`` and cut its connection twice mid-run."""
+    """Run ``dvcray run ARGS`` and cut its connection twice mid-run, each time in the
+    middle of an answer."""
     try:
         proc = subprocess.Popen([sys.executable, "-m", "dvcray_cli", "run", *args], cwd=root, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
@@ -92,7 +126,7 @@ def _follow_through(proxy: CuttableProxy, root, args: list[str], env: dict | Non
         for line in proc.stdout:
             lines.append(line)
             if line.startswith(("line 04", "line 12")):
-                proxy.cut()  # mid-run, twice
+                proxy.arm()  # mid-run, twice: the next answer is cut in two
         proc.wait(timeout=120)
         stderr = proc.stderr.read()
     finally:
@@ -112,7 +146,7 @@ def test_dropped_connection_resumes_without_lost_or_repeated_lines(ray_cluster, 
         proxy, root, ["-n", "cut", "--address", f"http://127.0.0.1:{proxy.port}", "--store", str(tmp_path / "store")],
         env={"DVCRAY_SERVICE": "0"})
     assert code == 0, "".join(lines) + stderr
-    assert proxy.cuts >= 3
+    proxy.assert_cut_mid_flight_and_resumed(2)
     assert _numbered(lines) == [f"line {i:02d}" for i in range(1, 21)]
 
 
@@ -131,7 +165,7 @@ def test_dropped_connection_to_the_runner_service_resumes_without_lost_or_repeat
     services.write_text(json.dumps({**known, ray_cluster.dashboard_url: {**entry, "port": proxy.port}}))
     code, lines, stderr = _follow_through(proxy, root, ["-n", "cut", "--store", str(store)])
     assert code == 0, "".join(lines) + stderr
-    assert proxy.cuts >= 3, "".join(lines) + stderr
+    proxy.assert_cut_mid_flight_and_resumed(2)
     assert _numbered(lines) == [f"line {i:02d}" for i in range(1, 21)]
 
 

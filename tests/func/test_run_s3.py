@@ -4,31 +4,22 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-import boto3
 import pytest
 
-from conftest import run_dvcray, sh
-from test_run import exp_metrics, project_spec
-from ray_fixtures import node_files
+from helpers import (bucket_objects, exp_metrics, node_files, project_spec, run_dvcray, running_head,
+                     s3_default_remote, sh)
 
 
 @pytest.fixture(scope="module")
 def s3_head(tmp_path_factory):
     """A head whose nodes have (fake) AWS credentials of their own, as an AWS
     instance profile would give them. The client's credentials never travel."""
-    from ray_fixtures import start_test_head
-
-    head, temp_dir = start_test_head(tmp_path_factory.mktemp("s3-head-home"), "pytest-s3", env={
-        "AWS_ACCESS_KEY_ID": "node-key", "AWS_SECRET_ACCESS_KEY": "node-secret", "AWS_DEFAULT_REGION": "us-east-1"})
-    try:
+    with running_head(tmp_path_factory.mktemp("s3-head-home"), "pytest-s3", env={
+            "AWS_ACCESS_KEY_ID": "node-key", "AWS_SECRET_ACCESS_KEY": "node-secret",
+            "AWS_DEFAULT_REGION": "us-east-1"}) as head:
         yield head
-    finally:
-        head.stop()
-        assert head.pids() == []
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 PLANTED = {
@@ -36,16 +27,6 @@ PLANTED = {
     "aws_env": "planted-aws-env-secret-91c2",
     "studio": "planted-studio-token-55de",
 }
-
-
-def bucket_objects(endpoint: str, bucket: str) -> dict[str, bytes]:
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                      aws_access_key_id="x", aws_secret_access_key="x")
-    found = {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-        for obj in page.get("Contents", []):
-            found[obj["Key"]] = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
-    return found
 
 
 def test_s3_store_from_dvc_default_remote_and_no_secret_reaches_ray(s3_head, s3_bucket, make_dvc_project,
@@ -56,8 +37,7 @@ def test_s3_store_from_dvc_default_remote_and_no_secret_reaches_ray(s3_head, s3_
     spec["train.py"] = ("import ray\nray.init()\nprint('DRIVER_RUNTIME_ENV', ray.get_runtime_context().runtime_env)\n"
                         + spec["train.py"])
     root = make_dvc_project(spec, commit=False)
-    sh("dvc", "remote", "add", "-d", "storage", f"s3://{bucket}/dvc", cwd=root)
-    sh("dvc", "remote", "modify", "storage", "endpointurl", endpoint, cwd=root)
+    s3_default_remote(root, endpoint, bucket)
     sh("dvc", "remote", "modify", "--local", "storage", "access_key_id", "client-key", cwd=root)
     sh("dvc", "remote", "modify", "--local", "storage", "secret_access_key", PLANTED["config_local"], cwd=root)
     (root / "data.csv").write_text("1\n2\n")

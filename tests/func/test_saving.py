@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_dvcray, sh
+from helpers import run_dvcray, sh
 
 BLOCK_FILES = """\
 import json, os, shutil, yaml

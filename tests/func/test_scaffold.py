@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, build_file_tree, run_dvcray, sh
+from helpers import REPO, build_file_tree, run_dvcray, sh
 
 TEMPLATES = REPO / "templates"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_dvcray, sh
+from helpers import run_dvcray, sh
 
 SNAP = r'''
 import hashlib, json, os

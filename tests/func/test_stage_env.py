@@ -22,70 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_dvcray, sh
-from test_queue import queued
-from test_run import exp_refs
-
-# The stage: gated (when GATE is set) before it imports anything of the project, then
-# what it, a Ray task and (when TRAIN is set) a Ray Train worker see.
-STAGE = """\
-import json, os, sys, tempfile, time
-from pathlib import Path
-
-if os.environ.get("GATE"):
-    Path(os.environ["GATE"] + ".started").write_text(str(os.getpid()))
-    while not Path(os.environ["GATE"]).exists():
-        time.sleep(0.2)
-
-from src.model import VALUE
-import ray
-
-
-def view():
-    import os, socket, sys
-    from src.model import VALUE
-    return {"value": VALUE, "host": socket.gethostname(), "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "stray": any("stray-shell" in p for p in sys.path),
-            **{name: os.environ.get(name) for name in ("MODE", "SEED", "LISTED", "UNNAMED")}}
-
-
-ray.init()
-
-
-@ray.remote(num_cpus=int(os.environ.get("TASK_CPUS", "1")))
-def task():
-    return view()
-
-
-out = {"stage": {**view(), "pythonpath": os.environ.get("PYTHONPATH", "")}, "task": ray.get(task.remote())}
-if os.environ.get("TRAIN"):
-    import ray.train
-    from ray.train import Checkpoint, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from dvcray_cli.integrations.storage import storage_path
-
-    def loop(config):
-        with tempfile.TemporaryDirectory() as folder:
-            Path(folder, "seen").write_text("1")
-            ray.train.report(view(), checkpoint=Checkpoint.from_directory(folder))
-
-    result = TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-                          run_config=RunConfig(storage_path=storage_path(), name=f"train-{os.getpid()}")).fit()
-    out["train"] = {k: result.metrics.get(k) for k in ("value", "host", "cuda", "stray", "MODE", "SEED", "LISTED",
-                                                       "UNNAMED")}
-json.dump(out, open("seen.json", "w"))
-"""
-
-SPEC = {
-    "src/__init__.py": "",
-    "src/model.py": "VALUE = 1\n",
-    "src/stages/train.py": STAGE,
-    "dvc.yaml": "stages:\n  train:\n    cmd: python src/stages/train.py\n    deps: [src]\n"
-                "    metrics: [{seen.json: {cache: false}}]\n",
-    "pyproject.toml": '[tool.dvcray]\nenv = ["LISTED"]\n',
-    ".gitignore": ".ray_results/\n",
-}
-
+from helpers import SRC_LAYOUT as SPEC, queued, run_dvcray, seen_by, sh
 
 def _stray_src(folder: Path) -> Path:
     """Another folder holding a ``src`` package, as another project's PYTHONPATH would."""
@@ -93,13 +30,6 @@ def _stray_src(folder: Path) -> Path:
     (folder / "src" / "__init__.py").write_text("")
     (folder / "src" / "model.py").write_text("VALUE = 99\n")
     return folder
-
-
-def seen_by(root: Path, exp_name: str) -> dict:
-    """What the stage and its workers saw, as the experiment's commit holds it (``dvc exp show``
-    leaves out values that are no numbers)."""
-    [ref] = [r for r in exp_refs(root) if r.endswith(f"/{exp_name}")]
-    return json.loads(sh("git", "show", f"{ref}:seen.json", cwd=root))
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:

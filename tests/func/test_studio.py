@@ -7,12 +7,12 @@ Every Studio here is a capture server on 127.0.0.1 (tests never reach a real one
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import run_dvcray, sh
-from ray_fixtures import node_files
+from helpers import node_files, run_dvcray, sh
 
 PLANTED_TOKEN = "isat_studio-planted-token-0a1b2c3d4e5f"
 
@@ -96,13 +96,16 @@ def test_a_fast_loop_stays_calm_and_no_token_sends_nothing(ray_cluster, make_dvc
                                                            studio_capture):
     root = live_project(make_dvc_project)
     env = {"DVC_STUDIO_URL": studio_capture.url, "DVC_STUDIO_OFFLINE": "false"}  # no token
+    started = time.monotonic()
     proc = run_dvcray("run", "-n", "calm", "-S", "steps=400,3", "-S", "lr=0.41", "--store", str(tmp_path / "s"),
                       cwd=root, env=env)
+    took = time.monotonic() - started
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = {name: [ln for ln in proc.stdout.splitlines() if ln.startswith(f"[{name}] live: ")]
              for name in ("calm-1", "calm-2")}
-    # One line per experiment at most once a second, however fast its loop; the last one its last step.
-    assert lines["calm-1"] and len(lines["calm-1"]) < 40, lines["calm-1"]
+    # One line per experiment at most once a second (of however long the command took, the
+    # machine's load included), however fast its loop of 400 steps; the last one its last step.
+    assert lines["calm-1"] and len(lines["calm-1"]) <= took + 1, (took, lines["calm-1"])
     assert lines["calm-1"][-1].startswith("[calm-1] live: dvclive step 399 ")
     assert lines["calm-2"][-1].startswith("[calm-2] live: dvclive step 2 ")
     assert studio_capture.take() == []

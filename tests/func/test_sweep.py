@@ -9,8 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import run_dvcray, sh
-from test_run import exp_metrics, exp_refs
+from helpers import exp_metrics, exp_refs, run_dvcray, sh
 
 STAGE = """\
 import json, sys, time, yaml
@@ -74,8 +73,10 @@ def test_placed_experiments_reserve_their_resources_without_a_job_each(ray_clust
     assert proc.returncode == 0, proc.stdout + proc.stderr
     from dvcray_cli import clusters
 
+    # This project's (other test files run "placed-N" experiments as Ray Jobs on the session's cluster).
+    baseline = sh("git", "rev-parse", "HEAD", cwd=root)
     assert not [j for j in clusters.connect(ray_cluster.dashboard_url).list_jobs()
-                if (j.metadata or {}).get("exp_name", "").startswith("placed-")], "no Ray Job per experiment"
+                if (j.metadata or {}).get("baseline") == baseline], "no Ray Job per experiment"
     import requests
 
     # What Ray recorded: each experiment reserved 1 CPU (a placement group named after

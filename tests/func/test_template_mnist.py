@@ -317,3 +317,34 @@ def test_exp_show_and_plots_show(mnist_run):
     for path in ("dvclive/evaluate/plots/sklearn/confusion_matrix.json",
                  "dvclive/train/plots/metrics/accuracy.tsv", "tune/trials.csv", "tune/accuracy.png"):
         assert (dest / path).is_file(), path
+
+
+@pytest.mark.slow
+def test_train_resumes_from_its_checkpoint_and_dvclive_continues_its_steps(mnist_run, tmp_path):
+    """A retry under dvcray (the same run id, a fresh workspace): Ray Train restores the run's
+    latest checkpoint, the loop starts after its epoch, and dvclive/train shows one run."""
+    import shutil
+
+    dest, env, proc = mnist_run
+    assert proc.returncode == 0
+    project = tmp_path / "resumed"
+    shutil.copytree(dest, project, ignore=shutil.ignore_patterns(".ray_results"))
+    retry_env = {**env, "DVCRAY_RUN_ID": "dvcray-20260101-000000-abcdef",
+                 "DVCRAY_STORAGE_PATH": str(tmp_path / "storage")}
+    _edit_params(project, lambda params: params["train"].update(epochs=2))
+    first = _run([PYTHON, "src/train_model.py"], project, retry_env, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "resuming" not in first.stdout
+    # The machine is lost: the retry's workspace has no dvclive/train and no model.
+    shutil.rmtree(project / "dvclive" / "train")
+    (project / "models" / "model.pt").unlink()
+    _edit_params(project, lambda params: params["train"].update(epochs=3))
+    second = _run([PYTHON, "src/train_model.py"], project, retry_env, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming after epoch 2" in second.stdout and "epoch 3:" in second.stdout, second.stdout[-3000:]
+    assert "epoch 1:" not in second.stdout and "epoch 2:" not in second.stdout, "epochs redone"
+    for name in ("loss", "accuracy", "val_accuracy"):
+        rows = _rows(project / f"dvclive/train/plots/metrics/{name}.tsv", delimiter="\t")
+        assert [int(r["step"]) for r in rows] == [1, 2, 3], name
+    assert json.loads((project / "dvclive/train/metrics.json").read_text())["step"] == 3
+    assert (project / "models" / "model.pt").exists()

@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from conftest import run_dvcray, sh
+from helpers import run_dvcray, sh
 
 SPEC = {"params.yaml": "lr: 0.1\n", "dvc.yaml": "stages:\n  s:\n    cmd: echo hi\n"}
 RUN = "dvcray-20260101-120000-abcdef"

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_dvcray
+from helpers import REPO, run_dvcray, running_head
 from dvcray_cli import __version__, clusters, compatible, ray_api
-from ray_fixtures import start_test_head
 
 SPEC = {"params.yaml": "x: 1\n", "dvc.yaml": "stages:\n  s:\n    cmd: echo ran > out.txt\n    outs: [out.txt]\n"}
 
@@ -44,13 +43,9 @@ def other_dvcray_head(tmp_path_factory):
     shutil.copytree(REPO / "dvcray_cli", site / "dvcray_cli", ignore=shutil.ignore_patterns("__pycache__"))
     init = site / "dvcray_cli" / "__init__.py"
     init.write_text(init.read_text().replace(f'__version__ = "{__version__}"', '__version__ = "9.9.0"'))
-    head, temp_dir = start_test_head(tmp_path_factory.mktemp("other-home"), "other-version",
-                                     env={"PYTHONPATH": str(site)}, num_cpus=1, dvcray_version=None)
-    try:
+    with running_head(tmp_path_factory.mktemp("other-home"), "other-version", env={"PYTHONPATH": str(site)},
+                      num_cpus=1, dvcray_version=None) as head:
         yield head
-    finally:
-        head.stop()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_a_cluster_with_another_dvcray_is_refused_before_anything_is_submitted(other_dvcray_head, make_dvc_project,

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_dvcray, sh
-from test_run import exp_metrics
-from test_warm import node_dir
+from helpers import exp_metrics, node_dir, run_dvcray, sh
 
 STAGE = """\
 import json, os, yaml

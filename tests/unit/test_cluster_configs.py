@@ -9,7 +9,7 @@ import copy
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 from dvcray_cli.clusters import local
 from dvcray_cli.clusters.aws import config as aws_config
 from dvcray_cli.clusters.aws import pricing

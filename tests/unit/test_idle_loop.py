@@ -1,4 +1,4 @@
-"""The idle watcher's logic, without a cluster: durations and the watch loop.
+"""The idle watcher's logic, without a cluster: durations and the watch loop (on a fake clock).
 The real watcher on a real cluster: tests/func/test_idle.py."""
 
 from __future__ import annotations
@@ -28,29 +28,59 @@ def test_format_duration():
     assert [clusters.format_duration(s) for s in (0, 10, 90, 3600, 5400)] == ["off", "10s", "1m30s", "1h", "1h30m"]
 
 
+class FakeClock:
+    """Time that passes only when the loop sleeps (or a probe says it took time)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def test_watch_waits_for_busy_runs_and_starts_over_when_refused():
-    """The loop alone, with a fake clock of polls: busy polls reset the idle time,
-    a refused take-down (a run came in) starts the wait over."""
-    events: list[str] = []
-    busy = iter([True, True, False, False, False, False, False, False, False, False])
+    """Busy polls reset the idle time; a refused take-down (a run came in) starts the wait over."""
+    clock = FakeClock()
+    events: list[tuple[float, str]] = []
+    busy = iter([True, True] + [False] * 10)
     answers = iter([False, True])
 
     def is_busy() -> bool:
         value = next(busy)
-        events.append("busy" if value else "idle")
+        events.append((clock.now - 1000, "busy" if value else "idle"))
         return value
 
     def take_down() -> bool:
-        events.append("down?")
+        events.append((clock.now - 1000, "down?"))
         return next(answers)
 
-    assert idle.watch(is_busy, take_down, lambda: True, timeout_s=0.25, poll_s=0.1) == "down"
-    assert events.count("down?") == 2
-    assert events[:2] == ["busy", "busy"] and events.index("down?") >= 4
+    assert idle.watch(is_busy, take_down, lambda: True, timeout_s=25, poll_s=10,
+                      clock=clock, sleep=clock.sleep) == "down"
+    assert events == [(10, "busy"), (20, "busy"), (30, "idle"), (40, "idle"), (50, "idle"), (50, "down?"),
+                      (60, "idle"), (70, "idle"), (80, "idle"), (80, "down?")]
+
+
+def test_the_wait_starts_over_when_the_refused_take_down_ends():
+    """A take-down that took long and was refused: the full timeout counts from its end."""
+    clock = FakeClock()
+    downs: list[float] = []
+
+    def take_down() -> bool:
+        downs.append(clock.now - 1000)
+        clock.sleep(100)   # asking the cluster took that long, and a run came in meanwhile
+        return len(downs) > 1
+
+    assert idle.watch(lambda: False, take_down, lambda: True, timeout_s=30, poll_s=10,
+                      clock=clock, sleep=clock.sleep) == "down"
+    assert downs == [30, 160]
 
 
 def test_a_job_api_that_does_not_answer_never_takes_the_cluster_down():
     """Runs go on while a dashboard is down: no answer is no proof of idleness."""
+    clock = FakeClock()
     calls = {"n": 0}
 
     def broken() -> bool:
@@ -59,20 +89,27 @@ def test_a_job_api_that_does_not_answer_never_takes_the_cluster_down():
 
     still = iter([True] * 12 + [False])
     outcome = idle.watch(broken, lambda: pytest.fail("taken down on no answer"), lambda: next(still),
-                         timeout_s=0.1, poll_s=0.05)
-    assert outcome == "gone" and calls["n"] == 12  # 0.6 s of silence, six times the timeout
+                         timeout_s=10, poll_s=5, clock=clock, sleep=clock.sleep)
+    assert outcome == "gone" and calls["n"] == 12
+    assert clock.now - 1000 == 65  # six and a half timeouts of silence, never taken down
 
 
 def test_silence_then_idle_answers_take_it_down_after_the_full_timeout():
+    """The idle time counts from the last silence, not from the start."""
+    clock = FakeClock()
     answers = iter([ConnectionError("refused")] * 3 + [False] * 50)
-    seen = []
+    downs: list[float] = []
 
     def probe() -> bool:
         answer = next(answers)
-        seen.append(answer)
         if isinstance(answer, Exception):
             raise answer
         return answer
 
-    assert idle.watch(probe, lambda: True, lambda: True, timeout_s=0.2, poll_s=0.05) == "down"
-    assert sum(1 for a in seen if a is False) >= 4  # the idle time counts from the last silence
+    def take_down() -> bool:
+        downs.append(clock.now - 1000)
+        return True
+
+    assert idle.watch(probe, take_down, lambda: True, timeout_s=20, poll_s=5,
+                      clock=clock, sleep=clock.sleep) == "down"
+    assert downs == [35]  # the last silence at 15 s, then 20 s idle

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 from dvcray_cli import ray_api
 from dvcray_cli.clusters.launcher import config as cfg
 from dvcray_cli.errors import UsageError

@@ -16,16 +16,15 @@ def test_a_change_made_while_a_placed_runs_log_is_read_comes_with_the_next_poll(
         reading = service.entries["a"] = table.Entry("a", "j", "a", {}, state=RunState.RUNNING, placed=True)
         ending = service.entries["b"] = table.Entry("b", "j", "b", {}, state=RunState.RUNNING, placed=True)
 
-        class Placer:
-            async def read_log(self, entry, offset, size):
-                await asyncio.sleep(0)
-                if entry is reading and ending.state == RunState.RUNNING:
-                    # The other run ends while this log is read (a Ray call on a placed run).
-                    ending.state = RunState.SUCCEEDED
-                    service.touch(ending)
-                return b""
+        async def read_log(entry, offset):
+            await asyncio.sleep(0)
+            if entry is reading and ending.state == RunState.RUNNING:
+                # The other run ends while this log is read (reading awaits).
+                ending.state = RunState.SUCCEEDED
+                service.touch(ending)
+            return b""
 
-        service.placer = Placer()
+        service.read_log = read_log
         first = await service.poll(PollRequest(0, ["a", "b"], {"a": 0}, 0))
         second = await service.poll(PollRequest(first.seq, ["a", "b"], {}, 0))
         return first, second

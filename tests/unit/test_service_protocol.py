@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from dvcray_cli.service import client, protocol
-from dvcray_cli.service.protocol import Hello, PollAnswer, PollRequest, RunState, ServiceRun
+from dvcray_cli.service.protocol import Attempt, Hello, PollAnswer, PollRequest, RunState, ServiceRun
 
 
 def test_only_the_clusters_token_is_authorized():
@@ -63,10 +63,13 @@ def test_a_run_has_ended_when_its_state_is_terminal_lost_included():
 
 
 def test_messages_keep_their_wire_format_both_ways():
-    run = ServiceRun("r1", "j1", "exp", RunState.FAILED, "head", 9, 1.5, 2.5, 1, True, "its node died")
+    run = ServiceRun("r1", "j1", "exp", RunState.LOST, "head", 9, 1.5, 2.5, 1, True, "its node died",
+                     [Attempt(1, "n1", 1.5, 2.5, RunState.LOST, "its node died")])
     wire = json.loads(json.dumps(run.to_json()))
-    assert wire == {"run_id": "r1", "job_id": "j1", "exp_name": "exp", "state": "FAILED", "node": "head",
-                    "pid": 9, "started": 1.5, "ended": 2.5, "code": 1, "placed": True, "lost": "its node died"}
+    assert wire == {"run_id": "r1", "job_id": "j1", "exp_name": "exp", "state": "LOST", "node": "head",
+                    "pid": 9, "started": 1.5, "ended": 2.5, "code": 1, "placed": True, "lost": "its node died",
+                    "attempts": [{"number": 1, "node": "n1", "started": 1.5, "ended": 2.5, "state": "LOST",
+                                  "lost": "its node died"}]}
     assert ServiceRun.from_json(wire) == run
     answer = PollAnswer(7, {"r1": run}, {"r1": (3, b"\xff line\n")}, ["gone"])
     assert PollAnswer.from_json(json.loads(json.dumps(answer.to_json()))) == answer

@@ -30,11 +30,11 @@ from dvcray_cli.clusters.aws.cluster import IAM_PROPAGATION_S, AwsDown, Bootstra
     status, up
 from dvcray_cli.clusters.aws.config import BUILT_INS, NodeTypePlan, is_aws_config
 from dvcray_cli.clusters.aws.planning import DEFAULT_IDLE_TIMEOUT_S, AwsPlan, first_commit, plan, \
-    project_cluster_names
+    is_projects
 from dvcray_cli.clusters.aws.reach import recorded_address, recorded_at, service_url
 from dvcray_cli.clusters.aws.records import AwsCluster
 from dvcray_cli.clusters.launcher import Check
 
 __all__ = ["BUILT_INS", "DEFAULT_IDLE_TIMEOUT_S", "IAM_PROPAGATION_S", "AwsCluster", "AwsDown", "AwsPlan",
            "Bootstrapped", "Check", "NodeTypePlan", "bootstrap", "down", "first_commit", "is_aws_config", "launch",
-           "plan", "project_cluster_names", "recorded_address", "recorded_at", "service_url", "status", "up"]
+           "plan", "is_projects", "recorded_address", "recorded_at", "service_url", "status", "up"]

@@ -66,7 +66,9 @@ def call(what: str, func, *args, **kwargs):
 
 
 def fake_endpoint() -> str | None:
-    """The AWS endpoint override when it points at this machine (a fake AWS such as moto)."""
+    """The AWS endpoint override when it points at this machine (a fake AWS such as moto):
+    a loopback name or address, or an address of one of this machine's interfaces (seen
+    from its network namespace: another namespace's address is another machine's)."""
     for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_EC2"):
         url = os.environ.get(var, "").strip()
         if not url:
@@ -74,7 +76,20 @@ def fake_endpoint() -> str | None:
         host = (urlparse(url if "://" in url else f"http://{url}").hostname or "").lower()
         if host in ("localhost", "::1", "0.0.0.0") or host.startswith("127.") or host.endswith(".localhost"):
             return url
+        if host in _own_addresses():
+            return url
     return None
+
+
+def _own_addresses() -> set[str]:
+    import socket
+
+    import psutil
+
+    found = {socket.gethostname().lower()}
+    for addresses in psutil.net_if_addrs().values():
+        found.update(a.address.split("%", 1)[0].lower() for a in addresses)
+    return found
 
 
 def refuse_fake_endpoint() -> None:
@@ -123,6 +138,8 @@ def check_account(region: str, nodes: list[NodeTypePlan], bucket: str, checks: l
     for node in nodes:
         node.shape = shapes.get(node.instance_type, "")
 
+    _check_network(ec2, region, nodes, checks)
+
     for image in sorted({n.image_id for n in nodes}):
         users = ", ".join(n.name for n in nodes if n.image_id == image)
         if not image:
@@ -157,6 +174,25 @@ def check_account(region: str, nodes: list[NodeTypePlan], bucket: str, checks: l
     except Exception as exc:  # noqa: BLE001
         raise aws_error(exc, f"reach the store bucket {bucket}") from None
     return account
+
+
+def _check_network(ec2, region: str, nodes: list[NodeTypePlan], checks: list[Check]) -> None:
+    """The subnets and security groups the config names exist (Ray's bootstrap would stop
+    on a missing one only after dvcray's IAM roles were made, with a message of its own)."""
+    for kind, key, describe, filter_name, listed in (
+            ("Subnet", "subnets", ec2.describe_subnets, "subnet-id", "Subnets"),
+            ("Security group", "security_groups", ec2.describe_security_groups, "group-id", "SecurityGroups")):
+        wanted = sorted({i for n in nodes for i in getattr(n, key)})
+        if not wanted:
+            continue
+        found = call(f"look up {kind.lower()}s", describe, Filters=[{"Name": filter_name, "Values": wanted}])
+        have = {item.get("SubnetId") or item.get("GroupId") for item in found.get(listed, [])}
+        for missing in (i for i in wanted if i not in have):
+            users = ", ".join(n.name for n in nodes if missing in getattr(n, key))
+            field = "SubnetIds" if key == "subnets" else "SecurityGroupIds"
+            raise UsageError(f"{kind} {missing} ({field} of node type {users}) does not exist in {region}.",
+                             f"Fix {field} in the config, or leave it out and Ray picks the default VPC's.")
+        checks.append(Check(key.replace("_", " "), True, f"{', '.join(wanted)} in {region}"))
 
 
 def shape(described: dict[str, Any]) -> str:

@@ -122,6 +122,10 @@ def launch(p: AwsPlan, boot: Bootstrapped, forward_timeout: float = 300.0) -> Aw
     try:
         launcher_launch.run("up", Path(boot.config_path), log)
     except ClusterError as exc:
+        if launcher_launch.REFUSED in exc.message:
+            # AWS refused the head (a quota, capacity): no instance was made.
+            raise ClusterError(exc.message, "No instance was launched. A quota is raised in AWS's Service Quotas "
+                                            "console; or pick another instance type or region.") from None
         raise ClusterError(exc.message, f"Inspect: ray attach {boot.config_path}; stop everything: "
                                         f"dvcray cluster down {p.config_label} --yes") from None
     head_ip = account.head_ip(p.config)
@@ -211,6 +215,9 @@ def status() -> list[dict[str, Any]]:
             entry["error"] = exc.message
             entries.append(entry)
             continue
+        for inst in instances:
+            price = pricing.hourly(record.region, inst["instance_type"], inst["spot"])
+            inst["usd_per_hour"] = [round(price[0], 4), round(price[1], 4)] if price else None
         entry["instances"] = instances
         entry["alive"] = bool(instances)
         if instances:

@@ -9,7 +9,7 @@ provider (``dvcray_cli.clusters.launcher.config``). Nothing here talks to AWS.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,8 @@ class NodeTypePlan:
     instance_profile: str      # the profile's name (or ARN) the nodes get
     managed_profile: bool      # dvcray creates it
     shape: str = ""            # "2 vCPUs, 8 GiB" (+ GPUs), from EC2
+    subnets: list[str] = field(default_factory=list)          # SubnetIds the config names
+    security_groups: list[str] = field(default_factory=list)  # SecurityGroupIds the config names
 
 
 def is_aws_config(config: str) -> bool:
@@ -144,7 +146,9 @@ def node_type_plans(prepared: dict[str, Any], managed: dict[str, bool]) -> list[
             spot=str(market).lower() == "spot",
             min_count=1 if is_head else int(node_type.get("min_workers", 0)),
             max_count=1 if is_head else int(node_type.get("max_workers", prepared.get("max_workers", 0))),
-            instance_profile=profile_name(node_config), managed_profile=managed.get(name, False)))
+            instance_profile=profile_name(node_config), managed_profile=managed.get(name, False),
+            subnets=[str(i) for i in node_config.get("SubnetIds") or []],
+            security_groups=[str(i) for i in node_config.get("SecurityGroupIds") or []]))
     plans.sort(key=lambda p: p.role != "head")
     return plans
 

@@ -160,13 +160,13 @@ def first_commit(repo_root: Path) -> str:
     return roots[0]
 
 
-def project_cluster_names(repo_root: Path) -> set[str]:
-    """The names the built-in configs give this project's clusters."""
+def is_projects(name: str, repo_root: Path) -> bool:
+    """Whether the cluster ``name`` is this project's: a config's default name
+    (``dvcray-<first commit>-<config>``, the same in every clone; built-ins and files alike)."""
     try:
-        commit = first_commit(repo_root)
+        return name.startswith(cfg.default_cluster_name(first_commit(repo_root), "x")[:-1])
     except UsageError:
-        return set()
-    return {cfg.default_cluster_name(commit, label) for label in BUILT_INS}
+        return False
 
 
 def _store_bucket(repo_root: Path, cwd: Path) -> tuple[str, str]:

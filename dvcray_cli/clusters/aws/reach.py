@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dvcray_cli import ray_api, files
 from dvcray_cli.clusters.aws import records
-from dvcray_cli.clusters.aws.planning import project_cluster_names
+from dvcray_cli.clusters.aws.planning import is_projects
 from dvcray_cli.clusters.aws.records import AwsCluster
 from dvcray_cli.clusters.launcher import service_reach, ssh
 
@@ -27,9 +27,8 @@ def recorded_address(cwd: Path) -> str | None:
     if found:
         repo_state = files.repo_dir(root, create=False)
         return ssh.ensure_forward(found[0], lambda r: records.write_record(r, repo_state)).dashboard_url
-    names = project_cluster_names(root)
     for record, path in sorted(records.records(), key=lambda item: item[0].started_at, reverse=True):
-        if record.name in names:
+        if is_projects(record.name, root):
             return ssh.ensure_forward(record, lambda r, where=path.parent.parent: records.write_record(r, where)).dashboard_url
     return None
 

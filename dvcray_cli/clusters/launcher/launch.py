@@ -79,8 +79,23 @@ def run(action: str, config_path: Path, log_path: Path, env: dict[str, str] | No
         raise
     text = log_path.read_text(errors="replace")
     if proc.returncode != 0:
+        reason = refusal(text)
+        if reason:
+            raise ClusterError(f"{what} failed: {reason} (its log: {log_path})")
         raise ClusterError(f"{what} failed (exit {proc.returncode}). Its log: {log_path}\n{tail(log_path)}")
     return text
+
+
+# What a cloud answered when it refused to make a node (a quota, capacity, a bad parameter):
+# Ray ends with ``NodeLaunchException: Node Launch Exception (Code): message``.
+_REFUSAL = re.compile(r"NodeLaunchException: (?:Node Launch Exception )?\((\w+)\):\s*(.+)")
+REFUSED = "the cloud refused to launch a node"
+
+
+def refusal(text: str) -> str | None:
+    """The cloud's refusal that ended a launcher run, as ``Code: message``; None when none."""
+    found = [m for m in (_REFUSAL.search(clean(ln)) for ln in text.splitlines()) if m]
+    return f"{REFUSED}: {found[-1].group(1)}: {found[-1].group(2).strip()}" if found else None
 
 
 def _progress(log_path: Path, seen: int, say: Callable[[str], None]) -> int:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 from dvcray_cli import clusters
 from dvcray_cli.errors import ClusterError
-from dvcray_cli.runs.model import ExpSpec, Manifest, RunState
+from dvcray_cli.runs.model import Attempt, ExpSpec, Manifest, RunState
 
 if TYPE_CHECKING:  # pragma: no cover
     from dvcray_cli.runs.submit import Prepared
@@ -39,6 +39,7 @@ class RunInfo:
     ended: float | None = None
     node: str = ""
     lost: str = ""               # why it is lost, when it is
+    attempts: tuple[Attempt, ...] = ()  # its tries so far, where its cluster retries lost runs
 
 
 class LogGone(Exception):
@@ -78,6 +79,9 @@ class Backend(Protocol):
     # Whether a placed experiment's reservation holds its stage's Ray work too (then no
     # CPU has to stay free for it: ``placement.decide``).
     confines_ray_work: bool
+    # Whether a run lost with its machine is tried again where it runs (``--retries``): the
+    # runner service does; a Ray Job does not, and Ray leaves retries to the submitter.
+    retries_lost: bool
 
     @staticmethod
     def keeps_log(run_id: str, job_id: str) -> bool:

@@ -138,6 +138,10 @@ class JobBackend:
 
     name = "job"
     confines_ray_work = False
+    # Ray Jobs are not retried (Ray: "retries should be handled by the submitter"), and
+    # dvcray retries where a run lives, not in a client that may be gone: a run sent as
+    # a Ray Job of its own that is lost with its machine ends LOST.
+    retries_lost = False
 
     def __init__(self, address: str, client: Any, many: bool = False) -> None:
         """``many``: what the cluster says of runs is read once, for all (``dvcray runs``)."""

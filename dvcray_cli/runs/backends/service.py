@@ -33,7 +33,7 @@ CHECK_EVERY_S = 5.0
 def info_of(run: ServiceRun) -> RunInfo:
     """A run as the service reports it, as a RunInfo: LOST once it ended because its node died."""
     state = RunState.LOST if run.state.is_terminal() and run.lost else run.state
-    return RunInfo(run.run_id, state, run.started, run.ended, run.node, run.lost)
+    return RunInfo(run.run_id, state, run.started, run.ended, run.node, run.lost, tuple(run.attempts))
 
 
 class Watch:
@@ -96,6 +96,7 @@ class ServiceBackend:
 
     name = "service"
     confines_ray_work = True
+    retries_lost = True   # the service submits a placed run lost with its node again (service/retries.py)
 
     def __init__(self, address: str, service: Service, many: bool = False) -> None:
         """``many``: what the service says of runs is read once, for all (``dvcray runs``)."""

@@ -6,6 +6,11 @@ file is taken from the result's checkpoint (wherever storage_path is, a local
 folder or s3://), never from a worker's folder. Each epoch's metrics go to
 dvclive/train as rank 0 reports them, written on the driver's machine by Ray
 Train's controller (DVCLiveTrainCallback), never by a worker.
+
+Under `dvcray run`, a run lost with its machine is tried again, and this stage resumes:
+the Ray Train run keeps its name for every attempt (run_name), so Ray Train restores the
+latest checkpoint, the loop starts after its epoch (ray.train.get_checkpoint()), and
+DVCLive continues the steps it kept beside the checkpoints (keep=...).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import model  # noqa: E402
-from common import MODEL, load_data, load_params, run_name, start_ray, storage_path  # noqa: E402
+from common import MODEL, load_data, load_params, start_ray, storage_path  # noqa: E402
 
 
 def train_loop(config: dict) -> None:
@@ -52,10 +57,22 @@ def train_loop(config: dict) -> None:
     # Shards the batches across the workers and moves them to this worker's device.
     loader = ray.train.torch.prepare_data_loader(loader)
     device = ray.train.torch.get_device()
-    net = ray.train.torch.prepare_model(model.Net())   # DDP when there are several workers
+    plain = model.Net()
+    resumed = ray.train.get_checkpoint()   # a retry: the latest checkpoint of this Ray Train run
+    state = {"epoch": 0}
+    if resumed is not None:
+        with resumed.as_directory() as folder:
+            plain.load_state_dict(torch.load(os.path.join(folder, "model.pt"), map_location="cpu",
+                                             weights_only=True))
+            state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True)
+        if rank == 0:
+            sys.stdout.write(f"resuming after epoch {state['epoch']} (its checkpoint)\n")
+    net = ray.train.torch.prepare_model(plain)   # DDP when there are several workers
     optimizer = torch.optim.SGD(net.parameters(), lr=config["lr"], momentum=config["momentum"])
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
 
-    for epoch in range(1, config["epochs"] + 1):
+    for epoch in range(state["epoch"] + 1, config["epochs"] + 1):
         if world > 1:
             loader.sampler.set_epoch(epoch)
         loss_sum, correct, seen = model.train_epoch(net, loader, optimizer, device)
@@ -70,6 +87,7 @@ def train_loop(config: dict) -> None:
             if rank == 0:
                 plain = net.module if hasattr(net, "module") else net
                 torch.save(plain.state_dict(), os.path.join(tmp, "model.pt"))
+                torch.save({"epoch": epoch, "optimizer": optimizer.state_dict()}, os.path.join(tmp, "state.pt"))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
         if rank == 0:
@@ -91,8 +109,10 @@ def main() -> None:
     from ray.train.torch import TorchTrainer
 
     from dvcray_cli.integrations.dvclive import DVCLiveTrainCallback
+    from dvcray_cli.integrations.storage import run_name
 
     model.ship_by_value()
+    storage, name = storage_path(params["ray"]["storage_path"]), run_name("train")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"data": ray.put(load_data()), "lr": best["lr"],
@@ -101,10 +121,11 @@ def main() -> None:
                            "threads": cfg["cpus_per_worker"]},
         scaling_config=ScalingConfig(num_workers=cfg["num_workers"], use_gpu=cfg["use_gpu"],
                                      resources_per_worker={"CPU": cfg["cpus_per_worker"]}),
-        run_config=RunConfig(storage_path=storage_path(params["ray"]["storage_path"]),
-                             name=run_name("train"), checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             # One DVCLive step per epoch (rank 0's report), while training runs.
-                             callbacks=[DVCLiveTrainCallback("dvclive/train", step_metric="epoch")],
+        run_config=RunConfig(storage_path=storage, name=name, checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             # One DVCLive step per epoch (rank 0's report), while training runs; a
+                             # copy beside the checkpoints, for a resumed run to continue.
+                             callbacks=[DVCLiveTrainCallback("dvclive/train", step_metric="epoch",
+                                                             keep=f"{storage}/{name}/dvclive")],
                              # Ray Train's own INFO lines (one per report and checkpoint) are noise
                              # here: the loop prints one line per epoch instead.
                              logging_config=LoggingConfig(log_level="WARNING")),
