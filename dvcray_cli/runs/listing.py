@@ -15,11 +15,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dvcray_cli import clusters
+from dvcray_cli import clusters, gitutil
 from dvcray_cli.runs import backends
 from dvcray_cli.runs.backends import RunInfo
-from dvcray_cli.runs.lookup import Run, context, record_run, store_runs
-from dvcray_cli.runs.model import RunRecord, RunResult, RunState, RunStatus
+from dvcray_cli.runs.lookup import Run, context, prefetch, record_run, store_runs
+from dvcray_cli.runs.model import ATTEMPTS, MANIFEST, RESULT, STATUS, Attempt, RunRecord, RunResult, RunState, RunStatus
+from dvcray_cli.service.protocol import attempts_of
 
 STALE = "no sign of life in the store for a while, and no cluster here knows it"
 NO_RESULT = "the runner ended without saving a result"
@@ -42,6 +43,8 @@ class RunSummary:
     error: str | None = None
     source: str = "record"          # "record": submitted from this clone; "store": found in the store
     env: list[str] = field(default_factory=list)  # the names of the variables it carried (never values)
+    node: str = ""                  # the machine it ran on (its last attempt's)
+    attempts: list[Attempt] = field(default_factory=list)  # its tries, once it was retried or lost
 
     @property
     def duration(self) -> float | None:
@@ -63,7 +66,8 @@ class RunSummary:
             "submitted": _iso(self.submitted), "started": _iso(self.started), "ended": _iso(self.ended),
             "duration_s": None if self.duration is None else round(self.duration, 3),
             "baseline": self.baseline, "address": self.address, "store": self.store,
-            "metrics": self.metrics, "error": self.error, "source": self.source, "env": self.env,
+            "metrics": self.metrics, "error": self.error, "source": self.source, "env": self.env, "node": self.node,
+            "attempts": [{**a.to_json(), "started": _iso(a.started), "ended": _iso(a.ended)} for a in self.attempts],
         }
 
 
@@ -128,6 +132,8 @@ def summarize(run: Run, seen: backends.Clusters, fallbacks: list[str], git_root:
         # Final and already looked up once: nothing can change any more.
         summary.started, summary.ended = record.started, record.ended
         summary.metrics, summary.error = record.metrics, record.error
+        summary.attempts = list(record.attempts)
+        summary.node = summary.attempts[-1].node if summary.attempts else ""
         return summary
 
     info = None
@@ -144,13 +150,26 @@ def summarize(run: Run, seen: backends.Clusters, fallbacks: list[str], git_root:
     if result:
         summary.metrics = result.metrics
         summary.exp_name = result.exp_name or summary.exp_name
+    summary.attempts = attempts_seen(run, result, info)
+    summary.node = (summary.attempts[-1].node if summary.attempts else "") or (result.node if result else "") \
+        or (status.node if status else "") or (info.node if info else "")
     if run.problems:
         summary.error = "; ".join(run.problems.values())
     if record and summary.state.has_outcome():
         RunRecord.update(git_root, run.run_id, state=summary.state, exp_name=summary.exp_name,
                          started=summary.started, ended=summary.ended or time.time(),
-                         metrics=summary.metrics, error=summary.error)
+                         metrics=summary.metrics, error=summary.error, attempts=summary.attempts or None)
     return summary
+
+
+def attempts_seen(run: Run, result: RunResult | None, info: RunInfo | None) -> list[Attempt]:
+    """A run's tries, from the source that knows the most: its cluster while it goes, the
+    runner's result, the runner service's record in the store (``attempts.json``)."""
+    found = [list(info.attempts) if info else [], list(result.attempts) if result else []]
+    if not any(len(a) > 1 for a in found) and not (result and result.is_final()):
+        found.append(attempts_of((run.read(ATTEMPTS) or {}).get("attempts")))
+    best = max(found, key=len)
+    return best if len(best) > 1 or any(a.state == RunState.LOST for a in best) else []
 
 
 def _iso(t: float | None) -> str | None:
@@ -175,13 +194,18 @@ def list_runs(cwd: Path, store: str | None = None, limit: int | None = None) -> 
         UsageError: not in a git repository.
         StoreError: a store could not be read.
     """
-    ctx = context(cwd, store)
-    runs = [record_run(ctx, record) for record in RunRecord.all(ctx.git_root)
+    root = gitutil.git_root(cwd)
+    mine = RunRecord.all(root) if root is not None else []
+    ctx = context(cwd, store, mine)
+    runs = [record_run(ctx, record) for record in mine
             if not store or str(record.store.get("url", "")).rstrip("/") == ctx.stores[0].url.rstrip("/")]
     runs += store_runs(ctx, {r.run_id for r in runs}, want=limit)
     runs.sort(key=lambda r: (r.submitted() or 0, r.run_id), reverse=True)
     if limit:
         runs = runs[:limit]
+    # What the store says of the runs that may still change, read side by side.
+    prefetch([r for r in runs if not (r.record and r.record.state.has_outcome() and r.record.ended)],
+             (RESULT, STATUS, MANIFEST))
     seen = backends.Clusters()
     fallbacks = clusters.fallback_addresses() if any(r.record is None for r in runs) else []
     return [summarize(r, seen, fallbacks, ctx.git_root) for r in runs]
