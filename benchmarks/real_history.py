@@ -36,7 +36,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from _bench import BIN, load, sh, start_head, write_result
+from _bench import BIN, load, private_home, sh, start_head, write_result
 from run_overhead import DVC_YAML, STAGE
 
 
@@ -75,17 +75,7 @@ def main() -> None:
         raise SystemExit("Give a repository with a long history: --repo PATH or DVCRAY_BENCH_REPO "
                          "(git clone https://github.com/iterative/dvc /tmp/dvc-src).")
 
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix="dvcray-real-"))
-    home = tmp / "home"
-    home.mkdir()
-    env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "RAY_USAGE_STATS_ENABLED": "0", "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "true",
-           "GIT_AUTHOR_NAME": "Bench", "GIT_AUTHOR_EMAIL": "bench@example.com",
-           "GIT_COMMITTER_NAME": "Bench", "GIT_COMMITTER_EMAIL": "bench@example.com"}
-    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
-        env.pop(var, None)
+    tmp, env = private_home("dvcray-real-")
     project = clone(Path(args.repo), tmp, env)
     commits = int(subprocess.run(["git", "rev-list", "--count", "HEAD"], cwd=project, capture_output=True,
                                  text=True).stdout)

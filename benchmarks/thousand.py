@@ -31,14 +31,13 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import threading
 import time
 from pathlib import Path
 
-from _bench import BIN, load, refs, sh, start_head, workspace, write_result
+from _bench import BIN, load, moto_server, refs, sh, start_head, workspace, write_result
 from run_overhead import DVC_YAML, STAGE
 
 BEFORE_PER_EXP = 0.33  # seconds per experiment of 200 (benchmarks/results/many.md)
@@ -188,19 +187,8 @@ def records(git_root: Path, store, count: int) -> None:
 
 
 def listing(count: int) -> list[str]:
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
-
     tmp, env, project = workspace("dvcray-listing-", FILES)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    server, endpoint = moto_server()
     creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     env.update(creds)
     saved = os.environ.copy()

@@ -142,8 +142,11 @@ def context(cwd: Path, store_url: str | None = None, records: list[RunRecord] | 
         stores = [store_mod.resolve(store_url, holder if config else None)]
     else:
         stores = [store_mod.resolve(None, holder if config else None)]
+        seen = set()
         for record in RunRecord.all(root) if records is None else records:
-            if record.store.get("url"):
+            url = str(record.store.get("url") or "").rstrip("/")
+            if url and url not in seen:  # one Store per URL, however many runs went there
+                seen.add(url)
                 stores.append(store_mod.from_record(record.store, holder if config else None))
     unique: dict[str, Store] = {}
     for s in stores:
