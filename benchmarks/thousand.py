@@ -105,11 +105,11 @@ def sweep(n: int) -> list[str]:
         sampler.join()
         alive = rss_kib(pid) is not None
         home = refs(project, "big-")
+        peak_kib, user, system = report.read_text().strip().splitlines()[-1].split()
     finally:
         head.stop()
         after = load()
         shutil.rmtree(tmp, ignore_errors=True)
-    peak_kib, user, system = report.read_text().strip().splitlines()[-1].split() if report.exists() else (0, 0, 0)
     samples = sampler.samples
     mib = [kib / 1024 for _, kib in samples]
     quarters = []

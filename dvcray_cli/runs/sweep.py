@@ -67,12 +67,15 @@ class Sweep:
         self.on_progress = on_progress
         self.drained: set[str] = set()
         self.limit = max(1, jobs) if jobs else len(prepared.experiments)
+        # What one submission asks of the cluster's pacing: --jobs, or the placement's limit;
+        # 0 leaves it to the runner service (a few per CPU of the head), never all at once.
+        self.pace = self.limit if jobs else 0
         self.on_line, self.on_change = on_line, on_change
         self.states = [ExpState(spec) for spec in prepared.experiments]
         self.placed = prepared.placement is not None and prepared.placement.placed
         if self.placed and prepared.placement.limit:
             # Runners that held every CPU would wait forever for their stages' tasks (placement.py).
-            self.limit = min(self.limit, prepared.placement.limit)
+            self.limit = self.pace = min(self.limit, prepared.placement.limit)
         self.jobs: dict[str, list[ExpState]] = {}
 
     # ------------------------------------------------------------------ submit
@@ -82,7 +85,7 @@ class Sweep:
         if self.backend.one_submission(self.placed):
             if not self.jobs:
                 job_id = str(RunId.parse(self.states[0].spec.run_id).submission)
-                launch(self.prepared, job_id, [s.spec for s in self.states], jobs=self.limit, placed=self.placed)
+                launch(self.prepared, job_id, [s.spec for s in self.states], jobs=self.pace, placed=self.placed)
                 self._started(job_id, self.states)
             return
         active = sum(1 for s in self.states if s.state.is_active())
