@@ -308,3 +308,10 @@ def test_tests_share_helpers_only_through_helpers_py(path):
             [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
         wrong += [n for n in names if n.split(".")[0] in ("conftest", "ray_fixtures") or n.startswith("test_")]
     assert wrong == [], f"{path.relative_to(REPO)} imports {wrong}: import shared helpers from helpers.py"
+
+
+def test_test_modules_have_unique_names():
+    """pytest imports test modules by their base name (no packages under tests/): two of one
+    name in tests/unit and tests/func stop the whole session at collection."""
+    names = [p.name for p in TEST_FILES if p.name.startswith("test_")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
