@@ -570,8 +570,9 @@ def test_every_clone_names_and_finds_the_same_cluster(aws_project, tmp_path):
 
 @pytest.mark.loopback_namespace
 def test_run_finds_the_repos_aws_cluster_and_its_token(aws_project, monkeypatch):
-    """``dvcray run`` (``clusters.known_address``) submits to this repo's AWS cluster through
-    its port-forward, reopened when it died, and sends the cluster's own token."""
+    """``dvcray run`` (``clusters.known_address``) finds this repo's AWS cluster from its record;
+    its job API and token are reached only through a port-forward of dvcray's own (a live one
+    on the cloud bed: test_aws_cloudbed.py)."""
     from dvcray_cli import clusters, ray_api
     from dvcray_cli.clusters import aws
     from dvcray_cli.clusters.aws import records
@@ -586,13 +587,20 @@ def test_run_finds_the_repos_aws_cluster_and_its_token(aws_project, monkeypatch)
     records.write_record(record, aws_project / ".dvcray")
     monkeypatch.chdir(aws_project / "")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    # The forward is dead: it is reopened (an ssh that cannot reach anything in this namespace).
+    # Found without opening its forward (issue 20: a forward counts only once dvcray's own
+    # ssh listens on it, so finding the cluster must not depend on reaching it).
     assert clusters.known_address(None, aws_project) == "http://127.0.0.1:9"
-    reopened = records.repo_records(aws_project)[0]
-    assert reopened.forward_pid > 0
-    assert clusters.token_for("http://127.0.0.1:9") == token.read_text()
+    assert records.repo_records(aws_project)[0].forward_pid == 0
+    # Its token goes only where dvcray's own ssh answers (issue 20, point 5): with the forward
+    # dead, not to whoever holds the recorded port.
+    assert clusters.token_for("http://127.0.0.1:9") != token.read_text()
     assert clusters.token_for("http://127.0.0.1:10") != token.read_text()
-    ssh.stop_forward(reopened)
+    # Its job API is reached through the forward, reopened: here an ssh that reaches nothing
+    # in this namespace, so it is refused naming the forward, never sent to whoever listens.
+    with pytest.raises(ClusterError, match="port-forward"):
+        clusters.job_api("http://127.0.0.1:9")
+    for left in records.repo_records(aws_project):
+        ssh.stop_forward(left)
 
 
 @pytest.mark.loopback_namespace
