@@ -48,8 +48,11 @@ def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
     return elapsed
 
 
-def private_home(prefix: str) -> tuple[Path, dict[str, str]]:
-    """A temp folder with a HOME of its own, and the environment to run tools in there."""
+def workspace(prefix: str, files: dict[str, str]) -> tuple[Path, dict[str, str], Path]:
+    """A temp folder with a HOME of its own and a committed DVC project of ``files``.
+
+    Returns the folder, the environment to run tools in, and the project.
+    """
     tmp = Path(tempfile.mkdtemp(prefix=prefix))
     home = tmp / "home"
     home.mkdir()
@@ -59,31 +62,6 @@ def private_home(prefix: str) -> tuple[Path, dict[str, str]]:
            "GIT_COMMITTER_NAME": "Bench", "GIT_COMMITTER_EMAIL": "bench@example.com"}
     for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
         env.pop(var, None)
-    return tmp, env
-
-
-def moto_server():
-    """A moto S3 server on 127.0.0.1 (a free port), its request log quiet; returns it and its URL."""
-    import logging
-    import socket
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    return server, f"http://127.0.0.1:{port}"
-
-
-def workspace(prefix: str, files: dict[str, str]) -> tuple[Path, dict[str, str], Path]:
-    """A temp folder with a HOME of its own and a committed DVC project of ``files``.
-
-    Returns the folder, the environment to run tools in, and the project.
-    """
-    tmp, env = private_home(prefix)
     project = tmp / "project"
     project.mkdir()
     for rel, text in files.items():

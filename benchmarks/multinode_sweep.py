@@ -28,7 +28,7 @@ import statistics
 import subprocess
 import time
 
-from _bench import BIN, SLOW_PIPELINE, load, moto_server, sh, table, workspace, write_result
+from _bench import BIN, SLOW_PIPELINE, load, sh, table, workspace, write_result
 
 
 
@@ -44,9 +44,21 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=2, help="rounds of each (default 2)")
     args = parser.parse_args()
 
-    import boto3
+    import logging
 
-    server, endpoint = moto_server()
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
     tmp, env, project = workspace("dvcray-mn-", SLOW_PIPELINE)
     # Fake credentials for moto, for the client and (inherited by `cluster up`) the nodes.
     env.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

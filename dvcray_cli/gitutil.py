@@ -89,39 +89,3 @@ def dvc_root(start: Path, git_top: Path) -> Path | None:
         if probe == git_top or probe.parent == probe:
             return None
         probe = probe.parent
-
-
-BUNDLE_SIGNATURES = (b"# v2 git bundle\n", b"# v3 git bundle\n")
-
-
-def unbundle(repo: Path, bundle: Path, ref: str) -> str:
-    """Bring the objects of ``ref`` in ``bundle`` into ``repo`` as loose objects; its commit.
-
-    ``git fetch`` of a bundle always writes a pack of its own: with one per experiment
-    brought home, git repacks the whole repository every 50 of them (``gc.autoPackLimit``),
-    seconds of CPU in a big one. ``git unpack-objects`` writes loose objects instead, which
-    git packs a few thousand at a time (``gc.auto``); ``--strict`` refuses objects whose
-    content or links are broken, as the bundle's prerequisites must be here.
-
-    Raises:
-        GitError: not a bundle git writes, no ``ref`` in it, its prerequisites missing
-            here, or git refused its objects.
-    """
-    data = bundle.read_bytes()
-    header, sep, pack = data.partition(b"\n\n")
-    if not data.startswith(BUNDLE_SIGNATURES) or not sep:
-        raise GitError(f"{bundle.name} is not a git bundle")
-    lines = header.decode(errors="replace").splitlines()[1:]
-    needed = [line[1:41] for line in lines if line.startswith("-")]
-    heads = {name: sha for sha, _, name in (line.partition(" ") for line in lines if line[:1] not in ("-", "@"))}
-    sha = heads.get(ref, "")
-    if len(sha) != 40 or any(c not in "0123456789abcdef" for c in sha):
-        raise GitError(f"the bundle does not hold {ref}")
-    if needed:
-        found = git("cat-file", "--batch-check", cwd=repo, input="".join(f"{p}\n" for p in needed).encode())
-        if "missing" in found or len(found.splitlines()) != len(needed):
-            raise GitError(f"the bundle needs commits this repository lacks ({', '.join(p[:7] for p in needed)})")
-    git("unpack-objects", "-q", "--strict", cwd=repo, input=pack)
-    git("cat-file", "-e", f"{sha}^{{commit}}", cwd=repo)
-    return sha
-

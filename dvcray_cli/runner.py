@@ -1,14 +1,16 @@
 """The runner: the Ray Job entrypoint that runs one experiment on the cluster.
 
-``python -m dvcray_cli.runner`` runs in the job's working_dir (the snapshot). It rebuilds
-the workspace (a warm one of the node's, ``runs/workspaces.py``), runs ``dvc exp run``
-through DVC's Python API (one process: DESIGN.md measures the cost of a chain of CLI calls),
-uploads its log to the store as it grows, saves each stage as it finishes (``runs/resume.py``),
-and at the end, whatever happened (SIGTERM included), pushes outputs and run-cache, a bundle
-of the experiment ref and ``result.json``. A retry of a run lost with its machine
-(``ExpSpec.attempt`` above 1) restores the stages earlier attempts saved, writes its log
-under ``attempt-N/``, and a lost attempt to be retried leaves the run's own ``result.json``
-and ``status.json`` to the next one.
+``python -m dvcray_cli.runner`` runs in the job's working_dir (the snapshot).
+It rebuilds the workspace in a folder of its own, runs ``dvc exp run`` through
+DVC's Python API (one process: DESIGN.md measures the cost of a chain of CLI
+calls), uploads its log to the store as it grows, saves each stage to the store as it
+finishes (``runs/resume.py``), and at the end, whatever happened (SIGTERM included),
+pushes outputs and run-cache, a bundle of the experiment ref and ``result.json``.
+
+A retry of a run lost with its machine (``ExpSpec.attempt`` above 1) restores the
+stages earlier attempts saved, writes its log under ``attempt-N/`` of the run's store
+folder, and a lost attempt that will be retried leaves the run's own ``result.json`` and
+``status.json`` to the next one.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 
 from dvcray_cli import files
 from dvcray_cli.gitutil import git
-from dvcray_cli.runs import live, parts, resume, snapshot, stage_env, workspaces
+from dvcray_cli.runs import live, parts, resume, snapshot, stage_env
 from dvcray_cli.runs.logtee import LogTee, made_line
 from dvcray_cli.runs.project import shown_files
 from dvcray_cli.runs.model import (BUNDLE, LOG, RESULT, STATUS, ExpRef, ExpSpec, Manifest, RunResult,
@@ -66,10 +68,9 @@ def say(msg: str) -> None:
     print(f"dvcray: {msg}", flush=True)
 
 
-def configure_dvc(ws: Path, store: Store, site_cache: Path | None = None) -> None:
-    """The store as the clone's default remote, the node's shared cache and DVC's site cache
-    (``site_cache``: goes with the clone, not one folder per workspace in /var/tmp/dvc), in
-    ``.dvc/config.local`` so nothing of it lands in the experiment's commit."""
+def configure_dvc(ws: Path, store: Store) -> None:
+    """The store as the clone's default remote and the node's shared cache, both
+    in ``.dvc/config.local`` so nothing of it lands in the experiment's commit."""
     from dvc.config import Config
 
     config = Config(dvc_dir=os.fspath(ws / ".dvc"), validate=False)
@@ -80,8 +81,6 @@ def configure_dvc(ws: Path, store: Store, site_cache: Path | None = None) -> Non
         conf.setdefault("core", {})["remote"] = REMOTE_NAME
         conf.setdefault("cache", {})["dir"] = os.fspath(cache)
         conf["cache"]["shared"] = "group"
-        if site_cache is not None:
-            conf.setdefault("core", {})["site_cache_dir"] = os.fspath(site_cache)
 
 
 def storage_env(store: Store, run_id: str) -> None:
@@ -150,13 +149,6 @@ def collect(repo, kind: str) -> dict[str, dict[str, Any]]:
         _flatten("", entry.get("data", {}), flat)
         result[file] = flat
     return result
-
-
-def _cpu_s() -> float:
-    """CPU seconds of this process and the children it waited for (git, the stage)."""
-    import resource
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _check_version(client_version: str) -> None:
@@ -274,7 +266,6 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         say(f"attempt {attempt} of at most {manifest.retries + 1}, on {result.node} (after {before[-1].text()})")
     repo = None
     capture = None
-    slot = None
     saver = None
     retryable = False  # lost in a way the runner service retries (its machine or warm runner went)
     ws = work / "repo"
@@ -287,17 +278,11 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         _check_version(manifest.dvcray_version)
         beat()
         tee.heartbeat = beat
-        t, cpu = time.time(), _cpu_s()
+        t = time.time()
         cache = snapshot.cache_path(runner_dir(), manifest.repo_root) if manifest.repo_root else None
-        reuse = False
-        if cache is not None:
-            # A warm workspace of the project on this node (runs/workspaces.py).
-            slot = workspaces.acquire(runner_dir(), manifest.repo_root)
-            ws, reuse = slot.repo, workspaces.prepare(slot)
-        dvc_root = snapshot.restore(here, ws, manifest, spec.patch, cache, reuse)
-        configure_dvc(dvc_root, store, slot.site_cache if slot is not None else work / "site")
+        dvc_root = snapshot.restore(here, ws, manifest, spec.patch, cache)
+        configure_dvc(dvc_root, store)
         result.timings["restore"] = time.time() - t
-        result.timings["restore_cpu"] = _cpu_s() - cpu
         say(f"workspace ready at baseline {manifest.baseline[:7]} ({result.timings['restore']:.1f}s)")
 
         os.environ["DVCRAY_WORKSPACE"] = os.fspath(dvc_root)
@@ -327,7 +312,7 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         saver = resume.StageSaver(dvc_root, store, run_id, attempt, say)
         saver.install()
         opts = manifest.options
-        t, cpu = time.time(), _cpu_s()
+        t = time.time()
         results = repo.experiments.run(
             targets=manifest.targets or None,
             params=overrides or None,
@@ -339,7 +324,6 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
             allow_missing=bool(opts.get("allow_missing")),
         )
         result.timings["exp_run"] = time.time() - t
-        result.timings["exp_run_cpu"] = _cpu_s() - cpu
         result.exp_sha = next(iter(results), None)
         result.status = RunState.SUCCEEDED
     except Terminated:
@@ -382,16 +366,12 @@ def run_experiment(here: Path, manifest: Manifest, spec: ExpSpec, prefix: str = 
         try:
             if saver is not None:
                 saver.close()
-            _save(repo, ws, work, store, manifest.baseline, exp_name, result, tee, None if retried else capture,
+            _save(repo, ws, store, manifest.baseline, exp_name, result, tee, None if retried else capture,
                   final=not retried, pushed=saver.entries if saver is not None else set())
         finally:
             if repo is not None:
                 repo.close()
             os.chdir(here)
-            if slot is not None:
-                # A stopped or lost run's stage may have been cut short anywhere: its clone is made afresh.
-                workspaces.release(slot, slot.uses + 1, bool(manifest.worktree_flags) or result.status in (
-                    RunState.STOPPED, RunState.LOST), work / "repo" if result.workspace else None)
             if result.workspace is None:
                 shutil.rmtree(work, ignore_errors=True)
     return {RunState.SUCCEEDED: 0, RunState.STOPPED: 143, RunState.LOST: LOST_EXIT}.get(result.status, 1)
@@ -423,15 +403,15 @@ def _attempt(what: str, step, errors: dict[str, str]) -> bool:
     return False
 
 
-def _save(repo, ws: Path, work: Path, store: Store, baseline: str, exp_name: str | None, result: RunResult,
+def _save(repo, ws: Path, store: Store, baseline: str, exp_name: str | None, result: RunResult,
           tee: LogTee, capture=None, final: bool = True, pushed: set[str] | frozenset = frozenset()) -> None:
     """Save what the run produced, on success and failure alike, each step on its
     own (retried, and reported when it fails, so one failure never skips the rest):
     outputs and run-cache (but the entries in ``pushed``, saved as their stages ended),
     the experiment's bundle, ``result.json``, the final ``status.json`` and the log. When
-    the outputs did not reach the store, the run's workspace stays on this node (at
-    ``work``/repo) and the result says where. Not ``final`` (a lost attempt to be retried):
-    its result goes to ``attempt-N/``; the run's own result and status are the next one's."""
+    the outputs did not reach the store, the run's workspace stays on this node and the
+    result says where. Not ``final`` (a lost attempt that will be retried): its result goes
+    to ``attempt-N/``, and the run's own result and status are the next attempt's."""
     errors = result.save_errors
     tee.stop_heartbeat()
     if repo is not None:
@@ -445,7 +425,7 @@ def _save(repo, ws: Path, work: Path, store: Store, baseline: str, exp_name: str
 
         if not _attempt("outputs (dvc push)", push, errors):
             result.push_error = errors["outputs (dvc push)"]
-            result.workspace = f"{result.node}:{work / 'repo'}"
+            result.workspace = f"{result.node}:{ws}"
             say(f"the outputs did not reach the store; the run's workspace stays at {result.workspace}")
         result.timings["push"] = time.time() - t
         result.params = collect(repo, "params")
@@ -460,7 +440,7 @@ def _save(repo, ws: Path, work: Path, store: Store, baseline: str, exp_name: str
             result.status = RunState.FAILED
             result.error = "dvc exp run finished but made no experiment ref"
         else:
-            bundle = work / BUNDLE
+            bundle = ws.parent / BUNDLE
 
             def save_bundle() -> None:
                 git("bundle", "create", "-q", os.fspath(bundle), str(ref), f"^{baseline}", cwd=ws)

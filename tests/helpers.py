@@ -388,16 +388,12 @@ def running_head(home: Path, name: str, env: dict[str, str] | None = None, **opt
         assert left == [], f"the test head {name} left processes behind: {left}"
 
 
-def node_dir(head) -> Path:
-    """The runner's folder on the head's node (its HOME's cache)."""
-    return Path(head.token_path).parents[1] / ".cache" / "dvcray"
-
-
 def node_files(head) -> list[Path]:
     """Every file the head's node keeps of what runs brought: Ray's session (job packages
     as unpacked, logs) and dvcray's runner folder (the runner service's snapshots and
     its logs of each run) in the head's HOME."""
-    found = [*Path(head.temp_dir).rglob("*"), *node_dir(head).rglob("*")]
+    home = Path(head.token_path).parents[1]
+    found = [*Path(head.temp_dir).rglob("*"), *(home / ".cache" / "dvcray").rglob("*")]
     return [p for p in found if p.is_file() and not p.is_symlink()]
 
 
@@ -638,6 +634,11 @@ def run_double(root: Path, name: str, x: int, store: Path, *args: str) -> str:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert exp_metrics(root, name, "m.json") == {"y": 2 * x}
     return json.loads(proc.stdout)["run_id"]
+
+
+def node_dir(head) -> Path:
+    """The runner's folder on the head's node (its HOME's cache)."""
+    return Path(head.token_path).parents[1] / ".cache" / "dvcray"
 
 
 def cluster_service(address: str):

@@ -64,16 +64,9 @@ def hook(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
     env = dict(runtime_env or {})
     # DVC's variables (DVC_EXP_NAME, ...) for the workers, secrets left out; the
     # stage's own env_vars win.
-    from dvcray_cli.integrations import reservation
     from dvcray_cli.integrations.dvclive import dvc_env_vars
 
     dvc_vars = dvc_env_vars()
-    if reservation.reserved():
-        # The experiment's reservation holds the stage's Ray work (reservation.py): the
-        # driver joins it now, its workers when they start.
-        reservation.in_driver()
-        dvc_vars.update(reservation.env_vars())
-        env.setdefault("worker_process_setup_hook", reservation.SETUP_HOOK)
     # The store's own S3 endpoint (set by the runner): Ray Train's workers write
     # checkpoints there from other machines. A URL, not a credential: it travels in
     # the run's manifest already.

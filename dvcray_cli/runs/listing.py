@@ -15,11 +15,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dvcray_cli import clusters, gitutil
+from dvcray_cli import clusters
 from dvcray_cli.runs import backends
 from dvcray_cli.runs.backends import RunInfo
-from dvcray_cli.runs.lookup import Run, context, prefetch, record_run, store_runs
-from dvcray_cli.runs.model import ATTEMPTS, MANIFEST, RESULT, STATUS, Attempt, RunRecord, RunResult, RunState, RunStatus
+from dvcray_cli.runs.lookup import Run, context, record_run, store_runs
+from dvcray_cli.runs.model import ATTEMPTS, Attempt, RunRecord, RunResult, RunState, RunStatus
 from dvcray_cli.service.protocol import attempts_of
 
 STALE = "no sign of life in the store for a while, and no cluster here knows it"
@@ -194,18 +194,13 @@ def list_runs(cwd: Path, store: str | None = None, limit: int | None = None) -> 
         UsageError: not in a git repository.
         StoreError: a store could not be read.
     """
-    root = gitutil.git_root(cwd)
-    mine = RunRecord.all(root) if root is not None else []
-    ctx = context(cwd, store, mine)
-    runs = [record_run(ctx, record) for record in mine
+    ctx = context(cwd, store)
+    runs = [record_run(ctx, record) for record in RunRecord.all(ctx.git_root)
             if not store or str(record.store.get("url", "")).rstrip("/") == ctx.stores[0].url.rstrip("/")]
     runs += store_runs(ctx, {r.run_id for r in runs}, want=limit)
     runs.sort(key=lambda r: (r.submitted() or 0, r.run_id), reverse=True)
     if limit:
         runs = runs[:limit]
-    # What the store says of the runs that may still change, read side by side.
-    prefetch([r for r in runs if not (r.record and r.record.state.has_outcome() and r.record.ended)],
-             (RESULT, STATUS, MANIFEST))
     seen = backends.Clusters()
     fallbacks = clusters.fallback_addresses() if any(r.record is None for r in runs) else []
     return [summarize(r, seen, fallbacks, ctx.git_root) for r in runs]

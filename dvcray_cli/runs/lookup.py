@@ -85,11 +85,9 @@ class Run:
         return None
 
     def baseline(self) -> str | None:
-        # One source at a time: a record that names it costs no read of the store.
-        for source in (lambda: self.record, lambda: self.result, lambda: self.manifest):
-            found = source()
-            if found is not None and found.baseline:
-                return found.baseline
+        for source in (self.record, self.result, self.manifest):
+            if source is not None and source.baseline:
+                return source.baseline
         return None
 
     def env_names(self) -> list[str]:
@@ -116,9 +114,8 @@ class Context:
     stores: list[Store]        # where to look for runs this clone did not submit
 
 
-def context(cwd: Path, store_url: str | None = None, records: list[RunRecord] | None = None) -> Context:
-    """This clone and the stores its runs may be in (``store_url`` only, when given);
-    ``records``: this clone's, when the caller has read them already.
+def context(cwd: Path, store_url: str | None = None) -> Context:
+    """This clone and the stores its runs may be in (``store_url`` only, when given).
 
     Raises:
         UsageError: not in a git repository, or its DVC config is broken.
@@ -142,11 +139,8 @@ def context(cwd: Path, store_url: str | None = None, records: list[RunRecord] | 
         stores = [store_mod.resolve(store_url, holder if config else None)]
     else:
         stores = [store_mod.resolve(None, holder if config else None)]
-        seen = set()
-        for record in RunRecord.all(root) if records is None else records:
-            url = str(record.store.get("url") or "").rstrip("/")
-            if url and url not in seen:  # one Store per URL, however many runs went there
-                seen.add(url)
+        for record in RunRecord.all(root):
+            if record.store.get("url"):
                 stores.append(store_mod.from_record(record.store, holder if config else None))
     unique: dict[str, Store] = {}
     for s in stores:
@@ -182,17 +176,6 @@ def in_repo(git_root: Path, shas: list[str]) -> set[str]:
     return found
 
 
-def prefetch(runs: list[Run], names: tuple[str, ...]) -> None:
-    """Read these files of many runs side by side: each is a round trip to the store
-    (tens of milliseconds to S3), and one after the other they add up."""
-    import concurrent.futures
-
-    todo = [(run, name) for run in runs for name in names if name not in run._files]
-    if len(todo) > 1:
-        with concurrent.futures.ThreadPoolExecutor(min(16, len(todo))) as pool:
-            list(pool.map(lambda job: job[0].read(job[1]), todo))
-
-
 def store_runs(ctx: Context, skip: set[str], want: int | None = None) -> list[Run]:
     """Runs in the stores that this clone has no record of but whose baseline it
     has (submitted from another clone), newest first; at most ``want``."""
@@ -203,7 +186,6 @@ def store_runs(ctx: Context, skip: set[str], want: int | None = None) -> list[Ru
         # and stop once there are enough (each run costs a read or two of the store).
         for start in range(0, len(ids), 25):
             batch = [Run(i, store) for i in ids[start:start + 25]]
-            prefetch(batch, (RESULT, MANIFEST))  # the baseline, and what `runs` shows of each
             ours = in_repo(ctx.git_root, [r.baseline() or "" for r in batch])
             for run in batch:
                 if run.baseline() in ours:

@@ -6,19 +6,15 @@ Job that reserves those resources (``entrypoint_num_cpus``/``_gpus``): Ray
 places it on any node with room, the autoscaler adds nodes for runners that
 wait, and runners queue for CPUs when there is no room.
 
-What the reservation covers: the runner, the processes of the stage it runs
-(``dvc exp run`` runs the stage command as a child of the runner), and, where the
-runner service runs the experiment (``confined``), the Ray work the stage starts:
-its tasks, actors, Tune trials and Train workers go into the experiment's own
-reservation (``integrations/reservation.py``). Then nothing needs to stay free: as
-many experiments run at once as the cluster has room for.
-
-Where each placed experiment is a Ray Job of its own (no runner service), the
-stage's Ray work is other work in Ray's eyes: it asks for resources of its own and
-cannot use the runner's, which stay held while the runner waits for it. Runners
-that held every CPU of the cluster would wait forever for their stages' tasks, so
-such a sweep starts at most as many placed runners at once as leave one runner's
-worth of CPUs (and GPUs) free (``limit``); the others wait their turn.
+What the reservation covers: the runner and the processes of the stage it
+runs (``dvc exp run`` runs the stage command as a child of the runner), for as
+long as the experiment runs. Ray tasks and actors that the stage starts (Tune
+trials, Train workers, ``@ray.remote`` functions) are other work in Ray's eyes:
+they ask for their own resources and cannot use the runner's, which stay held
+while the runner waits for them. So runners that held every CPU of the cluster
+would wait forever for their stages' tasks. A sweep therefore starts at most as
+many placed runners at once as leave one runner's worth of CPUs (and GPUs) free
+for the stages' Ray work (``limit``); the others wait their turn.
 
 Runners need the store: with a local folder as store, only the head (this
 machine) can reach it, so runners stay on the head: reserved there when the
@@ -96,7 +92,7 @@ def at_once(total: float, per_exp: float) -> int:
 
 
 def decide(shape: Shape | None, cpus: float | None, gpus: float | None, store_is_local: bool,
-           store_url: str, experiments: int = 1, jobs: int | None = None, confined: bool = False) -> Placement:
+           store_url: str, experiments: int = 1, jobs: int | None = None) -> Placement:
     """Decide how runners are submitted for ``--cpus-per-exp``/``--gpus-per-exp``.
 
     A pure function of what the cluster has (``clusters.shape``) and what was asked.
@@ -109,8 +105,6 @@ def decide(shape: Shape | None, cpus: float | None, gpus: float | None, store_is
         experiments: how many experiments the run has (a note on the limit only when it bites).
         jobs: ``--jobs``. Where the cluster's most is unknown (it may autoscale
             beyond what is alive now), a ``--jobs`` of the user's replaces the limit.
-        confined: the stage's Ray work runs inside each experiment's reservation (the
-            runner service's placed experiments): no limit, nothing kept free.
 
     Raises:
         UsageError: a negative request, or more than a cluster dvcray knows can ever have.
@@ -134,8 +128,8 @@ def decide(shape: Shape | None, cpus: float | None, gpus: float | None, store_is
                 note = (f"The store {store_url} is a folder on this machine, which only the head reaches: "
                         "runners stay on the head and reserve their resources there (use an S3 store to "
                         "place them on any node).")
-            placement = Placement(cpus, gpus, {HEAD_RESOURCE: 0.001},
-                                  None if confined else _limit(head_has, cpus, gpus), note, head_has)
+            placement = Placement(cpus, gpus, {HEAD_RESOURCE: 0.001}, _limit(head_has, cpus, gpus),
+                                  note, head_has)
             return _note_limit(placement, experiments, wanted, "the head has")
         shortfall = ", ".join(f"{head_has[k]:g} {k}" for k in wanted if head_has[k] < wanted[k])
         return Placement(note=(f"The store {store_url} is a folder on this machine, which only the head reaches, "
@@ -147,7 +141,7 @@ def decide(shape: Shape | None, cpus: float | None, gpus: float | None, store_is
             have = ", ".join(f"{cap[k]:g} {k}" for k in short)
             raise UsageError(f"Each runner would reserve more than this cluster can ever have ({have}).",
                              "Ask for less with --cpus-per-exp/--gpus-per-exp, or use a bigger cluster.")
-    if confined or (not known and jobs):
+    if not known and jobs:
         return Placement(cpus, gpus, None, None, None, cap)
     placement = Placement(cpus, gpus, None, _limit(cap, cpus, gpus), None, cap)
     if not known:

@@ -190,31 +190,36 @@ def import_experiment(git_root: Path, store: Store, run_id: str, ref: ExpRef, as
             a commit the run did not make.
     """
     target = ExpRef(ref.baseline, as_name or ref.name)
+    incoming = f"refs/dvcray/incoming/{run_id}"
     with tempfile.TemporaryDirectory(prefix="dvcray-bundle-") as tmp:
         bundle = Path(tmp) / BUNDLE
         store.download(store.run_path(run_id, BUNDLE), bundle)
         try:
-            sha = gitutil.unbundle(git_root, bundle, str(ref))
+            gitutil.git("fetch", "-q", "--no-write-fetch-head", os.fspath(bundle), f"+{ref}:{incoming}", cwd=git_root)
         except GitError as exc:
             raise StoreError(f"The bundle of run {run_id} in the store {store.url} does not hold {ref}: {exc}",
                              f"Its log says what happened: dvcray logs {run_id}") from None
-    planted = None
-    if made and sha != made:
-        planted = f"holds commit {sha[:7]}, but the cluster says run {run_id} made {made[:7]}"
-    elif not descends(git_root, sha, ref.baseline):
-        planted = f"holds commit {sha[:7]}, which does not descend from the run's baseline {ref.baseline[:7]}"
-    if planted:
-        raise StoreError(f"The bundle of run {run_id} in the store {store.url} {planted}: it was not made by "
-                         "the run, and nothing was brought home.",
-                         "The store holds records dvcray did not write; ask who writes to it.")
-    existing = exp_sha_of(git_root, target)
-    if existing == sha:
+    try:
+        sha = gitutil.git("rev-parse", incoming, cwd=git_root)
+        planted = None
+        if made and sha != made:
+            planted = f"holds commit {sha[:7]}, but the cluster says run {run_id} made {made[:7]}"
+        elif not descends(git_root, sha, ref.baseline):
+            planted = f"holds commit {sha[:7]}, which does not descend from the run's baseline {ref.baseline[:7]}"
+        if planted:
+            raise StoreError(f"The bundle of run {run_id} in the store {store.url} {planted}: it was not made by "
+                             "the run, and nothing was brought home.",
+                             "The store holds records dvcray did not write; ask who writes to it.")
+        existing = exp_sha_of(git_root, target)
+        if existing == sha:
+            return target, sha
+        if existing and not force:
+            raise NameTaken(target, existing, run_id, sha)
+        # Compare-and-swap: the ref must still be what was just looked at.
+        gitutil.git("update-ref", str(target), sha, existing or ZERO_SHA, cwd=git_root)
         return target, sha
-    if existing and not force:
-        raise NameTaken(target, existing, run_id, sha)
-    # Compare-and-swap: the ref must still be what was just looked at.
-    gitutil.git("update-ref", str(target), sha, existing or ZERO_SHA, cwd=git_root)
-    return target, sha
+    finally:
+        gitutil.git("update-ref", "-d", incoming, cwd=git_root, check=False)
 
 
 def descends(git_root: Path, sha: str, baseline: str) -> bool:

@@ -18,7 +18,6 @@ treats them on the cluster as it would locally. What cannot be reproduced
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -345,42 +344,31 @@ def queued_files(patch: str) -> str:
     return f"{Path(patch).stem}.tar"
 
 
-def restore(folder: Path, dest: Path, manifest: Manifest, patch: str = "", cache: Path | None = None,
-            reuse: bool = False) -> Path:
+def restore(folder: Path, dest: Path, manifest: Manifest, patch: str = "", cache: Path | None = None) -> Path:
     """Rebuild the workspace from a snapshot: clone, check out the baseline,
     apply the changes (``patch``: another file of the snapshot than the workspace's,
     e.g. a queued experiment's) without committing. Returns the DVC root in ``dest``.
 
     ``cache``: the node's repository cache of the project (which the snapshot's
     bundle went into): the clone borrows its objects (``--shared``), so a long
-    history costs nothing per run. ``reuse``: ``dest`` holds a clone an earlier run
-    used (a warm workspace, ``workspaces.py``): it is reset, not cloned again.
+    history costs nothing per run.
 
     The node's own git settings stay out: no line-ending conversion, and no LFS
     filter (the files are what git has, as locally without git-lfs)."""
-    from dvcray_cli.runs import workspaces
-
     neutral = ["-c", "core.autocrlf=false", "-c", "core.eol=lf", "-c", "filter.lfs.smudge=cat",
                "-c", "filter.lfs.process=", "-c", "filter.lfs.required=false"]
-    if reuse:
-        try:
-            workspaces.reset(dest, manifest.baseline, manifest.subdir, neutral)
-        except subprocess.CalledProcessError:
-            shutil.rmtree(dest, ignore_errors=True)
-            reuse = False
-    if not reuse:
-        source = ["--shared", os.fspath(cache)] if cache is not None else [os.fspath(folder / BUNDLE)]
-        subprocess.run(["git", *neutral, "clone", "-q", "--no-checkout", *source, os.fspath(dest)],
-                       check=True, capture_output=True)
-        for setting in neutral[1::2]:
-            key, value = setting.split("=", 1)
-            git("config", key, value, cwd=dest)
-        git("checkout", "-q", "--detach", manifest.baseline, cwd=dest)
-        # The bundle's remote is of no use on the cluster, and DVC would try to fetch from it.
-        git("remote", "remove", "origin", cwd=dest, check=False)
+    source = ["--shared", os.fspath(cache)] if cache is not None else [os.fspath(folder / BUNDLE)]
+    subprocess.run(["git", *neutral, "clone", "-q", "--no-checkout", *source, os.fspath(dest)],
+                   check=True, capture_output=True)
+    for setting in neutral[1::2]:
+        key, value = setting.split("=", 1)
+        git("config", key, value, cwd=dest)
+    git("checkout", "-q", "--detach", manifest.baseline, cwd=dest)
     # The clone must commit as the user: DVC's experiment commit uses it.
     git("config", "user.name", manifest.git_name, cwd=dest)
     git("config", "user.email", manifest.git_email, cwd=dest)
+    # The bundle's remote is of no use on the cluster, and DVC would try to fetch from it.
+    git("remote", "remove", "origin", cwd=dest, check=False)
     changes = folder / (patch or PATCH)
     if changes.stat().st_size:
         git("-c", "apply.whitespace=nowarn", "apply", "--binary", "--whitespace=nowarn", "-p1",

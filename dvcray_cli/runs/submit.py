@@ -156,7 +156,7 @@ def prepare(opts: RunOptions, cwd: Path, say: Say, snapshot_dir: Path, jobs: int
     for note in stage.notes:
         say(note)
     where = placement.decide(clusters.shape(address) if asked else None, opts.cpus_per_exp, opts.gpus_per_exp,
-                             store.is_local, store.url, len(experiments), jobs, backend.confines_ray_work)
+                             store.is_local, store.url, len(experiments), jobs)
     if where.note:
         say(where.note)
     if has_inputs:

@@ -71,15 +71,12 @@ class Sweep:
         self.on_progress = on_progress
         self.drained: set[str] = set()
         self.limit = max(1, jobs) if jobs else len(prepared.experiments)
-        # What one submission asks of the cluster's pacing: --jobs, or the placement's limit;
-        # 0 leaves it to the runner service (a few per CPU of the head), never all at once.
-        self.pace = self.limit if jobs else 0
         self.on_line, self.on_change = on_line, on_change
         self.states = [ExpState(spec) for spec in prepared.experiments]
         self.placed = prepared.placement is not None and prepared.placement.placed
         if self.placed and prepared.placement.limit:
             # Runners that held every CPU would wait forever for their stages' tasks (placement.py).
-            self.limit = self.pace = min(self.limit, prepared.placement.limit)
+            self.limit = min(self.limit, prepared.placement.limit)
         self.jobs: dict[str, list[ExpState]] = {}
         # Around each submission and each outcome (DVC's queue journals them: ``queue_journal``).
         self.before_launch: Callable[[list[ExpSpec]], None] = lambda specs: None
@@ -96,7 +93,7 @@ class Sweep:
                 job_id = str(RunId.parse(self.states[0].spec.run_id).submission)
                 specs = [s.spec for s in self.states]
                 self.before_launch(specs)
-                launch(self.prepared, job_id, specs, jobs=self.pace, placed=self.placed)
+                launch(self.prepared, job_id, specs, jobs=self.limit, placed=self.placed)
                 self.after_launch(specs)
                 self._started(job_id, self.states)
             return

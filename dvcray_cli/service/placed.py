@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import os
 import shutil
 import socket
@@ -34,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from dvcray_cli import __version__, files
-from dvcray_cli.integrations import reservation
 from dvcray_cli.runs import snapshot
 from dvcray_cli.runs.model import RunState
 from dvcray_cli.service import forks, retries
@@ -170,11 +168,7 @@ class Placer:
                 code = 143
                 return
             node_id = placement_group_table(group)["bundles_to_node_id"][0]
-            env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address, "DVCRAY_RAY_NODE": node_id,
-                   # The stage's Ray work goes into this reservation too (integrations/reservation.py).
-                   reservation.RESERVATION_VAR: group.id.hex(),
-                   reservation.SHAPE_VAR: json.dumps({k: v for k, v in batch.resources.items()
-                                                      if k in ("CPU", "GPU")})}
+            env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address, "DVCRAY_RAY_NODE": node_id}
             if batch.resources.get("GPU"):
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, await self._gpu_ids(group, batch.resources["GPU"])))
             actor = self.runner(node_id)

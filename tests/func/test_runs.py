@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_dvcray, s3_default_remote, sh, store_log
+from helpers import run_dvcray, sh, store_log
 
 TRAIN_PY = """\
 import json, time, yaml
@@ -269,56 +269,3 @@ def test_runs_as_ray_jobs_of_their_own_are_listed_logged_and_stopped_through_ray
     assert status == "STOPPED" and f"ended {status}" in stop.stderr, stop.stderr
     assert "Traceback" not in stop.stderr and "STAGE-END" not in store_log(run_dir)
     assert {r["exp_name"]: r["state"] for r in runs_json(root)}["sleepy"] == status
-
-
-def test_a_store_with_many_runs_lists_each_in_its_state_newest_first(make_dvc_project, s3_bucket):
-    """Issue 22: `dvcray runs` on a store of many runs (S3 through moto) reads what it
-    shows side by side, and a final record of this clone's reads nothing of the store
-    (its runs here have records only: nothing of them is in the store)."""
-    from dvcray_cli.runs.model import Manifest, RunId, RunRecord, RunResult, RunState, RunStatus
-    from dvcray_cli.store import Store
-
-    endpoint, bucket = s3_bucket
-    root = make_dvc_project(SPEC, commit=False)
-    s3_default_remote(root, endpoint, bucket)
-    sh("git", "add", "-A", cwd=root)
-    sh("git", "commit", "-q", "-m", "s3 project", cwd=root)
-    head = sh("git", "rev-parse", "HEAD", cwd=root)
-    store = Store(f"s3://{bucket}/dvc", {"endpointurl": endpoint})
-    now = time.time()
-    expected: dict[str, tuple[float, str, object]] = {}  # run id -> (submitted, state, metric)
-    for s in range(3):  # three sweeps of 30 from another clone: in the store only
-        created = now - 3600 * (2 * s + 1)
-        base = RunId(time.strftime("%Y%m%d-%H%M%S", time.gmtime(created)), f"{s:06x}")
-        for k in range(1, 31):
-            run_id, state = str(base.member(k)), RunState.FAILED if k == 7 else RunState.SUCCEEDED
-            store.write(store.run_path(run_id, "manifest.json"), json.dumps(Manifest(
-                run_id=run_id, baseline=head, exp_name=f"s{s}-{k}", store=store.to_json(),
-                created=created + k).to_json()).encode())
-            store.write(store.run_path(run_id, "result.json"), json.dumps(RunResult(
-                run_id=run_id, status=state, exp_name=f"s{s}-{k}", baseline=head, started=created + k,
-                ended=created + k + 1, metrics={"m.json": {"y": 100 * s + k}}).to_json()).encode())
-            store.write(store.run_path(run_id, "status.json"), json.dumps(
-                RunStatus(state, created + k, created + k + 1).to_json()).encode())
-            expected[run_id] = (created + k, state.value, 100 * s + k)
-    # Another repository's run in the same store: not listed.
-    stranger = "dvcray-20250101-120000-ffffff"
-    store.write(store.run_path(stranger, "manifest.json"),
-                json.dumps(Manifest(run_id=stranger, baseline="f" * 40, created=now).to_json()).encode())
-    for i in range(30):  # this clone's runs, ended and recorded so, between the sweeps
-        submitted = now - 3600 * (2 * (i % 3) + 2) + i
-        run_id = f"dvcray-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(submitted))}-{i:06x}"
-        RunRecord(run_id=run_id, store=store.to_json(), exp_name=f"mine-{i}", baseline=head, submitted=submitted,
-                  state=RunState.SUCCEEDED, started=submitted, ended=submitted + 1,
-                  metrics={"m.json": {"y": -i}}, backend="service").save(root)
-        expected[run_id] = (submitted, "SUCCEEDED", -i)
-
-    listed = runs_json(root, "--limit", "0")
-    newest_first = sorted(expected, key=lambda r: expected[r][0], reverse=True)
-    assert [e["run_id"] for e in listed] == newest_first
-    for entry in listed:
-        _, state, metric = expected[entry["run_id"]]
-        assert (entry["state"], entry["metrics"]["m.json"]["y"]) == (state, metric), entry
-    assert [e["run_id"] for e in runs_json(root, "--limit", "5")] == newest_first[:5]
-    proc = run_dvcray("runs", cwd=root)
-    assert proc.returncode == 0 and newest_first[0] in proc.stdout and stranger not in proc.stdout

@@ -76,15 +76,3 @@ def test_local_store_and_a_head_without_room_runs_unreserved_and_says_why():
     assert not p.placed and p.submit_options() == {}
     assert "/store" in p.note and "head has 0 CPU" in p.note and "without a reservation" in p.note
     assert "\n" not in p.note
-
-
-def test_where_the_reservation_holds_the_stages_ray_work_nothing_is_kept_free():
-    # The runner service's placed experiments (integrations/reservation.py): as many at once as fit.
-    c = shape([node(0, head=True), node(1)], most={"CPU": 3})
-    p = placement.decide(c, 1, None, False, "s3://b/p", experiments=6, confined=True)
-    assert p.placed and p.limit is None and p.note is None
-    p = placement.decide(shape([node(2, head=True)]), 1, None, True, "/store", experiments=2, confined=True)
-    assert p.resources == {placement.HEAD_RESOURCE: 0.001} and p.limit is None and p.note is None
-    # Still refused: more than the cluster can ever have.
-    with pytest.raises(UsageError, match="more than this cluster can ever have"):
-        placement.decide(c, 4, None, False, "s3://b/p", confined=True)

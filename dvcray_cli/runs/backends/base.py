@@ -76,9 +76,6 @@ class Backend(Protocol):
 
     name: str       # what a run's record keeps (``RunRecord.backend``), for ``backends.kind``
     address: str
-    # Whether a placed experiment's reservation holds its stage's Ray work too (then no
-    # CPU has to stay free for it: ``placement.decide``).
-    confines_ray_work: bool
     # Whether a run lost with its machine is tried again where it runs (``--retries``): the
     # runner service does; a Ray Job does not, and Ray leaves retries to the submitter.
     retries_lost: bool

@@ -148,7 +148,6 @@ class JobBackend:
     """Each run a Ray Job of its own (a sweep's experiments on the head share one)."""
 
     name = "job"
-    confines_ray_work = False
     # Ray Jobs are not retried (Ray: "retries should be handled by the submitter"), and
     # dvcray retries where a run lives, not in a client that may be gone: a run sent as
     # a Ray Job of its own that is lost with its machine ends LOST.

@@ -114,7 +114,6 @@ class ServiceBackend:
     """Each run a process of the cluster's runner service."""
 
     name = "service"
-    confines_ray_work = True
     retries_lost = True   # the service submits a placed run lost with its node again (service/retries.py)
 
     def __init__(self, address: str, service: Service, many: bool = False) -> None:
