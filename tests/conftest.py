@@ -23,13 +23,17 @@ pytest_plugins = ["ray_fixtures"]
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``loopback_namespace`` talk to a fake AWS and run only inside the
     loopback-only namespace that test_aws_suite_in_a_loopback_only_namespace makes (which
-    fails unless they all pass there): elsewhere they are deselected, not skipped."""
-    if os.environ.get(IN_NETNS_ENV) == "1":
-        return
-    inside = [item for item in items if item.get_closest_marker("loopback_namespace")]
-    if inside:
-        config.hook.pytest_deselected(items=inside)
-        items[:] = [item for item in items if not item.get_closest_marker("loopback_namespace")]
+    fails unless they all pass there): elsewhere they are deselected, not skipped.
+    Tests marked ``extended`` repeat what other tests cover, at a cost CI's budget cannot
+    take (README, Development): they run only with ``DVCRAY_TEST_EXTENDED=1``."""
+    left_out = []
+    if os.environ.get(IN_NETNS_ENV) != "1":
+        left_out += [item for item in items if item.get_closest_marker("loopback_namespace")]
+    if os.environ.get("DVCRAY_TEST_EXTENDED") != "1":
+        left_out += [item for item in items if item.get_closest_marker("extended")]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if item not in left_out]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -30,6 +30,8 @@ from helpers import REPO, exp_metrics, exp_refs, run_dvcray, sh
 
 pytestmark = [
     pytest.mark.slow,
+    # mnist across machines (test_onprem) and the template's pipeline (test_template_mnist) cover it in CI.
+    pytest.mark.extended,
     pytest.mark.skipif(not (REPO / "cluster-configs" / "local-multinode.yaml").is_file(),
                        reason="cluster-configs/local-multinode.yaml is absent: no local-multinode cluster"),
 ]

@@ -655,6 +655,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.extended   # --retries 0 gives LOST: test_warm; a machine lost on the bed: the killed-machine test
 def test_with_retries_off_a_lost_worker_ends_its_run_lost_with_its_log_and_the_next_run_works(bed, client, lab):
     """``--retries 0``: the run ends LOST, exit 3, as before retries (with them, the run goes on
     on the other worker: test_a_killed_machine_mid_stage_is_retried_elsewhere_and_resumes)."""
