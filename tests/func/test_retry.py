@@ -25,14 +25,14 @@ import psutil
 import pytest
 
 from helpers import (RETRY_PIPELINE, RETRY_STAGES, bucket_objects, cluster_env, exp_metrics, retry_count, retry_events,
-                     retry_starts, sh)
+                     retry_starts, run_dvcray, sh)
 
 pytestmark = pytest.mark.slow
 
 
 def dvcray(*args: str, env: dict, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dvcray_cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    """``dvcray`` with ``env`` as its whole environment (the cluster's HOME, not this one's)."""
+    return run_dvcray(*args, cwd=cwd, env=env, timeout=timeout, inherit=False)
 
 
 LONG_STAGE = """\
